@@ -1,0 +1,77 @@
+"""The WSGI application: ``create_app(config, store, upstream)``; knows nothing about TLS."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional
+
+import falcon
+
+from . import resources
+from .collateral import Collateral
+from .config import Config, load_config
+from .middleware import PccsRequestRules, handle_http_error, handle_unexpected, serialize_error
+from .store import Store
+from .upstream import Upstream
+
+API_VERSIONS = (3, 4)
+
+
+class Services:
+    """The collaborators a resource may be built from."""
+
+    def __init__(self, config: Config, store: Store, upstream: Upstream):
+        self.config = config
+        self.store = store
+        self.upstream = upstream
+        self.collateral = Collateral(store, upstream, config.cache_mode)
+
+
+# The route table: (TEE, API versions, path under /<tee>/certification/v<N>/, resource factory).
+# Intel serves TDX only under v4, and only tcb and qe/identity there (pccs-reference.md §1.12).
+ROUTES: tuple[tuple[str, tuple[int, ...], str, Callable[[Services, int], object]], ...] = (
+    ("sgx", API_VERSIONS, "pckcrl", lambda s, v: resources.PckCrl(s.collateral, v)),
+    ("sgx", API_VERSIONS, "tcb", lambda s, v: resources.TcbInfo(s.collateral, "sgx", v)),
+    ("tdx", (4,), "tcb", lambda s, v: resources.TcbInfo(s.collateral, "tdx", v)),
+    ("sgx", API_VERSIONS, "qe/identity",
+     lambda s, v: resources.EnclaveIdentity(s.collateral, "qe", v)),
+    ("sgx", API_VERSIONS, "qve/identity",
+     lambda s, v: resources.EnclaveIdentity(s.collateral, "qve", v)),
+    ("tdx", (4,), "qe/identity", lambda s, v: resources.EnclaveIdentity(s.collateral, "tdqe", v)),
+    ("sgx", API_VERSIONS, "rootcacrl", lambda s, v: resources.RootCaCrl(s.collateral)),
+    ("sgx", API_VERSIONS, "crl", lambda s, v: resources.Crl(s.collateral)),
+    ("sgx", API_VERSIONS, "appraisalpolicy", lambda s, v: resources.AppraisalPolicy(s.store)),
+)
+
+
+def route_paths() -> Iterator[tuple[str, str, int, Callable[[Services, int], object]]]:
+    for tee, versions, endpoint, factory in ROUTES:
+        for version in versions:
+            yield f"/{tee}/certification/v{version}/{endpoint}", tee, version, factory
+
+
+class DcapdApp(falcon.App):
+    """falcon.App that keeps its services reachable (for tests and for closing the cache)."""
+
+    services: Services
+
+
+def create_app(config: Optional[Config] = None, store: Optional[Store] = None,
+               upstream: Optional[Upstream] = None) -> DcapdApp:
+    """Build the app; collaborators not given are built from the config."""
+    config = config or load_config()
+    store = store or Store(config.cache_dir)
+    upstream = upstream or Upstream(config)
+    services = Services(config, store, upstream)
+
+    app = DcapdApp(middleware=[PccsRequestRules()], cors_enable=False)
+    app.req_options.strip_url_path_trailing_slash = True
+    app.req_options.keep_blank_qs_values = True
+    app.req_options.auto_parse_qs_csv = False
+    app.resp_options.secure_cookies_by_default = False
+    app.set_error_serializer(serialize_error)
+    app.add_error_handler(Exception, handle_unexpected)
+    app.add_error_handler(falcon.HTTPError, handle_http_error)
+    for path, _tee, version, factory in route_paths():
+        app.add_route(path, factory(services, version))
+    app.services = services
+    return app

@@ -1,0 +1,73 @@
+"""The ``dcapd`` command: read the configuration, open the cache, serve."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+from . import __version__
+from .config import SETTINGS, ConfigError, load_config
+
+log = logging.getLogger("dcapd")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dcapd",
+        description="A drop-in replacement for Intel's SGX/TDX DCAP PCCS. Each option overrides "
+                    "its environment variable, which overrides the ini file.")
+    parser.add_argument("--config", metavar="FILE", help="ini file (see pccs.ini.example)")
+    parser.add_argument("--version", action="version", version=f"dcapd {__version__}")
+    for setting in SETTINGS:
+        flag = "--" + setting.name.replace("_", "-")
+        default = f"default: {setting.default}" if setting.default else "default: empty"
+        parser.add_argument(flag, dest=setting.name, metavar=setting.name.upper(),
+                            help=f"{setting.help} [{setting.env}; "
+                                 f"[{setting.section}] {setting.key}; {default}]")
+    return parser
+
+
+def configure_logging(verbose: bool) -> None:
+    """One line per event, each with the Request-ID of the request that caused it."""
+    from .middleware import RequestIdFilter
+
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    root = logging.getLogger("dcapd")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {s.name: getattr(args, s.name) for s in SETTINGS}
+    try:
+        config = load_config(overrides, ini_path=args.config)
+    except ConfigError as exc:
+        print(f"dcapd: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.verbose)
+
+    from .app import create_app
+    from .server import Server
+
+    app = create_app(config)
+    if not config.api_key:
+        log.warning("no Intel API key configured (INTEL_API_KEY): PCK certificates of new "
+                    "platforms cannot be fetched")
+    log.info("cache %s in %s mode; upstream %s", config.cache_dir, config.cache_mode,
+             config.pcs_url)
+    try:
+        Server(app, config).serve_forever()
+    except OSError as exc:
+        print(f"dcapd: cannot serve on {config.listen_host}:{config.listen_port}: {exc}",
+              file=sys.stderr)
+        return 1
+    finally:
+        app.services.store.close()
+    return 0

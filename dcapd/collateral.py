@@ -1,0 +1,196 @@
+"""Verification collateral: answer from the cache, fill a miss from upstream (LAZY only).
+
+Data flows one way: resource -> here -> store, falling back to upstream -> store -> resource.
+What is stored is exactly what upstream sent (body bytes and issuer-chain header), after a
+well-formedness check, so that nothing wrong is ever cached.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from datetime import timezone
+from typing import Callable, Optional
+
+from cryptography import x509
+
+from .errors import PccsError
+from .store import Entry, Store
+from .upstream import Upstream, UpstreamError, UpstreamResponse
+
+log = logging.getLogger("dcapd.collateral")
+
+# Response header names, one place (pccs-reference.md §1.2–§1.4).
+PCK_CRL_CHAIN = "SGX-PCK-CRL-Issuer-Chain"
+TCB_INFO_CHAIN_V3 = "SGX-TCB-Info-Issuer-Chain"
+TCB_INFO_CHAIN_V4 = "TCB-Info-Issuer-Chain"
+ENCLAVE_IDENTITY_CHAIN = "SGX-Enclave-Identity-Issuer-Chain"
+PCK_CERT_CHAIN = "SGX-PCK-Certificate-Issuer-Chain"
+TCBM = "SGX-TCBm"
+FMSPC = "SGX-FMSPC"
+PCK_CA_TYPE = "SGX-PCK-Certificate-CA-Type"
+
+CT_JSON = "application/json"
+CT_PEM = "application/x-pem-file"
+CT_CRL = "application/pkix-crl"
+
+# Identity ids inside the signed JSON, by the kind in our routes.
+_IDENTITY_IDS = {"qe": "QE", "qve": "QVE", "tdqe": "TD_QE"}
+
+
+def tcb_info_chain_header(version: int) -> str:
+    """Intel: the TCB info chain header name follows the API version of the path."""
+    return TCB_INFO_CHAIN_V3 if version == 3 else TCB_INFO_CHAIN_V4
+
+
+class BadUpstreamData(Exception):
+    """Upstream answered 200 with something that is not the collateral asked for."""
+
+
+class SingleFlight:
+    """Concurrent misses for one key share one upstream call (within this process)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: dict[str, threading.Lock] = {}
+
+    def run(self, key: str, lookup: Callable[[], Optional[Entry]],
+            fill: Callable[[], Entry]) -> Entry:
+        with self._lock:
+            call_lock = self._calls.setdefault(key, threading.Lock())
+        with call_lock:
+            # Whoever held the lock may have filled the key meanwhile.
+            entry = lookup()
+            if entry is not None:
+                return entry
+            try:
+                return fill()
+            finally:
+                with self._lock:
+                    self._calls.pop(key, None)
+
+
+def _require_chain(reply: UpstreamResponse, *names: str) -> str:
+    for name in names:
+        value = reply.headers.get(name)
+        if value:
+            if "-----BEGIN%20CERTIFICATE-----" not in value:
+                raise BadUpstreamData(f"{name} header is not a URL-encoded PEM chain")
+            return value
+    raise BadUpstreamData(f"response has no {names[0]} header")
+
+
+def _signed_json(body: bytes, top: str) -> dict:
+    try:
+        document = json.loads(body)
+    except ValueError:
+        raise BadUpstreamData("body is not JSON") from None
+    if not isinstance(document, dict) or not isinstance(document.get(top), dict) \
+            or not isinstance(document.get("signature"), str):
+        raise BadUpstreamData(f"body is not a signed {top} document")
+    return document[top]
+
+
+def _crl_next_update(body: bytes) -> Optional[str]:
+    try:
+        crl = x509.load_der_x509_crl(body)
+    except ValueError:
+        raise BadUpstreamData("body is not a DER CRL") from None
+    next_update = crl.next_update_utc
+    return next_update.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") \
+        if next_update else None
+
+
+class Collateral:
+    """Answers for pckcrl, tcb, identities, rootcacrl and crl?uri=."""
+
+    def __init__(self, store: Store, upstream: Upstream, mode: str):
+        self.store = store
+        self.upstream = upstream
+        self.mode = mode
+        self._flight = SingleFlight()
+
+    # --- the one miss path
+
+    def _cached_or_fetched(self, key: str, fetch: Callable[[], UpstreamResponse],
+                           to_entry: Callable[[UpstreamResponse], Entry]) -> Entry:
+        entry = self.store.get(key)
+        if entry is not None:
+            return entry
+        if self.mode != "LAZY":
+            raise PccsError(404, f"{key} is not cached ({self.mode} mode)")
+        return self._flight.run(key, lambda: self.store.get(key),
+                                lambda: self._fill(key, fetch, to_entry))
+
+    def _fill(self, key: str, fetch: Callable[[], UpstreamResponse],
+              to_entry: Callable[[UpstreamResponse], Entry]) -> Entry:
+        try:
+            reply = fetch()
+        except UpstreamError as exc:
+            raise PccsError(502, f"{key}: {exc}") from None
+        if reply.status != 200:
+            raise PccsError(404, f"{key}: upstream answered {reply.status}")
+        try:
+            entry = to_entry(reply)
+        except BadUpstreamData as exc:
+            raise PccsError(502, f"{key}: upstream sent bad data: {exc}") from None
+        entry.meta.setdefault("fetched_at", time.time())
+        entry.meta.setdefault("source", reply.url)
+        self.store.put(key, entry)
+        log.info("cached %s from upstream", key)
+        return entry
+
+    # --- collateral kinds
+
+    def pck_crl(self, version: int, ca: str) -> Entry:
+        def to_entry(reply: UpstreamResponse) -> Entry:
+            chain = _require_chain(reply, PCK_CRL_CHAIN)
+            return Entry(reply.body, {PCK_CRL_CHAIN: chain}, CT_CRL,
+                         {"next_update": _crl_next_update(reply.body)})
+
+        return self._cached_or_fetched(self.store.pckcrl_key(ca),
+                                       lambda: self.upstream.get_pck_crl(version, ca), to_entry)
+
+    def tcb_info(self, tee: str, version: int, fmspc: str, update: str) -> Entry:
+        def to_entry(reply: UpstreamResponse) -> Entry:
+            chain = _require_chain(reply, TCB_INFO_CHAIN_V4, TCB_INFO_CHAIN_V3)
+            info = _signed_json(reply.body, "tcbInfo")
+            if str(info.get("fmspc", "")).upper() != fmspc.upper():
+                raise BadUpstreamData(f"TCB info is for FMSPC {info.get('fmspc')!r}")
+            if "id" in info and info["id"] != tee.upper():
+                raise BadUpstreamData(f"TCB info is for {info['id']!r}, not {tee.upper()}")
+            return Entry(reply.body, {tcb_info_chain_header(version): chain}, CT_JSON,
+                         {"next_update": info.get("nextUpdate"),
+                          "tcb_evaluation_data_number": info.get("tcbEvaluationDataNumber")})
+
+        return self._cached_or_fetched(
+            self.store.tcb_key(tee, version, fmspc, update),
+            lambda: self.upstream.get_tcb_info(tee, version, fmspc, update), to_entry)
+
+    def enclave_identity(self, kind: str, version: int, update: str) -> Entry:
+        def to_entry(reply: UpstreamResponse) -> Entry:
+            chain = _require_chain(reply, ENCLAVE_IDENTITY_CHAIN)
+            identity = _signed_json(reply.body, "enclaveIdentity")
+            if "id" in identity and identity["id"] != _IDENTITY_IDS[kind]:
+                raise BadUpstreamData(f"identity is {identity['id']!r}, not {_IDENTITY_IDS[kind]}")
+            return Entry(reply.body, {ENCLAVE_IDENTITY_CHAIN: chain}, CT_JSON,
+                         {"next_update": identity.get("nextUpdate"),
+                          "tcb_evaluation_data_number": identity.get("tcbEvaluationDataNumber")})
+
+        return self._cached_or_fetched(
+            self.store.identity_key(kind, version, update),
+            lambda: self.upstream.get_enclave_identity(kind, version, update), to_entry)
+
+    def root_ca_crl(self) -> Entry:
+        return self._cached_or_fetched(self.store.rootcacrl_key(), self.upstream.get_root_ca_crl,
+                                       self._crl_entry)
+
+    def crl(self, uri: str) -> Entry:
+        return self._cached_or_fetched(self.store.crl_key(uri),
+                                       lambda: self.upstream.get_crl(uri), self._crl_entry)
+
+    @staticmethod
+    def _crl_entry(reply: UpstreamResponse) -> Entry:
+        return Entry(reply.body, {}, CT_CRL, {"next_update": _crl_next_update(reply.body)})

@@ -1,0 +1,294 @@
+"""dcapd configuration: one table of settings, read from an ini file and the environment.
+
+Precedence: command-line option > environment variable > ini file > default. The table
+``SETTINGS`` is the only place a setting is declared; the CLI, ``pccs.ini.example`` and the
+README are checked against it by the tests. No I/O here beyond reading the ini file.
+"""
+
+from __future__ import annotations
+
+import configparser
+import ipaddress
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Optional
+
+CACHE_MODES = ("LAZY", "REQ", "OFFLINE")
+TLS_MODES = ("auto", "off")
+INTEL_PCS_URL = "https://api.trustedservices.intel.com/sgx/certification/v4/"
+INTEL_ROOTCA_CRL_URL = "https://certificates.trustedservices.intel.com/IntelSGXRootCA.der"
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; ``str()`` is the one line the CLI prints."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+def default_cache_dir() -> str:
+    """The per-user cache folder (``~/.cache/dcapd``; ``%LOCALAPPDATA%\\dcapd\\Cache``)."""
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+        return str(Path(base) / "dcapd" / "Cache")
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "dcapd")
+
+
+# --- value parsers: each takes the raw string and returns the typed value or raises ValueError
+
+
+def _listen(value: str) -> tuple[str, int]:
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]*):(\d+)", value.strip())
+    if not match:
+        raise ValueError(f"expected host:port or [ipv6]:port, got {value!r}")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if match.group(1):
+        ipaddress.IPv6Address(host)
+    if not host:
+        raise ValueError(f"no host in {value!r}")
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} out of range")
+    return host, port
+
+
+def _choice(*choices: str, upper: bool = False) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        value = value.strip().upper() if upper else value.strip().lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return parse
+
+
+def _pcs_url(value: str) -> str:
+    value = value.strip()
+    if not re.match(r"^https?://[^/]+/", value):
+        raise ValueError(f"not an http(s) URL: {value!r}")
+    if not re.search(r"/sgx/certification/v[34]/$", value):
+        raise ValueError("must contain /sgx/certification/v3/ or /v4/ and end with '/'")
+    return value
+
+
+def _url(value: str) -> str:
+    value = value.strip()
+    if value and not re.match(r"^https?://[^/]+", value):
+        raise ValueError(f"not an http(s) URL: {value!r}")
+    return value
+
+
+def _url_map(value: str) -> dict[str, str]:
+    mapping: dict[str, str] = {}
+    for pair in filter(None, (p.strip() for p in value.split(","))):
+        original, sep, replacement = pair.partition("=")
+        if not sep or not re.match(r"^https?://[^/]+$", original.strip().rstrip("/")) \
+                or not re.match(r"^https?://[^/]+", replacement.strip()):
+            raise ValueError(f"expected ORIGIN=REPLACEMENT URL pairs, got {pair!r}")
+        mapping[original.strip().rstrip("/")] = replacement.strip().rstrip("/")
+    return mapping
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected 1/true/yes or 0/false/no, got {value!r}")
+
+
+def _sha512_hex(value: str) -> str:
+    value = value.strip().lower()
+    if value and not re.fullmatch(r"[0-9a-f]{128}", value):
+        raise ValueError("expected 128 hex characters (sha512sum of the token) or empty")
+    return value
+
+
+def _positive(kind: type) -> Callable[[str], float]:
+    def parse(value: str):
+        number = kind(value)
+        if number <= 0:
+            raise ValueError(f"must be > 0, got {value!r}")
+        return number
+
+    return parse
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"must be >= 0, got {value!r}")
+    return number
+
+
+def _text(value: str) -> str:
+    return value.strip()
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration key: where it lives in the ini file and the environment."""
+
+    name: str  # attribute of Config
+    section: str
+    key: str
+    env: str
+    default: str
+    parse: Callable[[str], object]
+    help: str
+    secret: bool = False
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("listen", "server", "listen", "DCAPD_LISTEN", "localhost:8081", _listen,
+            "address to serve on, host:port ([::1]:8081 for IPv6)"),
+    Setting("tls", "server", "tls", "DCAPD_TLS", "auto", _choice(*TLS_MODES),
+            "auto = HTTPS (given or generated certificate), off = plain HTTP"),
+    Setting("cert_file", "server", "cert_file", "DCAPD_CERT_FILE", "", _text,
+            "PEM certificate (chain) for HTTPS; empty = generate one at start"),
+    Setting("key_file", "server", "key_file", "DCAPD_KEY_FILE", "", _text,
+            "PEM private key for cert_file"),
+    Setting("threads", "server", "threads", "DCAPD_THREADS", "8", _positive(int),
+            "waitress worker threads"),
+    Setting("connection_limit", "server", "connection_limit", "DCAPD_CONNECTION_LIMIT", "200",
+            _positive(int), "most client connections served at once"),
+    Setting("channel_timeout", "server", "channel_timeout", "DCAPD_CHANNEL_TIMEOUT", "30",
+            _positive(int), "seconds an idle client connection is kept open"),
+    Setting("tls_handshake_timeout", "server", "tls_handshake_timeout",
+            "DCAPD_TLS_HANDSHAKE_TIMEOUT", "10", _positive(float),
+            "seconds a client has to finish the TLS handshake"),
+    Setting("pcs_url", "upstream", "pcs_url", "DCAPD_PCS_URL", INTEL_PCS_URL, _pcs_url,
+            "Intel PCS base URL (or another PCCS); the API version is taken from each request"),
+    Setting("api_key", "upstream", "api_key", "INTEL_API_KEY", "", _text,
+            "Intel PCS subscription key (only pckcerts needs it)", secret=True),
+    Setting("rootca_crl_url", "upstream", "rootca_crl_url", "DCAPD_ROOTCA_CRL_URL",
+            INTEL_ROOTCA_CRL_URL, _url, "where the Intel SGX Root CA CRL is downloaded"),
+    Setting("proxy", "upstream", "proxy", "DCAPD_PROXY", "", _url,
+            "HTTP(S) proxy for upstream calls; empty = HTTPS_PROXY etc. from the environment"),
+    Setting("url_map", "upstream", "url_map", "DCAPD_URL_MAP", "", _url_map,
+            "ORIGIN=MIRROR pairs, comma-separated: fetch allow-listed Intel URLs from a mirror"),
+    Setting("upstream_timeout", "upstream", "timeout", "DCAPD_UPSTREAM_TIMEOUT", "20",
+            _positive(float), "overall deadline in seconds for one upstream fetch, retries included"),
+    Setting("upstream_retries", "upstream", "retries", "DCAPD_UPSTREAM_RETRIES", "3",
+            _non_negative_int, "retries after a network error, 5xx or 429 from upstream"),
+    Setting("cache_dir", "cache", "dir", "DCAPD_CACHE_DIR", "", _text,
+            "cache directory; empty = the per-user cache folder"),
+    Setting("cache_mode", "cache", "mode", "DCAPD_CACHE_MODE", "LAZY",
+            _choice(*CACHE_MODES, upper=True), "LAZY, REQ or OFFLINE (as Intel's CachingFillMode)"),
+    Setting("user_token_sha512", "auth", "user_token_sha512", "DCAPD_USER_TOKEN_SHA512", "",
+            _sha512_hex, "SHA-512 hex of the user token; empty = refuse user requests",
+            secret=True),
+    Setting("admin_token_sha512", "auth", "admin_token_sha512", "DCAPD_ADMIN_TOKEN_SHA512", "",
+            _sha512_hex, "SHA-512 hex of the admin token; empty = refuse admin requests",
+            secret=True),
+    Setting("verbose", "log", "verbose", "DCAPD_VERBOSE", "", _bool, "debug logging"),
+)
+
+DEFAULTS: dict[str, str] = {s.name: s.default for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The parsed settings; built by :func:`load_config`, never mutated."""
+
+    listen: tuple[str, int]
+    tls: str
+    cert_file: str
+    key_file: str
+    threads: int
+    connection_limit: int
+    channel_timeout: int
+    tls_handshake_timeout: float
+    pcs_url: str
+    api_key: str
+    rootca_crl_url: str
+    proxy: str
+    url_map: dict = field(hash=False)
+    upstream_timeout: float = 20.0
+    upstream_retries: int = 3
+    cache_dir: str = ""
+    cache_mode: str = "LAZY"
+    user_token_sha512: str = ""
+    admin_token_sha512: str = ""
+    verbose: bool = False
+
+    @property
+    def listen_host(self) -> str:
+        return self.listen[0]
+
+    @property
+    def listen_port(self) -> int:
+        return self.listen[1]
+
+    def __repr__(self) -> str:  # never show secrets in logs or tracebacks
+        shown = ", ".join(
+            f"{s.name}={'***' if s.secret and getattr(self, s.name) else getattr(self, s.name)!r}"
+            for s in SETTINGS)
+        return f"Config({shown})"
+
+
+def read_ini(path: str) -> dict[str, str]:
+    """Raw values from an ini file, by setting name; unknown keys are an error."""
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror or exc}") from None
+    except configparser.Error as exc:
+        raise ConfigError("--config", f"{path} is not a valid ini file: {exc}".splitlines()[0]) \
+            from None
+    known = {(s.section, s.key): s.name for s in SETTINGS}
+    values: dict[str, str] = {}
+    for section in parser.sections():
+        for key, value in parser.items(section):
+            name = known.get((section, key))
+            if name is None:
+                raise ConfigError(f"[{section}] {key}", f"unknown setting in {path}")
+            values[name] = value
+    return values
+
+
+def load_config(overrides: Optional[Mapping[str, object]] = None,
+                environ: Optional[Mapping[str, str]] = None,
+                ini_path: Optional[str] = None) -> Config:
+    """Build a Config: ``overrides`` (by setting name, e.g. from the command line) win over
+    ``environ`` which wins over the ini file which wins over DEFAULTS.
+
+    Overrides may be raw strings (parsed) or already-typed values (used as given), so tests
+    and library callers can pass ``cache_dir=tmp_path`` or ``url_map={...}``.
+    """
+    environ = os.environ if environ is None else environ
+    overrides = dict(overrides or {})
+    ini_path = ini_path or environ.get("DCAPD_CONFIG") or None
+    ini_values = read_ini(ini_path) if ini_path else {}
+    values: dict[str, object] = {}
+    for setting in SETTINGS:
+        label = f"[{setting.section}] {setting.key} / {setting.env}"
+        if setting.name in overrides and overrides[setting.name] is not None:
+            raw = overrides[setting.name]
+            if not isinstance(raw, str):
+                values[setting.name] = raw
+                continue
+        elif setting.env in environ:
+            raw = environ[setting.env]
+        elif setting.name in ini_values:
+            raw = ini_values[setting.name]
+        else:
+            raw = setting.default
+        try:
+            values[setting.name] = setting.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(label, str(exc)) from None
+    if not values["cache_dir"]:
+        values["cache_dir"] = default_cache_dir()
+    if bool(values["cert_file"]) != bool(values["key_file"]):
+        raise ConfigError("[server] cert_file / key_file", "give both or neither")
+    return Config(**values)

@@ -1,0 +1,126 @@
+"""Falcon resources, one per PCCS endpoint: parse the query, ask a service, respond."""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import falcon
+
+from .collateral import CT_CRL, CT_PEM, Collateral
+from .errors import PccsError
+from .store import Entry, Store
+from .upstream import is_allowed_crl_url
+
+_HEX = re.compile(r"[0-9A-Fa-f]*")
+UPDATE_TYPES = ("STANDARD", "EARLY")
+
+
+def query_value(req: falcon.Request, name: str, required: bool = True) -> Optional[str]:
+    value = req.get_param(name)
+    if value is None and required:
+        raise PccsError(400, f"missing query parameter {name}")
+    return value
+
+
+def hex_param(req: falcon.Request, name: str, length: int, required: bool = True) -> Optional[str]:
+    """A hex query value of an exact length, upper-cased (Intel upper-cases query keys)."""
+    value = query_value(req, name, required)
+    if value is None:
+        return None
+    # Intel checks only the length; a non-hex value can only be a client bug, and must never
+    # reach PCS or a cache key.
+    if len(value) != length or not _HEX.fullmatch(value):
+        raise PccsError(400, f"{name} must be {length} hex characters")
+    return value.upper()
+
+
+def update_param(req: falcon.Request) -> str:
+    value = (query_value(req, "update", required=False) or "standard").upper()
+    if value not in UPDATE_TYPES:
+        # Intel: 400 intended; its identity controller crashes with 500 ([ref-bug]).
+        raise PccsError(400, "update must be standard or early")
+    return value
+
+
+def respond(resp: falcon.Response, entry: Entry, body: Optional[bytes] = None,
+            content_type: Optional[str] = None) -> None:
+    """Replay a stored entry: its bytes and headers, as stored."""
+    resp.data = entry.body if body is None else body
+    resp.content_type = content_type or entry.content_type
+    for name, value in entry.headers.items():
+        resp.set_header(name, value)
+
+
+class PckCrl:
+    def __init__(self, collateral: Collateral, version: int):
+        self.collateral = collateral
+        self.version = version
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        ca = (query_value(req, "ca") or "").upper()
+        if ca not in ("PROCESSOR", "PLATFORM"):
+            raise PccsError(400, "ca must be processor or platform")
+        # Intel: only encoding=der gives DER; anything else (even pem) gives lower-case hex.
+        der = (req.get_param("encoding") or "").lower() == "der"
+        entry = self.collateral.pck_crl(self.version, ca)
+        if der:
+            respond(resp, entry, content_type=CT_CRL)
+        else:
+            respond(resp, entry, entry.body.hex().encode(), CT_PEM)
+
+
+class TcbInfo:
+    def __init__(self, collateral: Collateral, tee: str, version: int):
+        self.collateral = collateral
+        self.tee = tee
+        self.version = version
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        fmspc = hex_param(req, "fmspc", 12)
+        update = update_param(req)
+        respond(resp, self.collateral.tcb_info(self.tee, self.version, fmspc, update))
+
+
+class EnclaveIdentity:
+    def __init__(self, collateral: Collateral, kind: str, version: int):
+        self.collateral = collateral
+        self.kind = kind
+        self.version = version
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        update = update_param(req)
+        respond(resp, self.collateral.enclave_identity(self.kind, self.version, update))
+
+
+class RootCaCrl:
+    def __init__(self, collateral: Collateral):
+        self.collateral = collateral
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        entry = self.collateral.root_ca_crl()
+        # Intel: hex of the DER, labelled application/pkix-crl "to keep backward compatibility".
+        respond(resp, entry, entry.body.hex().encode(), CT_CRL)
+
+
+class Crl:
+    def __init__(self, collateral: Collateral):
+        self.collateral = collateral
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        uri = query_value(req, "uri")
+        if not is_allowed_crl_url(uri):
+            raise PccsError(400, "uri is not one of Intel's CRL distribution points")
+        respond(resp, self.collateral.crl(uri))
+
+
+class AppraisalPolicy:
+    def __init__(self, store: Store):
+        self.store = store
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        fmspc = hex_param(req, "fmspc", 12)
+        entry = self.store.get(self.store.appraisal_key(fmspc))
+        if entry is None:
+            raise PccsError(404, f"no default appraisal policy for FMSPC {fmspc}")
+        respond(resp, entry)

@@ -1,0 +1,197 @@
+"""The only module that talks to Intel PCS (or to another PCCS acting as upstream).
+
+One requests.Session; the API key only where Intel needs it; no redirects followed; retries
+with backoff for network errors, 5xx and 429 (honouring Retry-After) inside one overall
+deadline. Errors are returned or raised, never cached (the caller decides what to store).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import time
+import urllib.parse
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import requests
+from requests.structures import CaseInsensitiveDict
+
+from . import __version__
+from .config import Config
+
+log = logging.getLogger("dcapd.upstream")
+
+API_KEY_HEADER = "Ocp-Apim-Subscription-Key"
+# Intel: the early-access portal needs the key on every call, not only on pckcerts.
+_KEY_ON_EVERY_CALL = "https://validation.api.trustedservices.intel.com/"
+
+# Intel's CRL distribution points (pccs-reference.md §1.6). Matched against the WHOLE URL:
+# Intel's own check is an unanchored regex search, so a hostile URL that merely contains an
+# allowed one passes it ([ref-bug]).
+_ROOT_CRL_HOST = re.compile(
+    r"[a-z0-9-]*certificates\.trustedservices\.intel\.com|certprx\.adsdcsp\.com")
+_ROOT_CRL_PATH = re.compile(r"/IntelSGXRootCA\.[A-Za-z0-9._-]+")
+_PCK_CRL_HOST = re.compile(
+    r"(?:[a-z0-9-]+\.)?api\.trustedservices\.intel\.com|[a-z0-9-]+\.az\.sgx(?:prod|np)\.adsdcsp\.com")
+_PCK_CRL_PATH = re.compile(r"/sgx/certification/v[1-9][0-9]*/pckcrl")
+
+ENCLAVE_IDENTITY_PATHS = {"qe": ("sgx", "qe/identity"), "qve": ("sgx", "qve/identity"),
+                          "tdqe": ("tdx", "qe/identity")}
+
+
+class UpstreamError(Exception):
+    """Upstream unreachable, timed out, or answering something that is not a response."""
+
+
+@dataclass
+class UpstreamResponse:
+    status: int
+    headers: CaseInsensitiveDict
+    body: bytes
+    url: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+
+def is_allowed_crl_url(uri: str) -> bool:
+    """True only for an https URL on one of Intel's CRL hosts with a CRL path (whole match)."""
+    if len(uri) > 2048 or any(ch.isspace() or ord(ch) < 0x20 for ch in uri):
+        return False
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        port = parts.port
+    except ValueError:
+        return False
+    if parts.scheme != "https" or parts.username is not None or parts.password is not None \
+            or port not in (None, 443) or "%" in parts.netloc or parts.fragment:
+        return False
+    host = (parts.hostname or "").lower()
+    if _ROOT_CRL_HOST.fullmatch(host) and _ROOT_CRL_PATH.fullmatch(parts.path):
+        return True
+    return bool(_PCK_CRL_HOST.fullmatch(host) and _PCK_CRL_PATH.fullmatch(parts.path))
+
+
+class Upstream:
+    """Intel PCS client. ``pcs_url`` names the default; each call says which API version."""
+
+    def __init__(self, config: Config, session: Optional[requests.Session] = None):
+        self.config = config
+        self.session = session or requests.Session()
+        self.session.headers["User-Agent"] = f"dcapd/{__version__}"
+        if config.proxy:
+            self.session.proxies = {"http": config.proxy, "https": config.proxy}
+        match = re.match(r"^(.*?/)sgx/certification/v[34]/$", config.pcs_url)
+        self._pcs_root = match.group(1)  # e.g. https://api.trustedservices.intel.com/
+
+    def close(self) -> None:
+        self.session.close()
+
+    # --- PCS endpoints (Appendix A)
+
+    def endpoint_url(self, tee: str, version: int, endpoint: str) -> str:
+        """The PCS URL for an endpoint at the request's API version (the version in pcs_url
+        is replaced, as Intel's PCCS does for v3 rows on a v4 server)."""
+        return f"{self._pcs_root}{tee}/certification/v{version}/{endpoint}"
+
+    def get_pck_crl(self, version: int, ca: str) -> UpstreamResponse:
+        return self._get(self.endpoint_url("sgx", version, "pckcrl"),
+                         {"ca": ca.lower(), "encoding": "der"})
+
+    def get_tcb_info(self, tee: str, version: int, fmspc: str, update: str) -> UpstreamResponse:
+        return self._get(self.endpoint_url(tee, version, "tcb"),
+                         {"fmspc": fmspc.upper(), "update": update.lower()})
+
+    def get_enclave_identity(self, kind: str, version: int, update: str) -> UpstreamResponse:
+        tee, path = ENCLAVE_IDENTITY_PATHS[kind]
+        return self._get(self.endpoint_url(tee, version, path), {"update": update.lower()})
+
+    def get_pck_certs(self, version: int, encrypted_ppid: str, pceid: str) -> UpstreamResponse:
+        return self._get(self.endpoint_url("sgx", version, "pckcerts"),
+                         {"encrypted_ppid": encrypted_ppid, "pceid": pceid}, api_key=True)
+
+    def post_pck_certs(self, version: int, platform_manifest: str, pceid: str) -> UpstreamResponse:
+        return self._request("POST", self.endpoint_url("sgx", version, "pckcerts"), None,
+                             api_key=True,
+                             json_body={"platformManifest": platform_manifest, "pceid": pceid})
+
+    def get_crl(self, uri: str) -> UpstreamResponse:
+        """Download a CRL from an allow-listed Intel URL (through url_map, if it names one)."""
+        if not is_allowed_crl_url(uri):
+            raise UpstreamError(f"refusing to fetch a URL outside Intel's CRL allow-list")
+        return self._request("GET", self.mapped_url(uri), None)
+
+    def get_root_ca_crl(self) -> UpstreamResponse:
+        return self._request("GET", self.mapped_url(self.config.rootca_crl_url), None)
+
+    def mapped_url(self, url: str) -> str:
+        """Rewrite an Intel origin to its configured mirror (``url_map``)."""
+        parts = urllib.parse.urlsplit(url)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        mirror = self.config.url_map.get(origin)
+        return mirror + url[len(origin):] if mirror else url
+
+    # --- transport
+
+    def _get(self, url: str, params: Mapping[str, str], api_key: bool = False) -> UpstreamResponse:
+        return self._request("GET", url, params, api_key=api_key)
+
+    def _request(self, method: str, url: str, params: Optional[Mapping[str, str]],
+                 api_key: bool = False, json_body=None) -> UpstreamResponse:
+        headers = {}
+        if api_key or url.startswith(_KEY_ON_EVERY_CALL):
+            headers[API_KEY_HEADER] = self.config.api_key
+        deadline = time.monotonic() + self.config.upstream_timeout
+        attempts = 1 + self.config.upstream_retries
+        shown = url  # never log query values: they may hold an encrypted PPID
+        for attempt in range(attempts):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise UpstreamError(f"{method} {shown}: deadline passed")
+            try:
+                reply = self.session.request(
+                    method, url, params=params, headers=headers, json=json_body,
+                    timeout=(min(5.0, remaining), remaining), allow_redirects=False)
+                body = reply.content
+            except requests.RequestException as exc:
+                failure: Optional[str] = f"{type(exc).__name__}"
+                reply = None
+            else:
+                failure = None
+            if reply is not None:
+                self._log_reply(method, shown, reply)
+                if reply.status_code != 429 and reply.status_code < 500:
+                    return UpstreamResponse(reply.status_code, reply.headers, body, url)
+            if attempt + 1 == attempts:
+                break
+            delay = self._backoff(attempt, reply)
+            if time.monotonic() + delay >= deadline:
+                break
+            log.info("upstream %s %s failed (%s); retrying in %.2fs", method, shown,
+                     failure or reply.status_code, delay)
+            time.sleep(delay)
+        if reply is None:
+            raise UpstreamError(f"{method} {shown}: {failure}")
+        # Persistent 5xx/429: answered, but not with the collateral (the caller maps it).
+        return UpstreamResponse(reply.status_code, reply.headers, reply.content, url)
+
+    @staticmethod
+    def _backoff(attempt: int, reply: Optional[requests.Response]) -> float:
+        retry_after = reply.headers.get("Retry-After") if reply is not None else None
+        if retry_after and retry_after.strip().isdigit():
+            return float(retry_after.strip())
+        return min(8.0, 0.25 * 2 ** attempt) * (0.5 + random.random() / 2)
+
+    @staticmethod
+    def _log_reply(method: str, url: str, reply: requests.Response) -> None:
+        if reply.status_code == 200 and "Warning" not in reply.headers:
+            log.debug("upstream %s %s -> 200 (Request-ID %s)", method, url,
+                      reply.headers.get("Request-ID", "-"))
+            return
+        log.warning("upstream %s %s -> %s (Request-ID %s, Error-Code %s, Error-Message %s%s)",
+                    method, url, reply.status_code, reply.headers.get("Request-ID", "-"),
+                    reply.headers.get("Error-Code", "-"), reply.headers.get("Error-Message", "-"),
+                    f", Warning {reply.headers['Warning']}" if "Warning" in reply.headers else "")

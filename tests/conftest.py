@@ -1,0 +1,63 @@
+"""Shared fixtures: a config isolated from the environment, a fake PCS, the app under test."""
+
+from __future__ import annotations
+
+import pytest
+from falcon import testing
+
+from dcapd.app import create_app
+from dcapd.config import load_config
+from tests.fakepcs import FakePCS
+
+INTEL_ROOT_CDP = "https://certificates.trustedservices.intel.com/IntelSGXRootCA.der"
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    """A Config built only from the given overrides (never from this machine's DCAPD_* vars)."""
+
+    def make(**overrides):
+        settings = {"cache_dir": str(tmp_path / "cache"), "tls": "off",
+                    "listen": "127.0.0.1:0", "upstream_retries": 0, "upstream_timeout": 5.0}
+        settings.update(overrides)
+        return load_config(settings, environ={})
+
+    return make
+
+
+@pytest.fixture
+def fake_pcs():
+    """Start fake PCS servers for scenarios; all are stopped when the test ends."""
+    started = []
+
+    def start(scenario=None) -> FakePCS:
+        fake = FakePCS(scenario).start()
+        started.append(fake)
+        return fake
+
+    yield start
+    for fake in started:
+        fake.stop()
+
+
+def upstream_settings(fake: FakePCS) -> dict:
+    """Point dcapd at the fake: PCS URL, and Intel's CRL hosts mapped onto it (url_map)."""
+    return {"pcs_url": fake.pcs_url, "rootca_crl_url": INTEL_ROOT_CDP, "url_map": fake.url_map}
+
+
+@pytest.fixture
+def make_client(make_config):
+    """A falcon TestClient for an app on a fresh cache; closes its store at the end."""
+    apps = []
+
+    def make(fake: FakePCS | None = None, **overrides):
+        settings = upstream_settings(fake) if fake else {}
+        settings.update(overrides)
+        app = create_app(make_config(**settings))
+        apps.append(app)
+        return testing.TestClient(app)
+
+    yield make
+    for app in apps:
+        app.services.store.close()
+        app.services.upstream.close()

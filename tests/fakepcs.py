@@ -1,0 +1,423 @@
+"""A fake Intel PCS for the test suite.
+
+Serves the real Intel-signed recordings in ``shared/fixtures/pcs/<scenario>/``
+(see ``shared/fixtures/README.md``) over plain HTTP on 127.0.0.1 only.
+
+Usage::
+
+    with FakePCS('2025-06-19_sgx-00A067110000_tdx-B0C06F000000') as pcs:
+        settings.url_map = pcs.url_map          # or use pcs.pcs_url / pcs.rootca_crl_url
+        ...
+        assert pcs.count('/tdx/certification/v4/tcb') == 1
+
+Matching of recorded responses (as the fixtures README says): method + path
+(case-sensitive) + query; query *keys* are compared exactly, *values*
+case-insensitively; a missing ``update`` is treated as ``update=standard`` on
+the request side and on the recording side; any extra or missing parameter
+means no match.  No match gives ``404`` with ``Error-Code: NotFound`` and an
+empty body.  Responses added with :meth:`FakePCS.add_response` take priority
+over the recordings (the most recently added first).
+
+Only the Python standard library is used (no pytest fixtures here).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import socketserver
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from urllib.parse import parse_qs, unquote, urlsplit
+
+__all__ = [
+    'FIXTURES', 'PCS_FIXTURES', 'SCENARIOS', 'Call', 'FakePCS', 'Fault',
+    'Response', 'load_manifest', 'load_body', 'normalize_query',
+]
+
+#: ``shared/fixtures`` beside the repository (repo/tests/fakepcs.py -> ../../shared).
+FIXTURES: Path = Path(__file__).resolve().parents[2] / 'shared' / 'fixtures'
+#: ``shared/fixtures/pcs``: one directory per recorded scenario.
+PCS_FIXTURES: Path = FIXTURES / 'pcs'
+
+#: Scenario directory names (those holding a manifest.json), sorted.
+SCENARIOS: List[str] = sorted(
+    p.parent.name for p in PCS_FIXTURES.glob('*/manifest.json')
+) if PCS_FIXTURES.is_dir() else []
+
+HOST = '127.0.0.1'
+INTEL_HOSTS = ('https://certificates.trustedservices.intel.com',
+               'https://api.trustedservices.intel.com')
+ROOTCA_CRL_PATH = '/IntelSGXRootCA.der'
+
+_QueryIn = Optional[Mapping[str, Union[str, Sequence[str]]]]
+_NormQuery = Tuple[Tuple[str, Tuple[str, ...]], ...]
+
+
+def load_manifest(scenario: str) -> dict:
+    """The parsed ``manifest.json`` of ``scenario``."""
+    path = PCS_FIXTURES / scenario / 'manifest.json'
+    if not path.is_file():
+        raise FileNotFoundError(f'no such PCS fixture scenario: {scenario!r} ({path})')
+    with path.open('rb') as f:
+        return json.load(f)
+
+
+def load_body(scenario: str, response: Union[dict, str]) -> bytes:
+    """The body bytes of a manifest response (the entry itself or its ``id``)."""
+    if isinstance(response, str):
+        entries = [r for r in load_manifest(scenario)['responses'] if r['id'] == response]
+        if not entries:
+            raise KeyError(f'{scenario}: no response with id {response!r}')
+        response = entries[0]
+    return (PCS_FIXTURES / scenario / response['body_file']).read_bytes()
+
+
+def normalize_query(query: _QueryIn) -> _NormQuery:
+    """Canonical form used for matching: values lower-cased, ``update`` defaulted.
+
+    ``query`` maps names to a value or a list of values (as ``parse_qs`` gives).
+    """
+    norm: Dict[str, Tuple[str, ...]] = {}
+    for key, value in (query or {}).items():
+        values = (value,) if isinstance(value, str) else tuple(value)
+        norm[key] = tuple(v.lower() for v in values)
+    norm.setdefault('update', ('standard',))
+    return tuple(sorted(norm.items()))
+
+
+@dataclass
+class Call:
+    """One request the fake received."""
+    method: str
+    path: str                         # path as sent, without the query string
+    query: Dict[str, List[str]]       # parse_qs(keep_blank_values=True)
+    headers: Dict[str, str]           # case-preserved copy of the request headers
+    body: bytes = b''
+
+
+@dataclass
+class Response:
+    """A response the fake can give (recorded or added)."""
+    method: str
+    path: str
+    query: Optional[_NormQuery]       # None: any query
+    status: int
+    headers: List[Tuple[str, str]]
+    body: bytes
+    id: Optional[str] = None          # manifest id for recordings
+
+    def matches(self, method: str, path: str, query: _NormQuery) -> bool:
+        return (self.method == method and self.path == path
+                and (self.query is None or self.query == query))
+
+
+@dataclass
+class Fault:
+    """Active fault injected by :meth:`FakePCS.fail_with`."""
+    status: Optional[int] = None
+    delay: float = 0.0
+    close: bool = False
+    paths: Optional[str] = None       # substring of the request path; None: all
+
+    def applies(self, path: str) -> bool:
+        return self.paths is None or self.paths in path
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+
+    def __init__(self, fake: 'FakePCS'):
+        self.fake = fake
+        self.open_connections: set = set()
+        self.conn_lock = threading.Lock()
+        super().__init__((HOST, 0), _Handler)
+
+    def server_bind(self):
+        # Skip HTTPServer.server_bind's socket.getfqdn() (slow with broken DNS).
+        socketserver.TCPServer.server_bind(self)
+        self.server_name = HOST
+        self.server_port = self.server_address[1]
+
+    def handle_error(self, request, client_address):
+        pass  # no tracebacks on stderr (client went away, server stopped, ...)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+    server_version = 'FakePCS'
+    timeout = 60
+
+    server: _Server
+
+    def setup(self):
+        super().setup()
+        with self.server.conn_lock:
+            self.server.open_connections.add(self.connection)
+
+    def finish(self):
+        try:
+            super().finish()
+        finally:
+            with self.server.conn_lock:
+                self.server.open_connections.discard(self.connection)
+
+    def log_message(self, format, *args):  # noqa: A002 - silence http.server
+        pass
+
+    def log_error(self, format, *args):  # noqa: A002
+        pass
+
+    def _read_body(self) -> bytes:
+        if 'chunked' in self.headers.get('Transfer-Encoding', '').lower():
+            chunks = []
+            while True:
+                size_line = self.rfile.readline(65537)
+                size = int(size_line.split(b';', 1)[0].strip() or b'0', 16)
+                if size == 0:
+                    while self.rfile.readline(65537) not in (b'\r\n', b'\n', b''):
+                        pass
+                    break
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline(65537)
+            return b''.join(chunks)
+        length = int(self.headers.get('Content-Length') or 0)
+        return self.rfile.read(length) if length > 0 else b''
+
+    def _send(self, status: int, headers: Sequence[Tuple[str, str]], body: bytes):
+        self.send_response_only(status)
+        for name, value in headers:
+            if name.lower() != 'content-length':
+                self.send_header(name, value)
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        if self.command != 'HEAD' and body:
+            self.wfile.write(body)
+        self.wfile.flush()
+
+    def _handle(self):
+        fake = self.server.fake
+        split = urlsplit(self.path)
+        raw_path = split.path
+        query = parse_qs(split.query, keep_blank_values=True)
+        body = self._read_body()
+        fake._record(Call(self.command, raw_path, query, dict(self.headers.items()), body))
+
+        fault = fake._fault
+        if fault is not None and fault.applies(raw_path):
+            if fault.delay > 0:
+                fake._stopping.wait(fault.delay)
+            if fault.close:
+                self.close_connection = True
+                try:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                return
+            if fault.status is not None:
+                self._send(fault.status, [], b'')
+                return
+
+        response = fake._find(self.command, unquote(raw_path), normalize_query(query))
+        if response is None:
+            self._send(404, [('Error-Code', 'NotFound')], b'')
+        else:
+            self._send(response.status, response.headers, response.body)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _handle
+
+
+class FakePCS:
+    """Fake Intel PCS on 127.0.0.1 serving one scenario's recordings.
+
+    ``FakePCS(scenario)`` loads the recordings; :meth:`start` (or ``with``)
+    binds an ephemeral port on 127.0.0.1 and serves in a background thread;
+    :meth:`stop` shuts it down and closes the listening and open sockets.
+    """
+
+    def __init__(self, scenario: Optional[str] = None):
+        self.scenario = scenario
+        self.manifest: Optional[dict] = None
+        self._lock = threading.Lock()
+        self._calls: List[Call] = []
+        self._added: List[Response] = []
+        self._recorded: List[Response] = []
+        self._fault: Optional[Fault] = None
+        self._stopping = threading.Event()
+        self._server: Optional[_Server] = None
+        self._thread: Optional[threading.Thread] = None
+        if scenario is not None:
+            self.manifest = load_manifest(scenario)
+            for entry in self.manifest['responses']:
+                self._recorded.append(Response(
+                    method=entry.get('method', 'GET').upper(),
+                    path=entry['path'],
+                    query=normalize_query(entry.get('query') or {}),
+                    status=int(entry['status']),
+                    headers=list(entry.get('headers', {}).items()),
+                    body=load_body(scenario, entry),
+                    id=entry['id'],
+                ))
+
+    # -- lifecycle ---------------------------------------------------------
+    def start(self) -> 'FakePCS':
+        if self._server is not None:
+            return self
+        self._stopping.clear()
+        self._server = _Server(self)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={'poll_interval': 0.05},
+            name=f'FakePCS:{self.port}', daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, thread = self._server, self._thread
+        if server is None:
+            return
+        self._stopping.set()  # wakes handlers sleeping in a delay fault
+        server.shutdown()
+        with server.conn_lock:
+            conns = list(server.open_connections)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        server.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
+        self._server = self._thread = None
+
+    close = stop
+
+    def __enter__(self) -> 'FakePCS':
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def __del__(self):
+        try:
+            self.stop()
+        except Exception:
+            pass
+
+    # -- addresses ---------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError('FakePCS is not started')
+        return self._server.server_address[1]
+
+    @property
+    def base(self) -> str:
+        return f'http://{HOST}:{self.port}'
+
+    @property
+    def pcs_url(self) -> str:
+        return f'{self.base}/sgx/certification/v4/'
+
+    @property
+    def rootca_crl_url(self) -> str:
+        return f'{self.base}{ROOTCA_CRL_PATH}'
+
+    @property
+    def url_map(self) -> str:
+        return ','.join(f'{host}={self.base}' for host in INTEL_HOSTS)
+
+    def url(self, path: str) -> str:
+        """``base`` + ``path`` (``path`` starting with '/')."""
+        return self.base + path
+
+    # -- calls -------------------------------------------------------------
+    def _record(self, call: Call) -> None:
+        with self._lock:
+            self._calls.append(call)
+
+    @property
+    def calls(self) -> List[Call]:
+        """Snapshot (a new list) of the requests received so far, in order."""
+        with self._lock:
+            return list(self._calls)
+
+    def count(self, path_suffix: Optional[str] = None, method: Optional[str] = None) -> int:
+        """Number of requests whose path ends with ``path_suffix`` and method is ``method``."""
+        with self._lock:
+            return sum(
+                1 for c in self._calls
+                if (path_suffix is None or c.path.endswith(path_suffix))
+                and (method is None or c.method.upper() == method.upper()))
+
+    def reset_calls(self) -> None:
+        with self._lock:
+            self._calls.clear()
+
+    # -- responses ---------------------------------------------------------
+    @property
+    def responses(self) -> List[Response]:
+        """All responses in matching order (added ones first)."""
+        with self._lock:
+            return list(reversed(self._added)) + list(self._recorded)
+
+    def _find(self, method: str, path: str, query: _NormQuery) -> Optional[Response]:
+        for response in self.responses:
+            if response.matches(method, path, query):
+                return response
+        return None
+
+    def add_response(self, method: str, path: str, query: _QueryIn, status: int,
+                     headers: Union[Mapping[str, str], Sequence[Tuple[str, str]], None] = None,
+                     body: bytes = b'') -> Response:
+        """Add a response; it wins over recordings and earlier added ones.
+
+        ``query`` None matches any query; otherwise it is matched like a
+        recording (values case-insensitive, missing ``update`` = standard).
+        """
+        if isinstance(headers, Mapping):
+            header_list = list(headers.items())
+        else:
+            header_list = list(headers or [])
+        response = Response(method.upper(), path,
+                            None if query is None else normalize_query(query),
+                            int(status), header_list, bytes(body))
+        with self._lock:
+            self._added.append(response)
+        return response
+
+    def clear_added(self) -> None:
+        """Remove every response added with :meth:`add_response`."""
+        with self._lock:
+            self._added.clear()
+
+    # -- faults ------------------------------------------------------------
+    def fail_with(self, status: Optional[int] = None, delay: float = 0.0,
+                  close: bool = False, paths: Optional[str] = None) -> None:
+        """Inject a fault into requests whose path contains ``paths`` (None: all).
+
+        Matching requests (still recorded in :attr:`calls`) first sleep
+        ``delay`` seconds, then either have their connection closed without an
+        answer (``close``), or get ``status`` with an empty body, or (delay
+        only) the normal answer.  ``fail_with()`` with no arguments clears it.
+        """
+        if status is None and not delay and not close:
+            self._fault = None
+        else:
+            self._fault = Fault(status, float(delay), bool(close), paths)
+
+    def clear_fault(self) -> None:
+        self._fault = None
+
+    def __repr__(self) -> str:
+        where = self.base if self._server is not None else 'stopped'
+        return f'<FakePCS {self.scenario or "(empty)"} {where}>'
+
