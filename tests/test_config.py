@@ -1,0 +1,106 @@
+"""Configuration: precedence, the documented keys, and bad values stopping with status 2."""
+
+from __future__ import annotations
+
+import configparser
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dcapd import cli
+from dcapd.config import (INTEL_PCS_URL, SETTINGS, ConfigError, default_cache_dir, load_config,
+                          read_ini)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults():
+    config = load_config(environ={})
+    assert config.listen == ("localhost", 8081)
+    assert config.tls == "auto"
+    assert config.cache_mode == "LAZY"
+    assert config.pcs_url == INTEL_PCS_URL
+    assert config.rootca_crl_url == \
+        "https://certificates.trustedservices.intel.com/IntelSGXRootCA.der"
+    assert config.cache_dir == default_cache_dir()
+    assert config.api_key == "" and config.user_token_sha512 == ""
+
+
+def test_precedence_cli_over_env_over_ini(tmp_path):
+    ini = tmp_path / "pccs.ini"
+    ini.write_text("[cache]\nmode = REQ\ndir = /from/ini\n[server]\nlisten = 0.0.0.0:9000\n")
+    environ = {"DCAPD_CACHE_MODE": "offline", "INTEL_API_KEY": "k" * 32}
+    config = load_config(environ=environ, ini_path=str(ini))
+    assert (config.cache_mode, config.cache_dir, config.listen) == \
+        ("OFFLINE", "/from/ini", ("0.0.0.0", 9000))
+    assert config.api_key == "k" * 32
+    config = load_config({"cache_mode": "lazy"}, environ=environ, ini_path=str(ini))
+    assert config.cache_mode == "LAZY"
+    assert "k" * 32 not in repr(config), "secrets never appear in reprs or logs"
+
+
+def test_ini_named_by_environment(tmp_path):
+    ini = tmp_path / "x.ini"
+    ini.write_text("[server]\ntls = off\n")
+    assert load_config(environ={"DCAPD_CONFIG": str(ini)}).tls == "off"
+
+
+@pytest.mark.parametrize("env,value", [
+    ("DCAPD_CACHE_MODE", "EAGER"), ("DCAPD_LISTEN", "localhost"), ("DCAPD_LISTEN", "h:99999"),
+    ("DCAPD_PCS_URL", "https://api.trustedservices.intel.com/sgx/certification/"),
+    ("DCAPD_PCS_URL", "https://api.trustedservices.intel.com/sgx/certification/v4"),
+    ("DCAPD_TLS", "maybe"), ("DCAPD_VERBOSE", "loud"), ("DCAPD_ADMIN_TOKEN_SHA512", "abc"),
+    ("DCAPD_URL_MAP", "https://a.example"), ("DCAPD_THREADS", "0"),
+])
+def test_bad_values_name_the_key(env, value):
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ={env: value})
+    assert env in str(caught.value)
+
+
+def test_unknown_ini_key_is_refused(tmp_path):
+    ini = tmp_path / "bad.ini"
+    ini.write_text("[server]\nlisten_port = 1\n")
+    with pytest.raises(ConfigError, match="listen_port"):
+        load_config(environ={}, ini_path=str(ini))
+
+
+def test_cli_bad_value_exits_2_with_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("DCAPD_CACHE_MODE", "SOMETIMES")
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "DCAPD_CACHE_MODE" in err
+
+
+def test_example_ini_documents_every_key_and_parses(tmp_path):
+    text = (REPO / "pccs.ini.example").read_text()
+    parser = configparser.ConfigParser()
+    # Uncomment every ";key = value" line: the example must then be a valid config.
+    uncommented = "\n".join(line[1:] if re.match(r";[a-z_]+ =", line) else line
+                             for line in text.splitlines())
+    parser.read_string(uncommented)
+    for setting in SETTINGS:
+        assert parser.has_option(setting.section, setting.key), setting.key
+        assert setting.env in text
+    path = tmp_path / "example.ini"
+    path.write_text(uncommented)
+    assert set(read_ini(str(path))) == {s.name for s in SETTINGS}
+
+
+def test_help_lists_every_option_and_module_entry_point():
+    result = subprocess.run([sys.executable, "-m", "dcapd", "--help"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0
+    for setting in SETTINGS:
+        assert "--" + setting.name.replace("_", "-") in result.stdout
+        assert setting.env in result.stdout
+    assert "--config" in result.stdout
+
+
+def test_readme_documents_every_environment_variable():
+    readme = (REPO / "README.rst").read_text()
+    for setting in SETTINGS:
+        assert setting.env in readme, setting.env
