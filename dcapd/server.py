@@ -454,7 +454,9 @@ class Server:
 
     def _loop_exception(self, loop, context) -> None:
         exc = context.get("exception")
-        if isinstance(exc, (OSError, ssl.SSLError, asyncio.TimeoutError, EOFError)):
+        # Handshake failures/timeouts of hostile or broken clients, and handshakes
+        # cancelled by stop(), are routine: keep them out of the error log.
+        if isinstance(exc, (OSError, ssl.SSLError, asyncio.TimeoutError, EOFError, asyncio.CancelledError)):
             log.debug("TLS front: %s: %r", context.get("message"), exc)
         else:
             loop.default_exception_handler(context)
@@ -466,7 +468,10 @@ class Server:
             abort = getattr(srv, "abort_clients", None)  # Python >= 3.13: also pending handshakes
             if abort is not None:
                 abort()
-        tasks = [t for t in self._conn_tasks if not t.done()]
+        # Connection handlers, and the loop's own tasks for handshakes still in
+        # progress (cancelling those closes their transports).
+        current = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
         for task in tasks:
             task.cancel()
         if tasks:

@@ -79,7 +79,7 @@ def test_example_ini_documents_every_key_and_parses(tmp_path):
     text = (REPO / "pccs.ini.example").read_text()
     parser = configparser.ConfigParser()
     # Uncomment every ";key = value" line: the example must then be a valid config.
-    uncommented = "\n".join(line[1:] if re.match(r";[a-z_]+ =", line) else line
+    uncommented = "\n".join(line[1:] if re.match(r";[a-z_0-9]+ =", line) else line
                              for line in text.splitlines())
     parser.read_string(uncommented)
     for setting in SETTINGS:
