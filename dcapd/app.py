@@ -10,6 +10,7 @@ from . import resources
 from .collateral import Collateral
 from .config import Config, load_config
 from .middleware import PccsRequestRules, handle_http_error, handle_unexpected, serialize_error
+from .pckcerts import PckCerts
 from .store import Store
 from .upstream import Upstream
 
@@ -24,11 +25,13 @@ class Services:
         self.store = store
         self.upstream = upstream
         self.collateral = Collateral(store, upstream, config.cache_mode)
+        self.pck_certs = PckCerts(store, upstream, self.collateral, config.cache_mode)
 
 
 # The route table: (TEE, API versions, path under /<tee>/certification/v<N>/, resource factory).
 # Intel serves TDX only under v4, and only tcb and qe/identity there (pccs-reference.md §1.12).
 ROUTES: tuple[tuple[str, tuple[int, ...], str, Callable[[Services, int], object]], ...] = (
+    ("sgx", API_VERSIONS, "pckcert", lambda s, v: resources.PckCert(s.pck_certs, v)),
     ("sgx", API_VERSIONS, "pckcrl", lambda s, v: resources.PckCrl(s.collateral, v)),
     ("sgx", API_VERSIONS, "tcb", lambda s, v: resources.TcbInfo(s.collateral, "sgx", v)),
     ("tdx", (4,), "tcb", lambda s, v: resources.TcbInfo(s.collateral, "tdx", v)),

@@ -9,6 +9,7 @@ import falcon
 
 from .collateral import CT_CRL, CT_PEM, Collateral
 from .errors import PccsError
+from .pckcerts import PckCerts, RawTcb
 from .store import Entry, Store
 from .upstream import is_allowed_crl_url
 
@@ -35,6 +36,14 @@ def hex_param(req: falcon.Request, name: str, length: int, required: bool = True
     return value.upper()
 
 
+def qeid_param(req: falcon.Request) -> str:
+    # QCNL sends 32 hex; the PCK ID tool in platform-id mode may send longer ids (<= 260).
+    value = query_value(req, "qeid")
+    if not 0 < len(value) <= 260 or not _HEX.fullmatch(value):
+        raise PccsError(400, "qeid must be 1..260 hex characters")
+    return value.upper()
+
+
 def update_param(req: falcon.Request) -> str:
     value = (query_value(req, "update", required=False) or "standard").upper()
     if value not in UPDATE_TYPES:
@@ -50,6 +59,19 @@ def respond(resp: falcon.Response, entry: Entry, body: Optional[bytes] = None,
     resp.content_type = content_type or entry.content_type
     for name, value in entry.headers.items():
         resp.set_header(name, value)
+
+
+class PckCert:
+    def __init__(self, pck_certs: PckCerts, version: int):
+        self.pck_certs = pck_certs
+        self.version = version
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        raw = RawTcb(qeid=qeid_param(req), pceid=hex_param(req, "pceid", 4),
+                     cpusvn=hex_param(req, "cpusvn", 32), pcesvn=hex_param(req, "pcesvn", 4))
+        # Intel: optional, but when present (even empty) it must be 768 characters.
+        encrypted_ppid = hex_param(req, "encrypted_ppid", 768, required=False)
+        respond(resp, self.pck_certs.pck_cert(self.version, raw, encrypted_ppid))
 
 
 class PckCrl:

@@ -1,0 +1,227 @@
+"""PCK certificates: a platform's whole certificate set from PCS, then local selection.
+
+Intel's PCCS asks PCS once for all of a platform's PCK certificates (``pckcerts``) and picks
+the one matching each raw TCB with Intel's selection algorithm (pccs-reference.md §1.1, §2.1).
+Each selected answer is stored as a ready response, so a repeated request is one cache lookup.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import urllib.parse
+from dataclasses import dataclass
+from typing import Optional
+
+from .collateral import (CT_PEM, FMSPC, PCK_CA_TYPE, PCK_CERT_CHAIN, TCBM, BadUpstreamData,
+                         Collateral, SingleFlight)
+from .errors import PccsError
+from .selection import SelectionError, select_pck_cert
+from .store import Entry, Store
+from .upstream import Upstream, UpstreamError
+
+log = logging.getLogger("dcapd.pckcerts")
+
+NOT_AVAILABLE = "Not available"
+_ALL_ZEROS = re.compile(r"0+")
+
+
+@dataclass(frozen=True)
+class RawTcb:
+    """What a client asks a PCK certificate for (query values, upper-case hex)."""
+
+    qeid: str
+    pceid: str
+    cpusvn: str
+    pcesvn: str  # 2 bytes, little-endian hex, as in the query
+
+
+def pem_with_newline(pem: str) -> str:
+    # Intel's client needs the PEM body to end in a newline; PCS may omit it.
+    return pem if pem.endswith("\n") else pem + "\n"
+
+
+class PckCerts:
+    """GET /pckcert: cached answer, else local selection, else (LAZY) the platform from PCS."""
+
+    def __init__(self, store: Store, upstream: Upstream, collateral: Collateral, mode: str):
+        self.store = store
+        self.upstream = upstream
+        self.collateral = collateral
+        self.mode = mode
+        self._flight = SingleFlight()
+
+    def pck_cert(self, version: int, raw: RawTcb, encrypted_ppid: Optional[str]) -> Entry:
+        key = self.store.pckcert_key(raw.qeid, raw.pceid, raw.cpusvn, raw.pcesvn)
+        entry = self.store.get(key)
+        if entry is not None:
+            return entry
+        if self.store.get_json(self.store.platform_key(raw.qeid, raw.pceid)) is not None:
+            return self._select_cached(version, raw)
+        if self.mode != "LAZY":
+            raise PccsError(461, f"platform {raw.qeid}/{raw.pceid} is not cached ({self.mode})")
+        if encrypted_ppid is None:
+            raise PccsError(400, "unknown platform and no encrypted_ppid to fetch it with")
+        if _ALL_ZEROS.fullmatch(encrypted_ppid):
+            # Intel: QCNL sends 768 zeros when it has no PPID; PCS cannot answer that.
+            raise PccsError(404, "unknown platform and an all-zero encrypted_ppid")
+        platform_key = self.store.platform_key(raw.qeid, raw.pceid)
+        return self._flight.run(
+            platform_key,
+            lambda: self.store.get(key) if self.store.get_json(platform_key) is None
+            else self._select_cached(version, raw),
+            lambda: self._fetch_platform(version, raw, encrypted_ppid))
+
+    # --- known platform: select locally, never contacting PCS, in every mode
+
+    def _select_cached(self, version: int, raw: RawTcb) -> Entry:
+        key = self.store.pckcert_key(raw.qeid, raw.pceid, raw.cpusvn, raw.pcesvn)
+        entry = self.store.get(key)
+        if entry is not None:
+            return entry
+        platform = self.store.get_json(self.store.platform_key(raw.qeid, raw.pceid))
+        cert_set = self.store.get_json(self.store.certs_key(raw.qeid, raw.pceid))
+        tcb_info = self._selection_tcb_info(platform["fmspc"], version)
+        if not cert_set or not cert_set["certs"] or tcb_info is None:
+            raise PccsError(404, f"platform {raw.qeid}/{raw.pceid}: no certificates or TCB info "
+                                 "cached for selection")
+        entry = self._selected_entry(raw, platform, cert_set, tcb_info)
+        with self.store.transaction():
+            self.store.put(key, entry)
+            self._remember_raw_tcb(raw)
+        return entry
+
+    def _selection_tcb_info(self, fmspc: str, version: int) -> Optional[bytes]:
+        """Intel: the EARLY SGX TCB info if cached, else STANDARD; TDX info is never used."""
+        for api_version in (version, 7 - version):  # the request's version first, then 3<->4
+            for update in ("EARLY", "STANDARD"):
+                entry = self.store.get(self.store.tcb_key("sgx", api_version, fmspc, update))
+                if entry is not None:
+                    return entry.body
+        return None
+
+    def _selected_entry(self, raw: RawTcb, platform: dict, cert_set: dict,
+                        tcb_info: bytes) -> Entry:
+        certs = cert_set["certs"]
+        try:
+            index = select_pck_cert(raw.cpusvn, raw.pcesvn, raw.pceid, tcb_info,
+                                    [c["pem"] for c in certs])
+        except SelectionError as exc:
+            raise PccsError(404, f"PCK selection for {raw.qeid}/{raw.pceid}: "
+                                 f"{type(exc).__name__}: {exc}") from None
+        chosen = certs[index]
+        return Entry(pem_with_newline(chosen["pem"]).encode(),
+                     {TCBM: chosen["tcbm"], FMSPC: platform["fmspc"].upper(),
+                      PCK_CA_TYPE: platform["ca"].upper(), PCK_CERT_CHAIN: cert_set["chain"]},
+                     CT_PEM, {"selected_at": time.time()})
+
+    def _remember_raw_tcb(self, raw: RawTcb) -> None:
+        key = self.store.rawtcbs_key(raw.qeid, raw.pceid)
+        seen = self.store.get_json(key) or []
+        if [raw.cpusvn, raw.pcesvn] not in seen:
+            self.store.put_json(key, seen + [[raw.cpusvn, raw.pcesvn]])
+
+    # --- unknown platform in LAZY mode: one pckcerts call, then selection
+
+    def _fetch_platform(self, version: int, raw: RawTcb, encrypted_ppid: str) -> Entry:
+        try:
+            reply = self.upstream.get_pck_certs(version, encrypted_ppid, raw.pceid)
+        except UpstreamError as exc:
+            raise PccsError(502, f"pckcerts: {exc}") from None
+        if reply.status != 200:
+            raise PccsError(404, f"pckcerts for {raw.qeid}/{raw.pceid}: upstream answered "
+                                 f"{reply.status}")
+        try:
+            certs, unavailable = parse_pck_certs(reply.body)
+            fmspc = _header(reply.headers, FMSPC).upper()
+            ca = _header(reply.headers, PCK_CA_TYPE).upper()
+            chain = _header(reply.headers, PCK_CERT_CHAIN)
+            if not re.fullmatch(r"[0-9A-F]{12}", fmspc) or ca not in ("PROCESSOR", "PLATFORM"):
+                raise BadUpstreamData(f"bad {FMSPC} or {PCK_CA_TYPE} header")
+        except BadUpstreamData as exc:
+            raise PccsError(502, f"pckcerts: upstream sent bad data: {exc}") from None
+        if not certs:
+            raise PccsError(404, f"pckcerts for {raw.qeid}/{raw.pceid}: no certificate available")
+        tcb_info = self._fetch_tcb_infos(version, fmspc)
+        platform = {"fmspc": fmspc, "ca": ca, "enc_ppid": encrypted_ppid,
+                    "platform_manifest": ""}
+        cert_set = {"certs": certs, "chain": chain}
+        entry = self._store_platform(raw, platform, cert_set, tcb_info,
+                                     remember_requested=not unavailable)
+        log.info("cached platform %s/%s: %d PCK certificates (%d not available), FMSPC %s",
+                 raw.qeid, raw.pceid, len(certs), unavailable, fmspc)
+        return entry
+
+    def _fetch_tcb_infos(self, version: int, fmspc: str) -> bytes:
+        """The SGX (and on v4 the TDX) TCB infos of the platform's FMSPC, cached as collateral.
+
+        Returns the SGX TCB info used for selection (EARLY if PCS has it, else STANDARD).
+        """
+        early = self._optional(lambda: self.collateral.tcb_info("sgx", version, fmspc, "EARLY"))
+        standard = self.collateral.tcb_info("sgx", version, fmspc, "STANDARD")
+        if version == 4:
+            for update in ("EARLY", "STANDARD"):
+                self._optional(lambda: self.collateral.tcb_info("tdx", version, fmspc, update))
+        return (early or standard).body
+
+    @staticmethod
+    def _optional(fetch) -> Optional[Entry]:
+        try:
+            return fetch()
+        except PccsError as exc:
+            if exc.status_code != 404:
+                raise
+            return None
+
+    def _store_platform(self, raw: RawTcb, platform: dict, cert_set: dict, tcb_info: bytes,
+                        remember_requested: bool) -> Entry:
+        """Write the platform, its certs, and re-selected answers for every raw TCB seen
+        before, in one transaction: a failure leaves the cache as it was."""
+        qeid, pceid = raw.qeid, raw.pceid
+        requested = self._selected_entry(raw, platform, cert_set, tcb_info)
+        seen = [RawTcb(qeid, pceid, cpusvn, pcesvn) for cpusvn, pcesvn in
+                self.store.get_json(self.store.rawtcbs_key(qeid, pceid)) or []]
+        reselected = [(old, self._selected_entry(old, platform, cert_set, tcb_info))
+                      for old in seen if old != raw]
+        with self.store.transaction():
+            self.store.put_json(self.store.platform_key(qeid, pceid), platform)
+            self.store.put_json(self.store.certs_key(qeid, pceid), cert_set)
+            for old, entry in reselected:
+                self.store.put(self.store.pckcert_key(qeid, pceid, old.cpusvn, old.pcesvn), entry)
+            if remember_requested:
+                self.store.put(self.store.pckcert_key(qeid, pceid, raw.cpusvn, raw.pcesvn),
+                               requested)
+                self._remember_raw_tcb(raw)
+        return requested
+
+
+def _header(headers, name: str) -> str:
+    value = headers.get(name)
+    if not value:
+        raise BadUpstreamData(f"response has no {name} header")
+    return value
+
+
+def parse_pck_certs(body: bytes) -> tuple[list[dict], int]:
+    """PCS ``pckcerts`` JSON -> ([{tcb, tcbm, pem}], number of "Not available" entries)."""
+    try:
+        entries = json.loads(body)
+    except ValueError:
+        raise BadUpstreamData("pckcerts body is not JSON") from None
+    if not isinstance(entries, list):
+        raise BadUpstreamData("pckcerts body is not a JSON array")
+    certs, unavailable = [], 0
+    for item in entries:
+        if not isinstance(item, dict) or not isinstance(item.get("cert"), str) \
+                or not isinstance(item.get("tcbm"), str) \
+                or not re.fullmatch(r"[0-9A-Fa-f]{36}", item["tcbm"]):
+            raise BadUpstreamData("pckcerts entry without tcb/tcbm/cert")
+        if item["cert"] == NOT_AVAILABLE:
+            unavailable += 1
+            continue
+        # Intel: SGX-TCBm is replayed exactly as PCS supplied it for the chosen cert.
+        certs.append({"tcb": item.get("tcb"), "tcbm": item["tcbm"],
+                      "pem": urllib.parse.unquote(item["cert"])})
+    return certs, unavailable
