@@ -10,7 +10,10 @@ from . import resources
 from .collateral import Collateral
 from .config import Config, load_config
 from .middleware import PccsRequestRules, handle_http_error, handle_unexpected, serialize_error
+from .auth import Auth
 from .pckcerts import PckCerts
+from .platforms import Registrations
+from .upload import CollateralUpload
 from .store import Store
 from .upstream import Upstream
 
@@ -26,6 +29,10 @@ class Services:
         self.upstream = upstream
         self.collateral = Collateral(store, upstream, config.cache_mode)
         self.pck_certs = PckCerts(store, upstream, self.collateral, config.cache_mode)
+        self.auth = Auth(config.user_token_sha512, config.admin_token_sha512)
+        self.registrations = Registrations(store, self.pck_certs, self.collateral,
+                                           config.cache_mode)
+        self.upload = CollateralUpload(store, self.pck_certs)
 
 
 # The route table: (TEE, API versions, path under /<tee>/certification/v<N>/, resource factory).
@@ -43,6 +50,10 @@ ROUTES: tuple[tuple[str, tuple[int, ...], str, Callable[[Services, int], object]
     ("sgx", API_VERSIONS, "rootcacrl", lambda s, v: resources.RootCaCrl(s.collateral)),
     ("sgx", API_VERSIONS, "crl", lambda s, v: resources.Crl(s.collateral)),
     ("sgx", API_VERSIONS, "appraisalpolicy", lambda s, v: resources.AppraisalPolicy(s.store)),
+    ("sgx", API_VERSIONS, "platforms", lambda s, v: resources.Platforms(
+        s.auth, s.registrations, v, s.config.max_body_bytes)),
+    ("sgx", API_VERSIONS, "platformcollateral", lambda s, v: resources.PlatformCollateral(
+        s.auth, s.upload, v, s.config.max_body_bytes)),
 )
 
 

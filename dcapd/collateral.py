@@ -115,11 +115,13 @@ class Collateral:
     # --- the one miss path
 
     def _cached_or_fetched(self, key: str, fetch: Callable[[], UpstreamResponse],
-                           to_entry: Callable[[UpstreamResponse], Entry]) -> Entry:
+                           to_entry: Callable[[UpstreamResponse], Entry],
+                           fill: Optional[bool] = None) -> Entry:
+        """The cached entry; on a miss fetch it when ``fill`` (default: in LAZY mode only)."""
         entry = self.store.get(key)
         if entry is not None:
             return entry
-        if self.mode != "LAZY":
+        if not (self.mode == "LAZY" if fill is None else fill):
             raise PccsError(404, f"{key} is not cached ({self.mode} mode)")
         return self._flight.run(key, lambda: self.store.get(key),
                                 lambda: self._fill(key, fetch, to_entry))
@@ -144,16 +146,17 @@ class Collateral:
 
     # --- collateral kinds
 
-    def pck_crl(self, version: int, ca: str) -> Entry:
+    def pck_crl(self, version: int, ca: str, fill: Optional[bool] = None) -> Entry:
         def to_entry(reply: UpstreamResponse) -> Entry:
             chain = _require_chain(reply, PCK_CRL_CHAIN)
             return Entry(reply.body, {PCK_CRL_CHAIN: chain}, CT_CRL,
                          {"next_update": _crl_next_update(reply.body)})
 
         return self._cached_or_fetched(self.store.pckcrl_key(ca),
-                                       lambda: self.upstream.get_pck_crl(version, ca), to_entry)
+                                       lambda: self.upstream.get_pck_crl(version, ca), to_entry,
+                                       fill)
 
-    def tcb_info(self, tee: str, version: int, fmspc: str, update: str) -> Entry:
+    def tcb_info(self, tee: str, version: int, fmspc: str, update: str, fill: Optional[bool] = None) -> Entry:
         def to_entry(reply: UpstreamResponse) -> Entry:
             chain = _require_chain(reply, TCB_INFO_CHAIN_V4, TCB_INFO_CHAIN_V3)
             info = _signed_json(reply.body, "tcbInfo")
@@ -167,9 +170,9 @@ class Collateral:
 
         return self._cached_or_fetched(
             self.store.tcb_key(tee, version, fmspc, update),
-            lambda: self.upstream.get_tcb_info(tee, version, fmspc, update), to_entry)
+            lambda: self.upstream.get_tcb_info(tee, version, fmspc, update), to_entry, fill)
 
-    def enclave_identity(self, kind: str, version: int, update: str) -> Entry:
+    def enclave_identity(self, kind: str, version: int, update: str, fill: Optional[bool] = None) -> Entry:
         def to_entry(reply: UpstreamResponse) -> Entry:
             chain = _require_chain(reply, ENCLAVE_IDENTITY_CHAIN)
             identity = _signed_json(reply.body, "enclaveIdentity")
@@ -181,16 +184,31 @@ class Collateral:
 
         return self._cached_or_fetched(
             self.store.identity_key(kind, version, update),
-            lambda: self.upstream.get_enclave_identity(kind, version, update), to_entry)
+            lambda: self.upstream.get_enclave_identity(kind, version, update), to_entry, fill)
 
-    def root_ca_crl(self) -> Entry:
+    def root_ca_crl(self, fill: Optional[bool] = None) -> Entry:
         return self._cached_or_fetched(self.store.rootcacrl_key(), self.upstream.get_root_ca_crl,
-                                       self._crl_entry)
+                                       self._crl_entry, fill)
 
-    def crl(self, uri: str) -> Entry:
+    def crl(self, uri: str, fill: Optional[bool] = None) -> Entry:
         return self._cached_or_fetched(self.store.crl_key(uri),
-                                       lambda: self.upstream.get_crl(uri), self._crl_entry)
+                                       lambda: self.upstream.get_crl(uri), self._crl_entry, fill)
 
     @staticmethod
     def _crl_entry(reply: UpstreamResponse) -> Entry:
         return Entry(reply.body, {}, CT_CRL, {"next_update": _crl_next_update(reply.body)})
+
+    def prefetch_verification_collateral(self, update: str) -> None:
+        """After a registration (LAZY and REQ): fetch what a verifier will ask for, if absent
+        (pccs-reference.md §2.2). ``update`` is standard, early or all."""
+        updates = {"STANDARD": ("STANDARD",), "EARLY": ("EARLY",),
+                   "ALL": ("EARLY", "STANDARD")}[update.upper()]
+        for ca in ("PROCESSOR", "PLATFORM"):
+            self.pck_crl(4, ca, fill=True)
+        for version in (3, 4):
+            for kind in ("qe", "qve"):
+                for update_type in updates:
+                    self.enclave_identity(kind, version, update_type, fill=True)
+        for update_type in updates:
+            self.enclave_identity("tdqe", 4, update_type, fill=True)
+        self.root_ca_crl(fill=True)

@@ -164,6 +164,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tls_handshake_timeout", "server", "tls_handshake_timeout",
             "DCAPD_TLS_HANDSHAKE_TIMEOUT", "10", _positive(float),
             "seconds a client has to finish the TLS handshake"),
+    Setting("max_body_bytes", "server", "max_body_bytes", "DCAPD_MAX_BODY_BYTES",
+            str(512 * 1024 * 1024), _positive(int),
+            "largest request body accepted (a 10,000-platform collateral upload fits)"),
     Setting("pcs_url", "upstream", "pcs_url", "DCAPD_PCS_URL", INTEL_PCS_URL, _pcs_url,
             "Intel PCS base URL (or another PCCS); the API version is taken from each request"),
     Setting("api_key", "upstream", "api_key", "INTEL_API_KEY", "", _text,
@@ -211,6 +214,7 @@ class Config:
     rootca_crl_url: str
     proxy: str
     url_map: dict = field(hash=False)
+    max_body_bytes: int = 512 * 1024 * 1024
     upstream_timeout: float = 20.0
     upstream_retries: int = 3
     cache_dir: str = ""

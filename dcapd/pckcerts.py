@@ -13,7 +13,7 @@ import re
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from .collateral import (CT_PEM, FMSPC, PCK_CA_TYPE, PCK_CERT_CHAIN, TCBM, BadUpstreamData,
                          Collateral, SingleFlight)
@@ -26,6 +26,12 @@ log = logging.getLogger("dcapd.pckcerts")
 
 NOT_AVAILABLE = "Not available"
 _ALL_ZEROS = re.compile(r"0+")
+
+
+@dataclass(frozen=True)
+class FetchedPlatform:
+    entry: Optional["Entry"]
+    unavailable: list  # PCS entries whose cert is "Not available"
 
 
 @dataclass(frozen=True)
@@ -83,17 +89,17 @@ class PckCerts:
             return entry
         platform = self.store.get_json(self.store.platform_key(raw.qeid, raw.pceid))
         cert_set = self.store.get_json(self.store.certs_key(raw.qeid, raw.pceid))
-        tcb_info = self._selection_tcb_info(platform["fmspc"], version)
+        tcb_info = self.selection_tcb_info(platform["fmspc"], version)
         if not cert_set or not cert_set["certs"] or tcb_info is None:
             raise PccsError(404, f"platform {raw.qeid}/{raw.pceid}: no certificates or TCB info "
                                  "cached for selection")
-        entry = self._selected_entry(raw, platform, cert_set, tcb_info)
+        entry = self.select(raw, platform, cert_set, tcb_info)
         with self.store.transaction():
             self.store.put(key, entry)
             self._remember_raw_tcb(raw)
         return entry
 
-    def _selection_tcb_info(self, fmspc: str, version: int) -> Optional[bytes]:
+    def selection_tcb_info(self, fmspc: str, version: int) -> Optional[bytes]:
         """Intel: the EARLY SGX TCB info if cached, else STANDARD; TDX info is never used."""
         for api_version in (version, 7 - version):  # the request's version first, then 3<->4
             for update in ("EARLY", "STANDARD"):
@@ -102,7 +108,7 @@ class PckCerts:
                     return entry.body
         return None
 
-    def _selected_entry(self, raw: RawTcb, platform: dict, cert_set: dict,
+    def select(self, raw: RawTcb, platform: dict, cert_set: dict,
                         tcb_info: bytes) -> Entry:
         certs = cert_set["certs"]
         try:
@@ -126,13 +132,25 @@ class PckCerts:
     # --- unknown platform in LAZY mode: one pckcerts call, then selection
 
     def _fetch_platform(self, version: int, raw: RawTcb, encrypted_ppid: str) -> Entry:
+        fetched = self.fetch_platform(version, raw.qeid, raw.pceid, encrypted_ppid, "", raw)
+        return fetched.entry
+
+    def fetch_platform(self, version: int, qeid: str, pceid: str, encrypted_ppid: str,
+                       platform_manifest: str, raw: Optional[RawTcb]) -> "FetchedPlatform":
+        """Ask PCS for all of a platform's PCK certificates (by manifest if there is one, else
+        by encrypted PPID), cache them with the TCB infos of its FMSPC, and select for ``raw``.
+
+        Shared by GET /pckcert (LAZY) and registration (LAZY, REQ); pccs-reference.md §2.1.
+        """
         try:
-            reply = self.upstream.get_pck_certs(version, encrypted_ppid, raw.pceid)
+            if platform_manifest:
+                reply = self.upstream.post_pck_certs(version, platform_manifest, pceid)
+            else:
+                reply = self.upstream.get_pck_certs(version, encrypted_ppid, pceid)
         except UpstreamError as exc:
             raise PccsError(502, f"pckcerts: {exc}") from None
         if reply.status != 200:
-            raise PccsError(404, f"pckcerts for {raw.qeid}/{raw.pceid}: upstream answered "
-                                 f"{reply.status}")
+            raise PccsError(404, f"pckcerts for {qeid}/{pceid}: upstream answered {reply.status}")
         try:
             certs, unavailable = parse_pck_certs(reply.body)
             fmspc = _header(reply.headers, FMSPC).upper()
@@ -143,27 +161,30 @@ class PckCerts:
         except BadUpstreamData as exc:
             raise PccsError(502, f"pckcerts: upstream sent bad data: {exc}") from None
         if not certs:
-            raise PccsError(404, f"pckcerts for {raw.qeid}/{raw.pceid}: no certificate available")
+            raise PccsError(404, f"pckcerts for {qeid}/{pceid}: no certificate available")
         tcb_info = self._fetch_tcb_infos(version, fmspc)
-        platform = {"fmspc": fmspc, "ca": ca, "enc_ppid": encrypted_ppid,
-                    "platform_manifest": ""}
+        platform = {"fmspc": fmspc, "ca": ca, "enc_ppid": encrypted_ppid.lower(),
+                    "platform_manifest": platform_manifest.lower()}
         cert_set = {"certs": certs, "chain": chain}
-        entry = self._store_platform(raw, platform, cert_set, tcb_info,
-                                     remember_requested=not unavailable)
+        # Intel: in LAZY mode, when PCS held "Not available" entries, the raw TCB's answer is
+        # not kept (the next request selects again); REQ always keeps it.
+        entry = self.store_platform(qeid, pceid, platform, cert_set, tcb_info, raw,
+                                    remember_requested=not unavailable or self.mode == "REQ")
         log.info("cached platform %s/%s: %d PCK certificates (%d not available), FMSPC %s",
-                 raw.qeid, raw.pceid, len(certs), unavailable, fmspc)
-        return entry
+                 qeid, pceid, len(certs), len(unavailable), fmspc)
+        return FetchedPlatform(entry, unavailable)
 
     def _fetch_tcb_infos(self, version: int, fmspc: str) -> bytes:
         """The SGX (and on v4 the TDX) TCB infos of the platform's FMSPC, cached as collateral.
 
         Returns the SGX TCB info used for selection (EARLY if PCS has it, else STANDARD).
         """
-        early = self._optional(lambda: self.collateral.tcb_info("sgx", version, fmspc, "EARLY"))
-        standard = self.collateral.tcb_info("sgx", version, fmspc, "STANDARD")
+        tcb_info = self.collateral.tcb_info
+        early = self._optional(lambda: tcb_info("sgx", version, fmspc, "EARLY", fill=True))
+        standard = tcb_info("sgx", version, fmspc, "STANDARD", fill=True)
         if version == 4:
             for update in ("EARLY", "STANDARD"):
-                self._optional(lambda: self.collateral.tcb_info("tdx", version, fmspc, update))
+                self._optional(lambda: tcb_info("tdx", version, fmspc, update, fill=True))
         return (early or standard).body
 
     @staticmethod
@@ -175,22 +196,27 @@ class PckCerts:
                 raise
             return None
 
-    def _store_platform(self, raw: RawTcb, platform: dict, cert_set: dict, tcb_info: bytes,
-                        remember_requested: bool) -> Entry:
+    def store_platform(self, qeid: str, pceid: str, platform: dict, cert_set: dict,
+                       tcb_info: bytes, raw: Optional[RawTcb], remember_requested: bool = True,
+                       extra_raw_tcbs: Sequence[RawTcb] = ()) -> Optional[Entry]:
         """Write the platform, its certs, and re-selected answers for every raw TCB seen
-        before, in one transaction: a failure leaves the cache as it was."""
-        qeid, pceid = raw.qeid, raw.pceid
-        requested = self._selected_entry(raw, platform, cert_set, tcb_info)
+        before (and ``extra_raw_tcbs``), in one transaction: a failure leaves the cache as it
+        was. Returns the answer for ``raw``."""
+        requested = self.select(raw, platform, cert_set, tcb_info) if raw else None
         seen = [RawTcb(qeid, pceid, cpusvn, pcesvn) for cpusvn, pcesvn in
                 self.store.get_json(self.store.rawtcbs_key(qeid, pceid)) or []]
-        reselected = [(old, self._selected_entry(old, platform, cert_set, tcb_info))
+        for extra in extra_raw_tcbs:
+            if extra not in seen:
+                seen.append(extra)
+        reselected = [(old, self.select(old, platform, cert_set, tcb_info))
                       for old in seen if old != raw]
         with self.store.transaction():
             self.store.put_json(self.store.platform_key(qeid, pceid), platform)
             self.store.put_json(self.store.certs_key(qeid, pceid), cert_set)
             for old, entry in reselected:
                 self.store.put(self.store.pckcert_key(qeid, pceid, old.cpusvn, old.pcesvn), entry)
-            if remember_requested:
+                self._remember_raw_tcb(old)
+            if raw is not None and remember_requested:
                 self.store.put(self.store.pckcert_key(qeid, pceid, raw.cpusvn, raw.pcesvn),
                                requested)
                 self._remember_raw_tcb(raw)
@@ -204,22 +230,22 @@ def _header(headers, name: str) -> str:
     return value
 
 
-def parse_pck_certs(body: bytes) -> tuple[list[dict], int]:
-    """PCS ``pckcerts`` JSON -> ([{tcb, tcbm, pem}], number of "Not available" entries)."""
+def parse_pck_certs(body: bytes) -> tuple[list[dict], list[dict]]:
+    """PCS ``pckcerts`` JSON -> ([{tcb, tcbm, pem}], the "Not available" entries)."""
     try:
         entries = json.loads(body)
     except ValueError:
         raise BadUpstreamData("pckcerts body is not JSON") from None
     if not isinstance(entries, list):
         raise BadUpstreamData("pckcerts body is not a JSON array")
-    certs, unavailable = [], 0
+    certs, unavailable = [], []
     for item in entries:
         if not isinstance(item, dict) or not isinstance(item.get("cert"), str) \
                 or not isinstance(item.get("tcbm"), str) \
                 or not re.fullmatch(r"[0-9A-Fa-f]{36}", item["tcbm"]):
             raise BadUpstreamData("pckcerts entry without tcb/tcbm/cert")
         if item["cert"] == NOT_AVAILABLE:
-            unavailable += 1
+            unavailable.append(item)
             continue
         # Intel: SGX-TCBm is replayed exactly as PCS supplied it for the chosen cert.
         certs.append({"tcb": item.get("tcb"), "tcbm": item["tcbm"],

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Optional
 
 import falcon
 
 from .collateral import CT_CRL, CT_PEM, Collateral
-from .errors import PccsError
+from .auth import Auth
+from .errors import STATUS_TEXTS, PccsError
+from .platforms import Registrations, validate_registration
+from .upload import CollateralUpload
 from .pckcerts import PckCerts, RawTcb
 from .store import Entry, Store
 from .upstream import is_allowed_crl_url
@@ -146,3 +150,69 @@ class AppraisalPolicy:
         if entry is None:
             raise PccsError(404, f"no default appraisal policy for FMSPC {fmspc}")
         respond(resp, entry)
+
+
+def json_body(req: falcon.Request, limit: int):
+    """The request's JSON body; refused with 413 before reading when it is too large."""
+    length = req.content_length
+    if length is not None and length > limit:
+        raise PccsError(413, f"body of {length} bytes exceeds max_body_bytes ({limit})")
+    data = req.bounded_stream.read(limit + 1)
+    if len(data) > limit:
+        raise PccsError(413, f"body exceeds max_body_bytes ({limit})")
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise PccsError(400, "body is not valid JSON") from None
+
+
+def operation_successful(resp: falcon.Response) -> None:
+    resp.content_type = "text/plain; charset=utf-8"
+    resp.text = STATUS_TEXTS[200]
+
+
+class Platforms:
+    def __init__(self, auth: Auth, registrations: Registrations, version: int, body_limit: int):
+        self.auth = auth
+        self.registrations = registrations
+        self.version = version
+        self.body_limit = body_limit
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self.auth.require_user(req)
+        update = (req.get_param("update") or "standard").upper()
+        if update not in ("STANDARD", "EARLY", "ALL"):
+            raise PccsError(400, "update must be standard, early or all")
+        record = validate_registration(json_body(req, self.body_limit))
+        self.registrations.register(self.version, record, update)
+        operation_successful(resp)
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self.auth.require_admin(req)
+        source = req.get_param("source")
+        if source is None or source == "reg":
+            rows = self.registrations.drain("NEW")
+        elif source == "reg_na":
+            rows = self.registrations.drain("NOT_AVAILABLE")
+        elif len(source) >= 2 and source.startswith("[") and source.endswith("]"):
+            inside = source[1:-1].strip().upper()
+            fmspcs = {item.strip() for item in inside.split(",")} if inside else None
+            rows = self.registrations.cached_platforms(fmspcs)
+        else:
+            raise PccsError(400, "source must be reg, reg_na or [FMSPC,...]")
+        resp.content_type = "application/json; charset=utf-8"
+        resp.data = json.dumps(rows).encode()
+        resp.set_header("platform-count", str(len(rows)))
+
+
+class PlatformCollateral:
+    def __init__(self, auth: Auth, upload: CollateralUpload, version: int, body_limit: int):
+        self.auth = auth
+        self.upload = upload
+        self.version = version
+        self.body_limit = body_limit
+
+    def on_put(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self.auth.require_admin(req)
+        self.upload.apply(self.version, json_body(req, self.body_limit))
+        operation_successful(resp)

@@ -21,7 +21,7 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID, NameOID
@@ -342,7 +342,7 @@ def _load_certificate(pem: Union[str, bytes]) -> x509.Certificate:
         raise InvalidCertError('certificate is "Not available"')
     try:
         cert = x509.load_pem_x509_certificate(text.encode("latin-1"))
-        cert.version  # raises InvalidVersion for unknown version numbers
+        _ = cert.version  # raises InvalidVersion for version numbers X.509 does not define
         return cert
     except (ValueError, TypeError, x509.InvalidVersion) as exc:
         raise InvalidCertError(f"not a PEM X.509 certificate: {exc}") from None
@@ -398,7 +398,7 @@ def _parse_sgx_extension(der: bytes) -> Dict[str, Any]:
     return fields
 
 
-def _optional(parse, *args):
+def _optional(parse: Callable[..., Any], *args: Any) -> Any:
     """Platform-only fields: QVL's generic PCK parser never looks at them, so a malformed one
     must not make selection fail; we just report it as absent."""
     try:
@@ -634,7 +634,7 @@ def _parse_level(raw: Any, version: int, tcb_id: str) -> TcbLevel:
     tcb_date = _date_field(raw, "tcbDate")
     advisory_ids = _advisory_ids(raw)
     status = raw.get("tcbStatus")
-    if status not in _VALID_TCB_STATUSES:
+    if not isinstance(status, str) or status not in _VALID_TCB_STATUSES:
         raise InvalidTcbInfoError(f"invalid [tcbStatus] {status!r}")
     tcb = raw.get("tcb")
     if not isinstance(tcb, dict):

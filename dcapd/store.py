@@ -156,6 +156,25 @@ class Store:
     def rawtcbs_key(qeid: str, pceid: str) -> str:
         return f"rawtcbs/{_upper(qeid)}/{_upper(pceid)}"
 
+    REGISTRATION_STATES = ("NEW", "NOT_AVAILABLE")
+
+    @staticmethod
+    def registration_key(state: str, qeid: str, pceid: str, cpusvn: str, pcesvn: str) -> str:
+        return f"reg/{state}/{_upper(qeid)}/{_upper(pceid)}/{_upper(cpusvn)}/{_upper(pcesvn)}"
+
+    @staticmethod
+    def registration_prefix(state: str) -> str:
+        return f"reg/{state}/"
+
+    @staticmethod
+    def platform_prefix() -> str:
+        return "platform/"
+
+    @staticmethod
+    def platform_id_from_key(key: str) -> tuple[str, str]:
+        _, qeid, pceid = key.split("/")
+        return qeid, pceid
+
     # --- access
 
     def get(self, key: str) -> Optional[Entry]:
@@ -164,6 +183,13 @@ class Store:
 
     def put(self, key: str, entry: Entry) -> None:
         self.cache.set(key, entry.to_bytes())
+
+    def pop(self, key: str) -> Optional[Entry]:
+        data = self.cache.pop(key)
+        return None if data is None else Entry.from_bytes(data)
+
+    def delete(self, key: str) -> None:
+        self.cache.delete(key)
 
     def get_json(self, key: str):
         """A write-side record (platform, cert set, raw TCBs): JSON in the body."""

@@ -1,0 +1,290 @@
+"""PUT /platformcollateral: the air-gapped site's bulk import (pccs-reference.md §4.3).
+
+The body is what Intel's PccsAdminTool ``fetch`` writes. Everything is validated first, then
+written in one cache transaction, as the same entries the GET paths read, so that an OFFLINE
+dcapd then serves every uploaded item and a failure leaves the cache exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import urllib.parse
+from typing import Optional
+
+from .collateral import (CT_CRL, CT_JSON, ENCLAVE_IDENTITY_CHAIN, PCK_CRL_CHAIN,
+                         TCB_INFO_CHAIN_V3, TCB_INFO_CHAIN_V4, tcb_info_chain_header)
+from .errors import PccsError
+from .pckcerts import PckCerts, RawTcb
+from .selection import SelectionError, parse_pck_cert
+from .store import Entry, Store
+
+log = logging.getLogger("dcapd.upload")
+
+PCK_CHAINS = "SGX-PCK-Certificate-Issuer-Chain"
+_CHAIN_SPLIT = "-----BEGIN%20CERTIFICATE-----"
+_HEX = re.compile(r"[0-9A-Fa-f]*")
+_TCB_KEYS = {4: {"sgx_tcbinfo": ("sgx", "STANDARD"), "sgx_tcbinfo_early": ("sgx", "EARLY"),
+                 "tdx_tcbinfo": ("tdx", "STANDARD"), "tdx_tcbinfo_early": ("tdx", "EARLY")},
+             3: {"tcbinfo": ("sgx", "STANDARD"), "tcbinfo_early": ("sgx", "EARLY")}}
+_IDENTITY_KEYS = {"qeidentity": ("qe", "STANDARD"), "qeidentity_early": ("qe", "EARLY"),
+                  "qveidentity": ("qve", "STANDARD"), "qveidentity_early": ("qve", "EARLY"),
+                  "tdqeidentity": ("tdqe", "STANDARD"), "tdqeidentity_early": ("tdqe", "EARLY")}
+_SVN_FIELDS = tuple(f"sgxtcbcomp{i:02d}svn" for i in range(1, 17))
+
+
+def _bad(reason: str) -> PccsError:
+    return PccsError(400, f"collateral upload: {reason}")
+
+
+def _hex_field(item: dict, name: str, where: str, lengths: tuple[int, ...] = (),
+               max_length: int = 0) -> str:
+    """A hex string of one of ``lengths`` (or 1..max_length); absent means empty."""
+    value = item.get(name) or ""
+    if not isinstance(value, str) or not _HEX.fullmatch(value) or not (
+            len(value) in lengths or 0 < len(value) <= max_length):
+        raise _bad(f"{where}.{name} is not valid hex")
+    return value
+
+
+def _require(container: dict, name: str, kind: type, where: str):
+    value = container.get(name)
+    if not isinstance(value, kind):
+        raise _bad(f"{where}.{name} is missing or not a {kind.__name__}")
+    return value
+
+
+def split_chain(chain: str, where: str) -> tuple[str, str]:
+    """Intel: a chain is split at the LAST URL-encoded BEGIN line into (intermediate, root);
+    an unencoded chain cannot be split and is refused."""
+    if not isinstance(chain, str) or chain.count(_CHAIN_SPLIT) < 2:
+        raise _bad(f"{where} is not a URL-encoded certificate chain")
+    at = chain.rindex(_CHAIN_SPLIT)
+    return chain[:at], chain[at:]
+
+
+def tcb_info_body(document: dict) -> bytes:
+    """The bytes Intel signed: its bodies are compact JSON with the keys in PCS order, so a
+    compact re-serialisation of the parsed object (insertion order kept) restores them."""
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+class CollateralUpload:
+    def __init__(self, store: Store, pck_certs: PckCerts):
+        self.store = store
+        self.pck_certs = pck_certs
+
+    def apply(self, version: int, body) -> None:
+        if not isinstance(body, dict):
+            raise _bad("body is not a JSON object")
+        platforms = _require(body, "platforms", list, "body")
+        collaterals = _require(body, "collaterals", dict, "body")
+        if version == 4 and collaterals.get("version") != 4:
+            raise _bad("collaterals.version must be 4 on the v4 route")
+        pck_cert_sets = _require(collaterals, "pck_certs", list, "collaterals")
+        tcb_infos = _require(collaterals, "tcbinfos", list, "collaterals")
+        certificates = _require(collaterals, "certificates", dict, "collaterals")
+        pck_chains = _require(certificates, PCK_CHAINS, dict, "certificates")
+        for index, platform in enumerate(platforms):
+            self._check_platform(platform, f"platforms[{index}]")
+
+        chains = self._chains(version, certificates, pck_chains)
+        writes: dict[str, Entry] = {}
+        tcb_bodies = self._tcb_infos(version, tcb_infos, chains, writes)
+        self._crls(collaterals, pck_chains, writes)
+        self._identities(version, collaterals, chains.get("identity"), writes)
+        # PCK certificates last: selection may use the TCB infos of this very upload.
+        plans = [self._pck_cert_set(version, item, f"pck_certs[{i}]", platforms, pck_chains,
+                                    tcb_bodies) for i, item in enumerate(pck_cert_sets)]
+
+        try:
+            with self.store.transaction():
+                for key, entry in writes.items():
+                    self.store.put(key, entry)
+                for qeid, pceid, platform, cert_set, tcb_body, raw_tcbs in plans:
+                    self.pck_certs.store_platform(qeid, pceid, platform, cert_set, tcb_body,
+                                                  None, extra_raw_tcbs=raw_tcbs)
+        except PccsError as exc:  # re-selection of a cached raw TCB failed: nothing written
+            raise _bad(exc.reason) from None
+        log.info("collateral upload (v%d): %d platforms, %d TCB infos, %d other entries",
+                 version, len(plans), len(tcb_bodies), len(writes) - len(tcb_bodies))
+
+    @staticmethod
+    def _check_platform(item, where: str) -> None:
+        if not isinstance(item, dict):
+            raise _bad(f"{where} is not an object")
+        _hex_field(item, "qe_id", where, max_length=260)
+        _hex_field(item, "pce_id", where, (4,))
+        _hex_field(item, "cpu_svn", where, (0, 32))
+        _hex_field(item, "pce_svn", where, (0, 4))
+        _hex_field(item, "enc_ppid", where, (0, 768))
+        manifest = item.get("platform_manifest")
+        if manifest is not None and not isinstance(manifest, str):
+            raise _bad(f"{where}.platform_manifest is not a string")
+
+    @staticmethod
+    def _chains(version: int, certificates: dict, pck_chains: dict) -> dict[str, str]:
+        """The upload's chains; every root half must be the same certificate (else 460)."""
+        chains: dict[str, str] = {}
+        for ca in ("PROCESSOR", "PLATFORM"):
+            if pck_chains.get(ca) is not None:
+                chains[ca] = pck_chains[ca]
+        tcb_chain = certificates.get(tcb_info_chain_header(version)) or \
+            certificates.get(TCB_INFO_CHAIN_V4 if version == 3 else TCB_INFO_CHAIN_V3)
+        if tcb_chain is not None:
+            chains["tcb"] = tcb_chain
+        if certificates.get(ENCLAVE_IDENTITY_CHAIN) is not None:
+            chains["identity"] = certificates[ENCLAVE_IDENTITY_CHAIN]
+        roots = {name: split_chain(chain, f"certificates chain {name}")[1]
+                 for name, chain in chains.items()}
+        if len(set(urllib.parse.unquote(root) for root in roots.values())) > 1:
+            raise PccsError(460, "collateral upload: the chains end in different roots")
+        return chains
+
+    def _tcb_infos(self, version: int, tcb_infos: list, chains: dict,
+                   writes: dict[str, Entry]) -> dict[str, bytes]:
+        """Entries for every uploaded TCB info; returns the SGX ones for selection by FMSPC
+        (EARLY preferred, as Intel selects with)."""
+        for_selection: dict[str, bytes] = {}
+        for index, item in enumerate(tcb_infos):
+            where = f"tcbinfos[{index}]"
+            if not isinstance(item, dict) or not isinstance(item.get("fmspc"), str) \
+                    or not re.fullmatch(r"[0-9A-Fa-f]{12}", item["fmspc"]):
+                raise _bad(f"{where}.fmspc is missing or not 12 hex characters")
+            # Intel matches this FMSPC case-sensitively against the cert's ([ref-bug]); we don't.
+            fmspc = item["fmspc"].upper()
+            for name, (tee, update) in _TCB_KEYS[version].items():
+                document = item.get(name)
+                if document is None:
+                    continue
+                info = document.get("tcbInfo") if isinstance(document, dict) else None
+                if not isinstance(info, dict) or not isinstance(document.get("signature"), str):
+                    raise _bad(f"{where}.{name} is not a signed TCB info")
+                if str(info.get("fmspc", "")).upper() != fmspc:
+                    raise _bad(f"{where}.{name} is for FMSPC {info.get('fmspc')!r}")
+                if version == 4 and info.get("id") != tee.upper():
+                    raise _bad(f"{where}.{name} has id {info.get('id')!r}")
+                if "tcb" not in chains:
+                    raise _bad("TCB infos uploaded without a TCB info issuer chain")
+                body = tcb_info_body(document)
+                writes[self.store.tcb_key(tee, version, fmspc, update)] = Entry(
+                    body, {tcb_info_chain_header(version): chains["tcb"]}, CT_JSON,
+                    {"next_update": info.get("nextUpdate"), "source": "upload",
+                     "tcb_evaluation_data_number": info.get("tcbEvaluationDataNumber")})
+                if tee == "sgx" and (update == "EARLY" or fmspc not in for_selection):
+                    for_selection[fmspc] = body
+        return for_selection
+
+    def _crls(self, collaterals: dict, pck_chains: dict, writes: dict[str, Entry]) -> None:
+        crls = collaterals.get("pckcacrl")
+        if crls is not None:
+            if not isinstance(crls, dict):
+                raise _bad("pckcacrl is not an object")
+            for name, ca in (("processorCrl", "PROCESSOR"), ("platformCrl", "PLATFORM")):
+                if crls.get(name) is None:
+                    continue
+                der = self._hex_bytes(crls[name], f"pckcacrl.{name}")
+                # The CRL's chain is its CA's chain (Intel builds it from the same certificates).
+                chain = pck_chains.get(ca)
+                if chain is None:
+                    cached = self.store.get(self.store.pckcrl_key(ca))
+                    chain = cached.headers.get(PCK_CRL_CHAIN) if cached else None
+                if chain is None:
+                    raise _bad(f"pckcacrl.{name} uploaded without a {ca} chain")
+                writes[self.store.pckcrl_key(ca)] = Entry(der, {PCK_CRL_CHAIN: chain}, CT_CRL,
+                                                          {"source": "upload"})
+        root_crl = collaterals.get("rootcacrl")
+        if root_crl:
+            der = self._hex_bytes(root_crl, "rootcacrl")
+            writes[self.store.rootcacrl_key()] = Entry(der, {}, CT_CRL, {"source": "upload"})
+            cdp = collaterals.get("rootcacrl_cdp")
+            if cdp:
+                if not isinstance(cdp, str):
+                    raise _bad("rootcacrl_cdp is not a string")
+                writes[self.store.crl_key(cdp)] = Entry(der, {}, CT_CRL, {"source": "upload"})
+
+    @staticmethod
+    def _hex_bytes(value, where: str) -> bytes:
+        if not isinstance(value, str) or len(value) % 2 or not _HEX.fullmatch(value):
+            raise _bad(f"{where} is not hex")
+        return bytes.fromhex(value)
+
+    def _identities(self, version: int, collaterals: dict, chain: Optional[str],
+                    writes: dict[str, Entry]) -> None:
+        for name, (kind, update) in _IDENTITY_KEYS.items():
+            text = collaterals.get(name)
+            if not text:
+                continue
+            if kind == "tdqe" and version != 4:
+                continue
+            if not isinstance(text, str):
+                raise _bad(f"{name} is not a string")
+            try:
+                identity = json.loads(text).get("enclaveIdentity")
+            except (ValueError, AttributeError):
+                identity = None
+            if not isinstance(identity, dict):
+                raise _bad(f"{name} is not a signed enclave identity")
+            if chain is None:
+                raise _bad(f"{name} uploaded without an enclave identity issuer chain")
+            # Identities arrive as raw text: stored verbatim.
+            writes[self.store.identity_key(kind, version, update)] = Entry(
+                text.encode("utf-8"), {ENCLAVE_IDENTITY_CHAIN: chain}, CT_JSON,
+                {"next_update": identity.get("nextUpdate"), "source": "upload"})
+
+    def _pck_cert_set(self, version: int, item, where: str, platforms: list, pck_chains: dict,
+                      tcb_bodies: dict[str, bytes]):
+        if not isinstance(item, dict):
+            raise _bad(f"{where} is not an object")
+        qe_id = _hex_field(item, "qe_id", where, max_length=260).upper()
+        pce_id = _hex_field(item, "pce_id", where, (4,)).upper()
+        certs_in = _require(item, "certs", list, where)
+        if not certs_in:
+            raise _bad(f"{where}.certs is empty")
+        certs = []
+        for index, cert in enumerate(certs_in):
+            if not isinstance(cert, dict) or not isinstance(cert.get("cert"), str) \
+                    or not isinstance(cert.get("tcbm"), str) \
+                    or not re.fullmatch(r"[0-9A-Fa-f]{36}", cert["tcbm"]) \
+                    or not self._valid_tcb(cert.get("tcb")):
+                raise _bad(f"{where}.certs[{index}] needs tcb, tcbm (36 hex) and cert")
+            certs.append({"tcb": cert["tcb"], "tcbm": cert["tcbm"].upper(),
+                          "pem": urllib.parse.unquote(cert["cert"])})
+        try:
+            first = parse_pck_cert(certs[0]["pem"])
+        except SelectionError as exc:
+            raise _bad(f"{where}.certs[0] is not a PCK certificate: {exc}") from None
+        fmspc, ca = first.fmspc.hex().upper(), first.ca_type
+        if ca not in ("PROCESSOR", "PLATFORM"):
+            raise _bad(f"{where}.certs[0] has no PCK CA issuer")
+        if pck_chains.get(ca) is None:
+            raise _bad(f"{where}: no {ca} chain in certificates")
+        tcb_body = tcb_bodies.get(fmspc) or self.pck_certs.selection_tcb_info(fmspc, version)
+        if tcb_body is None:
+            raise _bad(f"{where}: no SGX TCB info for FMSPC {fmspc}")
+        matching = [p for p in platforms if str(p.get("qe_id", "")).upper() == qe_id
+                    and str(p.get("pce_id", "")).upper() == pce_id]
+        raw_tcbs = [RawTcb(qe_id, pce_id, p["cpu_svn"].upper(), p["pce_svn"].upper())
+                    for p in matching if p.get("cpu_svn") and p.get("pce_svn")]
+        source = matching[0] if matching else item
+        platform = {"fmspc": fmspc, "ca": ca,
+                    "enc_ppid": (source.get("enc_ppid") or "").lower(),
+                    "platform_manifest": (source.get("platform_manifest") or "").lower()}
+        cert_set = {"certs": certs, "chain": pck_chains[ca]}
+        # Selection failures for any raw TCB must stop the upload before anything is written.
+        for raw in raw_tcbs:
+            try:
+                self.pck_certs.select(raw, platform, cert_set, tcb_body)
+            except PccsError as exc:
+                raise _bad(f"{where}: {exc.reason}") from None
+        return qe_id, pce_id, platform, cert_set, tcb_body, raw_tcbs
+
+    @staticmethod
+    def _valid_tcb(tcb) -> bool:
+        if not isinstance(tcb, dict):
+            return False
+        svns = [tcb.get(name) for name in _SVN_FIELDS]
+        pcesvn = tcb.get("pcesvn")
+        return all(isinstance(v, int) and 0 <= v <= 255 for v in svns) \
+            and isinstance(pcesvn, int) and 0 <= pcesvn <= 65535
