@@ -239,6 +239,7 @@ class Server:
         self._athread: Optional[threading.Thread] = None
         self._front_servers: list = []
         self._conn_tasks: set = set()
+        self._front_stopping = False
 
     # -- public API ---------------------------------------------------------
 
@@ -414,6 +415,7 @@ class Server:
     # -- asyncio TLS front ----------------------------------------------------
 
     def _start_front(self, ctx: ssl.SSLContext) -> None:
+        self._front_stopping = False
         loop = asyncio.new_event_loop()
         loop.set_exception_handler(self._loop_exception)
         self._loop = loop
@@ -462,6 +464,7 @@ class Server:
             loop.default_exception_handler(context)
 
     async def _close_front(self) -> None:
+        self._front_stopping = True
         for srv in self._front_servers:
             srv.close()
         for srv in self._front_servers:
@@ -539,13 +542,26 @@ class Server:
         finally:
             if key is not None and self._peers.get(key) == (peer[0], peer[1]):
                 del self._peers[key]
-            for w in (backend_writer, writer):
-                if w is not None:
-                    try:
-                        w.close()
-                    except Exception:  # pragma: no cover
-                        pass
+            # On stop() abort at once; otherwise close gracefully (bounded).
+            await self._close_writer(backend_writer, 0 if self._front_stopping else 2.0)
+            await self._close_writer(writer, 0 if self._front_stopping else 5.0)
             self._conn_tasks.discard(task)
+
+    @staticmethod
+    async def _close_writer(writer: Optional[asyncio.StreamWriter], timeout: float) -> None:
+        """Close gracefully (TLS close_notify, flush), abort if that takes too long or stop() cancels it."""
+        if writer is None:
+            return
+        try:
+            if timeout <= 0:
+                raise asyncio.TimeoutError
+            writer.close()
+            await asyncio.wait_for(writer.wait_closed(), timeout)
+        except (Exception, asyncio.CancelledError):
+            try:
+                writer.transport.abort()
+            except Exception:  # pragma: no cover
+                pass
 
     @staticmethod
     async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, half_close: bool) -> bool:

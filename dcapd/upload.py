@@ -167,7 +167,7 @@ class CollateralUpload:
                     raise _bad(f"{where}.{name} has id {info.get('id')!r}")
                 if "tcb" not in chains:
                     raise _bad("TCB infos uploaded without a TCB info issuer chain")
-                body = tcb_info_body(document)
+                body = self._tcb_info_bytes(document, item.get(f"{name}_raw"), where, name)
                 writes[self.store.tcb_key(tee, version, fmspc, update)] = Entry(
                     body, {tcb_info_chain_header(version): chains["tcb"]}, CT_JSON,
                     {"next_update": info.get("nextUpdate"), "source": "upload",
@@ -175,6 +175,22 @@ class CollateralUpload:
                 if tee == "sgx" and (update == "EARLY" or fmspc not in for_selection):
                     for_selection[fmspc] = body
         return for_selection
+
+    @staticmethod
+    def _tcb_info_bytes(document: dict, raw, where: str, name: str) -> bytes:
+        """The bytes to store. A ``<name>_raw`` string (dcapd's export writes one; Intel's
+        tools ignore unknown keys) keeps originals that are not compact JSON byte-exact."""
+        if raw is None:
+            return tcb_info_body(document)
+        if not isinstance(raw, str):
+            raise _bad(f"{where}.{name}_raw is not a string")
+        try:
+            same = json.loads(raw) == document
+        except ValueError:
+            same = False
+        if not same:
+            raise _bad(f"{where}.{name}_raw does not match {name}")
+        return raw.encode("utf-8")
 
     def _crls(self, collaterals: dict, pck_chains: dict, writes: dict[str, Entry]) -> None:
         crls = collaterals.get("pckcacrl")
