@@ -11,6 +11,7 @@ from .collateral import Collateral
 from .config import Config, load_config
 from .middleware import PccsRequestRules, handle_http_error, handle_unexpected, serialize_error
 from .auth import Auth
+from .integrity import Integrity
 from .pckcerts import PckCerts
 from .platforms import Registrations
 from .upload import CollateralUpload
@@ -27,7 +28,8 @@ class Services:
         self.config = config
         self.store = store
         self.upstream = upstream
-        self.collateral = Collateral(store, upstream, config.cache_mode)
+        self.integrity = Integrity.from_file(config.trusted_roots)
+        self.collateral = Collateral(store, upstream, config.cache_mode, self.integrity)
         self.pck_certs = PckCerts(store, upstream, self.collateral, config.cache_mode)
         self.auth = Auth(config.user_token_sha512, config.admin_token_sha512)
         self.registrations = Registrations(store, self.pck_certs, self.collateral,

@@ -11,12 +11,14 @@ import json
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from datetime import timezone
 from typing import Callable, Optional
 
 from cryptography import x509
 
 from .errors import PccsError
+from .integrity import Integrity, IntegrityError
 from .store import Entry, Store
 from .upstream import Upstream, UpstreamError, UpstreamResponse
 
@@ -93,70 +95,102 @@ def _signed_json(body: bytes, top: str) -> dict:
     return document[top]
 
 
-def _crl_next_update(body: bytes) -> Optional[str]:
+def _iso(moment) -> Optional[str]:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
+
+
+def _crl_meta(body: bytes) -> dict:
     try:
         crl = x509.load_der_x509_crl(body)
     except ValueError:
         raise BadUpstreamData("body is not a DER CRL") from None
-    next_update = crl.next_update_utc
-    return next_update.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") \
-        if next_update else None
+    return {"issue_date": _iso(crl.last_update_utc), "next_update": _iso(crl.next_update_utc)}
+
+
+def signed_json_meta(inner: dict) -> dict:
+    """What refresh and the status view report about a TCB info or identity."""
+    return {"issue_date": inner.get("issueDate"), "next_update": inner.get("nextUpdate"),
+            "tcb_evaluation_data_number": inner.get("tcbEvaluationDataNumber")}
+
+
+def fetch_entry(source: "Source") -> Entry:
+    """Fetch and check one entry; PccsError with Intel's status when that fails."""
+    try:
+        reply = source.fetch()
+    except UpstreamError as exc:
+        raise PccsError(502, f"{source.key}: {exc}") from None
+    if reply.status != 200:
+        raise PccsError(404, f"{source.key}: upstream answered {reply.status}")
+    try:
+        return source.entry_from(reply)
+    except BadUpstreamData as exc:
+        raise PccsError(502, f"{source.key}: upstream sent bad data: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one cache entry comes from: its key, how to fetch it, how to check and store it.
+    Shared by the miss path and the refresh, so both store exactly the same thing."""
+
+    key: str
+    fetch: Callable[[], UpstreamResponse]
+    to_entry: Callable[[UpstreamResponse], Entry]
+
+    def entry_from(self, reply: UpstreamResponse) -> Entry:
+        """The entry for a 200 reply; BadUpstreamData when it is not what Intel signed."""
+        try:
+            entry = self.to_entry(reply)
+        except IntegrityError as exc:
+            raise BadUpstreamData(f"integrity check failed: {exc}") from None
+        entry.meta.setdefault("fetched_at", time.time())
+        entry.meta.setdefault("source", reply.url)
+        return entry
+
+
+def _date(value) -> Optional[str]:
+    return value if isinstance(value, str) else None
 
 
 class Collateral:
     """Answers for pckcrl, tcb, identities, rootcacrl and crl?uri=."""
 
-    def __init__(self, store: Store, upstream: Upstream, mode: str):
+    def __init__(self, store: Store, upstream: Upstream, mode: str, integrity: Integrity):
         self.store = store
         self.upstream = upstream
         self.mode = mode
+        self.integrity = integrity
         self._flight = SingleFlight()
 
     # --- the one miss path
 
-    def _cached_or_fetched(self, key: str, fetch: Callable[[], UpstreamResponse],
-                           to_entry: Callable[[UpstreamResponse], Entry],
-                           fill: Optional[bool] = None) -> Entry:
+    def cached_or_fetched(self, source: Source, fill: Optional[bool] = None) -> Entry:
         """The cached entry; on a miss fetch it when ``fill`` (default: in LAZY mode only)."""
-        entry = self.store.get(key)
+        entry = self.store.get(source.key)
         if entry is not None:
             return entry
         if not (self.mode == "LAZY" if fill is None else fill):
-            raise PccsError(404, f"{key} is not cached ({self.mode} mode)")
-        return self._flight.run(key, lambda: self.store.get(key),
-                                lambda: self._fill(key, fetch, to_entry))
+            raise PccsError(404, f"{source.key} is not cached ({self.mode} mode)")
+        return self._flight.run(source.key, lambda: self.store.get(source.key),
+                                lambda: self._fill(source))
 
-    def _fill(self, key: str, fetch: Callable[[], UpstreamResponse],
-              to_entry: Callable[[UpstreamResponse], Entry]) -> Entry:
-        try:
-            reply = fetch()
-        except UpstreamError as exc:
-            raise PccsError(502, f"{key}: {exc}") from None
-        if reply.status != 200:
-            raise PccsError(404, f"{key}: upstream answered {reply.status}")
-        try:
-            entry = to_entry(reply)
-        except BadUpstreamData as exc:
-            raise PccsError(502, f"{key}: upstream sent bad data: {exc}") from None
-        entry.meta.setdefault("fetched_at", time.time())
-        entry.meta.setdefault("source", reply.url)
-        self.store.put(key, entry)
-        log.info("cached %s from upstream", key)
+    def _fill(self, source: Source) -> Entry:
+        entry = fetch_entry(source)
+        self.store.put(source.key, entry)
+        log.info("cached %s from upstream", source.key)
         return entry
 
-    # --- collateral kinds
+    # --- sources, one per collateral kind
 
-    def pck_crl(self, version: int, ca: str, fill: Optional[bool] = None) -> Entry:
+    def pck_crl_source(self, version: int, ca: str) -> Source:
         def to_entry(reply: UpstreamResponse) -> Entry:
             chain = _require_chain(reply, PCK_CRL_CHAIN)
-            return Entry(reply.body, {PCK_CRL_CHAIN: chain}, CT_CRL,
-                         {"next_update": _crl_next_update(reply.body)})
+            self.integrity.check_crl(reply.body, chain)
+            return Entry(reply.body, {PCK_CRL_CHAIN: chain}, CT_CRL, _crl_meta(reply.body))
 
-        return self._cached_or_fetched(self.store.pckcrl_key(ca),
-                                       lambda: self.upstream.get_pck_crl(version, ca), to_entry,
-                                       fill)
+        return Source(self.store.pckcrl_key(ca), lambda: self.upstream.get_pck_crl(version, ca),
+                      to_entry)
 
-    def tcb_info(self, tee: str, version: int, fmspc: str, update: str, fill: Optional[bool] = None) -> Entry:
+    def tcb_info_source(self, tee: str, version: int, fmspc: str, update: str) -> Source:
         def to_entry(reply: UpstreamResponse) -> Entry:
             chain = _require_chain(reply, TCB_INFO_CHAIN_V4, TCB_INFO_CHAIN_V3)
             info = _signed_json(reply.body, "tcbInfo")
@@ -164,39 +198,68 @@ class Collateral:
                 raise BadUpstreamData(f"TCB info is for FMSPC {info.get('fmspc')!r}")
             if "id" in info and info["id"] != tee.upper():
                 raise BadUpstreamData(f"TCB info is for {info['id']!r}, not {tee.upper()}")
+            self.integrity.check_signed_json(reply.body, "tcbInfo", chain)
             return Entry(reply.body, {tcb_info_chain_header(version): chain}, CT_JSON,
-                         {"next_update": info.get("nextUpdate"),
-                          "tcb_evaluation_data_number": info.get("tcbEvaluationDataNumber")})
+                         signed_json_meta(info))
 
-        return self._cached_or_fetched(
-            self.store.tcb_key(tee, version, fmspc, update),
-            lambda: self.upstream.get_tcb_info(tee, version, fmspc, update), to_entry, fill)
+        return Source(self.store.tcb_key(tee, version, fmspc, update),
+                      lambda: self.upstream.get_tcb_info(tee, version, fmspc, update), to_entry)
 
-    def enclave_identity(self, kind: str, version: int, update: str, fill: Optional[bool] = None) -> Entry:
+    def enclave_identity_source(self, kind: str, version: int, update: str) -> Source:
         def to_entry(reply: UpstreamResponse) -> Entry:
             chain = _require_chain(reply, ENCLAVE_IDENTITY_CHAIN)
             identity = _signed_json(reply.body, "enclaveIdentity")
             if "id" in identity and identity["id"] != _IDENTITY_IDS[kind]:
                 raise BadUpstreamData(f"identity is {identity['id']!r}, not {_IDENTITY_IDS[kind]}")
+            self.integrity.check_signed_json(reply.body, "enclaveIdentity", chain)
             return Entry(reply.body, {ENCLAVE_IDENTITY_CHAIN: chain}, CT_JSON,
-                         {"next_update": identity.get("nextUpdate"),
-                          "tcb_evaluation_data_number": identity.get("tcbEvaluationDataNumber")})
+                         signed_json_meta(identity))
 
-        return self._cached_or_fetched(
-            self.store.identity_key(kind, version, update),
-            lambda: self.upstream.get_enclave_identity(kind, version, update), to_entry, fill)
+        return Source(self.store.identity_key(kind, version, update),
+                      lambda: self.upstream.get_enclave_identity(kind, version, update), to_entry)
+
+    def root_ca_crl_source(self) -> Source:
+        def to_entry(reply: UpstreamResponse) -> Entry:
+            self.integrity.check_crl(reply.body, None)
+            return Entry(reply.body, {}, CT_CRL, _crl_meta(reply.body))
+
+        return Source(self.store.rootcacrl_key(), self.upstream.get_root_ca_crl, to_entry)
+
+    def crl_source(self, uri: str) -> Source:
+        def to_entry(reply: UpstreamResponse) -> Entry:
+            self.integrity.check_crl_any_known_issuer(reply.body, self._known_crl_chains())
+            return Entry(reply.body, {}, CT_CRL, _crl_meta(reply.body))
+
+        return Source(self.store.crl_key(uri), lambda: self.upstream.get_crl(uri), to_entry)
+
+    def _known_crl_chains(self) -> list[str]:
+        """The PCK CA chains cached with the PCK CRLs: a crl?uri= download of a PCK CRL has no
+        chain of its own, so it must be signed by one of these CAs (or by the root)."""
+        chains = []
+        for ca in ("PROCESSOR", "PLATFORM"):
+            entry = self.store.get(self.store.pckcrl_key(ca))
+            if entry is not None and entry.headers.get(PCK_CRL_CHAIN):
+                chains.append(entry.headers[PCK_CRL_CHAIN])
+        return chains
+
+    # --- the routes' questions
+
+    def pck_crl(self, version: int, ca: str, fill: Optional[bool] = None) -> Entry:
+        return self.cached_or_fetched(self.pck_crl_source(version, ca), fill)
+
+    def tcb_info(self, tee: str, version: int, fmspc: str, update: str,
+                 fill: Optional[bool] = None) -> Entry:
+        return self.cached_or_fetched(self.tcb_info_source(tee, version, fmspc, update), fill)
+
+    def enclave_identity(self, kind: str, version: int, update: str,
+                         fill: Optional[bool] = None) -> Entry:
+        return self.cached_or_fetched(self.enclave_identity_source(kind, version, update), fill)
 
     def root_ca_crl(self, fill: Optional[bool] = None) -> Entry:
-        return self._cached_or_fetched(self.store.rootcacrl_key(), self.upstream.get_root_ca_crl,
-                                       self._crl_entry, fill)
+        return self.cached_or_fetched(self.root_ca_crl_source(), fill)
 
     def crl(self, uri: str, fill: Optional[bool] = None) -> Entry:
-        return self._cached_or_fetched(self.store.crl_key(uri),
-                                       lambda: self.upstream.get_crl(uri), self._crl_entry, fill)
-
-    @staticmethod
-    def _crl_entry(reply: UpstreamResponse) -> Entry:
-        return Entry(reply.body, {}, CT_CRL, {"next_update": _crl_next_update(reply.body)})
+        return self.cached_or_fetched(self.crl_source(uri), fill)
 
     def prefetch_verification_collateral(self, update: str) -> None:
         """After a registration (LAZY and REQ): fetch what a verifier will ask for, if absent

@@ -173,6 +173,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Intel PCS subscription key (only pckcerts needs it)", secret=True),
     Setting("rootca_crl_url", "upstream", "rootca_crl_url", "DCAPD_ROOTCA_CRL_URL",
             INTEL_ROOTCA_CRL_URL, _url, "where the Intel SGX Root CA CRL is downloaded"),
+    Setting("trusted_roots", "upstream", "trusted_roots", "DCAPD_TRUSTED_ROOTS", "", _text,
+            "PEM file of the root CA(s) collateral must chain to; empty = Intel's SGX Root CA"),
     Setting("proxy", "upstream", "proxy", "DCAPD_PROXY", "", _url,
             "HTTP(S) proxy for upstream calls; empty = HTTPS_PROXY etc. from the environment"),
     Setting("url_map", "upstream", "url_map", "DCAPD_URL_MAP", "", _url_map,
@@ -212,6 +214,7 @@ class Config:
     pcs_url: str
     api_key: str
     rootca_crl_url: str
+    trusted_roots: str
     proxy: str
     url_map: dict = field(hash=False)
     max_body_bytes: int = 512 * 1024 * 1024

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 from .collateral import (CT_PEM, FMSPC, PCK_CA_TYPE, PCK_CERT_CHAIN, TCBM, BadUpstreamData,
                          Collateral, SingleFlight)
 from .errors import PccsError
+from .integrity import IntegrityError
 from .selection import SelectionError, select_pck_cert
 from .store import Entry, Store
 from .upstream import Upstream, UpstreamError
@@ -162,6 +163,11 @@ class PckCerts:
             raise PccsError(502, f"pckcerts: upstream sent bad data: {exc}") from None
         if not certs:
             raise PccsError(404, f"pckcerts for {qeid}/{pceid}: no certificate available")
+        try:
+            for cert in certs:
+                self.collateral.integrity.check_pck_cert(cert["pem"], chain)
+        except IntegrityError as exc:
+            raise PccsError(502, f"pckcerts: integrity check failed: {exc}") from None
         tcb_info = self._fetch_tcb_infos(version, fmspc)
         platform = {"fmspc": fmspc, "ca": ca, "enc_ppid": encrypted_ppid.lower(),
                     "platform_manifest": platform_manifest.lower()}

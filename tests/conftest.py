@@ -7,6 +7,8 @@ from falcon import testing
 
 from dcapd.app import create_app
 from dcapd.config import load_config
+from dcapd.integrity import bundled_intel_root_pem
+from tests import pki
 from tests.fakepcs import FakePCS
 
 INTEL_ROOT_CDP = "https://certificates.trustedservices.intel.com/IntelSGXRootCA.der"
@@ -16,8 +18,12 @@ INTEL_ROOT_CDP = "https://certificates.trustedservices.intel.com/IntelSGXRootCA.
 def make_config(tmp_path):
     """A Config built only from the given overrides (never from this machine's DCAPD_* vars)."""
 
+    roots = tmp_path / "trusted_roots.pem"
+    roots.write_bytes(bundled_intel_root_pem() + pki.root_ca().pem.encode())
+
     def make(**overrides):
         settings = {"cache_dir": str(tmp_path / "cache"), "tls": "off",
+                    "trusted_roots": str(roots),
                     "listen": "127.0.0.1:0", "upstream_retries": 0, "upstream_timeout": 5.0}
         settings.update(overrides)
         return load_config(settings, environ={})
