@@ -34,7 +34,7 @@ class Services:
         self.auth = Auth(config.user_token_sha512, config.admin_token_sha512)
         self.registrations = Registrations(store, self.pck_certs, self.collateral,
                                            config.cache_mode)
-        self.upload = CollateralUpload(store, self.pck_certs)
+        self.upload = CollateralUpload(store, self.pck_certs, self.integrity)
 
 
 # The route table: (TEE, API versions, path under /<tee>/certification/v<N>/, resource factory).

@@ -99,7 +99,8 @@ def _iso(moment) -> Optional[str]:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
 
 
-def _crl_meta(body: bytes) -> dict:
+def crl_meta(body: bytes) -> dict:
+    """Issue and next-update dates of a DER CRL; BadUpstreamData if it is not one."""
     try:
         crl = x509.load_der_x509_crl(body)
     except ValueError:
@@ -185,7 +186,7 @@ class Collateral:
         def to_entry(reply: UpstreamResponse) -> Entry:
             chain = _require_chain(reply, PCK_CRL_CHAIN)
             self.integrity.check_crl(reply.body, chain)
-            return Entry(reply.body, {PCK_CRL_CHAIN: chain}, CT_CRL, _crl_meta(reply.body))
+            return Entry(reply.body, {PCK_CRL_CHAIN: chain}, CT_CRL, crl_meta(reply.body))
 
         return Source(self.store.pckcrl_key(ca), lambda: self.upstream.get_pck_crl(version, ca),
                       to_entry)
@@ -221,14 +222,14 @@ class Collateral:
     def root_ca_crl_source(self) -> Source:
         def to_entry(reply: UpstreamResponse) -> Entry:
             self.integrity.check_crl(reply.body, None)
-            return Entry(reply.body, {}, CT_CRL, _crl_meta(reply.body))
+            return Entry(reply.body, {}, CT_CRL, crl_meta(reply.body))
 
         return Source(self.store.rootcacrl_key(), self.upstream.get_root_ca_crl, to_entry)
 
     def crl_source(self, uri: str) -> Source:
         def to_entry(reply: UpstreamResponse) -> Entry:
             self.integrity.check_crl_any_known_issuer(reply.body, self._known_crl_chains())
-            return Entry(reply.body, {}, CT_CRL, _crl_meta(reply.body))
+            return Entry(reply.body, {}, CT_CRL, crl_meta(reply.body))
 
         return Source(self.store.crl_key(uri), lambda: self.upstream.get_crl(uri), to_entry)
 

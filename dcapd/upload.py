@@ -11,11 +11,13 @@ import json
 import logging
 import re
 import urllib.parse
-from typing import Optional
+from typing import Callable, Optional
 
 from .collateral import (CT_CRL, CT_JSON, ENCLAVE_IDENTITY_CHAIN, PCK_CRL_CHAIN,
-                         TCB_INFO_CHAIN_V3, TCB_INFO_CHAIN_V4, tcb_info_chain_header)
+                         TCB_INFO_CHAIN_V3, TCB_INFO_CHAIN_V4, BadUpstreamData, crl_meta,
+                         signed_json_meta, tcb_info_chain_header)
 from .errors import PccsError
+from .integrity import Integrity, IntegrityError
 from .pckcerts import PckCerts, RawTcb
 from .selection import SelectionError, parse_pck_cert
 from .store import Entry, Store
@@ -71,9 +73,18 @@ def tcb_info_body(document: dict) -> bytes:
 
 
 class CollateralUpload:
-    def __init__(self, store: Store, pck_certs: PckCerts):
+    def __init__(self, store: Store, pck_certs: PckCerts, integrity: Integrity):
         self.store = store
         self.pck_certs = pck_certs
+        self.integrity = integrity
+
+    @staticmethod
+    def _verified(what: str, check: Callable[[], None]) -> None:
+        """Anything uploaded must be what Intel signed: else 460, as Intel's integrity error."""
+        try:
+            check()
+        except IntegrityError as exc:
+            raise PccsError(460, f"collateral upload: {what}: {exc}") from None
 
     def apply(self, version: int, body) -> None:
         if not isinstance(body, dict):
@@ -168,10 +179,11 @@ class CollateralUpload:
                 if "tcb" not in chains:
                     raise _bad("TCB infos uploaded without a TCB info issuer chain")
                 body = self._tcb_info_bytes(document, item.get(f"{name}_raw"), where, name)
+                self._verified(f"{where}.{name}", lambda: self.integrity.check_signed_json(
+                    body, "tcbInfo", chains["tcb"]))
                 writes[self.store.tcb_key(tee, version, fmspc, update)] = Entry(
                     body, {tcb_info_chain_header(version): chains["tcb"]}, CT_JSON,
-                    {"next_update": info.get("nextUpdate"), "source": "upload",
-                     "tcb_evaluation_data_number": info.get("tcbEvaluationDataNumber")})
+                    dict(signed_json_meta(info), source="upload"))
                 if tee == "sgx" and (update == "EARLY" or fmspc not in for_selection):
                     for_selection[fmspc] = body
         return for_selection
@@ -208,17 +220,26 @@ class CollateralUpload:
                     chain = cached.headers.get(PCK_CRL_CHAIN) if cached else None
                 if chain is None:
                     raise _bad(f"pckcacrl.{name} uploaded without a {ca} chain")
+                self._verified(f"pckcacrl.{name}", lambda: self.integrity.check_crl(der, chain))
                 writes[self.store.pckcrl_key(ca)] = Entry(der, {PCK_CRL_CHAIN: chain}, CT_CRL,
-                                                          {"source": "upload"})
+                                                          self._crl_meta(der))
         root_crl = collaterals.get("rootcacrl")
         if root_crl:
             der = self._hex_bytes(root_crl, "rootcacrl")
-            writes[self.store.rootcacrl_key()] = Entry(der, {}, CT_CRL, {"source": "upload"})
+            self._verified("rootcacrl", lambda: self.integrity.check_crl(der, None))
+            writes[self.store.rootcacrl_key()] = Entry(der, {}, CT_CRL, self._crl_meta(der))
             cdp = collaterals.get("rootcacrl_cdp")
             if cdp:
                 if not isinstance(cdp, str):
                     raise _bad("rootcacrl_cdp is not a string")
-                writes[self.store.crl_key(cdp)] = Entry(der, {}, CT_CRL, {"source": "upload"})
+                writes[self.store.crl_key(cdp)] = Entry(der, {}, CT_CRL, self._crl_meta(der))
+
+    @staticmethod
+    def _crl_meta(der: bytes) -> dict:
+        try:
+            return dict(crl_meta(der), source="upload")
+        except BadUpstreamData as exc:
+            raise PccsError(460, f"collateral upload: {exc}") from None
 
     @staticmethod
     def _hex_bytes(value, where: str) -> bytes:
@@ -244,10 +265,13 @@ class CollateralUpload:
                 raise _bad(f"{name} is not a signed enclave identity")
             if chain is None:
                 raise _bad(f"{name} uploaded without an enclave identity issuer chain")
+            body = text.encode("utf-8")
+            self._verified(name, lambda: self.integrity.check_signed_json(
+                body, "enclaveIdentity", chain))
             # Identities arrive as raw text: stored verbatim.
             writes[self.store.identity_key(kind, version, update)] = Entry(
-                text.encode("utf-8"), {ENCLAVE_IDENTITY_CHAIN: chain}, CT_JSON,
-                {"next_update": identity.get("nextUpdate"), "source": "upload"})
+                body, {ENCLAVE_IDENTITY_CHAIN: chain}, CT_JSON,
+                dict(signed_json_meta(identity), source="upload"))
 
     def _pck_cert_set(self, version: int, item, where: str, platforms: list, pck_chains: dict,
                       tcb_bodies: dict[str, bytes]):
@@ -288,6 +312,9 @@ class CollateralUpload:
                     "enc_ppid": (source.get("enc_ppid") or "").lower(),
                     "platform_manifest": (source.get("platform_manifest") or "").lower()}
         cert_set = {"certs": certs, "chain": pck_chains[ca]}
+        for index, cert in enumerate(certs):
+            self._verified(f"{where}.certs[{index}]",
+                           lambda: self.integrity.check_pck_cert(cert["pem"], pck_chains[ca]))
         # Selection failures for any raw TCB must stop the upload before anything is written.
         for raw in raw_tcbs:
             try:

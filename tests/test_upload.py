@@ -155,7 +155,9 @@ def test_failure_inside_the_write_transaction_rolls_everything_back(make_client)
     upload = upload_for_test_platform()
     upload["collaterals"]["pck_certs"][0]["certs"] = upload["collaterals"]["pck_certs"][0][
         "certs"][:1]
-    upload["collaterals"]["qeidentity"] = intel_upload()["collaterals"]["qveidentity"]
+    upload["collaterals"]["qeidentity"] = pki.make_signed_json("enclaveIdentity", {
+        "id": "QE", "version": 2, "issueDate": "2026-11-01T00:00:00Z",
+        "nextUpdate": "2026-12-01T00:00:00Z", "tcbEvaluationDataNumber": 18}).decode()
     upload["collaterals"]["certificates"]["SGX-Enclave-Identity-Issuer-Chain"] = \
         upload["collaterals"]["certificates"]["TCB-Info-Issuer-Chain"]
     result = put(client, upload)
