@@ -14,11 +14,14 @@ from .auth import Auth
 from .integrity import Integrity
 from .pckcerts import PckCerts
 from .platforms import Registrations
+from .policies import Policies
+from .refresh import Refresher
 from .upload import CollateralUpload
 from .store import Store
 from .upstream import Upstream
 
 API_VERSIONS = (3, 4)
+STATUS_PATH = "/dcapd/status"  # dcapd's own admin view, outside Intel's API
 
 
 class Services:
@@ -35,6 +38,9 @@ class Services:
         self.registrations = Registrations(store, self.pck_certs, self.collateral,
                                            config.cache_mode)
         self.upload = CollateralUpload(store, self.pck_certs, self.integrity)
+        self.policies = Policies(store)
+        self.refresher = Refresher(store, self.collateral, self.pck_certs, config.cache_mode,
+                                   upstream.version)
 
 
 # The route table: (TEE, API versions, path under /<tee>/certification/v<N>/, resource factory).
@@ -51,7 +57,9 @@ ROUTES: tuple[tuple[str, tuple[int, ...], str, Callable[[Services, int], object]
     ("tdx", (4,), "qe/identity", lambda s, v: resources.EnclaveIdentity(s.collateral, "tdqe", v)),
     ("sgx", API_VERSIONS, "rootcacrl", lambda s, v: resources.RootCaCrl(s.collateral)),
     ("sgx", API_VERSIONS, "crl", lambda s, v: resources.Crl(s.collateral)),
-    ("sgx", API_VERSIONS, "appraisalpolicy", lambda s, v: resources.AppraisalPolicy(s.store)),
+    ("sgx", API_VERSIONS, "appraisalpolicy", lambda s, v: resources.AppraisalPolicy(
+        s.store, s.auth, s.policies, s.config.max_body_bytes)),
+    ("sgx", API_VERSIONS, "refresh", lambda s, v: resources.Refresh(s.auth, s.refresher)),
     ("sgx", API_VERSIONS, "platforms", lambda s, v: resources.Platforms(
         s.auth, s.registrations, v, s.config.max_body_bytes)),
     ("sgx", API_VERSIONS, "platformcollateral", lambda s, v: resources.PlatformCollateral(
@@ -89,5 +97,6 @@ def create_app(config: Optional[Config] = None, store: Optional[Store] = None,
     app.add_error_handler(falcon.HTTPError, handle_http_error)
     for path, _tee, version, factory in route_paths():
         app.add_route(path, factory(services, version))
+    app.add_route(STATUS_PATH, resources.Status(services.auth, services.refresher))
     app.services = services
     return app

@@ -54,6 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     configure_logging(config.verbose)
 
     from .app import create_app
+    from .schedule import scheduler_for
     from .server import Server
 
     app = create_app(config)
@@ -62,6 +63,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "platforms cannot be fetched")
     log.info("cache %s in %s mode; upstream %s", config.cache_dir, config.cache_mode,
              config.pcs_url)
+    scheduler = scheduler_for(app.services)
+    scheduler.start()
     try:
         Server(app, config).serve_forever()
     except OSError as exc:
@@ -69,5 +72,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)
         return 1
     finally:
+        scheduler.stop()
         app.services.store.close()
     return 0

@@ -128,6 +128,13 @@ def _non_negative_int(value: str) -> int:
     return number
 
 
+def _cron(value: str) -> str:
+    from .schedule import CronSchedule
+
+    CronSchedule(value)  # raises ValueError with the problem
+    return value.strip()
+
+
 def _text(value: str) -> str:
     return value.strip()
 
@@ -187,6 +194,12 @@ SETTINGS: tuple[Setting, ...] = (
             "cache directory; empty = the per-user cache folder"),
     Setting("cache_mode", "cache", "mode", "DCAPD_CACHE_MODE", "LAZY",
             _choice(*CACHE_MODES, upper=True), "LAZY, REQ or OFFLINE (as Intel's CachingFillMode)"),
+    Setting("refresh_schedule", "refresh", "schedule", "DCAPD_REFRESH_SCHEDULE", "0 0 1 * * *",
+            _cron, "cron schedule of the collateral refresh (Intel's RefreshSchedule; "
+                   "local time, seconds first)"),
+    Setting("refresh_margin_hours", "refresh", "early_margin_hours",
+            "DCAPD_REFRESH_MARGIN_HOURS", "24", _positive(float),
+            "refresh early when a cached entry's nextUpdate is this close"),
     Setting("user_token_sha512", "auth", "user_token_sha512", "DCAPD_USER_TOKEN_SHA512", "",
             _sha512_hex, "SHA-512 hex of the user token; empty = refuse user requests",
             secret=True),
@@ -222,6 +235,8 @@ class Config:
     upstream_retries: int = 3
     cache_dir: str = ""
     cache_mode: str = "LAZY"
+    refresh_schedule: str = "0 0 1 * * *"
+    refresh_margin_hours: float = 24.0
     user_token_sha512: str = ""
     admin_token_sha512: str = ""
     verbose: bool = False

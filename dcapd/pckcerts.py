@@ -36,6 +36,13 @@ class FetchedPlatform:
 
 
 @dataclass(frozen=True)
+class FetchedCertSet:
+    platform: dict  # fmspc, ca, enc_ppid, platform_manifest
+    cert_set: dict  # certs [{tcb, tcbm, pem}], chain
+    unavailable: list
+
+
+@dataclass(frozen=True)
 class RawTcb:
     """What a client asks a PCK certificate for (query values, upper-case hex)."""
 
@@ -138,11 +145,27 @@ class PckCerts:
 
     def fetch_platform(self, version: int, qeid: str, pceid: str, encrypted_ppid: str,
                        platform_manifest: str, raw: Optional[RawTcb]) -> "FetchedPlatform":
-        """Ask PCS for all of a platform's PCK certificates (by manifest if there is one, else
-        by encrypted PPID), cache them with the TCB infos of its FMSPC, and select for ``raw``.
+        """Ask PCS for all of a platform's PCK certificates, cache them with the TCB infos of
+        its FMSPC, and select for ``raw``.
 
         Shared by GET /pckcert (LAZY) and registration (LAZY, REQ); pccs-reference.md §2.1.
         """
+        fetched = self.fetch_cert_set(version, qeid, pceid, encrypted_ppid, platform_manifest)
+        tcb_info = self._fetch_tcb_infos(version, fetched.platform["fmspc"])
+        # Intel: in LAZY mode, when PCS held "Not available" entries, the raw TCB's answer is
+        # not kept (the next request selects again); REQ always keeps it.
+        keep = not fetched.unavailable or self.mode == "REQ"
+        entry = self.store_platform(qeid, pceid, fetched.platform, fetched.cert_set, tcb_info,
+                                    raw, remember_requested=keep)
+        log.info("cached platform %s/%s: %d PCK certificates (%d not available), FMSPC %s",
+                 qeid, pceid, len(fetched.cert_set["certs"]), len(fetched.unavailable),
+                 fetched.platform["fmspc"])
+        return FetchedPlatform(entry, fetched.unavailable)
+
+    def fetch_cert_set(self, version: int, qeid: str, pceid: str, encrypted_ppid: str,
+                       platform_manifest: str) -> "FetchedCertSet":
+        """One PCS ``pckcerts`` call (POST with the manifest if there is one, else GET with
+        the encrypted PPID), checked: nothing is stored here."""
         try:
             if platform_manifest:
                 reply = self.upstream.post_pck_certs(version, platform_manifest, pceid)
@@ -159,26 +182,15 @@ class PckCerts:
             chain = _header(reply.headers, PCK_CERT_CHAIN)
             if not re.fullmatch(r"[0-9A-F]{12}", fmspc) or ca not in ("PROCESSOR", "PLATFORM"):
                 raise BadUpstreamData(f"bad {FMSPC} or {PCK_CA_TYPE} header")
-        except BadUpstreamData as exc:
+            for cert in certs:
+                self.collateral.integrity.check_pck_cert(cert["pem"], chain)
+        except (BadUpstreamData, IntegrityError) as exc:
             raise PccsError(502, f"pckcerts: upstream sent bad data: {exc}") from None
         if not certs:
             raise PccsError(404, f"pckcerts for {qeid}/{pceid}: no certificate available")
-        try:
-            for cert in certs:
-                self.collateral.integrity.check_pck_cert(cert["pem"], chain)
-        except IntegrityError as exc:
-            raise PccsError(502, f"pckcerts: integrity check failed: {exc}") from None
-        tcb_info = self._fetch_tcb_infos(version, fmspc)
         platform = {"fmspc": fmspc, "ca": ca, "enc_ppid": encrypted_ppid.lower(),
                     "platform_manifest": platform_manifest.lower()}
-        cert_set = {"certs": certs, "chain": chain}
-        # Intel: in LAZY mode, when PCS held "Not available" entries, the raw TCB's answer is
-        # not kept (the next request selects again); REQ always keeps it.
-        entry = self.store_platform(qeid, pceid, platform, cert_set, tcb_info, raw,
-                                    remember_requested=not unavailable or self.mode == "REQ")
-        log.info("cached platform %s/%s: %d PCK certificates (%d not available), FMSPC %s",
-                 qeid, pceid, len(certs), len(unavailable), fmspc)
-        return FetchedPlatform(entry, unavailable)
+        return FetchedCertSet(platform, {"certs": certs, "chain": chain}, unavailable)
 
     def _fetch_tcb_infos(self, version: int, fmspc: str) -> bytes:
         """The SGX (and on v4 the TDX) TCB infos of the platform's FMSPC, cached as collateral.

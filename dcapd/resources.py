@@ -12,6 +12,8 @@ from .collateral import CT_CRL, CT_PEM, Collateral
 from .auth import Auth
 from .errors import STATUS_TEXTS, PccsError
 from .platforms import Registrations, validate_registration
+from .policies import Policies
+from .refresh import Refresher
 from .upload import CollateralUpload
 from .pckcerts import PckCerts, RawTcb
 from .store import Entry, Store
@@ -141,8 +143,17 @@ class Crl:
 
 
 class AppraisalPolicy:
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, auth: Auth, policies: Policies, body_limit: int):
         self.store = store
+        self.auth = auth
+        self.policies = policies
+        self.body_limit = body_limit
+
+    def on_put(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self.auth.require_admin(req)
+        policy_id = self.policies.put(json_body(req, self.body_limit))
+        resp.content_type = "text/plain; charset=utf-8"
+        resp.text = policy_id
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         fmspc = hex_param(req, "fmspc", 12)
@@ -216,3 +227,39 @@ class PlatformCollateral:
         self.auth.require_admin(req)
         self.upload.apply(self.version, json_body(req, self.body_limit))
         operation_successful(resp)
+
+
+class Refresh:
+    """GET or POST /refresh (admin): the collateral refresh, or ``type=certs``."""
+
+    def __init__(self, auth: Auth, refresher: Refresher):
+        self.auth = auth
+        self.refresher = refresher
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self.auth.require_admin(req)
+        kind = req.get_param("type")
+        if kind is None:
+            self.refresher.refresh_collateral()
+        elif kind == "certs":  # Intel: exactly "certs", case-sensitive
+            fmspc = (req.get_param("fmspc") or "").strip().strip("[]").upper()
+            fmspcs = {item.strip() for item in fmspc.split(",") if item.strip()} or None
+            self.refresher.refresh_certs(fmspcs)
+        else:
+            raise PccsError(400, "type must be certs or absent")
+        operation_successful(resp)
+
+    on_post = on_get
+
+
+class Status:
+    """dcapd's own admin view: every cached collateral entry and how fresh it is."""
+
+    def __init__(self, auth: Auth, refresher: Refresher):
+        self.auth = auth
+        self.refresher = refresher
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self.auth.require_admin(req)
+        resp.content_type = "application/json"
+        resp.data = json.dumps(self.refresher.status(), indent=1).encode()

@@ -175,6 +175,39 @@ class Store:
         _, qeid, pceid = key.split("/")
         return qeid, pceid
 
+    @staticmethod
+    def parse_collateral_key(key: str) -> Optional[dict]:
+        """What a collateral entry's key says (for refresh and the status view)."""
+        kind, _, rest = key.partition("/")
+        parts = rest.split("/")
+        if kind == "tcb" and len(parts) == 4:
+            return {"kind": "tcb", "tee": parts[0], "version": int(parts[1]),
+                    "fmspc": parts[2], "update": parts[3]}
+        if kind == "identity" and len(parts) == 3:
+            return {"kind": "identity", "identity": parts[0], "version": int(parts[1]),
+                    "update": parts[2]}
+        if kind == "pckcrl" and len(parts) == 1:
+            return {"kind": "pckcrl", "ca": parts[0]}
+        if key == "rootcacrl":
+            return {"kind": "rootcacrl"}
+        if kind == "crl" and rest:
+            return {"kind": "crl", "uri": rest}
+        return None
+
+    STATUS_KEY = "status/refresh"
+
+    @staticmethod
+    def lock_key(name: str) -> str:
+        return f"lock/{name}"
+
+    @staticmethod
+    def policy_key(fmspc: str, policy_id: str) -> str:
+        return f"policy/{_upper(fmspc)}/{policy_id.lower()}"
+
+    @staticmethod
+    def policy_prefix(fmspc: str) -> str:
+        return f"policy/{_upper(fmspc)}/"
+
     # --- access
 
     def get(self, key: str) -> Optional[Entry]:
@@ -199,6 +232,23 @@ class Store:
     def put_json(self, key: str, record) -> None:
         self.put(key, Entry(body=json.dumps(record, separators=(",", ":")).encode(),
                             meta={"stored_at": time.time()}))
+
+    def try_lock(self, name: str, owner: str, ttl: float, now: float) -> bool:
+        """A lock shared by every process on this cache directory (expires after ``ttl``)."""
+        key = self.lock_key(name)
+        with self.transaction():
+            held = self.get_json(key)
+            if held and held["owner"] != owner and held["expires"] > now:
+                return False
+            self.put_json(key, {"owner": owner, "expires": now + ttl})
+            return True
+
+    def unlock(self, name: str, owner: str) -> None:
+        key = self.lock_key(name)
+        with self.transaction():
+            held = self.get_json(key)
+            if held and held["owner"] == owner:
+                self.delete(key)
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

@@ -84,8 +84,9 @@ class Upstream:
         self.session.headers["User-Agent"] = f"dcapd/{__version__}"
         if config.proxy:
             self.session.proxies = {"http": config.proxy, "https": config.proxy}
-        match = re.match(r"^(.*?/)sgx/certification/v[34]/$", config.pcs_url)
+        match = re.match(r"^(.*?/)sgx/certification/v([34])/$", config.pcs_url)
         self._pcs_root = match.group(1)  # e.g. https://api.trustedservices.intel.com/
+        self.version = int(match.group(2))  # the API version pcs_url names
 
     def close(self) -> None:
         self.session.close()

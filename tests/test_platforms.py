@@ -47,7 +47,10 @@ def fill_prefetch_gap(fake):
 
 ADMIN_ROUTES = [("GET", PLATFORMS), ("PUT", "/sgx/certification/v4/platformcollateral"),
                 ("GET", "/sgx/certification/v3/platforms"),
-                ("PUT", "/sgx/certification/v3/platformcollateral")]
+                ("PUT", "/sgx/certification/v3/platformcollateral"),
+                ("GET", "/sgx/certification/v4/refresh"), ("POST", "/sgx/certification/v4/refresh"),
+                ("POST", "/sgx/certification/v3/refresh"),
+                ("PUT", "/sgx/certification/v4/appraisalpolicy"), ("GET", "/dcapd/status")]
 
 
 @pytest.mark.parametrize("method,path", ADMIN_ROUTES + [("POST", PLATFORMS)])
