@@ -98,5 +98,7 @@ def create_app(config: Optional[Config] = None, store: Optional[Store] = None,
     for path, _tee, version, factory in route_paths():
         app.add_route(path, factory(services, version))
     app.add_route(STATUS_PATH, resources.Status(services.auth, services.refresher))
+    app.add_route("/healthz", resources.Health())
+    app.add_route("/readyz", resources.Ready(store, upstream, config.cache_mode))
     app.services = services
     return app

@@ -263,3 +263,39 @@ class Status:
         self.auth.require_admin(req)
         resp.content_type = "application/json"
         resp.data = json.dumps(self.refresher.status(), indent=1).encode()
+
+
+class Health:
+    """GET /healthz: the process answers (liveness). Never cached, no auth."""
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = "application/json"
+        resp.data = b'{"status":"ok"}'
+        resp.cache_control = ["no-store"]
+
+
+class Ready:
+    """GET /readyz: the cache answers and, unless OFFLINE, upstream's last answer was not a
+    failure (readiness for load balancers and systemd). Never cached, no auth."""
+
+    def __init__(self, store: Store, upstream, mode: str):
+        self.store = store
+        self.upstream = upstream
+        self.mode = mode
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        problems = []
+        try:
+            self.store.cache.get("status/readyz-probe")
+        except Exception as exc:  # any failure to read the cache means not ready
+            problems.append(f"cache: {type(exc).__name__}")
+        success, failure = self.upstream.last_success, self.upstream.last_failure
+        if self.mode != "OFFLINE" and failure is not None and (success or 0) < failure:
+            problems.append("upstream: the last contact failed")
+        resp.status = 503 if problems else 200
+        resp.content_type = "application/json"
+        resp.cache_control = ["no-store"]
+        resp.data = json.dumps({"status": "not ready" if problems else "ready",
+                                "mode": self.mode, "problems": problems,
+                                "upstream_last_success": success,
+                                "upstream_last_failure": failure}).encode()

@@ -87,6 +87,9 @@ class Upstream:
         match = re.match(r"^(.*?/)sgx/certification/v([34])/$", config.pcs_url)
         self._pcs_root = match.group(1)  # e.g. https://api.trustedservices.intel.com/
         self.version = int(match.group(2))  # the API version pcs_url names
+        # For /readyz: when upstream last answered, and when it last failed (wall clock).
+        self.last_success: Optional[float] = None
+        self.last_failure: Optional[float] = None
 
     def close(self) -> None:
         self.session.close()
@@ -165,6 +168,7 @@ class Upstream:
             if reply is not None:
                 self._log_reply(method, shown, reply)
                 if reply.status_code != 429 and reply.status_code < 500:
+                    self.last_success = time.time()
                     return UpstreamResponse(reply.status_code, reply.headers, body, url)
             if attempt + 1 == attempts:
                 break
@@ -174,6 +178,7 @@ class Upstream:
             log.info("upstream %s %s failed (%s); retrying in %.2fs", method, shown,
                      failure or reply.status_code, delay)
             time.sleep(delay)
+        self.last_failure = time.time()
         if reply is None:
             raise UpstreamError(f"{method} {shown}: {failure}")
         # Persistent 5xx/429: answered, but not with the collateral (the caller maps it).
