@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import timezone
 from typing import Callable, Optional
@@ -52,9 +54,16 @@ class BadUpstreamData(Exception):
 
 
 class SingleFlight:
-    """Concurrent misses for one key share one upstream call (within this process)."""
+    """Concurrent misses for one key share one upstream call: within this process through a
+    lock per key, and across processes on one cache directory through a lock in the cache
+    (the other processes wait for the entry to appear)."""
 
-    def __init__(self) -> None:
+    POLL = 0.05
+
+    def __init__(self, store: Store, lock_ttl: float):
+        self.store = store
+        self.lock_ttl = lock_ttl
+        self.owner = f"{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._lock = threading.Lock()
         self._calls: dict[str, threading.Lock] = {}
 
@@ -63,15 +72,35 @@ class SingleFlight:
         with self._lock:
             call_lock = self._calls.setdefault(key, threading.Lock())
         with call_lock:
-            # Whoever held the lock may have filled the key meanwhile.
-            entry = lookup()
-            if entry is not None:
-                return entry
             try:
-                return fill()
+                # Whoever held the lock may have filled the key meanwhile.
+                entry = lookup()
+                if entry is not None:
+                    return entry
+                return self._across_processes(key, lookup, fill)
             finally:
                 with self._lock:
                     self._calls.pop(key, None)
+
+    def _across_processes(self, key: str, lookup: Callable[[], Optional[Entry]],
+                          fill: Callable[[], Entry]) -> Entry:
+        lock_name = f"fill/{key}"
+        deadline = time.monotonic() + self.lock_ttl
+        while True:
+            held = self.store.get_json(self.store.lock_key(lock_name))
+            free = held is None or held["expires"] <= time.time()
+            if free and self.store.try_lock(lock_name, self.owner, self.lock_ttl, time.time()):
+                try:
+                    entry = lookup()  # filled by another process just before we got the lock
+                    return entry if entry is not None else fill()
+                finally:
+                    self.store.unlock(lock_name, self.owner)
+            time.sleep(self.POLL)
+            entry = lookup()
+            if entry is not None:
+                return entry
+            if time.monotonic() > deadline:
+                return fill()  # the other process is stuck: do not wait for ever
 
 
 def _require_chain(reply: UpstreamResponse, *names: str) -> str:
@@ -160,7 +189,7 @@ class Collateral:
         self.upstream = upstream
         self.mode = mode
         self.integrity = integrity
-        self._flight = SingleFlight()
+        self._flight = SingleFlight(store, upstream.config.upstream_timeout + 5)
 
     # --- the one miss path
 

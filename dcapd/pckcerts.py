@@ -65,7 +65,7 @@ class PckCerts:
         self.upstream = upstream
         self.collateral = collateral
         self.mode = mode
-        self._flight = SingleFlight()
+        self._flight = SingleFlight(store, 3 * upstream.config.upstream_timeout + 5)
 
     def pck_cert(self, version: int, raw: RawTcb, encrypted_ppid: Optional[str]) -> Entry:
         key = self.store.pckcert_key(raw.qeid, raw.pceid, raw.cpusvn, raw.pcesvn)

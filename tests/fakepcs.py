@@ -115,6 +115,9 @@ class Response:
                 and (self.query is None or self.query == query))
 
 
+_FAULT_COUNT_LOCK = threading.Lock()
+
+
 @dataclass
 class Fault:
     """Active fault injected by :meth:`FakePCS.fail_with`."""
@@ -122,9 +125,19 @@ class Fault:
     delay: float = 0.0
     close: bool = False
     paths: Optional[str] = None       # substring of the request path; None: all
+    times: Optional[int] = None       # how many more requests it hits; None: all
+    headers: Tuple[Tuple[str, str], ...] = ()  # sent with ``status``
 
     def applies(self, path: str) -> bool:
-        return self.paths is None or self.paths in path
+        if self.paths is not None and self.paths not in path:
+            return False
+        if self.times is None:
+            return True
+        with _FAULT_COUNT_LOCK:
+            if self.times <= 0:
+                return False
+            self.times -= 1
+            return True
 
 
 class _Server(ThreadingHTTPServer):
@@ -220,7 +233,7 @@ class _Handler(BaseHTTPRequestHandler):
                     pass
                 return
             if fault.status is not None:
-                self._send(fault.status, [], b'')
+                self._send(fault.status, list(fault.headers), b'')
                 return
 
         response = fake._find(self.command, unquote(raw_path), normalize_query(query))
@@ -401,18 +414,22 @@ class FakePCS:
 
     # -- faults ------------------------------------------------------------
     def fail_with(self, status: Optional[int] = None, delay: float = 0.0,
-                  close: bool = False, paths: Optional[str] = None) -> None:
+                  close: bool = False, paths: Optional[str] = None,
+                  times: Optional[int] = None, headers: Optional[dict] = None) -> None:
         """Inject a fault into requests whose path contains ``paths`` (None: all).
 
         Matching requests (still recorded in :attr:`calls`) first sleep
         ``delay`` seconds, then either have their connection closed without an
         answer (``close``), or get ``status`` with an empty body, or (delay
-        only) the normal answer.  ``fail_with()`` with no arguments clears it.
+        only) the normal answer.  ``times`` limits it to the next N matching
+        requests; ``headers`` go out with ``status`` (e.g. Retry-After).
+        ``fail_with()`` with no arguments clears it.
         """
         if status is None and not delay and not close:
             self._fault = None
         else:
-            self._fault = Fault(status, float(delay), bool(close), paths)
+            self._fault = Fault(status, float(delay), bool(close), paths, times,
+                                tuple((headers or {}).items()))
 
     def clear_fault(self) -> None:
         self._fault = None
