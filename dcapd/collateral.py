@@ -20,6 +20,7 @@ from typing import Callable, Optional
 from cryptography import x509
 
 from .errors import PccsError
+from .middleware import note_cache_outcome
 from .integrity import Integrity, IntegrityError
 from .store import Entry, Store
 from .upstream import Upstream, UpstreamError, UpstreamResponse
@@ -197,13 +198,16 @@ class Collateral:
         """The cached entry; on a miss fetch it when ``fill`` (default: in LAZY mode only)."""
         entry = self.store.get(source.key)
         if entry is not None:
+            note_cache_outcome("hit")
             return entry
+        note_cache_outcome("miss")
         if not (self.mode == "LAZY" if fill is None else fill):
             raise PccsError(404, f"{source.key} is not cached ({self.mode} mode)")
         return self._flight.run(source.key, lambda: self.store.get(source.key),
                                 lambda: self._fill(source))
 
     def _fill(self, source: Source) -> Entry:
+        note_cache_outcome("upstream")
         entry = fetch_entry(source)
         self.store.put(source.key, entry)
         log.info("cached %s from upstream", source.key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import re
+import time
 import uuid
 
 import falcon
@@ -15,6 +16,13 @@ log = logging.getLogger("dcapd.http")
 
 REQUEST_ID_HEADER = "Request-ID"
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+# How the request was answered from the cache: hit, selected (local PCK selection), upstream.
+cache_outcome_var: contextvars.ContextVar[str] = contextvars.ContextVar("cache_outcome",
+                                                                        default="-")
+
+
+def note_cache_outcome(outcome: str) -> None:
+    cache_outcome_var.set(outcome)
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -34,7 +42,9 @@ class PccsRequestRules:
         client_id = req.get_header(REQUEST_ID_HEADER) or ""
         request_id = client_id if _CLIENT_REQUEST_ID.fullmatch(client_id) else uuid.uuid4().hex
         req.context.request_id = request_id
+        req.context.started = time.perf_counter()
         request_id_var.set(request_id)
+        cache_outcome_var.set("-")
         resp.set_header(REQUEST_ID_HEADER, request_id)
         # Express matches paths case-insensitively (trailing slash: req_options).
         req.path = req.path.lower()
@@ -47,7 +57,10 @@ class PccsRequestRules:
                          req_succeeded: bool) -> None:
         resp.set_header(REQUEST_ID_HEADER, req.context.get("request_id") or uuid.uuid4().hex)
         # The query may carry an encrypted PPID: log the path only.
-        log.info("%s %s %s", req.method, req.path, resp.status_code)
+        started = req.context.get("started")
+        duration_ms = (time.perf_counter() - started) * 1000 if started else 0.0
+        log.info("%s %s %s %.1fms cache=%s", req.method, req.path, resp.status_code,
+                 duration_ms, cache_outcome_var.get())
 
 
 def serialize_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 from .collateral import (CT_PEM, FMSPC, PCK_CA_TYPE, PCK_CERT_CHAIN, TCBM, BadUpstreamData,
                          Collateral, SingleFlight)
 from .errors import PccsError
+from .middleware import note_cache_outcome
 from .integrity import IntegrityError
 from .selection import SelectionError, select_pck_cert
 from .store import Entry, Store
@@ -71,7 +72,9 @@ class PckCerts:
         key = self.store.pckcert_key(raw.qeid, raw.pceid, raw.cpusvn, raw.pcesvn)
         entry = self.store.get(key)
         if entry is not None:
+            note_cache_outcome("hit")
             return entry
+        note_cache_outcome("miss")
         if self.store.get_json(self.store.platform_key(raw.qeid, raw.pceid)) is not None:
             return self._select_cached(version, raw)
         if self.mode != "LAZY":
@@ -105,6 +108,7 @@ class PckCerts:
         with self.store.transaction():
             self.store.put(key, entry)
             self._remember_raw_tcb(raw)
+        note_cache_outcome("selected")
         return entry
 
     def selection_tcb_info(self, fmspc: str, version: int) -> Optional[bytes]:
@@ -150,6 +154,7 @@ class PckCerts:
 
         Shared by GET /pckcert (LAZY) and registration (LAZY, REQ); pccs-reference.md §2.1.
         """
+        note_cache_outcome("upstream")
         fetched = self.fetch_cert_set(version, qeid, pceid, encrypted_ppid, platform_manifest)
         tcb_info = self._fetch_tcb_infos(version, fetched.platform["fmspc"])
         # Intel: in LAZY mode, when PCS held "Not available" entries, the raw TCB's answer is

@@ -1,0 +1,35 @@
+"""One log line per request: method, path (never the query), status, duration, cache outcome."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from tests import pki
+from tests.test_pckcert import CASES, PCKCERT, query, raw_tcb, serve_platform
+
+
+def request_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "dcapd.http"
+            and re.match(r"^[A-Z]+ /", r.getMessage())]
+
+
+def test_request_lines_say_how_the_cache_answered(fake_pcs, make_client, caplog):
+    fake = fake_pcs("2025-05-27_intel-pcs-recording")
+    serve_platform(fake)
+    client = make_client(fake)
+    caplog.set_level(logging.INFO, logger="dcapd")
+    client.simulate_get("/sgx/certification/v4/qe/identity")
+    client.simulate_get("/sgx/certification/v4/qe/identity")
+    client.simulate_get(PCKCERT, params=query(*raw_tcb(*CASES[0][:2])))
+    client.simulate_get(PCKCERT, params=query(*raw_tcb(*CASES[1][:2])))
+    client.simulate_get("/nowhere")
+    lines = request_lines(caplog)
+    assert len(lines) == 5
+    pattern = r"^GET {} {} \d+\.\dms cache={}$"
+    assert re.match(pattern.format("/sgx/certification/v4/qe/identity", 200, "upstream"), lines[0])
+    assert re.match(pattern.format("/sgx/certification/v4/qe/identity", 200, "hit"), lines[1])
+    assert re.match(pattern.format(PCKCERT, 200, "upstream"), lines[2])
+    assert re.match(pattern.format(PCKCERT, 200, "selected"), lines[3])
+    assert re.match(pattern.format("/nowhere", 404, "-"), lines[4])
+    assert pki.default_platform().encrypted_ppid.lower() not in caplog.text.lower()
