@@ -1,0 +1,61 @@
+"""Deployment files and portability: the systemd unit, Windows defaults, several workers."""
+
+from __future__ import annotations
+
+import configparser
+from pathlib import Path
+
+from dcapd import config as config_module
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def unit() -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # systemd keys are case-sensitive
+    parser.read_string((REPO / "scripts" / "dcapd.service").read_text())
+    return parser
+
+
+def test_systemd_unit_is_hardened_and_holds_no_secret():
+    service = unit()["Service"]
+    assert service["User"] == "dcapd"
+    assert service["NoNewPrivileges"] == "yes"
+    assert service["ProtectSystem"] == "strict"
+    assert service["ReadWritePaths"] == service["Environment"].split("=", 1)[1] \
+        == "/var/cache/dcapd"
+    assert service["EnvironmentFile"] == "/etc/dcapd/dcapd.env"
+    assert service["CapabilityBoundingSet"] == ""
+    text = (REPO / "scripts" / "dcapd.service").read_text()
+    assert "INTEL_API_KEY" not in text.replace("# The Intel API key", "")
+    assert unit()["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_environment_file_example_names_the_secrets():
+    text = (REPO / "scripts" / "dcapd.env.example").read_text()
+    for name in ("INTEL_API_KEY=", "DCAPD_USER_TOKEN_SHA512=", "DCAPD_ADMIN_TOKEN_SHA512="):
+        assert name in text
+
+
+def test_windows_cache_dir_is_under_localappdata(monkeypatch):
+    monkeypatch.setattr(config_module.sys, "platform", "win32")
+    monkeypatch.setenv("LOCALAPPDATA", r"C:\Users\op\AppData\Local")
+    assert config_module.default_cache_dir() == str(
+        Path(r"C:\Users\op\AppData\Local") / "dcapd" / "Cache")
+    monkeypatch.delenv("LOCALAPPDATA")
+    assert config_module.default_cache_dir().endswith(str(Path("dcapd") / "Cache"))
+
+
+def test_linux_cache_dir_follows_xdg(monkeypatch, tmp_path):
+    monkeypatch.setattr(config_module.sys, "platform", "linux")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert config_module.default_cache_dir() == str(tmp_path / "dcapd")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert config_module.default_cache_dir() == str(Path.home() / ".cache" / "dcapd")
+
+
+def test_no_posix_only_calls_in_the_package():
+    """No fork and no fcntl: dcapd must run as a Windows service too."""
+    for path in (REPO / "dcapd").rglob("*.py"):
+        text = path.read_text()
+        assert "os.fork" not in text and "import fcntl" not in text, path
