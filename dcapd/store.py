@@ -13,7 +13,6 @@ import os
 import sqlite3
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import diskcache
@@ -62,24 +61,57 @@ class BytesOnlyDisk(diskcache.Disk):
         return data
 
 
-@dataclass
 class Entry:
-    """One stored response: body bytes exactly as received, the headers to replay, metadata."""
+    """One stored response: body bytes exactly as received, the headers to replay, metadata.
 
-    body: bytes
-    headers: dict[str, str] = field(default_factory=dict)
-    content_type: str = ""
-    meta: dict = field(default_factory=dict)
+    Stored as ``content-type\nName: value\n...\n\n<meta JSON>\n<body>``: reading it for a
+    cache hit splits a few short lines and never parses JSON (metadata is decoded only when
+    refresh or the status view asks for it). Header values are URL-encoded or hex, so they
+    hold no newline.
+    """
+
+    __slots__ = ("body", "headers", "content_type", "_meta", "_meta_raw")
+
+    def __init__(self, body: bytes, headers: Optional[dict[str, str]] = None,
+                 content_type: str = "", meta: Optional[dict] = None):
+        self.body = body
+        self.headers = headers if headers is not None else {}
+        self.content_type = content_type
+        self._meta = meta if meta is not None else {}
+        self._meta_raw: Optional[bytes] = None
+
+    @property
+    def meta(self) -> dict:
+        if self._meta_raw is not None:
+            self._meta = json.loads(self._meta_raw)
+            self._meta_raw = None
+        return self._meta
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Entry) and (self.body, self.headers, self.content_type,
+                                              self.meta) == (other.body, other.headers,
+                                                             other.content_type, other.meta)
+
+    def __repr__(self) -> str:
+        return f"Entry({len(self.body)} bytes, {self.content_type!r}, {list(self.headers)})"
 
     def to_bytes(self) -> bytes:
-        head = {"h": self.headers, "ct": self.content_type, "m": self.meta}
-        return json.dumps(head, separators=(",", ":")).encode() + b"\n" + self.body
+        for value in (self.content_type, *self.headers, *self.headers.values()):
+            if "\n" in value or "\r" in value:
+                raise ValueError("a stored header must not contain a line break")
+        lines = [self.content_type] + [f"{name}: {value}" for name, value in
+                                       self.headers.items()]
+        return ("\n".join(lines) + "\n\n").encode("utf-8") + \
+            json.dumps(self.meta, separators=(",", ":")).encode() + b"\n" + self.body
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "Entry":
-        head, _, body = data.partition(b"\n")
-        parsed = json.loads(head)
-        return cls(body=body, headers=parsed["h"], content_type=parsed["ct"], meta=parsed["m"])
+        head, _, rest = data.partition(b"\n\n")
+        meta_raw, _, body = rest.partition(b"\n")
+        content_type, *lines = head.decode("utf-8").split("\n")
+        entry = cls(body, dict(line.split(": ", 1) for line in lines), content_type)
+        entry._meta_raw = meta_raw
+        return entry
 
 
 def open_cache(directory: str) -> diskcache.Cache:
@@ -259,3 +291,13 @@ class Store:
     def keys(self, prefix: str = "") -> list[str]:
         return [key for key in self.cache.iterkeys() if isinstance(key, str)
                 and key.startswith(prefix)]
+
+    @staticmethod
+    def parse_key(key: str) -> tuple[str, tuple[str, ...]]:
+        """(kind, fields) of any key, the inverse of the builders above (for dcapd-admin
+        export): "tcb/sgx/4/00906ED50000/EARLY" -> ("tcb", ("sgx", "4", "00906ED50000",
+        "EARLY")); a crl/ key has one field, the URI (which may contain '/')."""
+        kind, _, rest = key.partition("/")
+        if kind == "crl":
+            return kind, (rest,)
+        return kind, tuple(rest.split("/")) if rest else ()
