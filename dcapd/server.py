@@ -50,8 +50,9 @@ DEFAULT_THREADS = 8
 DEFAULT_CONNECTION_LIMIT = 200
 DEFAULT_CHANNEL_TIMEOUT = 30
 DEFAULT_TLS_HANDSHAKE_TIMEOUT = 10.0
-#: Intel's PCCS (Express ``bodyParser.json({limit: '200000kb'})``).
-DEFAULT_MAX_REQUEST_BODY_SIZE = 200000 * 1024
+#: Same default as ``dcapd.config`` ``max_body_bytes`` (the app enforces that
+#: limit itself; waitress gets the same one so it never refuses earlier).
+DEFAULT_MAX_BODY_BYTES = 512 * 1024 * 1024
 
 _PIPE_CHUNK = 256 * 1024
 _BACKEND_CONNECT_TIMEOUT = 10.0
@@ -73,8 +74,9 @@ def _num(config: Any, name: str, default, cast):
 def waitress_options(config: Any, *, sockets: Optional[List[socket.socket]] = None) -> Dict[str, Any]:
     """All waitress arguments, built in one place from *config*.
 
-    ``threads``, ``connection_limit``, ``channel_timeout`` (and optionally
-    ``max_request_body_size``) come from the configuration; *sockets*, when
+    ``threads``, ``connection_limit``, ``channel_timeout`` and ``max_body_bytes``
+    (waitress's ``max_request_body_size``) come from the configuration, with
+    defaults for any that are missing; *sockets*, when
     given, are pre-bound listening sockets for ``waitress.create_server``.
     """
     threads = max(1, _num(config, "threads", DEFAULT_THREADS, int))
@@ -90,7 +92,7 @@ def waitress_options(config: Any, *, sockets: Optional[List[socket.socket]] = No
         "clear_untrusted_proxy_headers": True,
         "log_untrusted_proxy_headers": False,
         "expose_tracebacks": False,
-        "max_request_body_size": _num(config, "max_request_body_size", DEFAULT_MAX_REQUEST_BODY_SIZE, int),
+        "max_request_body_size": max(1, _num(config, "max_body_bytes", DEFAULT_MAX_BODY_BYTES, int)),
         # select() cannot watch fds >= FD_SETSIZE (1024 on Linux); with the TLS
         # front holding two sockets per client the backend's fds get high fast.
         # Windows has no poll() in waitress's loop, and its select() limit is on
@@ -218,6 +220,8 @@ class Server:
         self.handshake_timeout = float(
             _num(config, "tls_handshake_timeout", DEFAULT_TLS_HANDSHAKE_TIMEOUT, float)
         )
+        if not self.handshake_timeout > 0:
+            raise ValueError("tls_handshake_timeout must be > 0")
         self.port: Optional[int] = None
         self.url: Optional[str] = None
         self.fingerprint: Optional[str] = None
@@ -226,6 +230,7 @@ class Server:
 
         self._lock = threading.RLock()
         self._started = False
+        self._running = False
         self._stopped = threading.Event()
         self._public_socks: List[socket.socket] = []
         # waitress
@@ -238,6 +243,10 @@ class Server:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._athread: Optional[threading.Thread] = None
         self._front_servers: list = []
+        # asyncio holds tasks only weakly (and open_connection's protocol holds
+        # its reader weakly): once a client's TLS transport is closed nothing
+        # else refers to its handler, which the GC could then destroy while it
+        # still waits for waitress. Strong references, dropped when done.
         self._conn_tasks: set = set()
         self._front_stopping = False
 
@@ -255,6 +264,7 @@ class Server:
                 self._shutdown()
                 self._started = False
                 raise
+            self._running = True
         return self
 
     def stop(self) -> None:
@@ -263,6 +273,7 @@ class Server:
                 self._stopped.set()
                 return
             self._started = False
+            self._running = False
             try:
                 self._shutdown()
             finally:
@@ -304,7 +315,8 @@ class Server:
 
     @property
     def running(self) -> bool:
-        return self._started and not self._stopped.is_set()
+        """True from the end of start() until stop() (or a stop signal)."""
+        return self._running and not self._stopped.is_set()
 
     # -- start / stop -------------------------------------------------------
 
@@ -465,6 +477,12 @@ class Server:
 
     async def _close_front(self) -> None:
         self._front_stopping = True
+        # Let connections accepted just now reach their handshake first: on
+        # Python 3.11 a connection whose transport is created after
+        # Server.close() fails an assertion and leaks its socket, and a task
+        # cancelled before its first step would never close its socket either.
+        for _ in range(3):
+            await asyncio.sleep(0)
         for srv in self._front_servers:
             srv.close()
         for srv in self._front_servers:
@@ -508,6 +526,7 @@ class Server:
     async def _handle_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         self._conn_tasks.add(task)
+        task.add_done_callback(self._conn_tasks.discard)
         peer = writer.get_extra_info("peername") or ("", 0)
         backend_writer = None
         key = None
@@ -545,7 +564,6 @@ class Server:
             # On stop() abort at once; otherwise close gracefully (bounded).
             await self._close_writer(backend_writer, 0 if self._front_stopping else 2.0)
             await self._close_writer(writer, 0 if self._front_stopping else 5.0)
-            self._conn_tasks.discard(task)
 
     @staticmethod
     async def _close_writer(writer: Optional[asyncio.StreamWriter], timeout: float) -> None:
