@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 
 from . import __version__
 from .config import SETTINGS, ConfigError, load_config
+from .intelconfig import read_intel_config, report_intel_config
 
 log = logging.getLogger("dcapd")
 
@@ -19,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="A drop-in replacement for Intel's SGX/TDX DCAP PCCS. Each option overrides "
                     "its environment variable, which overrides the ini file.")
     parser.add_argument("--config", metavar="FILE", help="ini file (see pccs.ini.example)")
+    parser.add_argument("--intel-config", metavar="FILE",
+                        help="Intel PCCS config/default.json; the ini file, environment and "
+                             "options override its values")
     parser.add_argument("--version", action="version", version=f"dcapd {__version__}")
     for setting in SETTINGS:
         flag = "--" + setting.name.replace("_", "-")
@@ -46,12 +50,17 @@ def configure_logging(verbose: bool) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {s.name: getattr(args, s.name) for s in SETTINGS}
+    intel_values, intel_unknown = {}, []
     try:
-        config = load_config(overrides, ini_path=args.config)
+        if args.intel_config:
+            intel_values, intel_unknown = read_intel_config(args.intel_config)
+        config = load_config(overrides, ini_path=args.config, base=intel_values)
     except ConfigError as exc:
         print(f"dcapd: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.verbose)
+    if args.intel_config:
+        report_intel_config(args.intel_config, intel_values, intel_unknown)
 
     from .app import create_app
     from .schedule import scheduler_for

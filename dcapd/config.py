@@ -280,9 +280,11 @@ def read_ini(path: str) -> dict[str, str]:
 
 def load_config(overrides: Optional[Mapping[str, object]] = None,
                 environ: Optional[Mapping[str, str]] = None,
-                ini_path: Optional[str] = None) -> Config:
+                ini_path: Optional[str] = None,
+                base: Optional[Mapping[str, str]] = None) -> Config:
     """Build a Config: ``overrides`` (by setting name, e.g. from the command line) win over
-    ``environ`` which wins over the ini file which wins over DEFAULTS.
+    ``environ`` which wins over the ini file which wins over ``base`` (raw strings by setting
+    name, e.g. from Intel's default.json) which wins over DEFAULTS.
 
     Overrides may be raw strings (parsed) or already-typed values (used as given), so tests
     and library callers can pass ``cache_dir=tmp_path`` or ``url_map={...}``.
@@ -303,6 +305,8 @@ def load_config(overrides: Optional[Mapping[str, object]] = None,
             raw = environ[setting.env]
         elif setting.name in ini_values:
             raw = ini_values[setting.name]
+        elif base and setting.name in base:
+            raw = base[setting.name]
         else:
             raw = setting.default
         try:
