@@ -50,18 +50,16 @@ import os
 import re
 import sqlite3
 import sys
-import time
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .collateral import (CT_CRL, CT_PEM, ENCLAVE_IDENTITY_CHAIN, FMSPC, PCK_CA_TYPE,
-                         PCK_CERT_CHAIN, TCBM, BadUpstreamData, crl_meta,
+from .collateral import (CT_CRL, ENCLAVE_IDENTITY_CHAIN, TCBM, BadUpstreamData, crl_meta,
                          tcb_info_chain_header)
 from .errors import PccsError
 from .integrity import IntegrityError
-from .pckcerts import RawTcb, pem_with_newline
+from .pckcerts import RawTcb
 from .selection import SelectionError, parse_pck_cert
 from .store import Entry
 from .upload import PCK_CHAINS
@@ -353,6 +351,7 @@ class _Importer:
         self.upload = services.upload
         self.pck_certs = services.pck_certs
         self.policies = services.policies
+        self.registrations = services.registrations
         self.integrity = getattr(services, "integrity", None)
         self.summary = ImportSummary(source)
         self.certs: dict[int, str] = {}
@@ -727,16 +726,12 @@ class _Importer:
     def _write_pins(self, pins: list) -> None:
         """Intel's answer for a raw TCB, as PckCerts would have stored it had it selected it."""
         for platform, raw, cert, chain in pins:
-            entry = Entry(pem_with_newline(cert["pem"]).encode(),
-                          {TCBM: cert["tcbm"], FMSPC: platform.fmspc.upper(),
-                           PCK_CA_TYPE: platform.ca.upper(), PCK_CERT_CHAIN: chain},
-                          CT_PEM, {"selected_at": time.time(), "source": _SOURCE})
+            entry = self.pck_certs.answer({"fmspc": platform.fmspc, "ca": platform.ca},
+                                          {"chain": chain}, cert)
+            entry.meta["source"] = _SOURCE
             self.store.put(self.store.pckcert_key(raw.qeid, raw.pceid, raw.cpusvn,
                                                   raw.pcesvn), entry)
-            key = self.store.rawtcbs_key(raw.qeid, raw.pceid)
-            seen = self.store.get_json(key) or []
-            if [raw.cpusvn, raw.pcesvn] not in seen:
-                self.store.put_json(key, seen + [[raw.cpusvn, raw.pcesvn]])
+            self.pck_certs.remember_raw_tcb(raw)
 
     # --- appraisal policies and the registration queue
 
@@ -785,11 +780,7 @@ class _Importer:
     def _write_queue(self, queue: list[tuple[str, dict]]) -> None:
         """The rows as dcapd's registration queue (platforms.Registrations._queue's layout)."""
         for state, record in queue:
-            key_parts = (record["qe_id"], record["pce_id"], record["cpu_svn"], record["pce_svn"])
-            for other in self.store.REGISTRATION_STATES:
-                if other != state:
-                    self.store.delete(self.store.registration_key(other, *key_parts))
-            self.store.put_json(self.store.registration_key(state, *key_parts), record)
+            self.registrations.enqueue(state, record)
             if state == "NEW":
                 self.summary.queued_new += 1
             else:

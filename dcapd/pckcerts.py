@@ -107,7 +107,7 @@ class PckCerts:
         entry = self.select(raw, platform, cert_set, tcb_info)
         with self.store.transaction():
             self.store.put(key, entry)
-            self._remember_raw_tcb(raw)
+            self.remember_raw_tcb(raw)
         note_cache_outcome("selected")
         return entry
 
@@ -120,8 +120,7 @@ class PckCerts:
                     return entry.body
         return None
 
-    def select(self, raw: RawTcb, platform: dict, cert_set: dict,
-                        tcb_info: bytes) -> Entry:
+    def select(self, raw: RawTcb, platform: dict, cert_set: dict, tcb_info: bytes) -> Entry:
         certs = cert_set["certs"]
         try:
             index = select_pck_cert(raw.cpusvn, raw.pcesvn, raw.pceid, tcb_info,
@@ -129,13 +128,17 @@ class PckCerts:
         except SelectionError as exc:
             raise PccsError(404, f"PCK selection for {raw.qeid}/{raw.pceid}: "
                                  f"{type(exc).__name__}: {exc}") from None
-        chosen = certs[index]
-        return Entry(pem_with_newline(chosen["pem"]).encode(),
-                     {TCBM: chosen["tcbm"], FMSPC: platform["fmspc"].upper(),
+        return self.answer(platform, cert_set, certs[index])
+
+    @staticmethod
+    def answer(platform: dict, cert_set: dict, cert: dict) -> Entry:
+        """The stored /pckcert response for one cert of the platform's set."""
+        return Entry(pem_with_newline(cert["pem"]).encode(),
+                     {TCBM: cert["tcbm"], FMSPC: platform["fmspc"].upper(),
                       PCK_CA_TYPE: platform["ca"].upper(), PCK_CERT_CHAIN: cert_set["chain"]},
                      CT_PEM, {"selected_at": time.time()})
 
-    def _remember_raw_tcb(self, raw: RawTcb) -> None:
+    def remember_raw_tcb(self, raw: RawTcb) -> None:
         key = self.store.rawtcbs_key(raw.qeid, raw.pceid)
         seen = self.store.get_json(key) or []
         if [raw.cpusvn, raw.pcesvn] not in seen:
@@ -238,11 +241,11 @@ class PckCerts:
             self.store.put_json(self.store.certs_key(qeid, pceid), cert_set)
             for old, entry in reselected:
                 self.store.put(self.store.pckcert_key(qeid, pceid, old.cpusvn, old.pcesvn), entry)
-                self._remember_raw_tcb(old)
+                self.remember_raw_tcb(old)
             if raw is not None and remember_requested:
                 self.store.put(self.store.pckcert_key(qeid, pceid, raw.cpusvn, raw.pcesvn),
                                requested)
-                self._remember_raw_tcb(raw)
+                self.remember_raw_tcb(raw)
         return requested
 
 

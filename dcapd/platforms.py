@@ -73,14 +73,14 @@ class Registrations:
     def register(self, version: int, record: dict, update: str) -> None:
         if not self._is_cached(record):
             if self.mode == "OFFLINE":
-                self._queue("NEW", record)
+                self.enqueue("NEW", record)
             elif self.mode == "REQ":
-                self._queue("NEW", record)
+                self.enqueue("NEW", record)
                 fetched = self._fetch(version, record)  # on failure the row stays NEW
                 self._dequeue("NEW", record)
                 for item in fetched.unavailable:
                     cpu_svn, pce_svn = raw_tcb_of_pcs_entry(item.get("tcb") or {})
-                    self._queue("NOT_AVAILABLE", dict(record, cpu_svn=cpu_svn, pce_svn=pce_svn))
+                    self.enqueue("NOT_AVAILABLE", dict(record, cpu_svn=cpu_svn, pce_svn=pce_svn))
             else:
                 self._fetch(version, record)
         if self.mode != "OFFLINE":
@@ -107,7 +107,7 @@ class Registrations:
         return self.store.registration_key(state, record["qe_id"], record["pce_id"],
                                            record["cpu_svn"], record["pce_svn"])
 
-    def _queue(self, state: str, record: dict) -> None:
+    def enqueue(self, state: str, record: dict) -> None:
         """Upsert a queue row in ``state`` (a row has one state at a time)."""
         with self.store.transaction():
             for other in self.store.REGISTRATION_STATES:

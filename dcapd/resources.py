@@ -175,6 +175,8 @@ def json_body(req: falcon.Request, limit: int):
         return json.loads(data)
     except (ValueError, UnicodeDecodeError):
         raise PccsError(400, "body is not valid JSON") from None
+    except RecursionError:  # e.g. 100,000 nested "[": the parser gives up, not a 500
+        raise PccsError(400, "body is JSON nested too deeply") from None
 
 
 def operation_successful(resp: falcon.Response) -> None:
@@ -212,7 +214,7 @@ class Platforms:
         else:
             raise PccsError(400, "source must be reg, reg_na or [FMSPC,...]")
         resp.content_type = "application/json; charset=utf-8"
-        resp.data = json.dumps(rows).encode()
+        resp.data = json.dumps(rows, separators=(",", ":")).encode()  # Express: compact
         resp.set_header("platform-count", str(len(rows)))
 
 

@@ -118,8 +118,9 @@ class CollateralUpload:
                                                   None, extra_raw_tcbs=raw_tcbs)
         except PccsError as exc:  # re-selection of a cached raw TCB failed: nothing written
             raise _bad(exc.reason) from None
+        tcb_infos = sum(1 for key in writes if key.startswith("tcb/"))
         log.info("collateral upload (v%d): %d platforms, %d TCB infos, %d other entries",
-                 version, len(plans), len(tcb_bodies), len(writes) - len(tcb_bodies))
+                 version, len(plans), tcb_infos, len(writes) - tcb_infos)
 
     @staticmethod
     def _check_platform(item, where: str) -> None:

@@ -59,7 +59,9 @@ class UpstreamResponse:
 
 def is_allowed_crl_url(uri: str) -> bool:
     """True only for an https URL on one of Intel's CRL hosts with a CRL path (whole match)."""
-    if len(uri) > 2048 or any(ch.isspace() or ord(ch) < 0x20 for ch in uri):
+    # ASCII only: str.lower() would turn e.g. U+212A KELVIN SIGN into "k" below.
+    if len(uri) > 2048 or not uri.isascii() or any(ch.isspace() or ord(ch) < 0x20
+                                                   for ch in uri):
         return False
     try:
         parts = urllib.parse.urlsplit(uri)
@@ -125,7 +127,7 @@ class Upstream:
     def get_crl(self, uri: str) -> UpstreamResponse:
         """Download a CRL from an allow-listed Intel URL (through url_map, if it names one)."""
         if not is_allowed_crl_url(uri):
-            raise UpstreamError(f"refusing to fetch a URL outside Intel's CRL allow-list")
+            raise UpstreamError("refusing to fetch a URL outside Intel's CRL allow-list")
         return self._request("GET", self.mapped_url(uri), None)
 
     def get_root_ca_crl(self) -> UpstreamResponse:
