@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 from . import __version__
 from .config import SETTINGS, ConfigError, load_config
 from .intelconfig import read_intel_config, report_intel_config
+from .logs import configure_from
 
 log = logging.getLogger("dcapd")
 
@@ -33,20 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(verbose: bool) -> None:
-    """One line per event, each with the Request-ID of the request that caused it."""
-    from .middleware import RequestIdFilter
-
-    handler = logging.StreamHandler()
-    handler.addFilter(RequestIdFilter())
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
-    root = logging.getLogger("dcapd")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    root.propagate = False
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {s.name: getattr(args, s.name) for s in SETTINGS}
@@ -58,7 +45,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as exc:
         print(f"dcapd: {exc}", file=sys.stderr)
         return 2
-    configure_logging(config.verbose)
+    configure_from(config)
     if args.intel_config:
         report_intel_config(args.intel_config, intel_values, intel_unknown)
 

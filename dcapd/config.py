@@ -206,7 +206,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("admin_token_sha512", "auth", "admin_token_sha512", "DCAPD_ADMIN_TOKEN_SHA512", "",
             _sha512_hex, "SHA-512 hex of the admin token; empty = refuse admin requests",
             secret=True),
-    Setting("verbose", "log", "verbose", "DCAPD_VERBOSE", "", _bool, "debug logging"),
+    Setting("verbose", "log", "verbose", "DCAPD_VERBOSE", "", _bool,
+            "debug logging, with the upstream details"),
+    Setting("log_level", "log", "level", "DCAPD_LOG_LEVEL", "info",
+            _choice("debug", "info", "warning", "error"), "debug, info, warning or error"),
+    Setting("log_format", "log", "format", "DCAPD_LOG_FORMAT", "text", _choice("text", "json"),
+            "text (one line per event) or json (one JSON object per line)"),
 )
 
 DEFAULTS: dict[str, str] = {s.name: s.default for s in SETTINGS}
@@ -240,6 +245,8 @@ class Config:
     user_token_sha512: str = ""
     admin_token_sha512: str = ""
     verbose: bool = False
+    log_level: str = "info"
+    log_format: str = "text"
 
     @property
     def listen_host(self) -> str:

@@ -55,6 +55,8 @@ _DIRECT = {
 # winston/npm levels; the ones below "info" turn dcapd's debug logging on.
 _LOG_LEVELS = {"error": "0", "warn": "0", "info": "0", "http": "0",
                "verbose": "1", "debug": "1", "silly": "1"}
+_DCAPD_LEVELS = {"error": "error", "warn": "warning", "info": "info", "http": "info",
+                 "verbose": "debug", "debug": "debug", "silly": "debug"}
 # Keys Intel's PCCS reads that have no meaning for dcapd: accepted without a word.
 IGNORED_KEYS = ("DB_CONFIG", "sqlite", "mysql", "init_db", "OPENSSL_FIPS_MODE")
 KNOWN_KEYS = frozenset(_DIRECT) | {"hosts", "HTTPS_PORT", "LogLevel"} | set(IGNORED_KEYS)
@@ -100,6 +102,7 @@ def read_intel_config(path: str) -> tuple[dict[str, str], list[str]]:
             raise ConfigError(f"LogLevel in {path}",
                               f"must be one of {', '.join(_LOG_LEVELS)}, got {level!r}")
         overrides["verbose"] = _LOG_LEVELS[level]
+        overrides["log_level"] = _DCAPD_LEVELS[level]
 
     unknown = [key for key in document if key not in KNOWN_KEYS]
     if document.get("OPENSSL_FIPS_MODE") not in (None, False):

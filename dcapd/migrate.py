@@ -811,7 +811,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m dcapd.migr
     """0 imported (rows dcapd cannot serve are listed as skipped), 1 not imported, 2 bad
     configuration."""
     from .app import create_app
-    from .cli import configure_logging
+    from .logs import configure_logging
     from .config import ConfigError, load_config
 
     args = build_parser(prog).parse_args(argv)
@@ -821,7 +821,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m dcapd.migr
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
-    configure_logging(args.verbose or config.verbose)
+    configure_logging(config.log_level, args.verbose or config.verbose, config.log_format)
     app = create_app(config)
     try:
         summary = import_intel_db(args.path, app.services)

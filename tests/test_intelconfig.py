@@ -80,7 +80,7 @@ def test_intels_default_json_gives_dcapds_defaults_on_intels_address(tmp_path):
     assert overrides == {"listen": "127.0.0.1:8081", "pcs_url": INTEL_PCS_URL, "api_key": "",
                          "proxy": "", "refresh_schedule": "0 0 1 * * *",
                          "user_token_sha512": "", "admin_token_sha512": "",
-                         "cache_mode": "LAZY", "verbose": "0"}
+                         "cache_mode": "LAZY", "verbose": "0", "log_level": "info"}
     config = load_config({"cache_dir": str(tmp_path)}, environ={}, base=overrides)
     assert config.listen == ("127.0.0.1", 8081)
     assert (config.pcs_url, config.cache_mode, config.api_key, config.verbose) == \
@@ -147,7 +147,8 @@ def test_unknown_keys_are_reported_once(tmp_path, caplog):
     overrides, unknown = read_intel_config(path)
     assert unknown == ["Foo", "bar", "OPENSSL_FIPS_MODE"]
     assert set(overrides) == {"listen", "pcs_url", "api_key", "proxy", "refresh_schedule",
-                              "user_token_sha512", "admin_token_sha512", "cache_mode", "verbose"}
+                              "user_token_sha512", "admin_token_sha512", "cache_mode", "verbose",
+                              "log_level"}
     with caplog.at_level(logging.INFO, logger="dcapd.intelconfig"):
         report_intel_config(path, overrides, unknown)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]

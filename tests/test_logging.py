@@ -33,3 +33,29 @@ def test_request_lines_say_how_the_cache_answered(fake_pcs, make_client, caplog)
     assert re.match(pattern.format(PCKCERT, 200, "selected"), lines[3])
     assert re.match(pattern.format("/nowhere", 404, "-"), lines[4])
     assert pki.default_platform().encrypted_ppid.lower() not in caplog.text.lower()
+
+
+def test_log_format_and_level_are_configurable(capsys):
+    import json as jsonlib
+
+    from dcapd.logs import configure_logging
+
+    logger = logging.getLogger("dcapd.test")
+    try:
+        configure_logging("warning", fmt="json")
+        logger.info("not shown")
+        logger.warning("shown %s", 1)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1
+        record = jsonlib.loads(lines[0])
+        assert record["level"] == "WARNING" and record["message"] == "shown 1"
+        assert "request_id" in record and record["logger"] == "dcapd.test"
+        configure_logging("error", verbose=True)
+        logger.debug("debug %s", "shown")
+        assert re.search(r"DEBUG dcapd\.test \[[-0-9a-f]+\] debug shown$",
+                         capsys.readouterr().err.strip())
+    finally:
+        root = logging.getLogger("dcapd")
+        root.handlers[:] = []
+        root.propagate = True
+        root.setLevel(logging.NOTSET)
