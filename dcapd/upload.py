@@ -138,15 +138,16 @@ class CollateralUpload:
     @staticmethod
     def _chains(version: int, certificates: dict, pck_chains: dict) -> dict[str, str]:
         """The upload's chains; every root half must be the same certificate (else 460)."""
+        # Intel's tool writes "" for a chain it has not got (e.g. ``fetch -c``): absent.
         chains: dict[str, str] = {}
         for ca in ("PROCESSOR", "PLATFORM"):
-            if pck_chains.get(ca) is not None:
+            if pck_chains.get(ca):
                 chains[ca] = pck_chains[ca]
         tcb_chain = certificates.get(tcb_info_chain_header(version)) or \
             certificates.get(TCB_INFO_CHAIN_V4 if version == 3 else TCB_INFO_CHAIN_V3)
-        if tcb_chain is not None:
+        if tcb_chain:
             chains["tcb"] = tcb_chain
-        if certificates.get(ENCLAVE_IDENTITY_CHAIN) is not None:
+        if certificates.get(ENCLAVE_IDENTITY_CHAIN):
             chains["identity"] = certificates[ENCLAVE_IDENTITY_CHAIN]
         roots = {name: split_chain(chain, f"certificates chain {name}")[1]
                  for name, chain in chains.items()}
@@ -216,11 +217,15 @@ class CollateralUpload:
                 der = self._hex_bytes(crls[name], f"pckcacrl.{name}")
                 # The CRL's chain is its CA's chain (Intel builds it from the same certificates).
                 chain = pck_chains.get(ca)
-                if chain is None:
+                if not chain:
                     cached = self.store.get(self.store.pckcrl_key(ca))
                     chain = cached.headers.get(PCK_CRL_CHAIN) if cached else None
-                if chain is None:
-                    raise _bad(f"pckcacrl.{name} uploaded without a {ca} chain")
+                if not chain:
+                    # Intel's tool leaves out the chain of a CA no platform of the site uses;
+                    # Intel's PCCS then cannot serve that CRL either. Skip it, say so.
+                    log.warning("collateral upload: pckcacrl.%s skipped: no %s chain in the "
+                                "upload or the cache to serve it with", name, ca)
+                    continue
                 self._verified(f"pckcacrl.{name}", lambda: self.integrity.check_crl(der, chain))
                 writes[self.store.pckcrl_key(ca)] = Entry(der, {PCK_CRL_CHAIN: chain}, CT_CRL,
                                                           self._crl_meta(der))
@@ -299,7 +304,7 @@ class CollateralUpload:
         fmspc, ca = first.fmspc.hex().upper(), first.ca_type
         if ca not in ("PROCESSOR", "PLATFORM"):
             raise _bad(f"{where}.certs[0] has no PCK CA issuer")
-        if pck_chains.get(ca) is None:
+        if not pck_chains.get(ca):
             raise _bad(f"{where}: no {ca} chain in certificates")
         tcb_body = tcb_bodies.get(fmspc) or self.pck_certs.selection_tcb_info(fmspc, version)
         if tcb_body is None:

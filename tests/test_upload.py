@@ -253,3 +253,26 @@ def test_operators_mix_of_modes(fake_pcs, make_client):
     assert_pck_answer(result, PLATFORM.pck_certs[2])
     assert len(fake.calls) == calls
     assert read_platforms(client, "[]").headers["platform-count"] == "1"
+
+
+def test_intel_tool_quirks_empty_chains_and_a_missing_ca_chain(make_client):
+    """Intel's `fetch -c` writes "" for chains it has not got, and a site whose platforms all
+    use the Platform CA has no PROCESSOR chain: Intel's PCCS accepts both, and so do we."""
+    client = make_client(cache_mode="OFFLINE", **TOKENS)
+    upload = intel_upload()
+    chains = upload["collaterals"]["certificates"]
+    del chains["SGX-PCK-Certificate-Issuer-Chain"]["PROCESSOR"]
+    crl_only = {"platforms": [], "collaterals": {
+        "version": 4, "pck_certs": [], "tcbinfos": [],
+        "pckcacrl": upload["collaterals"]["pckcacrl"],
+        "certificates": {"SGX-PCK-Certificate-Issuer-Chain": chains[
+            "SGX-PCK-Certificate-Issuer-Chain"], "TCB-Info-Issuer-Chain": "",
+            "SGX-Enclave-Identity-Issuer-Chain": ""},
+        "rootcacrl": upload["collaterals"]["rootcacrl"]}}
+    assert put(client, crl_only).status_code == 200
+    platform_crl = client.simulate_get("/sgx/certification/v4/pckcrl", params={"ca": "platform"})
+    assert platform_crl.status_code == 200
+    # No PROCESSOR chain anywhere: that CRL cannot be served, as with Intel's PCCS.
+    assert client.simulate_get("/sgx/certification/v4/pckcrl",
+                               params={"ca": "processor"}).status_code == 404
+    assert put(client, upload).status_code == 200
