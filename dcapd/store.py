@@ -207,23 +207,22 @@ class Store:
         _, qeid, pceid = key.split("/")
         return qeid, pceid
 
-    @staticmethod
-    def parse_collateral_key(key: str) -> Optional[dict]:
+    @classmethod
+    def parse_collateral_key(cls, key: str) -> Optional[dict]:
         """What a collateral entry's key says (for refresh and the status view)."""
-        kind, _, rest = key.partition("/")
-        parts = rest.split("/")
-        if kind == "tcb" and len(parts) == 4:
-            return {"kind": "tcb", "tee": parts[0], "version": int(parts[1]),
-                    "fmspc": parts[2], "update": parts[3]}
-        if kind == "identity" and len(parts) == 3:
-            return {"kind": "identity", "identity": parts[0], "version": int(parts[1]),
-                    "update": parts[2]}
-        if kind == "pckcrl" and len(parts) == 1:
-            return {"kind": "pckcrl", "ca": parts[0]}
-        if key == "rootcacrl":
+        kind, fields = cls.parse_key(key)
+        if kind == "tcb" and len(fields) == 4:
+            return {"kind": "tcb", "tee": fields[0], "version": int(fields[1]),
+                    "fmspc": fields[2], "update": fields[3]}
+        if kind == "identity" and len(fields) == 3:
+            return {"kind": "identity", "identity": fields[0], "version": int(fields[1]),
+                    "update": fields[2]}
+        if kind == "pckcrl" and len(fields) == 1:
+            return {"kind": "pckcrl", "ca": fields[0]}
+        if kind == "rootcacrl" and not fields:
             return {"kind": "rootcacrl"}
-        if kind == "crl" and rest:
-            return {"kind": "crl", "uri": rest}
+        if kind == "crl" and fields[0]:
+            return {"kind": "crl", "uri": fields[0]}
         return None
 
     STATUS_KEY = "status/refresh"
