@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import base64
 import csv
-import email.utils
 import getpass
 import hashlib
 import json
@@ -35,42 +34,38 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional, Sequence
 
 import requests
 from requests.structures import CaseInsensitiveDict
 
 from . import __version__
+from .auth import ADMIN_TOKEN_HEADER
+from .collateral import (ENCLAVE_IDENTITY_CHAIN, PCK_CERT_CHAIN, PCK_CRL_CHAIN,
+                         TCB_INFO_CHAIN_V3, TCB_INFO_CHAIN_V4, tcb_info_chain_header)
+from .config import INTEL_PCS_URL, INTEL_ROOTCA_CRL_URL, SETTINGS, ConfigError, load_config
+from .pckcerts import NOT_AVAILABLE
+from .upload import chain_halves, is_hex, tcb_info_body, upload_certs
+from .upstream import (ENCLAVE_IDENTITY_PATHS, RetryPolicy, Upstream, UpstreamError,
+                       UpstreamResponse, is_retryable)
 
 log = logging.getLogger("dcapd.admin")
 
 PROG = "dcapd-admin"
-INTEL_PCS_URL = "https://api.trustedservices.intel.com/sgx/certification/v4/"
 DEFAULT_PCCS_URL = "https://localhost:8081/sgx/certification/v4/"
 USER_AGENT = f"dcapd-admin/{__version__}"
-API_KEY_HEADER = "Ocp-Apim-Subscription-Key"
-VALIDATION_PORTAL = "https://validation.api.trustedservices.intel.com/"
 ADMIN_TOKEN_ENV = "DCAPD_ADMIN_TOKEN"
-API_KEY_ENV = "INTEL_API_KEY"
+# dcapd settings the admin takes from the environment, and their variables.
+ENV = {s.name: s.env for s in SETTINGS if s.name in ("api_key", "url_map", "cache_dir")}
 
-PCK_CHAINS = "SGX-PCK-Certificate-Issuer-Chain"
-PCK_CRL_CHAIN = "SGX-PCK-CRL-Issuer-Chain"
-TCB_CHAIN_V3 = "SGX-TCB-Info-Issuer-Chain"
-TCB_CHAIN_V4 = "TCB-Info-Issuer-Chain"
-IDENTITY_CHAIN = "SGX-Enclave-Identity-Issuer-Chain"
-NOT_AVAILABLE = "Not available"
-_CHAIN_SPLIT = "-----BEGIN%20CERTIFICATE-----"
-
-# Identity upload keys, in Intel's order: (key, tee, PCS path, kind in dcapd's cache).
-IDENTITIES = (("qe", "sgx", "qe/identity"), ("tdqe", "tdx", "qe/identity"),
-              ("qve", "sgx", "qve/identity"))
+# Identity kinds in the order of Intel's upload file (their PCS paths: upstream).
+IDENTITY_KINDS = ("qe", "tdqe", "qve")
 # Entries export copies verbatim (nothing in Intel's format holds them), and ones it never
 # exports (process state); every other kind is collateral or a platform.
 RAW_KINDS = ("reg", "appraisal", "policy")
 SKIPPED_KINDS = ("pckcert", "certs", "rawtcbs", "lock", "status")
 
-_HEX = re.compile(r"[0-9A-Fa-f]*")
 _ERRNO = re.compile(r"\[Errno -?\d+\] [^'\")\]]+|Connection refused|Name or service not known|"
                     r"timed out|Remote end closed connection without response")
 
@@ -82,12 +77,6 @@ class AdminError(Exception):
 # ---------------------------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def is_hex(value, lengths: Sequence[int] = (), max_length: int = 0) -> bool:
-    """A str of hex digits whose length is one of ``lengths`` or 1..``max_length``."""
-    return isinstance(value, str) and bool(_HEX.fullmatch(value)) and (
-        len(value) in lengths or 0 < len(value) <= max_length)
 
 
 def write_atomic(path: str, data: bytes) -> None:
@@ -139,21 +128,13 @@ def _reason(exc: BaseException) -> str:
     return match.group(0) if match else type(exc).__name__
 
 
-def split_chain(chain: str) -> tuple[str, str]:
-    """(intermediate, root) halves of a URL-encoded chain, split as Intel's PCCS does."""
-    if not isinstance(chain, str) or chain.count(_CHAIN_SPLIT) < 2:
-        raise ValueError("not a URL-encoded certificate chain of two certificates")
-    at = chain.rindex(_CHAIN_SPLIT)
-    return chain[:at], chain[at:]
-
-
 def root_cert_cdp(chain: str) -> str:
     """The CRL distribution point of the root certificate at the end of a URL-encoded chain
     (where Intel's tool reads the root CA CRL URL from)."""
     from cryptography import x509
 
     try:
-        pem = urllib.parse.unquote(split_chain(chain)[1]).encode()
+        pem = urllib.parse.unquote(chain_halves(chain)[1]).encode()
         cert = x509.load_pem_x509_certificate(pem)
         points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
     except (ValueError, x509.ExtensionNotFound) as exc:
@@ -166,22 +147,19 @@ def root_cert_cdp(chain: str) -> str:
     raise AdminError("the root certificate of the processor CRL issuer chain has no CRL URL")
 
 
-def parse_url_map(value: str) -> dict[str, str]:
-    """ORIGIN=MIRROR pairs, with dcapd's own parser (the ``url_map`` setting)."""
-    from .config import SETTINGS
-
-    parse = next(s.parse for s in SETTINGS if s.name == "url_map")
+def dcapd_config(options: dict[str, tuple[str, object]]):
+    """dcapd's Config (:func:`dcapd.config.load_config`, its parsers and defaults) from the
+    admin's options: ``{setting name: (option, value or None)}``. A setting in ``ENV`` the
+    option does not give comes from its environment variable; nothing else is read (no other
+    variable, no ini file). A refused value is an error naming the option."""
+    environ = {ENV[name]: os.environ[ENV[name]] for name in options
+               if name in ENV and ENV[name] in os.environ}
     try:
-        return parse(value or "")
-    except ValueError as exc:
-        raise AdminError(f"--url-map: {exc}") from None
-
-
-def map_url(url: str, url_map: dict[str, str]) -> str:
-    parts = urllib.parse.urlsplit(url)
-    origin = f"{parts.scheme}://{parts.netloc}"
-    mirror = url_map.get(origin)
-    return mirror + url[len(origin):] if mirror else url
+        return load_config({name: value for name, (_, value) in options.items()},
+                           environ=environ)
+    except ConfigError as exc:
+        option = options[exc.setting][0] if exc.setting in options else exc.key
+        raise AdminError(f"{option}: {exc.problem}") from None
 
 
 class Progress:
@@ -350,7 +328,7 @@ class Pccs:
         return self._token
 
     def request(self, method: str, url: str, **kwargs) -> requests.Response:
-        headers = {"admin-token": self.token(), **kwargs.pop("headers", {})}
+        headers = {ADMIN_TOKEN_HEADER: self.token(), **kwargs.pop("headers", {})}
         try:
             reply = self.session.request(method, url, headers=headers, timeout=self.timeout,
                                          verify=self.verify, allow_redirects=False, **kwargs)
@@ -384,6 +362,9 @@ class Reply:
 
     def header(self, name: str) -> str:
         return self.headers.get(name) or ""
+
+
+JOURNAL_FORMAT = 2  # its keys: sha256 of [Upstream method, arguments] (1: of the request)
 
 
 class Journal:
@@ -453,90 +434,62 @@ class Journal:
             pass
 
 
-RETRY_STATUSES = frozenset({429}) | frozenset(range(500, 600))
-
-
-def retry_delay(reply: Optional[requests.Response], attempt: int, backoff: float) -> float:
-    """Retry-After (seconds or an HTTP date) when PCS gives one, else exponential backoff."""
-    value = (reply.headers.get("Retry-After") or "").strip() if reply is not None else ""
-    if value.isdigit():
-        return float(value)
-    if value:
-        try:
-            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError, IndexError):
-            pass
-    return min(backoff * 2 ** attempt, 300.0)
-
-
 class Pcs:
-    """Intel PCS client for ``fetch``: the journal first, then PCS with retries."""
+    """Intel PCS for ``fetch``: the journal first, then dcapd's Upstream (endpoints, API key,
+    url_map, retries with backoff and Retry-After), reporting each item by its name."""
 
-    def __init__(self, base_url: str, api_key: Callable[[], str], url_map: dict[str, str],
-                 journal: Journal, retries: int, backoff: float, timeout: float,
+    def __init__(self, config, api_key: Callable[[], str], journal: Journal, backoff: float,
                  sleep: Callable[[float], None]):
-        match = re.fullmatch(r"(https?://[^?#]+?/)sgx/certification/v(\d+)/?", base_url.strip())
-        if not match:
-            raise AdminError(f"PCS URL must end in /sgx/certification/v3/ or /v4/: {base_url!r}")
-        self.root, self.version = match.group(1), int(match.group(2))
-        if self.version < 3:
-            raise AdminError(f"PCS API v{self.version} is not supported (v3 or v4)")
-        self.api_key = api_key
-        self.url_map = url_map
+        # Patient, as a batch job may be: no jitter, long waits, a timeout per attempt.
+        retry = RetryPolicy(first_delay=backoff, max_delay=300.0, jitter=False,
+                            timeout_per_attempt=True, sleep=sleep,
+                            on_retry=self._retrying)
+        self.upstream = Upstream(config, api_key=api_key, retry=retry)
+        mirror = self.upstream.mapped_url(config.pcs_url)
+        if mirror != config.pcs_url:  # --url-map covers PCS too (dcapd's: only CRL URLs)
+            self.upstream.close()
+            config = replace(config, pcs_url=mirror)
+            self.upstream = Upstream(config, api_key=api_key, retry=retry)
+        self.upstream.session.headers["User-Agent"] = USER_AGENT
+        self.version = self.upstream.version
+        self.retries = config.upstream_retries
         self.journal = journal
-        self.retries = retries
-        self.backoff = backoff
-        self.timeout = timeout
-        self.sleep = sleep
-        self.session = requests.Session()
-        self.session.headers["User-Agent"] = USER_AGENT
         self.calls = 0  # requests actually sent (not answered from the journal)
+        self._what = ""
 
-    def url(self, tee: str, endpoint: str) -> str:
-        return f"{self.root}{tee}/certification/v{self.version}/{endpoint}"
-
-    def call(self, what: str, method: str, url: str, params: Optional[dict] = None,
-             json_body=None, api_key: bool = False, optional: bool = False) -> Reply:
-        """The answer for one request. 200s (and, for ``optional`` items, 404s) are kept in
-        the journal; a required item is never remembered as missing."""
-        key = hashlib.sha256(json.dumps([method, url, params, json_body],
-                                        sort_keys=True).encode()).hexdigest()
+    def call(self, what: str, request: Callable[..., UpstreamResponse], *args,
+             optional: bool = False) -> Reply:
+        """The answer to ``request(*args)``, a method of ``self.upstream``. 200s (and, for
+        ``optional`` items, 404s) are kept in the journal; a required item is never
+        remembered as missing."""
+        key = hashlib.sha256(json.dumps([request.__name__, *args]).encode()).hexdigest()
         kept = self.journal.get(key)
         if kept is not None:
             return kept
-        # Intel's early-access portal wants the key on every call (as dcapd's upstream does).
-        api_key = api_key or self.root.startswith(VALIDATION_PORTAL)
-        headers = {API_KEY_HEADER: self.api_key()} if api_key else {}
-        target = map_url(url, self.url_map)
-        reply = self._send(what, method, target, params, json_body, headers)
+        self._what = what
+        self.calls += 1
+        try:
+            answer = request(*args)
+        except UpstreamError as exc:
+            raise AdminError(f"{what}: cannot connect to {exc.url.split('?')[0]}: "
+                             f"{_reason(exc.__cause__ or exc)} (after {self.retries} retries)") \
+                from None
+        if is_retryable(answer.status):
+            raise AdminError(f"{what}: PCS answered {answer.status} for "
+                             f"{answer.url.split('?')[0]} (after {self.retries} retries)")
+        reply = Reply(answer.status, CaseInsensitiveDict(answer.headers), answer.body)
         if reply.status == 200 or (reply.status == 404 and optional):
             self.journal.put(key, reply)
         return reply
 
-    def _send(self, what, method, url, params, json_body, headers) -> Reply:
-        for attempt in range(self.retries + 1):
-            failure = None
-            try:
-                self.calls += 1
-                response = self.session.request(method, url, params=params, json=json_body,
-                                                headers=headers, timeout=self.timeout,
-                                                allow_redirects=False)
-                body = response.content
-            except requests.RequestException as exc:
-                response, failure = None, _reason(exc)
-            if response is not None and response.status_code not in RETRY_STATUSES:
-                return Reply(response.status_code, CaseInsensitiveDict(response.headers), body)
-            if attempt == self.retries:
-                break
-            delay = retry_delay(response, attempt, self.backoff)
-            log.warning("%s: %s; retrying in %g s", what,
-                        failure or f"PCS answered {response.status_code}", delay)
-            self.sleep(delay)
-        if response is None:
-            raise AdminError(f"{what}: cannot connect to {url.split('?')[0]}: {failure} "
-                             f"(after {self.retries} retries)")
-        raise AdminError(f"{what}: PCS answered {response.status_code} for "
-                         f"{url.split('?')[0]} (after {self.retries} retries)")
+    def _retrying(self, response: Optional[requests.Response], error: Optional[Exception],
+                  delay: float) -> None:
+        self.calls += 1
+        failure = _reason(error) if error is not None else f"PCS answered {response.status_code}"
+        log.warning("%s: %s; retrying in %g s", self._what, failure, delay)
+
+    def close(self) -> None:
+        self.upstream.close()
 
 
 def _pcs_failure(what: str, reply: Reply) -> AdminError:
@@ -552,16 +505,12 @@ def _pcs_failure(what: str, reply: Reply) -> AdminError:
 # ---------------------------------------------------------------------------------------------
 
 
-def compact_json(document) -> bytes:
-    """The bytes dcapd's upload stores for a parsed TCB info (Intel's compact form)."""
-    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
 def tcb_info_fields(name: str, body: bytes) -> dict:
-    """``{name: parsed}``, plus ``{name}_raw`` when the original is not the compact form."""
+    """``{name: parsed}``, plus ``{name}_raw`` when the original is not what the upload
+    stores for the parsed form (Intel's compact JSON)."""
     document = json.loads(body)
     fields = {name: document}
-    if compact_json(document) != body:
+    if tcb_info_body(document) != body:
         fields[f"{name}_raw"] = body.decode("utf-8")
     return fields
 
@@ -576,13 +525,14 @@ class Fetcher:
     def __init__(self, pcs: Pcs, integrity, update: str, platform_filter: str,
                  progress: Progress):
         self.pcs = pcs
+        self.upstream = pcs.upstream
         self.integrity = integrity
         self.updates = ["standard", "early"] if update == "all" else [update]
         self.platform_filter = platform_filter
         self.progress = progress
         version = pcs.version
         self.version = version
-        self.tcb_chain_name = TCB_CHAIN_V4 if version >= 4 else TCB_CHAIN_V3
+        self.tcb_chain_name = tcb_info_chain_header(version)
         self.collaterals: dict = {"version": version, "pck_certs": [], "tcbinfos": [],
                                   "pckcacrl": {}, "qeidentity": "", "tdqeidentity": "",
                                   "qveidentity": ""}
@@ -624,7 +574,7 @@ class Fetcher:
         for ca in ("processor", "platform"):
             what = f"{ca} PCK CRL"
             reply = self._required(what, self.pcs.call(
-                what, "GET", self.pcs.url("sgx", "pckcrl"), {"ca": ca, "encoding": "der"}))
+                what, self.upstream.get_pck_crl, self.version, ca))
             chain = reply.header(PCK_CRL_CHAIN)
             if not chain:
                 raise AdminError(f"{what}: PCS sent no {PCK_CRL_CHAIN} header")
@@ -634,7 +584,7 @@ class Fetcher:
             self.progress.step(what)
         cdp = root_cert_cdp(self.crl_chains["PROCESSOR"])
         what = "root CA CRL"
-        reply = self._required(what, self.pcs.call(what, "GET", cdp))
+        reply = self._required(what, self.pcs.call(what, self.upstream.get_url, cdp))
         self._verify(what, lambda: self.integrity.check_crl(reply.body, None))
         self.root_crl = (cdp, reply.body.hex())
         self.progress.step(what)
@@ -658,17 +608,14 @@ class Fetcher:
         self.progress.add(len(wanted))
         for platform in wanted.values():
             what = f"PCK certificates of platform {platform['qe_id']}/{platform['pce_id']}"
-            url = self.pcs.url("sgx", "pckcerts")
             if platform["platform_manifest"]:
-                reply = self.pcs.call(what, "POST", url, None, api_key=True, json_body={
-                    "platformManifest": platform["platform_manifest"],
-                    "pceid": platform["pce_id"]})
+                reply = self.pcs.call(what, self.upstream.post_pck_certs, self.version,
+                                      platform["platform_manifest"], platform["pce_id"])
             else:
-                reply = self.pcs.call(what, "GET", url, {"encrypted_ppid": platform["enc_ppid"],
-                                                         "pceid": platform["pce_id"]},
-                                      api_key=True)
+                reply = self.pcs.call(what, self.upstream.get_pck_certs, self.version,
+                                      platform["enc_ppid"], platform["pce_id"])
             self._required(what, reply)
-            chain = reply.header(PCK_CHAINS)
+            chain = reply.header(PCK_CERT_CHAIN)
             try:
                 entries = json.loads(reply.body)
                 if not isinstance(entries, list) or not all(
@@ -694,7 +641,7 @@ class Fetcher:
                 log.warning("%s: every certificate is 'Not available'; platform skipped", what)
                 continue
             if not chain:
-                raise AdminError(f"{what}: PCS sent no {PCK_CHAINS} header")
+                raise AdminError(f"{what}: PCS sent no {PCK_CERT_CHAIN} header")
             for entry in available:
                 self._verify(what, lambda: self.integrity.check_pck_cert(entry["cert"], chain))
             try:
@@ -715,8 +662,8 @@ class Fetcher:
         fmspcs = list(self.fmspc_order)
         if self.version >= 4 and self.platform_filter != "none":
             what = f"FMSPC list (platform={self.platform_filter})"
-            reply = self.pcs.call(what, "GET", self.pcs.url("sgx", "fmspcs"),
-                                  {"platform": self.platform_filter}, optional=True)
+            reply = self.pcs.call(what, self.upstream.get_fmspcs, self.version,
+                                  self.platform_filter, optional=True)
             if reply.status != 200:
                 log.warning("%s: PCS answered %d; only the platforms' FMSPCs are fetched", what,
                             reply.status)
@@ -754,8 +701,8 @@ class Fetcher:
 
     def _tcb_info(self, tee: str, fmspc: str, update: str, optional: bool) -> Optional[Reply]:
         what = f"{tee.upper()} TCB info {fmspc.upper()} ({update})"
-        reply = self.pcs.call(what, "GET", self.pcs.url(tee, "tcb"),
-                              {"fmspc": fmspc.upper(), "update": update}, optional=optional)
+        reply = self.pcs.call(what, self.upstream.get_tcb_info, tee, self.version, fmspc,
+                              update, optional=optional)
         self.progress.step(what)
         if reply.status != 200:
             if optional and reply.status == 404:
@@ -775,23 +722,24 @@ class Fetcher:
         return reply
 
     def identities(self) -> None:
-        kinds = [k for k in IDENTITIES if k[1] == "sgx" or self.version >= 4]
+        kinds = [kind for kind in IDENTITY_KINDS
+                 if ENCLAVE_IDENTITY_PATHS[kind][0] == "sgx" or self.version >= 4]
         self.progress.add(len(kinds) * len(self.updates))
-        for kind, tee, path in kinds:
+        for kind in kinds:
             for update in self.updates:
                 what = f"{kind.upper()} identity ({update})"
                 optional = update != "standard"
-                reply = self.pcs.call(what, "GET", self.pcs.url(tee, path), {"update": update},
-                                      optional=optional)
+                reply = self.pcs.call(what, self.upstream.get_enclave_identity, kind,
+                                      self.version, update, optional=optional)
                 self.progress.step(what)
                 if reply.status != 200:
                     if optional and reply.status == 404:
                         log.info("%s: not available at PCS (optional)", what)
                         continue
                     raise _pcs_failure(what, reply)
-                chain = reply.header(IDENTITY_CHAIN)
+                chain = reply.header(ENCLAVE_IDENTITY_CHAIN)
                 if not chain:
-                    raise AdminError(f"{what}: PCS sent no {IDENTITY_CHAIN} header")
+                    raise AdminError(f"{what}: PCS sent no {ENCLAVE_IDENTITY_CHAIN} header")
                 self._verify(what, lambda: self.integrity.check_signed_json(
                     reply.body, "enclaveIdentity", chain))
                 suffix = "_early" if update == "early" else ""
@@ -803,11 +751,11 @@ class Fetcher:
         """The upload body, keys in the order of Intel's own file."""
         pck_chains = dict(self.crl_chains)  # a CA with no platform still gets its chain
         pck_chains.update(self.pck_chains)
-        certificates: dict = {PCK_CHAINS: {ca: pck_chains[ca] for ca in sorted(pck_chains)}}
+        certificates: dict = {PCK_CERT_CHAIN: {ca: pck_chains[ca] for ca in sorted(pck_chains)}}
         if self.tcb_chain:
             certificates[self.tcb_chain_name] = self.tcb_chain
         if self.identity_chain:
-            certificates[IDENTITY_CHAIN] = self.identity_chain
+            certificates[ENCLAVE_IDENTITY_CHAIN] = self.identity_chain
         collaterals = dict(self.collaterals)
         collaterals["certificates"] = certificates
         collaterals["rootcacrl_cdp"], collaterals["rootcacrl"] = self.root_crl
@@ -823,9 +771,7 @@ def open_services(cache_dir: str, trusted_roots: Optional[str], config_file: Opt
     """dcapd's collaborators for a cache directory, as the server builds them (app.Services),
     with an Upstream that is never used (OFFLINE)."""
     from .app import Services
-    from .config import ConfigError, load_config
     from .store import Store
-    from .upstream import Upstream
 
     try:
         config = load_config({"cache_dir": cache_dir, "cache_mode": "OFFLINE",
@@ -879,7 +825,7 @@ def import_upload(services, body: dict, path: str) -> dict:
                     from None
         # (the upload code has checked these)
         known_chains = [chain for _, part, _ in parts for chain in
-                        part["collaterals"]["certificates"][PCK_CHAINS].values() if chain]
+                        part["collaterals"]["certificates"][PCK_CERT_CHAIN].values() if chain]
         for uri, hex_der in crls.items():
             try:
                 der = bytes.fromhex(hex_der)
@@ -929,18 +875,18 @@ class _Part:
                                           for fmspc, docs in self.tcbinfos.items()]}
         if self.pckcacrl:
             collaterals["pckcacrl"] = self.pckcacrl
-        for kind, _, _ in IDENTITIES:
+        for kind in IDENTITY_KINDS:
             for suffix in ("", "_early"):
                 if f"{kind}identity{suffix}" in self.identities:
                     collaterals[f"{kind}identity{suffix}"] = \
                         self.identities[f"{kind}identity{suffix}"]
-        tcb_name = TCB_CHAIN_V4 if self.version >= 4 else TCB_CHAIN_V3
-        certificates: dict = {PCK_CHAINS: {ca: self.slots[("pck", ca)] for ca in
+        tcb_name = tcb_info_chain_header(self.version)
+        certificates: dict = {PCK_CERT_CHAIN: {ca: self.slots[("pck", ca)] for ca in
                                            ("PLATFORM", "PROCESSOR") if ("pck", ca) in self.slots}}
         if ("tcb",) in self.slots:
             certificates[tcb_name] = self.slots[("tcb",)]
         if ("identity",) in self.slots:
-            certificates[IDENTITY_CHAIN] = self.slots[("identity",)]
+            certificates[ENCLAVE_IDENTITY_CHAIN] = self.slots[("identity",)]
         collaterals["certificates"] = certificates
         if self.rootcacrl:
             cdp, hex_der = self.rootcacrl
@@ -966,7 +912,7 @@ class Exporter:
         roots = set()
         for slot, chain in needs.items():
             try:
-                roots.add(urllib.parse.unquote(split_chain(chain)[1]))
+                roots.add(urllib.parse.unquote(chain_halves(chain)[1]))
             except ValueError as exc:
                 raise AdminError(f"cache entry with a bad {slot[0]} chain: {exc}") from None
         root = roots.pop() if len(roots) == 1 else None
@@ -984,7 +930,7 @@ class Exporter:
     def _chain(self, key: str, entry, *names: str) -> Optional[str]:
         chain = next((entry.headers[n] for n in names if entry.headers.get(n)), None)
         try:
-            split_chain(chain)
+            chain_halves(chain)
         except ValueError:
             self.warnings.append(f"{key}: not exported (no usable issuer chain)")
             return None
@@ -1009,11 +955,11 @@ class Exporter:
                 self.place(4, {("pck", fields[0]): chain}).pckcacrl[name] = entry.body.hex()
         for key, (kind, version, update) in by_kind.pop("identity", []):
             version = int(version)
-            if kind not in {k for k, _, _ in IDENTITIES} or (kind == "tdqe" and version != 4):
+            if kind not in IDENTITY_KINDS or (kind == "tdqe" and version != 4):
                 self.warnings.append(f"{key}: not exported (no such identity in the format)")
                 continue
             entry = store.get(key)
-            chain = self._chain(key, entry, IDENTITY_CHAIN)
+            chain = self._chain(key, entry, ENCLAVE_IDENTITY_CHAIN)
             if chain:
                 suffix = "_early" if update == "EARLY" else ""
                 self.place(version, {("identity",): chain}).identities[
@@ -1024,7 +970,7 @@ class Exporter:
                 self.warnings.append(f"{key}: not exported (TDX TCB info under v{version})")
                 continue
             entry = store.get(key)
-            chain = self._chain(key, entry, TCB_CHAIN_V4, TCB_CHAIN_V3)
+            chain = self._chain(key, entry, TCB_INFO_CHAIN_V4, TCB_INFO_CHAIN_V3)
             if not chain:
                 continue
             part = self.place(version, {("tcb",): chain})
@@ -1077,9 +1023,7 @@ class Exporter:
                               min_index=self.tcb_parts[fmspc])
             row = {"qe_id": qeid, "pce_id": pceid, "enc_ppid": platform.get("enc_ppid", ""),
                    "platform_manifest": platform.get("platform_manifest", "")}
-            part.pck_certs.append(dict(row, certs=[
-                {"tcb": cert["tcb"], "tcbm": cert["tcbm"],
-                 "cert": urllib.parse.quote(cert["pem"], safe="")} for cert in cert_set["certs"]]))
+            part.pck_certs.append(dict(row, certs=upload_certs(cert_set["certs"])))
             for cpu_svn, pce_svn in raw_tcbs:
                 part.platforms.append({"qe_id": qeid, "pce_id": pceid, "cpu_svn": cpu_svn,
                                        "pce_svn": pce_svn, "enc_ppid": row["enc_ppid"],
@@ -1132,18 +1076,16 @@ def cmd_collect(args) -> int:
     return 0
 
 
-def _api_key_getter(args) -> Callable[[], str]:
-    cached: list[str] = []
+def _api_key_getter(config) -> Callable[[], str]:
+    """The configured key (--api-key or its variable), else a prompt when first needed."""
+    cached: list[str] = [config.api_key] if config.api_key else []
 
     def get() -> str:
         if not cached:
-            key = args.api_key or os.environ.get(API_KEY_ENV)
-            if not key:
-                if not sys.stdin.isatty():
-                    raise AdminError(f"no Intel PCS API key: give --api-key or set "
-                                     f"{API_KEY_ENV}")
-                key = getpass.getpass("Intel PCS API key: ")
-            cached.append(key)
+            if not sys.stdin.isatty():
+                raise AdminError(f"no Intel PCS API key: give --api-key or set "
+                                 f"{ENV['api_key']}")
+            cached.append(getpass.getpass("Intel PCS API key: "))
         return cached[0]
 
     return get
@@ -1161,16 +1103,19 @@ def cmd_fetch(args, sleep: Callable[[float], None]) -> int:
         integrity = Integrity.from_file(args.trusted_roots or "")
     except (OSError, ValueError) as exc:
         raise AdminError(f"--trusted-roots: {exc}") from None
-    url_map = parse_url_map(args.url_map if args.url_map is not None
-                            else os.environ.get("DCAPD_URL_MAP", ""))
+    url = args.url.strip()
+    config = dcapd_config({
+        "pcs_url": (f"PCS URL {url!r}", url if url.endswith("/") else url + "/"),
+        "url_map": ("--url-map", args.url_map), "api_key": ("--api-key", args.api_key or None),
+        "upstream_retries": ("--retries", str(args.retries)),
+        "upstream_timeout": ("--timeout", str(args.timeout))})
     check_writable(args.output)
     fingerprint = hashlib.sha256(json.dumps(
-        [args.url, args.tcb_update_type, args.platform, crl_only,
+        [JOURNAL_FORMAT, args.url, args.tcb_update_type, args.platform, crl_only,
          hashlib.sha256(json.dumps(platforms).encode()).hexdigest()]).encode()).hexdigest()
     journal = Journal(args.output + ".partial", fingerprint, args.restart)
     progress = Progress()
-    pcs = Pcs(args.url, _api_key_getter(args), url_map, journal, args.retries, args.backoff,
-              args.timeout, sleep)
+    pcs = Pcs(config, _api_key_getter(config), journal, args.backoff, sleep)
     try:
         result = Fetcher(pcs, integrity, args.tcb_update_type, args.platform, progress) \
             .run(platforms)
@@ -1181,6 +1126,8 @@ def cmd_fetch(args, sleep: Callable[[float], None]) -> int:
             log.warning("kept %d PCS answers in %s: run the same command again to resume",
                         len(journal.replies), journal.path)
         raise
+    finally:
+        pcs.close()
     progress.close()
     write_atomic(args.output, json.dumps(result.upload).encode())
     journal.remove()
@@ -1250,37 +1197,35 @@ def cmd_refresh(args) -> int:
     return 0
 
 
-def default_cache_dir() -> str:
-    from .config import default_cache_dir as per_user
-
-    return os.environ.get("DCAPD_CACHE_DIR") or per_user()
+def cache_dir(args) -> str:
+    """-C, else the variable, else dcapd's per-user cache folder (the setting's resolution)."""
+    return dcapd_config({"cache_dir": ("-C/--cache-dir", args.cache_dir)}).cache_dir
 
 
 def cmd_import(args) -> int:
     body = read_json(args.input)
     if not isinstance(body, dict):
         raise AdminError(f"{args.input}: not an upload file (not a JSON object)")
-    cache_dir = args.cache_dir or default_cache_dir()
-    services = open_services(cache_dir, args.trusted_roots, args.config)
+    directory = cache_dir(args)
+    services = open_services(directory, args.trusted_roots, args.config)
     try:
         counts = import_upload(services, body, args.input)
     finally:
         services.store.close()
         services.upstream.close()
-    print(f"{args.input}: imported into {cache_dir} ({counts['uploads']} upload bodies, "
+    print(f"{args.input}: imported into {directory} ({counts['uploads']} upload bodies, "
           f"{counts['crls']} CRLs, {counts['entries']} other entries)")
     return 0
 
 
 def cmd_export(args) -> int:
-    from .config import INTEL_ROOTCA_CRL_URL
     from .store import Store
 
-    cache_dir = args.cache_dir or default_cache_dir()
-    if not os.path.isfile(os.path.join(cache_dir, "cache.db")):
-        raise AdminError(f"{cache_dir} is not a dcapd cache directory (no cache.db)")
+    directory = cache_dir(args)
+    if not os.path.isfile(os.path.join(directory, "cache.db")):
+        raise AdminError(f"{directory} is not a dcapd cache directory (no cache.db)")
     check_writable(args.output)
-    store = Store(cache_dir)
+    store = Store(directory)
     try:
         exporter = Exporter(store, INTEL_ROOTCA_CRL_URL)
         body = exporter.run()
@@ -1313,8 +1258,8 @@ Air-gapped workflow:
      or, with no server running: dcapd-admin import -i platform_collaterals.json --cache-dir DIR
 
 The admin token comes from --token, the DCAPD_ADMIN_TOKEN variable or a prompt; the Intel PCS
-API key from --api-key, the INTEL_API_KEY variable or a prompt.
-"""
+API key from --api-key, the {api_key} variable or a prompt.
+""".format(api_key=ENV["api_key"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1387,13 +1332,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="TCB info and identity update type (default: standard)")
     fetch.add_argument("-c", "--crl-only", action="store_true",
                        help="fetch only the CRLs (ignored when -i is given, as Intel's tool)")
-    fetch.add_argument("--api-key", help=f"Intel PCS subscription key (default: ${API_KEY_ENV}, "
+    fetch.add_argument("--api-key", help=f"Intel PCS subscription key (default: ${ENV['api_key']}, "
                                          "else a prompt)")
     fetch.add_argument("--not-available", metavar="FILE",
                        help="where to list TCBs whose certificate is 'Not available' "
                             "(default: not_available.json beside the output)")
     fetch.add_argument("--url-map", metavar="ORIGIN=MIRROR,...",
-                       help="fetch Intel URLs from a mirror (default: $DCAPD_URL_MAP), e.g. "
+                       help=f"fetch Intel URLs from a mirror (default: ${ENV['url_map']}), e.g. "
                             "https://certificates.trustedservices.intel.com=http://mirror")
     fetch.add_argument("--trusted-roots", metavar="PEM",
                        help="root CA(s) everything fetched must chain to (default: Intel's "
@@ -1432,7 +1377,7 @@ def build_parser() -> argparse.ArgumentParser:
     local = argparse.ArgumentParser(add_help=False)
     group = local.add_argument_group("cache directory")
     group.add_argument("-C", "--cache-dir",
-                       help="dcapd's cache directory (default: $DCAPD_CACHE_DIR, else the "
+                       help=f"dcapd's cache directory (default: ${ENV['cache_dir']}, else the "
                             "per-user cache folder dcapd uses)")
 
     imp = commands.add_parser(
@@ -1460,7 +1405,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _logging(verbose: bool) -> Callable[[], None]:
     """Log lines of this run on stderr (records of the thread running the command only, so a
-    server in the same process keeps its own logging); returns the function that undoes it."""
+    server in the same process keeps its own logging); returns the function that undoes it.
+    dcapd.upstream's lines are left out: they are the server's log of PCS calls, and ``fetch``
+    reports each PCS answer itself, naming the item."""
     import threading
 
     logger = logging.getLogger("dcapd")
@@ -1468,7 +1415,8 @@ def _logging(verbose: bool) -> Callable[[], None]:
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(logging.INFO if verbose else logging.WARNING)
     handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
-    handler.addFilter(lambda record: record.thread == thread)
+    handler.addFilter(lambda record: record.thread == thread
+                      and not record.name.startswith("dcapd.upstream"))
     saved_level = logger.level
     logger.addHandler(handler)
     if verbose and logger.getEffectiveLevel() > logging.INFO:

@@ -104,11 +104,18 @@ class SingleFlight:
                 return fill()  # the other process is stuck: do not wait for ever
 
 
+def is_url_encoded_chain(value: str) -> bool:
+    """An issuer chain as PCS sends it: URL-encoded PEM, so without raw whitespace or control
+    characters (a folded or unencoded chain could not be stored and replayed as a header)."""
+    return "-----BEGIN%20CERTIFICATE-----" in value and not any(
+        ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value)
+
+
 def _require_chain(reply: UpstreamResponse, *names: str) -> str:
     for name in names:
         value = reply.headers.get(name)
         if value:
-            if "-----BEGIN%20CERTIFICATE-----" not in value:
+            if not is_url_encoded_chain(value):
                 raise BadUpstreamData(f"{name} header is not a URL-encoded PEM chain")
             return value
     raise BadUpstreamData(f"response has no {names[0]} header")

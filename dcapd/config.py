@@ -25,10 +25,11 @@ INTEL_ROOTCA_CRL_URL = "https://certificates.trustedservices.intel.com/IntelSGXR
 class ConfigError(ValueError):
     """A setting that cannot be used; ``str()`` is the one line the CLI prints."""
 
-    def __init__(self, key: str, problem: str):
+    def __init__(self, key: str, problem: str, setting: str = ""):
         super().__init__(f"{key}: {problem}")
         self.key = key
         self.problem = problem
+        self.setting = setting  # the Setting.name refused, when it is one setting
 
 
 def default_cache_dir() -> str:
@@ -319,7 +320,7 @@ def load_config(overrides: Optional[Mapping[str, object]] = None,
         try:
             values[setting.name] = setting.parse(raw)
         except ValueError as exc:
-            raise ConfigError(label, str(exc)) from None
+            raise ConfigError(label, str(exc), setting.name) from None
     if not values["cache_dir"]:
         values["cache_dir"] = default_cache_dir()
     if bool(values["cert_file"]) != bool(values["key_file"]):

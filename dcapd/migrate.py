@@ -47,10 +47,8 @@ import decimal
 import json
 import logging
 import os
-import re
 import sqlite3
 import sys
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -62,7 +60,7 @@ from .integrity import IntegrityError
 from .pckcerts import RawTcb
 from .selection import SelectionError, parse_pck_cert
 from .store import Entry
-from .upload import PCK_CHAINS
+from .upload import PCK_CHAINS, is_hex, upload_certs
 from .upstream import is_allowed_crl_url
 
 log = logging.getLogger("dcapd.migrate")
@@ -91,7 +89,6 @@ OPTIONAL_TABLES: dict[str, tuple[str, ...]] = {
 ROOT_CERT_ID = 1
 _REG_STATES = {0: "NEW", 1: "NOT_AVAILABLE"}  # 9 = DELETED (already read by the admin)
 _IDENTITY_NAMES = {1: "qeidentity", 2: "qveidentity", 3: "tdqeidentity"}
-_HEX = re.compile(r"[0-9A-Fa-f]*")
 _SOURCE = "intel-pccs"
 
 
@@ -300,7 +297,7 @@ def _hex_of_blob(value) -> str:
 
 def _hex(value, name: str, lengths: tuple[int, ...] = (), max_length: int = 0) -> str:
     text = _text(value).strip()
-    if not _HEX.fullmatch(text) or not (len(text) in lengths or 0 < len(text) <= max_length):
+    if not is_hex(text, lengths, max_length):
         raise _Skip(f"has an invalid {name} {text[:40]!r}")
     return text
 
@@ -714,9 +711,7 @@ class _Importer:
                      "platform_manifest": platform.platform_manifest}
             doc["platforms"] += [dict(entry, cpu_svn=raw.cpusvn, pce_svn=raw.pcesvn)
                                  for raw in selectable]
-            doc["collaterals"]["pck_certs"].append(dict(entry, certs=[
-                {"tcb": cert["tcb"], "tcbm": cert["tcbm"],
-                 "cert": urllib.parse.quote(cert["pem"], safe="")} for cert in platform.certs]))
+            doc["collaterals"]["pck_certs"].append(dict(entry, certs=upload_certs(platform.certs)))
             self.summary.platforms += 1
             self.summary.pck_certs += len(platform.certs)
             self.summary.raw_tcbs += len(selectable) + len(pinned)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from .collateral import (CT_PEM, FMSPC, PCK_CA_TYPE, PCK_CERT_CHAIN, TCBM, BadUpstreamData,
-                         Collateral, SingleFlight)
+                         Collateral, SingleFlight, is_url_encoded_chain)
 from .errors import PccsError
 from .middleware import note_cache_outcome
 from .integrity import IntegrityError
@@ -188,6 +188,8 @@ class PckCerts:
             fmspc = _header(reply.headers, FMSPC).upper()
             ca = _header(reply.headers, PCK_CA_TYPE).upper()
             chain = _header(reply.headers, PCK_CERT_CHAIN)
+            if not is_url_encoded_chain(chain):
+                raise BadUpstreamData(f"{PCK_CERT_CHAIN} header is not a URL-encoded PEM chain")
             if not re.fullmatch(r"[0-9A-F]{12}", fmspc) or ca not in ("PROCESSOR", "PLATFORM"):
                 raise BadUpstreamData(f"bad {FMSPC} or {PCK_CA_TYPE} header")
             for cert in certs:

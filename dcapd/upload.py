@@ -13,9 +13,9 @@ import re
 import urllib.parse
 from typing import Callable, Optional
 
-from .collateral import (CT_CRL, CT_JSON, ENCLAVE_IDENTITY_CHAIN, PCK_CRL_CHAIN,
+from .collateral import (CT_CRL, CT_JSON, ENCLAVE_IDENTITY_CHAIN, PCK_CERT_CHAIN, PCK_CRL_CHAIN,
                          TCB_INFO_CHAIN_V3, TCB_INFO_CHAIN_V4, BadUpstreamData, crl_meta,
-                         signed_json_meta, tcb_info_chain_header)
+                         is_url_encoded_chain, signed_json_meta, tcb_info_chain_header)
 from .errors import PccsError
 from .integrity import Integrity, IntegrityError
 from .pckcerts import PckCerts, RawTcb
@@ -24,7 +24,7 @@ from .store import Entry, Store
 
 log = logging.getLogger("dcapd.upload")
 
-PCK_CHAINS = "SGX-PCK-Certificate-Issuer-Chain"
+PCK_CHAINS = PCK_CERT_CHAIN  # the upload's key for the PCK chains: the PCS header's name
 _CHAIN_SPLIT = "-----BEGIN%20CERTIFICATE-----"
 _HEX = re.compile(r"[0-9A-Fa-f]*")
 _TCB_KEYS = {4: {"sgx_tcbinfo": ("sgx", "STANDARD"), "sgx_tcbinfo_early": ("sgx", "EARLY"),
@@ -40,12 +40,17 @@ def _bad(reason: str) -> PccsError:
     return PccsError(400, f"collateral upload: {reason}")
 
 
+def is_hex(value, lengths: tuple[int, ...] = (), max_length: int = 0) -> bool:
+    """A str of hex digits whose length is one of ``lengths`` or 1..``max_length``."""
+    return isinstance(value, str) and bool(_HEX.fullmatch(value)) and (
+        len(value) in lengths or 0 < len(value) <= max_length)
+
+
 def _hex_field(item: dict, name: str, where: str, lengths: tuple[int, ...] = (),
                max_length: int = 0) -> str:
     """A hex string of one of ``lengths`` (or 1..max_length); absent means empty."""
     value = item.get(name) or ""
-    if not isinstance(value, str) or not _HEX.fullmatch(value) or not (
-            len(value) in lengths or 0 < len(value) <= max_length):
+    if not is_hex(value, lengths, max_length):
         raise _bad(f"{where}.{name} is not valid hex")
     return value
 
@@ -57,13 +62,29 @@ def _require(container: dict, name: str, kind: type, where: str):
     return value
 
 
-def split_chain(chain: str, where: str) -> tuple[str, str]:
+def chain_halves(chain: str) -> tuple[str, str]:
     """Intel: a chain is split at the LAST URL-encoded BEGIN line into (intermediate, root);
-    an unencoded chain cannot be split and is refused."""
-    if not isinstance(chain, str) or chain.count(_CHAIN_SPLIT) < 2:
-        raise _bad(f"{where} is not a URL-encoded certificate chain")
+    an unencoded chain cannot be split (ValueError)."""
+    if not isinstance(chain, str) or chain.count(_CHAIN_SPLIT) < 2 \
+            or not is_url_encoded_chain(chain):
+        raise ValueError("not a URL-encoded certificate chain of two certificates")
     at = chain.rindex(_CHAIN_SPLIT)
     return chain[:at], chain[at:]
+
+
+def split_chain(chain: str, where: str) -> tuple[str, str]:
+    """:func:`chain_halves`, refusing the upload (400) when ``chain`` cannot be split."""
+    try:
+        return chain_halves(chain)
+    except ValueError:
+        raise _bad(f"{where} is not a URL-encoded certificate chain") from None
+
+
+def upload_certs(certs: list[dict]) -> list[dict]:
+    """Certificates as an upload stores them ({tcb, tcbm, pem}) in the upload's own form
+    ({tcb, tcbm, cert}: the PEM URL-encoded, as PCS sends it); the inverse of apply."""
+    return [{"tcb": cert["tcb"], "tcbm": cert["tcbm"],
+             "cert": urllib.parse.quote(cert["pem"], safe="")} for cert in certs]
 
 
 def tcb_info_body(document: dict) -> bytes:

@@ -2,18 +2,21 @@
 
 One requests.Session; the API key only where Intel needs it; no redirects followed; retries
 with backoff for network errors, 5xx and 429 (honouring Retry-After) inside one overall
-deadline. Errors are returned or raised, never cached (the caller decides what to store).
+deadline (the server's :class:`RetryPolicy`; ``dcapd-admin fetch`` passes a patient one).
+Errors are returned or raised, never cached (the caller decides what to store).
 """
 
 from __future__ import annotations
 
+import email.utils
 import logging
+import math
 import random
 import re
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import requests
 from requests.structures import CaseInsensitiveDict
@@ -44,6 +47,10 @@ ENCLAVE_IDENTITY_PATHS = {"qe": ("sgx", "qe/identity"), "qve": ("sgx", "qve/iden
 class UpstreamError(Exception):
     """Upstream unreachable, timed out, or answering something that is not a response."""
 
+    def __init__(self, message: str, url: str = ""):
+        super().__init__(message)
+        self.url = url  # what was asked (no query), for a caller's own message
+
 
 @dataclass
 class UpstreamResponse:
@@ -55,6 +62,44 @@ class UpstreamResponse:
     @property
     def ok(self) -> bool:
         return self.status == 200
+
+
+def is_retryable(status: int) -> bool:
+    """An answer worth asking again for: 429 (throttled) or a 5xx."""
+    return status == 429 or status >= 500
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How :class:`Upstream` waits between attempts. The defaults are the server's: jittered
+    exponential backoff from 0.25 s up to 8 s, Retry-After (seconds or a date) honoured, and
+    ``upstream_timeout`` one deadline for all attempts together. ``dcapd-admin fetch``, a
+    patient batch job, waits without jitter for up to minutes and times each attempt alone."""
+
+    first_delay: float = 0.25
+    max_delay: float = 8.0
+    jitter: bool = True
+    timeout_per_attempt: bool = False  # upstream_timeout bounds each attempt, not all of them
+    sleep: Optional[Callable[[float], None]] = None  # default time.sleep
+    # Told before each wait: (the 429/5xx reply or None, the network error or None, delay).
+    on_retry: Optional[Callable[[Optional[requests.Response], Optional[Exception], float],
+                                None]] = None
+
+    def delay(self, attempt: int, reply: Optional[requests.Response]) -> float:
+        """Seconds to wait before retry ``attempt + 1``: Retry-After when upstream gives one,
+        else exponential backoff."""
+        retry_after = (reply.headers.get("Retry-After") or "").strip() if reply is not None \
+            else ""
+        if retry_after.isdigit():
+            return float(retry_after)
+        if retry_after:  # the other form RFC 9110 allows: an HTTP date
+            try:
+                return max(0.0, email.utils.parsedate_to_datetime(retry_after).timestamp()
+                           - time.time())
+            except (TypeError, ValueError, IndexError):
+                pass
+        delay = min(self.max_delay, self.first_delay * 2 ** attempt)
+        return delay * (0.5 + random.random() / 2) if self.jitter else delay
 
 
 def is_allowed_crl_url(uri: str) -> bool:
@@ -78,10 +123,17 @@ def is_allowed_crl_url(uri: str) -> bool:
 
 
 class Upstream:
-    """Intel PCS client. ``pcs_url`` names the default; each call says which API version."""
+    """Intel PCS client. ``pcs_url`` names the default; each call says which API version.
 
-    def __init__(self, config: Config, session: Optional[requests.Session] = None):
+    ``api_key`` (default: the configured one) is asked only when a request needs the key;
+    ``retry`` says how to wait between attempts (default: the server's policy)."""
+
+    def __init__(self, config: Config, session: Optional[requests.Session] = None, *,
+                 api_key: Optional[Callable[[], str]] = None,
+                 retry: Optional[RetryPolicy] = None):
         self.config = config
+        self._api_key = api_key or (lambda: self.config.api_key)
+        self.retry = retry or RetryPolicy()
         self.session = session or requests.Session()
         self.session.headers["User-Agent"] = f"dcapd/{__version__}"
         if config.proxy:
@@ -115,6 +167,9 @@ class Upstream:
         tee, path = ENCLAVE_IDENTITY_PATHS[kind]
         return self._get(self.endpoint_url(tee, version, path), {"update": update.lower()})
 
+    def get_fmspcs(self, version: int, platform: str) -> UpstreamResponse:
+        return self._get(self.endpoint_url("sgx", version, "fmspcs"), {"platform": platform})
+
     def get_pck_certs(self, version: int, encrypted_ppid: str, pceid: str) -> UpstreamResponse:
         return self._get(self.endpoint_url("sgx", version, "pckcerts"),
                          {"encrypted_ppid": encrypted_ppid, "pceid": pceid}, api_key=True)
@@ -131,7 +186,12 @@ class Upstream:
         return self._request("GET", self.mapped_url(uri), None)
 
     def get_root_ca_crl(self) -> UpstreamResponse:
-        return self._request("GET", self.mapped_url(self.config.rootca_crl_url), None)
+        return self.get_url(self.config.rootca_crl_url)
+
+    def get_url(self, url: str) -> UpstreamResponse:
+        """GET a URL from trusted data (the configured root CA CRL URL, the CRL distribution
+        point of a verified certificate), through url_map; no allow-list check."""
+        return self._request("GET", self.mapped_url(url), None)
 
     def mapped_url(self, url: str) -> str:
         """Rewrite an Intel origin to its configured mirror (``url_map``)."""
@@ -149,49 +209,47 @@ class Upstream:
                  api_key: bool = False, json_body=None) -> UpstreamResponse:
         headers = {}
         if api_key or url.startswith(_KEY_ON_EVERY_CALL):
-            headers[API_KEY_HEADER] = self.config.api_key
-        deadline = time.monotonic() + self.config.upstream_timeout
+            headers[API_KEY_HEADER] = self._api_key()
+        per_attempt = self.retry.timeout_per_attempt
+        deadline = math.inf if per_attempt else time.monotonic() + self.config.upstream_timeout
         attempts = 1 + self.config.upstream_retries
         shown = url  # never log query values: they may hold an encrypted PPID
         for attempt in range(attempts):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise UpstreamError(f"{method} {shown}: deadline passed")
+                raise UpstreamError(f"{method} {shown}: deadline passed", url)
             try:
                 reply = self.session.request(
                     method, url, params=params, headers=headers, json=json_body,
-                    timeout=(min(5.0, remaining), remaining), allow_redirects=False)
+                    timeout=self.config.upstream_timeout if per_attempt
+                    else (min(5.0, remaining), remaining), allow_redirects=False)
                 body = reply.content
             except requests.RequestException as exc:
                 failure: Optional[str] = f"{type(exc).__name__}"
+                error: Optional[Exception] = exc
                 reply = None
             else:
-                failure = None
+                failure = error = None
             if reply is not None:
                 self._log_reply(method, shown, reply)
-                if reply.status_code != 429 and reply.status_code < 500:
+                if not is_retryable(reply.status_code):
                     self.last_success = time.time()
                     return UpstreamResponse(reply.status_code, reply.headers, body, url)
             if attempt + 1 == attempts:
                 break
-            delay = self._backoff(attempt, reply)
+            delay = self.retry.delay(attempt, reply)
             if time.monotonic() + delay >= deadline:
                 break
             log.info("upstream %s %s failed (%s); retrying in %.2fs", method, shown,
                      failure or reply.status_code, delay)
-            time.sleep(delay)
+            if self.retry.on_retry is not None:
+                self.retry.on_retry(reply, error, delay)
+            (self.retry.sleep or time.sleep)(delay)
         self.last_failure = time.time()
         if reply is None:
-            raise UpstreamError(f"{method} {shown}: {failure}")
+            raise UpstreamError(f"{method} {shown}: {failure}", url) from error
         # Persistent 5xx/429: answered, but not with the collateral (the caller maps it).
         return UpstreamResponse(reply.status_code, reply.headers, reply.content, url)
-
-    @staticmethod
-    def _backoff(attempt: int, reply: Optional[requests.Response]) -> float:
-        retry_after = reply.headers.get("Retry-After") if reply is not None else None
-        if retry_after and retry_after.strip().isdigit():
-            return float(retry_after.strip())
-        return min(8.0, 0.25 * 2 ** attempt) * (0.5 + random.random() / 2)
 
     @staticmethod
     def _log_reply(method: str, url: str, reply: requests.Response) -> None:

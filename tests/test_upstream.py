@@ -181,3 +181,25 @@ def test_request_version_replaces_the_one_in_pcs_url(make_config, version, tee, 
         pcs_url="https://api.trustedservices.intel.com/sgx/certification/v4/"))
     assert upstream.endpoint_url(tee, version, "tcb") == \
         "https://api.trustedservices.intel.com" + expected
+
+
+def test_retry_policy_delays():
+    """The server's policy (jittered, capped at 8 s) and a patient one as dcapd-admin fetch
+    uses (no jitter); both honour Retry-After in seconds and as an HTTP date."""
+    import email.utils
+
+    import requests
+
+    from dcapd.upstream import RetryPolicy
+
+    server = RetryPolicy()
+    assert all(0.125 <= server.delay(0, None) <= 0.25 for _ in range(20))
+    assert 4.0 <= server.delay(10, None) <= 8.0
+    reply = requests.Response()
+    reply.headers["Retry-After"] = "7"
+    assert server.delay(3, reply) == 7.0
+    reply.headers["Retry-After"] = email.utils.formatdate(time.time() + 60, usegmt=True)
+    assert 55 <= server.delay(0, reply) <= 60
+    patient = RetryPolicy(first_delay=0.5, max_delay=300.0, jitter=False)
+    assert [patient.delay(n, None) for n in (0, 1, 2, 20)] == [0.5, 1.0, 2.0, 300.0]
+    assert 55 <= patient.delay(0, reply) <= 60
