@@ -59,3 +59,21 @@ def test_no_posix_only_calls_in_the_package():
     for path in (REPO / "dcapd").rglob("*.py"):
         text = path.read_text()
         assert "os.fork" not in text and "import fcntl" not in text, path
+
+
+def test_windows_server_paths(monkeypatch, make_config):
+    """On Windows waitress must use select() (no poll there), and the in-memory certificate
+    falls back to an encrypted key in a temporary directory (no memfd)."""
+    import ssl
+
+    from dcapd import server, tls
+
+    config = make_config()
+    assert server.waitress_options(config)["asyncore_use_poll"] is True
+    monkeypatch.setattr(server.os, "name", "nt")
+    assert server.waitress_options(config)["asyncore_use_poll"] is False
+    monkeypatch.undo()
+    monkeypatch.delattr(tls.os, "memfd_create", raising=False)
+    cert_pem, key_pem = tls.generate_self_signed()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    assert tls.load_in_memory(context, cert_pem, key_pem) == "encrypted-tempdir"
