@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import timezone
 from typing import Callable, Optional
@@ -22,7 +20,7 @@ from cryptography import x509
 from .errors import PccsError
 from .middleware import note_cache_outcome
 from .integrity import Integrity, IntegrityError
-from .store import Entry, Store
+from .store import Entry, Store, lock_owner, owner_is_gone
 from .upstream import Upstream, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("dcapd.collateral")
@@ -64,7 +62,7 @@ class SingleFlight:
     def __init__(self, store: Store, lock_ttl: float):
         self.store = store
         self.lock_ttl = lock_ttl
-        self.owner = f"{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = lock_owner()
         self._lock = threading.Lock()
         self._calls: dict[str, threading.Lock] = {}
 
@@ -89,7 +87,8 @@ class SingleFlight:
         deadline = time.monotonic() + self.lock_ttl
         while True:
             held = self.store.get_json(self.store.lock_key(lock_name))
-            free = held is None or held["expires"] <= time.time()
+            free = held is None or held["expires"] <= time.time() \
+                or owner_is_gone(held["owner"])
             if free and self.store.try_lock(lock_name, self.owner, self.lock_ttl, time.time()):
                 try:
                     entry = lookup()  # filled by another process just before we got the lock

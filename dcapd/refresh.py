@@ -8,17 +8,14 @@ one process on a cache directory refreshes at a time (a lock in the cache).
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from .collateral import Collateral, Source, fetch_entry
 from .errors import PccsError
 from .pckcerts import PckCerts
-from .store import Entry, Store
+from .store import Entry, Store, lock_owner
 
 log = logging.getLogger("dcapd.refresh")
 
@@ -55,7 +52,7 @@ class Refresher:
         self.mode = mode
         self.version = version  # the API version pcs_url names (Intel: "the server's")
         self.clock = clock
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = lock_owner()
 
     # --- locking: one refresh per cache directory
 

@@ -35,6 +35,7 @@ import signal
 import socket
 import ssl
 import threading
+import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import waitress
@@ -92,7 +93,9 @@ def waitress_options(config: Any, *, sockets: Optional[List[socket.socket]] = No
         "clear_untrusted_proxy_headers": True,
         "log_untrusted_proxy_headers": False,
         "expose_tracebacks": False,
-        "max_request_body_size": max(1, _num(config, "max_body_bytes", DEFAULT_MAX_BODY_BYTES, int)),
+        # waitress refuses a body of max_request_body_size bytes or more; dcapd's limit is the
+        # largest body it accepts, so one more.
+        "max_request_body_size": max(1, _num(config, "max_body_bytes", DEFAULT_MAX_BODY_BYTES, int)) + 1,
         # select() cannot watch fds >= FD_SETSIZE (1024 on Linux); with the TLS
         # front holding two sockets per client the backend's fds get high fast.
         # Windows has no poll() in waitress's loop, and its select() limit is on
@@ -200,6 +203,37 @@ class PeerRestoringMiddleware:
         return self.app(environ, start_response)
 
 
+class _RequestHeads:
+    """Watches a client's bytes for the end of each request head (a blank line): from the
+    first byte of a head, the whole head must arrive within ``timeout`` seconds. Once the
+    answer starts, the next bytes begin a new head."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.awaiting = True
+        self.started: Optional[float] = None
+        self.tail = b""
+
+    def time_left(self) -> Optional[float]:
+        if not self.awaiting or self.started is None:
+            return None  # idle between requests: waitress's channel_timeout applies
+        return max(0.0, self.started + self.timeout - time.monotonic())
+
+    def received(self, data: bytes) -> None:
+        if not self.awaiting:
+            return
+        if self.started is None:
+            self.started = time.monotonic()
+        window = self.tail + data
+        if b"\r\n\r\n" in window:
+            self.awaiting = False
+        else:
+            self.tail = window[-3:]
+
+    def answered(self) -> None:
+        self.awaiting, self.started, self.tail = True, None, b""
+
+
 class Server:
     """dcapd's HTTP(S) server: waitress, plus the asyncio TLS front when ``tls == 'auto'``.
 
@@ -222,6 +256,7 @@ class Server:
         )
         if not self.handshake_timeout > 0:
             raise ValueError("tls_handshake_timeout must be > 0")
+        self.channel_timeout = float(waitress_options(config)["channel_timeout"])
         self.port: Optional[int] = None
         self.url: Optional[str] = None
         self.fingerprint: Optional[str] = None
@@ -543,8 +578,15 @@ class Server:
             key = (local[0], str(local[1]))
             value = (peer[0], peer[1])
             self._peers[key] = value
-            upstream = asyncio.ensure_future(self._pipe(reader, backend_writer, half_close=True))
-            downstream = asyncio.ensure_future(self._pipe(backend_reader, writer, half_close=False))
+            # A request head must arrive whole within channel_timeout (waitress restarts its
+            # timer on every byte, so a one-byte-a-second client would hold a slot for ever),
+            # and a client must read its answer within channel_timeout too.
+            heads = _RequestHeads(self.channel_timeout)
+            upstream = asyncio.ensure_future(
+                self._pipe(reader, backend_writer, half_close=True, heads=heads))
+            downstream = asyncio.ensure_future(
+                self._pipe(backend_reader, writer, half_close=False, drain_timeout=self.channel_timeout,
+                           on_data=heads.answered))
             try:
                 done, _ = await asyncio.wait({upstream, downstream}, return_when=asyncio.FIRST_COMPLETED)
                 if upstream in done and upstream.result() and not downstream.done():
@@ -582,18 +624,28 @@ class Server:
                 pass
 
     @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, half_close: bool) -> bool:
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, half_close: bool,
+                    heads: Optional["_RequestHeads"] = None, drain_timeout: Optional[float] = None,
+                    on_data: Optional[Callable[[], None]] = None) -> bool:
         """Copy until EOF.  True on a clean EOF (passed on as a half-close when possible)."""
         try:
             while True:
-                data = await reader.read(_PIPE_CHUNK)
+                wait = heads.time_left() if heads is not None else None
+                data = await asyncio.wait_for(reader.read(_PIPE_CHUNK), wait)
                 if not data:
                     break
+                if heads is not None:
+                    heads.received(data)
+                if on_data is not None:
+                    on_data()
                 writer.write(data)
-                await writer.drain()
+                await asyncio.wait_for(writer.drain(), drain_timeout)
             if half_close and writer.can_write_eof():
                 writer.write_eof()
             return True
+        except asyncio.TimeoutError:
+            log.info("TLS front: dropped a client that was too slow to send or to read")
+            return False
         except (OSError, ssl.SSLError, EOFError, asyncio.IncompleteReadError) as exc:
             log.debug("TLS front: connection ended: %r", exc)
             return False

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import time
+import uuid
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
@@ -112,6 +114,27 @@ class Entry:
         entry = cls(body, dict(line.split(": ", 1) for line in lines), content_type)
         entry._meta_raw = meta_raw
         return entry
+
+
+def lock_owner() -> str:
+    """``host:pid:token``: who holds a lock in the cache, so a crashed holder can be seen."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def owner_is_gone(owner: str) -> bool:
+    """True when a lock's owner was a process on this host that has ended (a crash or kill
+    leaves its lock behind). Elsewhere, and on Windows, the lock's expiry decides."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if os.name != "posix" or host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)  # signal 0: existence check only (POSIX)
+    except ProcessLookupError:
+        return True
+    except OSError:  # e.g. EPERM: it exists, under another user
+        return False
+    return False
 
 
 def open_cache(directory: str) -> diskcache.Cache:
@@ -265,11 +288,13 @@ class Store:
                             meta={"stored_at": time.time()}))
 
     def try_lock(self, name: str, owner: str, ttl: float, now: float) -> bool:
-        """A lock shared by every process on this cache directory (expires after ``ttl``)."""
+        """A lock shared by every process on this cache directory: it expires after ``ttl``,
+        or as soon as its owner (see :func:`lock_owner`) is a process that no longer runs."""
         key = self.lock_key(name)
         with self.transaction():
             held = self.get_json(key)
-            if held and held["owner"] != owner and held["expires"] > now:
+            if held and held["owner"] != owner and held["expires"] > now \
+                    and not owner_is_gone(held["owner"]):
                 return False
             self.put_json(key, {"owner": owner, "expires": now + ttl})
             return True

@@ -608,9 +608,6 @@ def test_running_server_refuses_an_oversized_body_before_it_is_sent(make_config,
             assert result.status_code == 400, "under the limit: read, then judged (not JSON)"
 
 
-@pytest.mark.xfail(strict=True, reason="waitress refuses Content-Length >= max_request_body_size "
-                   "and dcapd.server passes max_body_bytes unchanged, so a body of exactly "
-                   "max_body_bytes (which the app accepts) gets waitress's 413 (fix: + 1)")
 def test_running_server_accepts_a_body_of_exactly_the_limit(make_config):
     import requests
 

@@ -260,9 +260,6 @@ def test_connection_limit_holds_and_frees_when_idle_clients_time_out(make_config
                 sock.close()
 
 
-@pytest.mark.xfail(strict=True, reason="waitress resets channel_timeout on every byte received "
-                   "and has no deadline for a whole request head, so a client sending one byte "
-                   "a second is never dropped (only max_request_header_size, 256 KiB, ends it)")
 def test_one_byte_a_second_slowloris_is_eventually_dropped(make_config):
     with serving(make_config, channel_timeout=1) as (server, session):
         with hostile_clients(server.port) as hostile:
@@ -273,9 +270,6 @@ def test_one_byte_a_second_slowloris_is_eventually_dropped(make_config):
             assert "slowloris" in hostile.dropped
 
 
-@pytest.mark.xfail(strict=True, reason="TLS front: Server._pipe awaits writer.drain() with no "
-                   "timeout, so once a client stops reading, its connection (and the loopback "
-                   "socket) stays open after waitress dropped its side at channel_timeout")
 def test_a_client_that_never_reads_is_dropped_after_channel_timeout(make_config):
     with serving(make_config, channel_timeout=1) as (server, session):
         with hostile_clients(server.port) as hostile:

@@ -435,7 +435,7 @@ def test_waitress_options_from_config():
     custom = make_config(threads=3, connection_limit=50, channel_timeout=7, max_body_bytes=1000)
     opts = waitress_options(custom, sockets=[])
     assert (opts["threads"], opts["connection_limit"], opts["channel_timeout"]) == (3, 50, 7)
-    assert opts["max_request_body_size"] == 1000
+    assert opts["max_request_body_size"] == 1001  # waitress refuses >= this
     assert opts["sockets"] == []
     assert opts["cleanup_interval"] <= 7
     # Every key is one waitress accepts.
