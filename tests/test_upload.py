@@ -3,17 +3,16 @@ that serves everything uploaded with no upstream at all."""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 
 from tests import pki
-from tests.fakepcs import FIXTURES, PCS_FIXTURES, SCENARIOS
+from tests.fakepcs import FIXTURES, PCS_FIXTURES
 from tests.servers import issue_server_cert, running_dcapd
 from tests.test_e2e_dcap_qvl import INDEX, verify_with_dcap_qvl
 from tests.test_pckcert import CASES, PCKCERT, assert_pck_answer, query, raw_tcb
-from tests.test_platforms import ADMIN, TOKENS, USER, read_platforms, register, registration
+from tests.test_platforms import ADMIN, TOKENS, read_platforms, register, registration
 from tests.uploads import (INTEL_ROOT_CDP, intel_upload, upload_for_test_platform,
                            upload_from_scenario)
 

@@ -20,7 +20,7 @@ from tests import pki
 from tests.fakepcs import load_body
 from tests.test_pckcert import CASES, PCKCERT, query, raw_tcb, serve_platform
 from tests.test_platforms import ADMIN, TOKENS, USER, registration
-from tests.uploads import intel_upload, upload_for_test_platform
+from tests.uploads import intel_upload
 
 SCENARIO = "2025-05-27_intel-pcs-recording"
 REPO = Path(__file__).resolve().parents[1]
