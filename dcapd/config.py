@@ -136,6 +136,13 @@ def _cron(value: str) -> str:
     return value.strip()
 
 
+def _cpu_list(value: str) -> str:
+    value = value.strip()
+    if value and not re.fullmatch(r"\d+(,\d+)*", value):
+        raise ValueError(f"expected CPU numbers like 0 or 0,1, got {value!r}")
+    return value
+
+
 def _text(value: str) -> str:
     return value.strip()
 
@@ -172,6 +179,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tls_handshake_timeout", "server", "tls_handshake_timeout",
             "DCAPD_TLS_HANDSHAKE_TIMEOUT", "10", _positive(float),
             "seconds a client has to finish the TLS handshake"),
+    Setting("cpu_affinity", "server", "cpu_affinity", "DCAPD_CPU_AFFINITY", "", _cpu_list,
+            "Linux: CPUs to run on, e.g. 0 or 0,1; empty = any (one CPU avoids handing the "
+            "GIL between CPUs: faster for one process)"),
     Setting("max_body_bytes", "server", "max_body_bytes", "DCAPD_MAX_BODY_BYTES",
             str(512 * 1024 * 1024), _positive(int),
             "largest request body accepted (a 10,000-platform collateral upload fits)"),
@@ -237,6 +247,7 @@ class Config:
     proxy: str
     url_map: dict = field(hash=False)
     max_body_bytes: int = 512 * 1024 * 1024
+    cpu_affinity: str = ""
     upstream_timeout: float = 20.0
     upstream_retries: int = 3
     cache_dir: str = ""
