@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import re
 import time
-import uuid
 
 import falcon
 
@@ -26,6 +26,11 @@ def note_cache_outcome(outcome: str) -> None:
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
+def new_request_id() -> str:
+    """32 lower-case hex characters, like Intel's dash-less UUIDv4 (4x cheaper than uuid4)."""
+    return os.urandom(16).hex()
+
+
 class RequestIdFilter(logging.Filter):
     """Adds ``request_id`` to every log record so one line ties to one request."""
 
@@ -40,7 +45,7 @@ class PccsRequestRules:
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         # Intel meant to echo the client's Request-ID ([ref-bug]: it never does); we do.
         client_id = req.get_header(REQUEST_ID_HEADER) or ""
-        request_id = client_id if _CLIENT_REQUEST_ID.fullmatch(client_id) else uuid.uuid4().hex
+        request_id = client_id if _CLIENT_REQUEST_ID.fullmatch(client_id) else new_request_id()
         req.context.request_id = request_id
         req.context.started = time.perf_counter()
         request_id_var.set(request_id)
@@ -49,18 +54,20 @@ class PccsRequestRules:
         # Express matches paths case-insensitively (trailing slash: req_options).
         req.path = req.path.lower()
         # Intel: the first of duplicate query parameters wins (falcon keeps the last).
-        for name, value in list(req.params.items()):
-            if isinstance(value, list):
-                req.params[name] = value[0]
+        params = req.params
+        for name, value in params.items():
+            if value.__class__ is list:
+                params[name] = value[0]
 
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource,
                          req_succeeded: bool) -> None:
-        resp.set_header(REQUEST_ID_HEADER, req.context.get("request_id") or uuid.uuid4().hex)
+        resp.set_header(REQUEST_ID_HEADER, req.context.get("request_id") or new_request_id())
         # The query may carry an encrypted PPID: log the path only.
         started = req.context.get("started")
         duration_ms = (time.perf_counter() - started) * 1000 if started else 0.0
-        log.info("%s %s %s %.1fms cache=%s", req.method, req.path, resp.status_code,
-                 duration_ms, cache_outcome_var.get())
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s %s %s %.1fms cache=%s", req.method, req.path, resp.status_code,
+                     duration_ms, cache_outcome_var.get())
 
 
 def serialize_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:
