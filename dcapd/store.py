@@ -29,11 +29,10 @@ CACHE_SETTINGS = dict(
     size_limit=2**62,
     sqlite_journal_mode="wal",
     disk_min_file_size=2**20,
-    # diskcache opens one SQLite connection per thread. Its default 8,192-page cache per
-    # connection multiplied peak RSS to ~400 MiB at 10,000 platforms; a small page cache with
-    # a memory map (file pages shared, not copied per connection) keeps peak RSS under 80 MiB
-    # and hits as fast at 10,000 platforms as at 10 (measured: scripts/bench.py --sweep).
-    sqlite_mmap_size=2**28,
+    # diskcache opens one SQLite connection per thread; its defaults (a 64 MiB memory map and
+    # an 8,192-page cache each) multiplied peak RSS to ~400 MiB at 10,000 platforms. A hit
+    # costs the same without them (measured: scripts/bench.py).
+    sqlite_mmap_size=0,
     sqlite_cache_size=256,
 )
 
