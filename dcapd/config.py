@@ -92,7 +92,9 @@ def _url_map(value: str) -> dict[str, str]:
         if not sep or not re.match(r"^https?://[^/]+$", original.strip().rstrip("/")) \
                 or not re.match(r"^https?://[^/]+", replacement.strip()):
             raise ValueError(f"expected ORIGIN=REPLACEMENT URL pairs, got {pair!r}")
-        mapping[original.strip().rstrip("/")] = replacement.strip().rstrip("/")
+        from .upstream import canonical_origin
+
+        mapping[canonical_origin(original.strip().rstrip("/"))] = replacement.strip().rstrip("/")
     return mapping
 
 

@@ -102,6 +102,18 @@ class RetryPolicy:
         return delay * (0.5 + random.random() / 2) if self.jitter else delay
 
 
+def canonical_origin(origin: str) -> str:
+    """``HTTPS://Host:443`` and ``https://host`` are one origin (url_map keys are compared so)."""
+    parts = urllib.parse.urlsplit(origin)
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    try:
+        port = parts.port
+    except ValueError:
+        return origin
+    default = {"https": 443, "http": 80}.get(scheme)
+    return f"{scheme}://{host}" + (f":{port}" if port and port != default else "")
+
+
 def is_allowed_crl_url(uri: str) -> bool:
     """True only for an https URL on one of Intel's CRL hosts with a CRL path (whole match)."""
     # ASCII only: str.lower() would turn e.g. U+212A KELVIN SIGN into "k" below.
@@ -197,7 +209,7 @@ class Upstream:
         """Rewrite an Intel origin to its configured mirror (``url_map``)."""
         parts = urllib.parse.urlsplit(url)
         origin = f"{parts.scheme}://{parts.netloc}"
-        mirror = self.config.url_map.get(origin)
+        mirror = self.config.url_map.get(canonical_origin(origin))
         return mirror + url[len(origin):] if mirror else url
 
     # --- transport

@@ -203,3 +203,14 @@ def test_retry_policy_delays():
     patient = RetryPolicy(first_delay=0.5, max_delay=300.0, jitter=False)
     assert [patient.delay(n, None) for n in (0, 1, 2, 20)] == [0.5, 1.0, 2.0, 300.0]
     assert 55 <= patient.delay(0, reply) <= 60
+
+
+@pytest.mark.parametrize("spelling", [
+    "https://certificates.trustedservices.intel.com/IntelSGXRootCA.der",
+    "HTTPS://CERTIFICATES.trustedservices.intel.com/IntelSGXRootCA.der",
+    "https://certificates.trustedservices.intel.com:443/IntelSGXRootCA.der",
+])
+def test_url_map_matches_every_spelling_of_an_origin(make_config, spelling):
+    upstream = Upstream(make_config(
+        url_map="https://certificates.trustedservices.intel.com=http://127.0.0.1:9"))
+    assert upstream.mapped_url(spelling) == "http://127.0.0.1:9/IntelSGXRootCA.der"
