@@ -344,3 +344,23 @@ def test_bad_appraisal_policies_are_400(make_client, policy, is_default, fmspc):
     client = make_client(cache_mode="OFFLINE", **TOKENS)
     assert put_policy(client, policy, is_default, fmspc).status_code == 400
     assert client.app.services.store.keys() == []
+
+
+def test_old_cache_serves_newer_collateral_after_the_schedule_fires(fake_pcs, make_client):
+    fake = fake_pcs(NEW)
+    older_world(fake)
+    client = make_client(fake, **TOKENS)
+    warm(client)
+    fake.clear_added()  # PCS now has the newer data
+    services = client.app.services
+    clock = FakeClock(dt.datetime(2026, 11, 27, 12, 0).timestamp())
+    scheduler = RefreshScheduler(services.refresher, services.store,
+                                 CronSchedule("0 0 1 * * *"), 60.0, clock=clock)
+    scheduler.last_early = clock.now  # only the schedule may fire here
+    assert scheduler.tick() is None
+    assert client.simulate_get(TDX_TCB[0], params=TDX_TCB[1]).content == OLD_TCB.read_bytes()
+    clock.now = dt.datetime(2026, 11, 28, 1, 0, 1).timestamp()  # just past 01:00
+    assert scheduler.tick() is True
+    assert client.simulate_get(TDX_TCB[0], params=TDX_TCB[1]).content == \
+        load_body(NEW, "tdx_tcb_90C06F000000")
+    assert scheduler.next_scheduled == dt.datetime(2026, 11, 29, 1, 0).timestamp()
