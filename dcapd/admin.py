@@ -42,8 +42,8 @@ from requests.structures import CaseInsensitiveDict
 
 from . import __version__
 from .auth import ADMIN_TOKEN_HEADER
-from .collateral import (ENCLAVE_IDENTITY_CHAIN, PCK_CERT_CHAIN, PCK_CRL_CHAIN,
-                         TCB_INFO_CHAIN_V3, TCB_INFO_CHAIN_V4, tcb_info_chain_header)
+from .collateral import (ENCLAVE_IDENTITY_CHAIN, PCK_CERT_CHAIN, PCK_CRL_CHAIN, TCB_INFO_CHAIN_V3,
+                         TCB_INFO_CHAIN_V4, tcb_info_chain_header)
 from .config import INTEL_PCS_URL, INTEL_ROOTCA_CRL_URL, SETTINGS, ConfigError, load_config
 from .pckcerts import NOT_AVAILABLE
 from .upload import chain_halves, is_hex, tcb_info_body, upload_certs

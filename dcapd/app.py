@@ -7,17 +7,17 @@ from typing import Callable, Iterator, Optional
 import falcon
 
 from . import resources
+from .auth import Auth
 from .collateral import Collateral
 from .config import Config, load_config
-from .middleware import PccsRequestRules, handle_http_error, handle_unexpected, serialize_error
-from .auth import Auth
 from .integrity import Integrity
+from .middleware import PccsRequestRules, handle_http_error, handle_unexpected, serialize_error
 from .pckcerts import PckCerts
 from .platforms import Registrations
 from .policies import Policies
 from .refresh import Refresher
-from .upload import CollateralUpload
 from .store import Store
+from .upload import CollateralUpload
 from .upstream import Upstream
 
 API_VERSIONS = (3, 4)

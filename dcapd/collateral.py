@@ -18,8 +18,8 @@ from typing import Callable, Optional
 from cryptography import x509
 
 from .errors import PccsError
-from .middleware import note_cache_outcome
 from .integrity import Integrity, IntegrityError
+from .middleware import note_cache_outcome
 from .store import Entry, Store, lock_owner, owner_is_gone
 from .upstream import Upstream, UpstreamError, UpstreamResponse
 

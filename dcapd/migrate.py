@@ -806,8 +806,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m dcapd.migr
     """0 imported (rows dcapd cannot serve are listed as skipped), 1 not imported, 2 bad
     configuration."""
     from .app import create_app
-    from .logs import configure_logging
     from .config import ConfigError, load_config
+    from .logs import configure_logging
 
     args = build_parser(prog).parse_args(argv)
     try:

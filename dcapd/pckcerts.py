@@ -18,8 +18,8 @@ from typing import Optional, Sequence
 from .collateral import (CT_PEM, FMSPC, PCK_CA_TYPE, PCK_CERT_CHAIN, TCBM, BadUpstreamData,
                          Collateral, SingleFlight, is_url_encoded_chain)
 from .errors import PccsError
-from .middleware import note_cache_outcome
 from .integrity import IntegrityError
+from .middleware import note_cache_outcome
 from .selection import SelectionError, select_pck_cert
 from .store import Entry, Store
 from .upstream import Upstream, UpstreamError

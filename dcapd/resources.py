@@ -8,15 +8,15 @@ from typing import Optional
 
 import falcon
 
-from .collateral import CT_CRL, CT_PEM, Collateral
 from .auth import Auth
+from .collateral import CT_CRL, CT_PEM, Collateral
 from .errors import STATUS_TEXTS, PccsError
+from .pckcerts import PckCerts, RawTcb
 from .platforms import Registrations, validate_registration
 from .policies import Policies
 from .refresh import Refresher
-from .upload import CollateralUpload
-from .pckcerts import PckCerts, RawTcb
 from .store import Entry, Store
+from .upload import CollateralUpload
 from .upstream import is_allowed_crl_url
 
 _HEX = re.compile(r"[0-9A-Fa-f]*")
