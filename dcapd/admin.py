@@ -46,7 +46,8 @@ from .collateral import (ENCLAVE_IDENTITY_CHAIN, PCK_CERT_CHAIN, PCK_CRL_CHAIN, 
                          TCB_INFO_CHAIN_V4, tcb_info_chain_header)
 from .config import INTEL_PCS_URL, INTEL_ROOTCA_CRL_URL, SETTINGS, ConfigError, load_config
 from .pckcerts import NOT_AVAILABLE
-from .upload import chain_halves, is_hex, tcb_info_body, upload_certs
+from .hexstr import ANY_LENGTH, is_hex
+from .upload import chain_halves, tcb_info_body, upload_certs
 from .upstream import (ENCLAVE_IDENTITY_PATHS, RetryPolicy, Upstream, UpstreamError,
                        UpstreamResponse, is_retryable)
 
@@ -219,7 +220,7 @@ def _platform_problem(item) -> Optional[str]:
         if value not in (None, "") and not is_hex(value, (length,)):
             return f"{name} is not {length} hex characters (or empty)"
     manifest = item.get("platform_manifest")
-    if manifest not in (None, "") and not is_hex(manifest, max_length=1 << 30):
+    if manifest not in (None, "") and not is_hex(manifest, max_length=ANY_LENGTH):
         return "platform_manifest is not a hex string (or empty or null)"
     if not item.get("enc_ppid") and not manifest:
         return "has neither enc_ppid nor platform_manifest: PCS cannot be asked for its certs"

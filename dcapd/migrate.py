@@ -60,7 +60,8 @@ from .integrity import IntegrityError
 from .pckcerts import RawTcb
 from .selection import SelectionError, parse_pck_cert
 from .store import Entry
-from .upload import PCK_CHAINS, is_hex, upload_certs
+from .hexstr import is_hex
+from .upload import PCK_CHAINS, upload_certs
 from .upstream import is_allowed_crl_url
 
 log = logging.getLogger("dcapd.migrate")

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 from .collateral import (CT_PEM, FMSPC, PCK_CA_TYPE, PCK_CERT_CHAIN, TCBM, BadUpstreamData,
                          Collateral, SingleFlight, is_url_encoded_chain)
 from .errors import PccsError
+from .hexstr import is_hex
 from .integrity import IntegrityError
 from .middleware import note_cache_outcome
 from .selection import SelectionError, select_pck_cert
@@ -270,7 +271,7 @@ def parse_pck_certs(body: bytes) -> tuple[list[dict], list[dict]]:
     for item in entries:
         if not isinstance(item, dict) or not isinstance(item.get("cert"), str) \
                 or not isinstance(item.get("tcbm"), str) \
-                or not re.fullmatch(r"[0-9A-Fa-f]{36}", item["tcbm"]):
+                or not is_hex(item["tcbm"], (36,)):
             raise BadUpstreamData("pckcerts entry without tcb/tcbm/cert")
         if item["cert"] == NOT_AVAILABLE:
             unavailable.append(item)

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from typing import Optional
 
 from .collateral import Collateral
 from .errors import PccsError
+from .hexstr import ANY_LENGTH, is_hex
 from .pckcerts import PckCerts, RawTcb
 from .store import Store
 
 log = logging.getLogger("dcapd.platforms")
 
-_HEX = re.compile(r"[0-9A-Fa-f]*")
 # Registration body fields: (name, required, exact hex length or None for 1..260).
 _FIELDS = (("qe_id", True, None), ("pce_id", True, 4), ("cpu_svn", False, 32),
            ("pce_svn", False, 4), ("enc_ppid", False, 768))
@@ -32,13 +31,12 @@ def validate_registration(body) -> dict:
             if required:
                 raise PccsError(400, f"registration: {name} is required")
             continue
-        if not isinstance(value, str) or not _HEX.fullmatch(value) or \
-                (len(value) != length if length else not 0 < len(value) <= 260):
+        if not (is_hex(value, (length,)) if length else is_hex(value, max_length=260)):
             raise PccsError(400, f"registration: {name} is not "
                                  f"{length or '1..260'} hex characters")
         fields[name] = value
     manifest = body.get("platform_manifest")
-    if manifest is not None and (not isinstance(manifest, str) or not _HEX.fullmatch(manifest)):
+    if manifest not in (None, "") and not is_hex(manifest, max_length=ANY_LENGTH):
         raise PccsError(400, "registration: platform_manifest is not a hex string")
     record = {"qe_id": fields["qe_id"].upper(), "pce_id": fields["pce_id"].upper()}
     if manifest:

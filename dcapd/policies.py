@@ -7,10 +7,10 @@ import base64
 import binascii
 import hashlib
 import json
-import re
 import time
 
 from .errors import PccsError
+from .hexstr import is_hex
 from .store import Entry, Store
 
 # Intel's class_id -> policy type; the TD QE class is skipped (§4.4).
@@ -63,7 +63,7 @@ class Policies:
         if not isinstance(body, dict) or not isinstance(body.get("policy"), str) \
                 or not isinstance(body.get("is_default"), bool) \
                 or not isinstance(body.get("fmspc"), str) \
-                or not re.fullmatch(r"[0-9A-Fa-f]{12}", body["fmspc"]):
+                or not is_hex(body["fmspc"], (12,)):
             raise _bad("body needs policy (string), is_default (boolean), fmspc (12 hex)")
         policy, fmspc, is_default = body["policy"], body["fmspc"].upper(), body["is_default"]
         kind = policy_type(policy)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from typing import Optional
 
 import falcon
@@ -11,6 +10,7 @@ import falcon
 from .auth import Auth
 from .collateral import CT_CRL, CT_PEM, Collateral
 from .errors import STATUS_TEXTS, PccsError
+from .hexstr import is_hex
 from .pckcerts import PckCerts, RawTcb
 from .platforms import Registrations, validate_registration
 from .policies import Policies
@@ -19,7 +19,6 @@ from .store import Entry, Store
 from .upload import CollateralUpload
 from .upstream import is_allowed_crl_url
 
-_HEX = re.compile(r"[0-9A-Fa-f]*")
 UPDATE_TYPES = ("STANDARD", "EARLY")
 
 
@@ -37,7 +36,7 @@ def hex_param(req: falcon.Request, name: str, length: int, required: bool = True
         return None
     # Intel checks only the length; a non-hex value can only be a client bug, and must never
     # reach PCS or a cache key.
-    if len(value) != length or not _HEX.fullmatch(value):
+    if not is_hex(value, (length,)):
         raise PccsError(400, f"{name} must be {length} hex characters")
     return value.upper()
 
@@ -45,7 +44,7 @@ def hex_param(req: falcon.Request, name: str, length: int, required: bool = True
 def qeid_param(req: falcon.Request) -> str:
     # QCNL sends 32 hex; the PCK ID tool in platform-id mode may send longer ids (<= 260).
     value = query_value(req, "qeid")
-    if not 0 < len(value) <= 260 or not _HEX.fullmatch(value):
+    if not is_hex(value, max_length=260):
         raise PccsError(400, "qeid must be 1..260 hex characters")
     return value.upper()
 

@@ -26,6 +26,8 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Se
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID, NameOID
 
+from .hexstr import is_hex
+
 __all__ = [
     "SelectionError", "InvalidArgumentError", "InvalidCertError", "InvalidTcbInfoError",
     "PceIdMismatchError", "FmspcMismatchError", "PpidMismatchError", "PckNotFoundError",
@@ -461,7 +463,6 @@ _VALID_TCB_STATUSES = frozenset({
 })
 _SIGNATURE_HEX_LEN = 128  # raw ECDSA P-256 r‖s, hex
 _ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
-_HEX = re.compile(r"[0-9a-fA-F]*")
 _UINT32_MAX = 0xFFFFFFFF
 _INT32 = (-(2 ** 31), 2 ** 31 - 1)
 
@@ -590,7 +591,7 @@ def _date_field(obj: Dict[str, Any], name: str) -> datetime:
 
 def _hex_field(obj: Dict[str, Any], name: str, n_bytes: int) -> bytes:
     value = obj.get(name)
-    if not isinstance(value, str) or len(value) != 2 * n_bytes or not _HEX.fullmatch(value):
+    if not is_hex(value, (2 * n_bytes,)):
         raise InvalidTcbInfoError(f"[{name}] missing or not {2 * n_bytes} hex chars")
     return bytes.fromhex(value)
 
@@ -735,7 +736,7 @@ def _parse_query(cpusvn: str, pcesvn: str, pceid: str) -> Tuple[Tcb, int]:
 
 
 def _query_hex(value: Any, n_bytes: int, name: str) -> bytes:
-    if not isinstance(value, str) or len(value) != 2 * n_bytes or not _HEX.fullmatch(value):
+    if not is_hex(value, (2 * n_bytes,)):
         raise InvalidArgumentError(f"{name} must be {2 * n_bytes} hex chars, got {value!r}")
     return bytes.fromhex(value)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import urllib.parse
 from typing import Callable, Optional
 
@@ -17,6 +16,7 @@ from .collateral import (CT_CRL, CT_JSON, ENCLAVE_IDENTITY_CHAIN, PCK_CERT_CHAIN
                          TCB_INFO_CHAIN_V3, TCB_INFO_CHAIN_V4, BadUpstreamData, crl_meta,
                          is_url_encoded_chain, signed_json_meta, tcb_info_chain_header)
 from .errors import PccsError
+from .hexstr import ANY_LENGTH, is_hex
 from .integrity import Integrity, IntegrityError
 from .pckcerts import PckCerts, RawTcb
 from .selection import SelectionError, parse_pck_cert
@@ -26,7 +26,6 @@ log = logging.getLogger("dcapd.upload")
 
 PCK_CHAINS = PCK_CERT_CHAIN  # the upload's key for the PCK chains: the PCS header's name
 _CHAIN_SPLIT = "-----BEGIN%20CERTIFICATE-----"
-_HEX = re.compile(r"[0-9A-Fa-f]*")
 _TCB_KEYS = {4: {"sgx_tcbinfo": ("sgx", "STANDARD"), "sgx_tcbinfo_early": ("sgx", "EARLY"),
                  "tdx_tcbinfo": ("tdx", "STANDARD"), "tdx_tcbinfo_early": ("tdx", "EARLY")},
              3: {"tcbinfo": ("sgx", "STANDARD"), "tcbinfo_early": ("sgx", "EARLY")}}
@@ -38,12 +37,6 @@ _SVN_FIELDS = tuple(f"sgxtcbcomp{i:02d}svn" for i in range(1, 17))
 
 def _bad(reason: str) -> PccsError:
     return PccsError(400, f"collateral upload: {reason}")
-
-
-def is_hex(value, lengths: tuple[int, ...] = (), max_length: int = 0) -> bool:
-    """A str of hex digits whose length is one of ``lengths`` or 1..``max_length``."""
-    return isinstance(value, str) and bool(_HEX.fullmatch(value)) and (
-        len(value) in lengths or 0 < len(value) <= max_length)
 
 
 def _hex_field(item: dict, name: str, where: str, lengths: tuple[int, ...] = (),
@@ -184,7 +177,7 @@ class CollateralUpload:
         for index, item in enumerate(tcb_infos):
             where = f"tcbinfos[{index}]"
             if not isinstance(item, dict) or not isinstance(item.get("fmspc"), str) \
-                    or not re.fullmatch(r"[0-9A-Fa-f]{12}", item["fmspc"]):
+                    or not is_hex(item["fmspc"], (12,)):
                 raise _bad(f"{where}.fmspc is missing or not 12 hex characters")
             # Intel matches this FMSPC case-sensitively against the cert's ([ref-bug]); we don't.
             fmspc = item["fmspc"].upper()
@@ -270,7 +263,7 @@ class CollateralUpload:
 
     @staticmethod
     def _hex_bytes(value, where: str) -> bytes:
-        if not isinstance(value, str) or len(value) % 2 or not _HEX.fullmatch(value):
+        if not is_hex(value, max_length=ANY_LENGTH) or len(value) % 2:
             raise _bad(f"{where} is not hex")
         return bytes.fromhex(value)
 
@@ -313,7 +306,7 @@ class CollateralUpload:
         for index, cert in enumerate(certs_in):
             if not isinstance(cert, dict) or not isinstance(cert.get("cert"), str) \
                     or not isinstance(cert.get("tcbm"), str) \
-                    or not re.fullmatch(r"[0-9A-Fa-f]{36}", cert["tcbm"]) \
+                    or not is_hex(cert["tcbm"], (36,)) \
                     or not self._valid_tcb(cert.get("tcb")):
                 raise _bad(f"{where}.certs[{index}] needs tcb, tcbm (36 hex) and cert")
             certs.append({"tcb": cert["tcb"], "tcbm": cert["tcbm"].upper(),

@@ -1,0 +1,15 @@
+"""The one hex check every input path uses (query values, registration and upload fields)."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+_HEX = re.compile(r"[0-9A-Fa-f]*")
+ANY_LENGTH = sys.maxsize  # max_length for values of no fixed size (CRLs, manifests)
+
+
+def is_hex(value, lengths: tuple[int, ...] = (), max_length: int = 0) -> bool:
+    """A str of hex digits whose length is one of ``lengths`` or 1..``max_length``."""
+    return isinstance(value, str) and bool(_HEX.fullmatch(value)) and (
+        len(value) in lengths or 0 < len(value) <= max_length)
