@@ -76,8 +76,9 @@ class PckCerts:
             note_cache_outcome("hit")
             return entry
         note_cache_outcome("miss")
-        if self.store.get_json(self.store.platform_key(raw.qeid, raw.pceid)) is not None:
-            return self._select_cached(version, raw)
+        entry = self._answer_for_known_platform(version, raw)
+        if entry is not None:
+            return entry
         if self.mode != "LAZY":
             raise PccsError(461, f"platform {raw.qeid}/{raw.pceid} is not cached ({self.mode})")
         if encrypted_ppid is None:
@@ -85,12 +86,17 @@ class PckCerts:
         if _ALL_ZEROS.fullmatch(encrypted_ppid):
             # Intel: QCNL sends 768 zeros when it has no PPID; PCS cannot answer that.
             raise PccsError(404, "unknown platform and an all-zero encrypted_ppid")
-        platform_key = self.store.platform_key(raw.qeid, raw.pceid)
-        return self._flight.run(
-            platform_key,
-            lambda: self.store.get(key) if self.store.get_json(platform_key) is None
-            else self._select_cached(version, raw),
-            lambda: self._fetch_platform(version, raw, encrypted_ppid))
+        # Concurrent misses for one platform share one pckcerts call; the others then
+        # select locally from what it stored.
+        return self._flight.run(self.store.platform_key(raw.qeid, raw.pceid),
+                                lambda: self._answer_for_known_platform(version, raw),
+                                lambda: self._fetch_platform(version, raw, encrypted_ppid))
+
+    def _answer_for_known_platform(self, version: int, raw: RawTcb) -> Optional[Entry]:
+        """None when the platform is not cached; else its answer, selected locally if new."""
+        if self.store.get_json(self.store.platform_key(raw.qeid, raw.pceid)) is None:
+            return None
+        return self._select_cached(version, raw)
 
     # --- known platform: select locally, never contacting PCS, in every mode
 
