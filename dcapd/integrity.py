@@ -379,19 +379,29 @@ def raw_json_value_span(body: bytes, key: str) -> tuple[int, int]:
     as a whole must be valid UTF-8 JSON.
     """
     body = bytes(body)
-    try:
-        _loads_strict(body.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise IntegrityError(f"body is not UTF-8: {exc}") from None
-    except (ValueError, RecursionError) as exc:
-        raise IntegrityError(f"body is not valid JSON: {exc or 'nested too deeply'}") from None
-    try:
-        spans = _top_level_spans(body)
-    except _Malformed as exc:
-        raise IntegrityError(f"body: {exc}") from None
+    _, spans = _parse_with_spans(body, "")
     if key not in spans:
         raise IntegrityError(f"body has no top-level {key!r}")
     return spans[key]
+
+
+def _parse_with_spans(body: bytes, what: str) -> tuple[object, dict[str, tuple[int, int]]]:
+    """The parsed document and the byte spans of its top-level values; IntegrityError (with
+    ``what`` before the reason) when the body is not strict UTF-8 JSON."""
+    prefix = f"{what}: " if what else ""
+    try:
+        doc = _loads_strict(body.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise IntegrityError(f"{prefix}body is not UTF-8: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise IntegrityError(f"{prefix}body is not valid JSON: "
+                             f"{exc or 'nested too deeply'}") from None
+    if not isinstance(doc, dict):
+        raise IntegrityError(f"{prefix}body is not a JSON object")
+    try:
+        return doc, _top_level_spans(body)
+    except _Malformed as exc:
+        raise IntegrityError(f"{prefix}body: {exc}") from None
 
 
 def extract_raw_json_value(body: bytes, key: str) -> bytes:
@@ -423,20 +433,7 @@ def verify_signed_json(body: bytes, top_key: str, chain_header: ChainLike,
     body = bytes(body)
     if len(body) > MAX_SIGNED_JSON:
         raise IntegrityError(f"{what}: body of {len(body)} bytes is larger than {MAX_SIGNED_JSON}")
-    try:
-        text = body.decode("utf-8")
-        doc = _loads_strict(text)
-    except UnicodeDecodeError as exc:
-        raise IntegrityError(f"{what}: body is not UTF-8: {exc}") from None
-    except (ValueError, RecursionError) as exc:
-        raise IntegrityError(f"{what}: body is not valid JSON: "
-                             f"{exc or 'nested too deeply'}") from None
-    if not isinstance(doc, dict):
-        raise IntegrityError(f"{what}: body is not a JSON object")
-    try:
-        spans = _top_level_spans(body)
-    except _Malformed as exc:
-        raise IntegrityError(f"{what}: body: {exc}") from None
+    doc, spans = _parse_with_spans(body, what)
     if top_key not in spans:
         raise IntegrityError(f"{what}: body has no top-level {top_key!r}")
     start, end = spans[top_key]
