@@ -50,7 +50,6 @@ class PccsRequestRules:
         req.context.started = time.perf_counter()
         request_id_var.set(request_id)
         cache_outcome_var.set("-")
-        resp.set_header(REQUEST_ID_HEADER, request_id)
         # Express matches paths case-insensitively (trailing slash: req_options).
         req.path = req.path.lower()
         # Intel: the first of duplicate query parameters wins (falcon keeps the last).
@@ -61,6 +60,7 @@ class PccsRequestRules:
 
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource,
                          req_succeeded: bool) -> None:
+        # Here, not in process_request: this runs for every answer, errors included.
         resp.set_header(REQUEST_ID_HEADER, req.context.get("request_id") or new_request_id())
         # The query may carry an encrypted PPID: log the path only.
         started = req.context.get("started")
