@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -60,6 +61,13 @@ def issue_server_cert(directory: Path) -> tuple[Path, Path, Path]:
                                            serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     return ca_file, cert_file, key_file
+
+
+def free_port() -> int:
+    """A 127.0.0.1 port free right now, for servers started as subprocesses."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @contextmanager

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import urllib3
 
 from tests.conftest import upstream_settings
 from tests.fakepcs import load_body
-from tests.servers import issue_server_cert, running_dcapd
+from tests.servers import free_port, issue_server_cert, running_dcapd
 
 SCENARIO = "2025-05-27_intel-pcs-recording"
 PATHS = ["/sgx/certification/v4/tcb?fmspc=00906ED50000&update=standard",
@@ -66,15 +65,9 @@ def test_plain_http(fake_pcs, make_config, session):
         assert session.get(f"http://127.0.0.1:{server.port}/nope", timeout=10).status_code == 404
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_dcapd_command_serves_https_with_generated_certificate(tmp_path, fake_pcs, session):
     fake = fake_pcs(SCENARIO)
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DCAPD_")}
     env.update(DCAPD_LISTEN=f"127.0.0.1:{port}", DCAPD_CACHE_DIR=str(tmp_path / "cache"),
                DCAPD_PCS_URL=fake.pcs_url, DCAPD_URL_MAP=fake.url_map)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ from tests import pki
 from tests.fakepcs import load_body
 from tests.test_pckcert import CASES, PCKCERT, query, raw_tcb, serve_platform
 from tests.test_platforms import ADMIN, TOKENS, USER, registration
+from tests.servers import free_port
 from tests.uploads import intel_upload
 
 SCENARIO = "2025-05-27_intel-pcs-recording"
@@ -28,12 +28,6 @@ PLATFORM = pki.default_platform()
 
 pytestmark = pytest.mark.skipif(shutil.which("gunicorn") is None and sys.platform != "win32",
                                 reason="gunicorn is in the test extra")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_two_gunicorn_workers_share_one_cache(tmp_path, fake_pcs, make_config):
