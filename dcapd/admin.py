@@ -34,22 +34,35 @@ import sys
 import tempfile
 import time
 import urllib.parse
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable
 
 import requests
 from requests.structures import CaseInsensitiveDict
 
 from . import __version__
 from .auth import ADMIN_TOKEN_HEADER
-from .collateral import (ENCLAVE_IDENTITY_CHAIN, PCK_CERT_CHAIN, PCK_CRL_CHAIN, TCB_INFO_CHAIN_V3,
-                         TCB_INFO_CHAIN_V4, tcb_info_chain_header)
+from .collateral import (
+    ENCLAVE_IDENTITY_CHAIN,
+    PCK_CERT_CHAIN,
+    PCK_CRL_CHAIN,
+    TCB_INFO_CHAIN_V3,
+    TCB_INFO_CHAIN_V4,
+    tcb_info_chain_header,
+)
 from .config import INTEL_PCS_URL, INTEL_ROOTCA_CRL_URL, SETTINGS, ConfigError, load_config
-from .pckcerts import NOT_AVAILABLE
 from .hexstr import ANY_LENGTH, is_hex
+from .pckcerts import NOT_AVAILABLE
 from .upload import chain_halves, tcb_info_body, upload_certs
-from .upstream import (ENCLAVE_IDENTITY_PATHS, RetryPolicy, Upstream, UpstreamError,
-                       UpstreamResponse, is_retryable)
+from .upstream import (
+    ENCLAVE_IDENTITY_PATHS,
+    RetryPolicy,
+    Upstream,
+    UpstreamError,
+    UpstreamResponse,
+    is_retryable,
+)
 
 log = logging.getLogger("dcapd.admin")
 
@@ -67,8 +80,10 @@ IDENTITY_KINDS = ("qe", "tdqe", "qve")
 RAW_KINDS = ("reg", "appraisal", "policy")
 SKIPPED_KINDS = ("pckcert", "certs", "rawtcbs", "lock", "status")
 
-_ERRNO = re.compile(r"\[Errno -?\d+\] [^'\")\]]+|Connection refused|Name or service not known|"
-                    r"timed out|Remote end closed connection without response")
+_ERRNO = re.compile(
+    r"\[Errno -?\d+\] [^'\")\]]+|Connection refused|Name or service not known|"
+    r"timed out|Remote end closed connection without response"
+)
 
 
 class AdminError(Exception):
@@ -139,8 +154,9 @@ def root_cert_cdp(chain: str) -> str:
         cert = x509.load_pem_x509_certificate(pem)
         points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
     except (ValueError, x509.ExtensionNotFound) as exc:
-        raise AdminError(f"cannot read the root CA CRL URL from the processor CRL issuer "
-                         f"chain: {exc}") from None
+        raise AdminError(
+            f"cannot read the root CA CRL URL from the processor CRL issuer chain: {exc}"
+        ) from None
     for point in points:
         for name in point.full_name or ():
             if isinstance(name, x509.UniformResourceIdentifier):
@@ -153,11 +169,13 @@ def dcapd_config(options: dict[str, tuple[str, object]]):
     admin's options: ``{setting name: (option, value or None)}``. A setting in ``ENV`` the
     option does not give comes from its environment variable; nothing else is read (no other
     variable, no ini file). A refused value is an error naming the option."""
-    environ = {ENV[name]: os.environ[ENV[name]] for name in options
-               if name in ENV and ENV[name] in os.environ}
+    environ = {
+        ENV[name]: os.environ[ENV[name]]
+        for name in options
+        if name in ENV and ENV[name] in os.environ
+    }
     try:
-        return load_config({name: value for name, (_, value) in options.items()},
-                           environ=environ)
+        return load_config({name: value for name, (_, value) in options.items()}, environ=environ)
     except ConfigError as exc:
         option = options[exc.setting][0] if exc.setting in options else exc.key
         raise AdminError(f"{option}: {exc.problem}") from None
@@ -190,8 +208,9 @@ class Progress:
             return
         total = max(self.total, self.done, 1)
         filled = int(self.width * self.done / total)
-        line = f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{total} " \
-               f"{self.label[:40]}"
+        line = (
+            f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{total} {self.label[:40]}"
+        )
         self.stream.write("\r" + line.ljust(self._drawn))
         self.stream.flush()
         self._drawn = len(line)
@@ -208,7 +227,7 @@ class Progress:
 # ---------------------------------------------------------------------------------------------
 
 
-def _platform_problem(item) -> Optional[str]:
+def _platform_problem(item) -> str | None:
     if not isinstance(item, dict):
         return "is not a JSON object"
     if not is_hex(item.get("qe_id"), max_length=260):
@@ -260,8 +279,10 @@ def collect_csv(files: Iterable[str]) -> list[dict]:
             if not any(values):
                 continue
             if len(values) not in (5, 6):
-                raise AdminError(f"{path} line {number}: {len(values)} columns, expected "
-                                 f"5 or 6 ({','.join(CSV_FIELDS)})")
+                raise AdminError(
+                    f"{path} line {number}: {len(values)} columns, expected "
+                    f"5 or 6 ({','.join(CSV_FIELDS)})"
+                )
             item = dict(zip(CSV_FIELDS, values))
             item.setdefault("platform_manifest", None)
             problem = _platform_problem(item)
@@ -277,7 +298,7 @@ def collect_csv(files: Iterable[str]) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
-def pccs_root(url: str) -> tuple[str, Optional[str]]:
+def pccs_root(url: str) -> tuple[str, str | None]:
     """(``scheme://host[:port][/prefix]/``, endpoint named in the URL or None).
 
     Accepts a bare server URL, the API base (``.../sgx/certification/v4/``) or an endpoint URL
@@ -289,8 +310,8 @@ def pccs_root(url: str) -> tuple[str, Optional[str]]:
     api = re.search(r"/sgx/certification/v\d+(?:/|$)", path)
     if not api:
         return match.group(1) + path.rstrip("/") + "/", None
-    endpoint = path[api.end():].strip("/") or None
-    return match.group(1) + path[:api.start()] + "/", endpoint
+    endpoint = path[api.end() :].strip("/") or None
+    return match.group(1) + path[: api.start()] + "/", endpoint
 
 
 class Pccs:
@@ -316,7 +337,7 @@ class Pccs:
             self.verify = False
             log.warning("TLS certificate of %s not verified (--insecure)", self.root)
 
-    def url(self, endpoint: str, version: Optional[int] = None) -> str:
+    def url(self, endpoint: str, version: int | None = None) -> str:
         return f"{self.root}sgx/certification/v{version or self.version}/{endpoint}"
 
     def token(self) -> str:
@@ -331,22 +352,32 @@ class Pccs:
     def request(self, method: str, url: str, **kwargs) -> requests.Response:
         headers = {ADMIN_TOKEN_HEADER: self.token(), **kwargs.pop("headers", {})}
         try:
-            reply = self.session.request(method, url, headers=headers, timeout=self.timeout,
-                                         verify=self.verify, allow_redirects=False, **kwargs)
+            reply = self.session.request(
+                method,
+                url,
+                headers=headers,
+                timeout=self.timeout,
+                verify=self.verify,
+                allow_redirects=False,
+                **kwargs,
+            )
         except requests.exceptions.SSLError as exc:
-            raise AdminError(f"TLS connection to {url} failed ({_reason(exc)}): give the "
-                             "server's CA certificate with --ca-file, or use --insecure") \
-                from None
+            raise AdminError(
+                f"TLS connection to {url} failed ({_reason(exc)}): give the "
+                "server's CA certificate with --ca-file, or use --insecure"
+            ) from None
         except requests.exceptions.Timeout:
             raise AdminError(f"no answer from {url} within {self.timeout:g} s") from None
         except requests.RequestException as exc:
             raise AdminError(f"cannot connect to {url}: {_reason(exc)}") from None
         if reply.status_code == 401:
-            raise AdminError(f"the PCCS at {url} refused the admin token "
-                             f"(401 {reply.text.strip()[:80]})")
+            raise AdminError(
+                f"the PCCS at {url} refused the admin token (401 {reply.text.strip()[:80]})"
+            )
         if reply.status_code != 200:
-            raise AdminError(f"{method} {url}: the PCCS answered {reply.status_code} "
-                             f"{reply.text.strip()[:200]}")
+            raise AdminError(
+                f"{method} {url}: the PCCS answered {reply.status_code} {reply.text.strip()[:200]}"
+            )
         return reply
 
 
@@ -399,14 +430,16 @@ class Journal:
         except (ValueError, IndexError):
             return False
         if not isinstance(head, dict) or head.get("fingerprint") != fingerprint:
-            log.warning("%s is from a fetch with other arguments or inputs: starting afresh",
-                        self.path)
+            log.warning(
+                "%s is from a fetch with other arguments or inputs: starting afresh", self.path
+            )
             return False
         for line in lines[1:]:
             try:  # a line cut short by a crash is simply not there
                 record = json.loads(line)
-                self.replies[record["k"]] = Reply(record["s"], CaseInsensitiveDict(record["h"]),
-                                                  base64.b64decode(record["b"]))
+                self.replies[record["k"]] = Reply(
+                    record["s"], CaseInsensitiveDict(record["h"]), base64.b64decode(record["b"])
+                )
             except (ValueError, KeyError, TypeError):
                 continue
         return True
@@ -415,13 +448,19 @@ class Journal:
         self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
         self._file.flush()
 
-    def get(self, key: str) -> Optional[Reply]:
+    def get(self, key: str) -> Reply | None:
         return self.replies.get(key)
 
     def put(self, key: str, reply: Reply) -> None:
         self.replies[key] = reply
-        self._write({"k": key, "s": reply.status, "h": dict(reply.headers),
-                     "b": base64.b64encode(reply.body).decode()})
+        self._write(
+            {
+                "k": key,
+                "s": reply.status,
+                "h": dict(reply.headers),
+                "b": base64.b64encode(reply.body).decode(),
+            }
+        )
 
     def close(self) -> None:
         if not self._file.closed:
@@ -439,12 +478,23 @@ class Pcs:
     """Intel PCS for ``fetch``: the journal first, then dcapd's Upstream (endpoints, API key,
     url_map, retries with backoff and Retry-After), reporting each item by its name."""
 
-    def __init__(self, config, api_key: Callable[[], str], journal: Journal, backoff: float,
-                 sleep: Callable[[float], None]):
+    def __init__(
+        self,
+        config,
+        api_key: Callable[[], str],
+        journal: Journal,
+        backoff: float,
+        sleep: Callable[[float], None],
+    ):
         # Patient, as a batch job may be: no jitter, long waits, a timeout per attempt.
-        retry = RetryPolicy(first_delay=backoff, max_delay=300.0, jitter=False,
-                            timeout_per_attempt=True, sleep=sleep,
-                            on_retry=self._retrying)
+        retry = RetryPolicy(
+            first_delay=backoff,
+            max_delay=300.0,
+            jitter=False,
+            timeout_per_attempt=True,
+            sleep=sleep,
+            on_retry=self._retrying,
+        )
         self.upstream = Upstream(config, api_key=api_key, retry=retry)
         mirror = self.upstream.mapped_url(config.pcs_url)
         if mirror != config.pcs_url:  # --url-map covers PCS too (dcapd's: only CRL URLs)
@@ -458,8 +508,9 @@ class Pcs:
         self.calls = 0  # requests actually sent (not answered from the journal)
         self._what = ""
 
-    def call(self, what: str, request: Callable[..., UpstreamResponse], *args,
-             optional: bool = False) -> Reply:
+    def call(
+        self, what: str, request: Callable[..., UpstreamResponse], *args, optional: bool = False
+    ) -> Reply:
         """The answer to ``request(*args)``, a method of ``self.upstream``. 200s (and, for
         ``optional`` items, 404s) are kept in the journal; a required item is never
         remembered as missing."""
@@ -472,19 +523,23 @@ class Pcs:
         try:
             answer = request(*args)
         except UpstreamError as exc:
-            raise AdminError(f"{what}: cannot connect to {exc.url.split('?')[0]}: "
-                             f"{_reason(exc.__cause__ or exc)} (after {self.retries} retries)") \
-                from None
+            raise AdminError(
+                f"{what}: cannot connect to {exc.url.split('?')[0]}: "
+                f"{_reason(exc.__cause__ or exc)} (after {self.retries} retries)"
+            ) from None
         if is_retryable(answer.status):
-            raise AdminError(f"{what}: PCS answered {answer.status} for "
-                             f"{answer.url.split('?')[0]} (after {self.retries} retries)")
+            raise AdminError(
+                f"{what}: PCS answered {answer.status} for "
+                f"{answer.url.split('?')[0]} (after {self.retries} retries)"
+            )
         reply = Reply(answer.status, CaseInsensitiveDict(answer.headers), answer.body)
         if reply.status == 200 or (reply.status == 404 and optional):
             self.journal.put(key, reply)
         return reply
 
-    def _retrying(self, response: Optional[requests.Response], error: Optional[Exception],
-                  delay: float) -> None:
+    def _retrying(
+        self, response: requests.Response | None, error: Exception | None, delay: float
+    ) -> None:
         self.calls += 1
         failure = _reason(error) if error is not None else f"PCS answered {response.status_code}"
         log.warning("%s: %s; retrying in %g s", self._what, failure, delay)
@@ -494,8 +549,11 @@ class Pcs:
 
 
 def _pcs_failure(what: str, reply: Reply) -> AdminError:
-    detail = " ".join(f"{name} {reply.header(name)}" for name in ("Error-Code", "Error-Message")
-                      if reply.header(name))
+    detail = " ".join(
+        f"{name} {reply.header(name)}"
+        for name in ("Error-Code", "Error-Message")
+        if reply.header(name)
+    )
     if reply.status == 401:
         return AdminError(f"{what}: Intel PCS refused the API key (401)")
     return AdminError(f"{what}: PCS answered {reply.status}" + (f" ({detail})" if detail else ""))
@@ -523,8 +581,7 @@ class FetchResult:
 
 
 class Fetcher:
-    def __init__(self, pcs: Pcs, integrity, update: str, platform_filter: str,
-                 progress: Progress):
+    def __init__(self, pcs: Pcs, integrity, update: str, platform_filter: str, progress: Progress):
         self.pcs = pcs
         self.upstream = pcs.upstream
         self.integrity = integrity
@@ -534,9 +591,15 @@ class Fetcher:
         version = pcs.version
         self.version = version
         self.tcb_chain_name = tcb_info_chain_header(version)
-        self.collaterals: dict = {"version": version, "pck_certs": [], "tcbinfos": [],
-                                  "pckcacrl": {}, "qeidentity": "", "tdqeidentity": "",
-                                  "qveidentity": ""}
+        self.collaterals: dict = {
+            "version": version,
+            "pck_certs": [],
+            "tcbinfos": [],
+            "pckcacrl": {},
+            "qeidentity": "",
+            "tdqeidentity": "",
+            "qveidentity": "",
+        }
         self.pck_chains: dict[str, str] = {}
         self.crl_chains: dict[str, str] = {}
         self.tcb_chain = ""
@@ -561,7 +624,7 @@ class Fetcher:
 
     # --- steps
 
-    def run(self, platforms: Optional[list]) -> FetchResult:
+    def run(self, platforms: list | None) -> FetchResult:
         self.progress.add(3)
         self.crls()
         not_available: list = []
@@ -574,8 +637,9 @@ class Fetcher:
     def crls(self) -> None:
         for ca in ("processor", "platform"):
             what = f"{ca} PCK CRL"
-            reply = self._required(what, self.pcs.call(
-                what, self.upstream.get_pck_crl, self.version, ca))
+            reply = self._required(
+                what, self.pcs.call(what, self.upstream.get_pck_crl, self.version, ca)
+            )
             chain = reply.header(PCK_CRL_CHAIN)
             if not chain:
                 raise AdminError(f"{what}: PCS sent no {PCK_CRL_CHAIN} header")
@@ -598,10 +662,15 @@ class Fetcher:
         for item in platforms:
             ident = (item["qe_id"].upper(), item["pce_id"].upper())
             # One pckcerts call per platform; a manifest wins (Intel: POST with it).
-            row = wanted.setdefault(ident, {
-                "qe_id": item["qe_id"], "pce_id": item["pce_id"],
-                "enc_ppid": item.get("enc_ppid") or "",
-                "platform_manifest": item.get("platform_manifest")})
+            row = wanted.setdefault(
+                ident,
+                {
+                    "qe_id": item["qe_id"],
+                    "pce_id": item["pce_id"],
+                    "enc_ppid": item.get("enc_ppid") or "",
+                    "platform_manifest": item.get("platform_manifest"),
+                },
+            )
             if item.get("platform_manifest") and not row["platform_manifest"]:
                 row["platform_manifest"] = item["platform_manifest"]
             if item.get("enc_ppid") and not row["enc_ppid"]:
@@ -610,17 +679,28 @@ class Fetcher:
         for platform in wanted.values():
             what = f"PCK certificates of platform {platform['qe_id']}/{platform['pce_id']}"
             if platform["platform_manifest"]:
-                reply = self.pcs.call(what, self.upstream.post_pck_certs, self.version,
-                                      platform["platform_manifest"], platform["pce_id"])
+                reply = self.pcs.call(
+                    what,
+                    self.upstream.post_pck_certs,
+                    self.version,
+                    platform["platform_manifest"],
+                    platform["pce_id"],
+                )
             else:
-                reply = self.pcs.call(what, self.upstream.get_pck_certs, self.version,
-                                      platform["enc_ppid"], platform["pce_id"])
+                reply = self.pcs.call(
+                    what,
+                    self.upstream.get_pck_certs,
+                    self.version,
+                    platform["enc_ppid"],
+                    platform["pce_id"],
+                )
             self._required(what, reply)
             chain = reply.header(PCK_CERT_CHAIN)
             try:
                 entries = json.loads(reply.body)
                 if not isinstance(entries, list) or not all(
-                        isinstance(e, dict) and isinstance(e.get("cert"), str) for e in entries):
+                    isinstance(e, dict) and isinstance(e.get("cert"), str) for e in entries
+                ):
                     raise ValueError("not a JSON array of {tcb, tcbm, cert}")
             except ValueError as exc:
                 raise AdminError(f"{what}: PCS sent bad data: {exc}") from None
@@ -630,13 +710,20 @@ class Fetcher:
                     try:
                         cpu_svn, pce_svn = raw_tcb_of_pcs_entry(entry["tcb"])
                     except (KeyError, TypeError, ValueError):
-                        raise AdminError(f"{what}: PCS sent bad data: a 'Not available' "
-                                         "entry without a valid tcb") from None
-                    not_available.append({
-                        "enc_ppid": platform["enc_ppid"],
-                        "platform_manifest": platform["platform_manifest"],
-                        "qe_id": platform["qe_id"], "pce_id": platform["pce_id"],
-                        "cpu_svn": cpu_svn, "pce_svn": pce_svn})
+                        raise AdminError(
+                            f"{what}: PCS sent bad data: a 'Not available' "
+                            "entry without a valid tcb"
+                        ) from None
+                    not_available.append(
+                        {
+                            "enc_ppid": platform["enc_ppid"],
+                            "platform_manifest": platform["platform_manifest"],
+                            "qe_id": platform["qe_id"],
+                            "pce_id": platform["pce_id"],
+                            "cpu_svn": cpu_svn,
+                            "pce_svn": pce_svn,
+                        }
+                    )
             self.progress.step(what)
             if not available:
                 log.warning("%s: every certificate is 'Not available'; platform skipped", what)
@@ -654,20 +741,29 @@ class Fetcher:
             if fmspc.upper() not in (f.upper() for f in self.fmspc_order):
                 self.fmspc_order.append(fmspc)
             self.pck_chains.setdefault(first.ca_type, chain)
-            self.collaterals["pck_certs"].append({
-                "qe_id": platform["qe_id"], "pce_id": platform["pce_id"],
-                "enc_ppid": platform["enc_ppid"],
-                "platform_manifest": platform["platform_manifest"], "certs": available})
+            self.collaterals["pck_certs"].append(
+                {
+                    "qe_id": platform["qe_id"],
+                    "pce_id": platform["pce_id"],
+                    "enc_ppid": platform["enc_ppid"],
+                    "platform_manifest": platform["platform_manifest"],
+                    "certs": available,
+                }
+            )
 
     def fmspcs(self) -> list[str]:
         fmspcs = list(self.fmspc_order)
         if self.version >= 4 and self.platform_filter != "none":
             what = f"FMSPC list (platform={self.platform_filter})"
-            reply = self.pcs.call(what, self.upstream.get_fmspcs, self.version,
-                                  self.platform_filter, optional=True)
+            reply = self.pcs.call(
+                what, self.upstream.get_fmspcs, self.version, self.platform_filter, optional=True
+            )
             if reply.status != 200:
-                log.warning("%s: PCS answered %d; only the platforms' FMSPCs are fetched", what,
-                            reply.status)
+                log.warning(
+                    "%s: PCS answered %d; only the platforms' FMSPCs are fetched",
+                    what,
+                    reply.status,
+                )
             else:
                 try:
                     listed = [item["fmspc"] for item in json.loads(reply.body)]
@@ -700,10 +796,11 @@ class Fetcher:
                         item.update(tcb_info_fields(f"tdx_tcbinfo{suffix}", tdx.body))
             self.collaterals["tcbinfos"].append(item)
 
-    def _tcb_info(self, tee: str, fmspc: str, update: str, optional: bool) -> Optional[Reply]:
+    def _tcb_info(self, tee: str, fmspc: str, update: str, optional: bool) -> Reply | None:
         what = f"{tee.upper()} TCB info {fmspc.upper()} ({update})"
-        reply = self.pcs.call(what, self.upstream.get_tcb_info, tee, self.version, fmspc,
-                              update, optional=optional)
+        reply = self.pcs.call(
+            what, self.upstream.get_tcb_info, tee, self.version, fmspc, update, optional=optional
+        )
         self.progress.step(what)
         if reply.status != 200:
             if optional and reply.status == 404:
@@ -723,15 +820,24 @@ class Fetcher:
         return reply
 
     def identities(self) -> None:
-        kinds = [kind for kind in IDENTITY_KINDS
-                 if ENCLAVE_IDENTITY_PATHS[kind][0] == "sgx" or self.version >= 4]
+        kinds = [
+            kind
+            for kind in IDENTITY_KINDS
+            if ENCLAVE_IDENTITY_PATHS[kind][0] == "sgx" or self.version >= 4
+        ]
         self.progress.add(len(kinds) * len(self.updates))
         for kind in kinds:
             for update in self.updates:
                 what = f"{kind.upper()} identity ({update})"
                 optional = update != "standard"
-                reply = self.pcs.call(what, self.upstream.get_enclave_identity, kind,
-                                      self.version, update, optional=optional)
+                reply = self.pcs.call(
+                    what,
+                    self.upstream.get_enclave_identity,
+                    kind,
+                    self.version,
+                    update,
+                    optional=optional,
+                )
                 self.progress.step(what)
                 if reply.status != 200:
                     if optional and reply.status == 404:
@@ -741,8 +847,10 @@ class Fetcher:
                 chain = reply.header(ENCLAVE_IDENTITY_CHAIN)
                 if not chain:
                     raise AdminError(f"{what}: PCS sent no {ENCLAVE_IDENTITY_CHAIN} header")
-                self._verify(what, lambda: self.integrity.check_signed_json(
-                    reply.body, "enclaveIdentity", chain))
+                self._verify(
+                    what,
+                    lambda: self.integrity.check_signed_json(reply.body, "enclaveIdentity", chain),
+                )
                 suffix = "_early" if update == "early" else ""
                 self.collaterals[f"{kind}identity{suffix}"] = reply.body.decode("utf-8")
                 if kind == "qe" or not self.identity_chain:  # Intel: the QE answer's chain
@@ -768,15 +876,17 @@ class Fetcher:
 # ---------------------------------------------------------------------------------------------
 
 
-def open_services(cache_dir: str, trusted_roots: Optional[str], config_file: Optional[str]):
+def open_services(cache_dir: str, trusted_roots: str | None, config_file: str | None):
     """dcapd's collaborators for a cache directory, as the server builds them (app.Services),
     with an Upstream that is never used (OFFLINE)."""
     from .app import Services
     from .store import Store
 
     try:
-        config = load_config({"cache_dir": cache_dir, "cache_mode": "OFFLINE",
-                              "trusted_roots": trusted_roots}, ini_path=config_file)
+        config = load_config(
+            {"cache_dir": cache_dir, "cache_mode": "OFFLINE", "trusted_roots": trusted_roots},
+            ini_path=config_file,
+        )
     except ConfigError as exc:
         raise AdminError(str(exc)) from None
     store = Store(config.cache_dir)
@@ -822,19 +932,23 @@ def import_upload(services, body: dict, path: str) -> dict:
             try:
                 services.upload.apply(version, part)
             except PccsError as exc:
-                raise AdminError(f"{where}: refused ({exc.status_code}): {exc.reason}") \
-                    from None
+                raise AdminError(f"{where}: refused ({exc.status_code}): {exc.reason}") from None
         # (the upload code has checked these)
-        known_chains = [chain for _, part, _ in parts for chain in
-                        part["collaterals"]["certificates"][PCK_CERT_CHAIN].values() if chain]
+        known_chains = [
+            chain
+            for _, part, _ in parts
+            for chain in part["collaterals"]["certificates"][PCK_CERT_CHAIN].values()
+            if chain
+        ]
         for uri, hex_der in crls.items():
             try:
                 der = bytes.fromhex(hex_der)
                 services.integrity.check_crl_any_known_issuer(der, known_chains)
                 meta = dict(crl_meta(der), source="import")
             except (ValueError, TypeError, IntegrityError, BadUpstreamData) as exc:
-                raise AdminError(f"{path}: dcapd_crls[{uri!r}]: not a CRL Intel signed "
-                                 f"({exc})") from None
+                raise AdminError(
+                    f"{path}: dcapd_crls[{uri!r}]: not a CRL Intel signed ({exc})"
+                ) from None
             store.put(store.crl_key(uri), Entry(der, {}, CT_CRL, meta))
             counts["crls"] += 1
         for index, item in enumerate(entries):
@@ -843,8 +957,12 @@ def import_upload(services, body: dict, path: str) -> dict:
                 kind = store.parse_key(key)[0]
                 if kind not in RAW_KINDS:
                     raise ValueError(f"entries of kind {kind!r} cannot be imported")
-                entry = Entry(base64.b64decode(item["body"]), dict(item.get("headers") or {}),
-                              str(item.get("content_type") or ""), dict(item.get("meta") or {}))
+                entry = Entry(
+                    base64.b64decode(item["body"]),
+                    dict(item.get("headers") or {}),
+                    str(item.get("content_type") or ""),
+                    dict(item.get("meta") or {}),
+                )
             except (KeyError, TypeError, ValueError) as exc:
                 raise AdminError(f"{path}: dcapd_entries[{index}]: {exc}") from None
             store.put(key, entry)
@@ -858,32 +976,45 @@ class _Part:
 
     version: int
     slots: dict = field(default_factory=dict)
-    root: Optional[str] = None
+    root: str | None = None
     tcbinfos: dict = field(default_factory=dict)
     identities: dict = field(default_factory=dict)
     pckcacrl: dict = field(default_factory=dict)
     pck_certs: list = field(default_factory=list)
     platforms: list = field(default_factory=list)
-    rootcacrl: Optional[tuple[str, str]] = None
+    rootcacrl: tuple[str, str] | None = None
 
     def accepts(self, version: int, slot, chain: str, root: str) -> bool:
-        return version == self.version and self.slots.get(slot, chain) == chain and \
-            self.root in (None, root)
+        return (
+            version == self.version
+            and self.slots.get(slot, chain) == chain
+            and self.root in (None, root)
+        )
 
     def body(self) -> dict:
-        collaterals: dict = {"version": self.version, "pck_certs": self.pck_certs,
-                             "tcbinfos": [dict(fmspc=fmspc.lower(), **docs)
-                                          for fmspc, docs in self.tcbinfos.items()]}
+        collaterals: dict = {
+            "version": self.version,
+            "pck_certs": self.pck_certs,
+            "tcbinfos": [
+                dict(fmspc=fmspc.lower(), **docs) for fmspc, docs in self.tcbinfos.items()
+            ],
+        }
         if self.pckcacrl:
             collaterals["pckcacrl"] = self.pckcacrl
         for kind in IDENTITY_KINDS:
             for suffix in ("", "_early"):
                 if f"{kind}identity{suffix}" in self.identities:
-                    collaterals[f"{kind}identity{suffix}"] = \
-                        self.identities[f"{kind}identity{suffix}"]
+                    collaterals[f"{kind}identity{suffix}"] = self.identities[
+                        f"{kind}identity{suffix}"
+                    ]
         tcb_name = tcb_info_chain_header(self.version)
-        certificates: dict = {PCK_CERT_CHAIN: {ca: self.slots[("pck", ca)] for ca in
-                                           ("PLATFORM", "PROCESSOR") if ("pck", ca) in self.slots}}
+        certificates: dict = {
+            PCK_CERT_CHAIN: {
+                ca: self.slots[("pck", ca)]
+                for ca in ("PLATFORM", "PROCESSOR")
+                if ("pck", ca) in self.slots
+            }
+        }
         if ("tcb",) in self.slots:
             certificates[tcb_name] = self.slots[("tcb",)]
         if ("identity",) in self.slots:
@@ -918,8 +1049,11 @@ class Exporter:
                 raise AdminError(f"cache entry with a bad {slot[0]} chain: {exc}") from None
         root = roots.pop() if len(roots) == 1 else None
         for index, part in enumerate(self.parts):
-            if index >= min_index and root is not None and all(
-                    part.accepts(version, slot, chain, root) for slot, chain in needs.items()):
+            if (
+                index >= min_index
+                and root is not None
+                and all(part.accepts(version, slot, chain, root) for slot, chain in needs.items())
+            ):
                 break
         else:
             part = _Part(version)
@@ -928,7 +1062,7 @@ class Exporter:
         part.root = part.root or root
         return part
 
-    def _chain(self, key: str, entry, *names: str) -> Optional[str]:
+    def _chain(self, key: str, entry, *names: str) -> str | None:
         chain = next((entry.headers[n] for n in names if entry.headers.get(n)), None)
         try:
             chain_halves(chain)
@@ -964,7 +1098,8 @@ class Exporter:
             if chain:
                 suffix = "_early" if update == "EARLY" else ""
                 self.place(version, {("identity",): chain}).identities[
-                    f"{kind}identity{suffix}"] = entry.body.decode("utf-8")
+                    f"{kind}identity{suffix}"
+                ] = entry.body.decode("utf-8")
         for key, (tee, version, fmspc, update) in by_kind.pop("tcb", []):
             version = int(version)
             if tee == "tdx" and version != 4:
@@ -977,11 +1112,11 @@ class Exporter:
             part = self.place(version, {("tcb",): chain})
             suffix = "_early" if update == "EARLY" else ""
             name = f"{tee}_tcbinfo{suffix}" if version == 4 else f"tcbinfo{suffix}"
-            part.tcbinfos.setdefault(fmspc.upper(), {}).update(tcb_info_fields(name,
-                                                                               entry.body))
+            part.tcbinfos.setdefault(fmspc.upper(), {}).update(tcb_info_fields(name, entry.body))
             if tee == "sgx":
-                self.tcb_parts[fmspc.upper()] = max(self.tcb_parts.get(fmspc.upper(), 0),
-                                                    self.parts.index(part))
+                self.tcb_parts[fmspc.upper()] = max(
+                    self.tcb_parts.get(fmspc.upper(), 0), self.parts.index(part)
+                )
         self._platforms([key for key, _ in by_kind.pop("platform", [])])
         self._crls(by_kind.pop("rootcacrl", []), by_kind.pop("crl", []))
         body = self.parts[0].body()
@@ -992,9 +1127,15 @@ class Exporter:
         for kind in RAW_KINDS:
             for key, _ in by_kind.pop(kind, []):
                 entry = store.get(key)
-                raw.append({"key": key, "body": base64.b64encode(entry.body).decode(),
-                            "headers": entry.headers, "content_type": entry.content_type,
-                            "meta": entry.meta})
+                raw.append(
+                    {
+                        "key": key,
+                        "body": base64.b64encode(entry.body).decode(),
+                        "headers": entry.headers,
+                        "content_type": entry.content_type,
+                        "meta": entry.meta,
+                    }
+                )
         if self.crls:
             body["dcapd_crls"] = self.crls
         if raw:
@@ -1016,19 +1157,35 @@ class Exporter:
                 self.warnings.append(f"platform {qeid}/{pceid}: no certificates; not exported")
                 continue
             if fmspc not in self.tcb_parts:
-                self.warnings.append(f"platform {qeid}/{pceid}: no SGX TCB info for FMSPC "
-                                     f"{fmspc} in the cache; not exported")
+                self.warnings.append(
+                    f"platform {qeid}/{pceid}: no SGX TCB info for FMSPC "
+                    f"{fmspc} in the cache; not exported"
+                )
                 continue
             # After (or with) its FMSPC's TCB info: the server selects with it on import.
-            part = self.place(4, {("pck", platform["ca"].upper()): cert_set["chain"]},
-                              min_index=self.tcb_parts[fmspc])
-            row = {"qe_id": qeid, "pce_id": pceid, "enc_ppid": platform.get("enc_ppid", ""),
-                   "platform_manifest": platform.get("platform_manifest", "")}
+            part = self.place(
+                4,
+                {("pck", platform["ca"].upper()): cert_set["chain"]},
+                min_index=self.tcb_parts[fmspc],
+            )
+            row = {
+                "qe_id": qeid,
+                "pce_id": pceid,
+                "enc_ppid": platform.get("enc_ppid", ""),
+                "platform_manifest": platform.get("platform_manifest", ""),
+            }
             part.pck_certs.append(dict(row, certs=upload_certs(cert_set["certs"])))
             for cpu_svn, pce_svn in raw_tcbs:
-                part.platforms.append({"qe_id": qeid, "pce_id": pceid, "cpu_svn": cpu_svn,
-                                       "pce_svn": pce_svn, "enc_ppid": row["enc_ppid"],
-                                       "platform_manifest": row["platform_manifest"]})
+                part.platforms.append(
+                    {
+                        "qe_id": qeid,
+                        "pce_id": pceid,
+                        "cpu_svn": cpu_svn,
+                        "pce_svn": pce_svn,
+                        "enc_ppid": row["enc_ppid"],
+                        "platform_manifest": row["platform_manifest"],
+                    }
+                )
 
     def _crls(self, root_keys: list, crl_keys: list) -> None:
         store = self.store
@@ -1058,8 +1215,9 @@ def cmd_get(args) -> int:
         if not isinstance(rows, list):
             raise ValueError("not a JSON array")
     except ValueError as exc:
-        raise AdminError(f"GET {pccs.url('platforms')}: the PCCS sent no platform list "
-                         f"({exc})") from None
+        raise AdminError(
+            f"GET {pccs.url('platforms')}: the PCCS sent no platform list ({exc})"
+        ) from None
     write_atomic(args.output, reply.content)
     print(f"{args.output}: {len(rows)} platform{'s' * (len(rows) != 1)}")
     return 0
@@ -1067,8 +1225,10 @@ def cmd_get(args) -> int:
 
 def cmd_collect(args) -> int:
     files = args.files or sorted(
-        os.path.join(args.directory, name) for name in os.listdir(args.directory)
-        if name.lower().endswith(".csv") and os.path.isfile(os.path.join(args.directory, name)))
+        os.path.join(args.directory, name)
+        for name in os.listdir(args.directory)
+        if name.lower().endswith(".csv") and os.path.isfile(os.path.join(args.directory, name))
+    )
     if not files:
         raise AdminError(f"no .csv files in {args.directory}")
     platforms = collect_csv(files)
@@ -1084,8 +1244,7 @@ def _api_key_getter(config) -> Callable[[], str]:
     def get() -> str:
         if not cached:
             if not sys.stdin.isatty():
-                raise AdminError(f"no Intel PCS API key: give --api-key or set "
-                                 f"{ENV['api_key']}")
+                raise AdminError(f"no Intel PCS API key: give --api-key or set {ENV['api_key']}")
             cached.append(getpass.getpass("Intel PCS API key: "))
         return cached[0]
 
@@ -1105,27 +1264,44 @@ def cmd_fetch(args, sleep: Callable[[float], None]) -> int:
     except (OSError, ValueError) as exc:
         raise AdminError(f"--trusted-roots: {exc}") from None
     url = args.url.strip()
-    config = dcapd_config({
-        "pcs_url": (f"PCS URL {url!r}", url if url.endswith("/") else url + "/"),
-        "url_map": ("--url-map", args.url_map), "api_key": ("--api-key", args.api_key or None),
-        "upstream_retries": ("--retries", str(args.retries)),
-        "upstream_timeout": ("--timeout", str(args.timeout))})
+    config = dcapd_config(
+        {
+            "pcs_url": (f"PCS URL {url!r}", url if url.endswith("/") else url + "/"),
+            "url_map": ("--url-map", args.url_map),
+            "api_key": ("--api-key", args.api_key or None),
+            "upstream_retries": ("--retries", str(args.retries)),
+            "upstream_timeout": ("--timeout", str(args.timeout)),
+        }
+    )
     check_writable(args.output)
-    fingerprint = hashlib.sha256(json.dumps(
-        [JOURNAL_FORMAT, args.url, args.tcb_update_type, args.platform, crl_only,
-         hashlib.sha256(json.dumps(platforms).encode()).hexdigest()]).encode()).hexdigest()
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            [
+                JOURNAL_FORMAT,
+                args.url,
+                args.tcb_update_type,
+                args.platform,
+                crl_only,
+                hashlib.sha256(json.dumps(platforms).encode()).hexdigest(),
+            ]
+        ).encode()
+    ).hexdigest()
     journal = Journal(args.output + ".partial", fingerprint, args.restart)
     progress = Progress()
     pcs = Pcs(config, _api_key_getter(config), journal, args.backoff, sleep)
     try:
-        result = Fetcher(pcs, integrity, args.tcb_update_type, args.platform, progress) \
-            .run(platforms)
+        result = Fetcher(pcs, integrity, args.tcb_update_type, args.platform, progress).run(
+            platforms
+        )
     except (AdminError, KeyboardInterrupt):
         progress.close()
         journal.close()
         if journal.replies:
-            log.warning("kept %d PCS answers in %s: run the same command again to resume",
-                        len(journal.replies), journal.path)
+            log.warning(
+                "kept %d PCS answers in %s: run the same command again to resume",
+                len(journal.replies),
+                journal.path,
+            )
         raise
     finally:
         pcs.close()
@@ -1133,12 +1309,16 @@ def cmd_fetch(args, sleep: Callable[[float], None]) -> int:
     write_atomic(args.output, json.dumps(result.upload).encode())
     journal.remove()
     collaterals = result.upload["collaterals"]
-    print(f"{args.output}: {len(collaterals['pck_certs'])} platforms, "
-          f"{len(collaterals['tcbinfos'])} FMSPCs ({pcs.calls} PCS requests"
-          + (f", {journal.resumed} answers resumed" if journal.resumed else "") + ")")
+    print(
+        f"{args.output}: {len(collaterals['pck_certs'])} platforms, "
+        f"{len(collaterals['tcbinfos'])} FMSPCs ({pcs.calls} PCS requests"
+        + (f", {journal.resumed} answers resumed" if journal.resumed else "")
+        + ")"
+    )
     if result.not_available:
-        path = args.not_available or os.path.join(os.path.dirname(args.output),
-                                                   "not_available.json")
+        path = args.not_available or os.path.join(
+            os.path.dirname(args.output), "not_available.json"
+        )
         write_atomic(path, json.dumps(result.not_available).encode())
         print(f"{path}: {len(result.not_available)} TCBs whose certificate is 'Not available'")
     return 0
@@ -1156,10 +1336,13 @@ def cmd_put(args) -> int:
         if text.count(".") < 2:
             raise AdminError(f"{args.input}: not a JWT (header.payload.signature)")
         body = json.dumps({"policy": text, "is_default": args.default, "fmspc": args.fmspc})
-        reply = pccs.request("PUT", pccs.url("appraisalpolicy"), data=body.encode(),
-                             headers={"Content-Type": "application/json"})
-        print(f"appraisal policy uploaded for FMSPC {args.fmspc.upper()}: id "
-              f"{reply.text.strip()}")
+        reply = pccs.request(
+            "PUT",
+            pccs.url("appraisalpolicy"),
+            data=body.encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        print(f"appraisal policy uploaded for FMSPC {args.fmspc.upper()}: id {reply.text.strip()}")
         return 0
     if args.default:
         raise AdminError("--default is for appraisal policies (with --fmspc)")
@@ -1170,19 +1353,29 @@ def cmd_put(args) -> int:
     except ValueError as exc:
         raise AdminError(f"{path}: not valid JSON ({exc})") from None
     version = _upload_version(body, path)
-    reply = pccs.request("PUT", pccs.url("platformcollateral", version), data=text.encode(),
-                         headers={"Content-Type": "application/json"})
-    print(f"{path}: uploaded to {pccs.url('platformcollateral', version)} "
-          f"({reply.text.strip()})")
+    reply = pccs.request(
+        "PUT",
+        pccs.url("platformcollateral", version),
+        data=text.encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    print(f"{path}: uploaded to {pccs.url('platformcollateral', version)} ({reply.text.strip()})")
     for index, part in enumerate(body.get("dcapd_extra_uploads") or []):
         part_version = _upload_version(part, f"{path}: dcapd_extra_uploads[{index}]")
-        pccs.request("PUT", pccs.url("platformcollateral", part_version),
-                     data=json.dumps(part).encode(), headers={"Content-Type": "application/json"})
+        pccs.request(
+            "PUT",
+            pccs.url("platformcollateral", part_version),
+            data=json.dumps(part).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         print(f"{path}: extra upload {index} (v{part_version}) uploaded")
     skipped = [name for name in ("dcapd_crls", "dcapd_entries") if body.get(name)]
     if skipped:
-        log.warning("%s: %s cannot be uploaded to a PCCS; use dcapd-admin import for them",
-                    path, " and ".join(skipped))
+        log.warning(
+            "%s: %s cannot be uploaded to a PCCS; use dcapd-admin import for them",
+            path,
+            " and ".join(skipped),
+        )
     return 0
 
 
@@ -1214,8 +1407,10 @@ def cmd_import(args) -> int:
     finally:
         services.store.close()
         services.upstream.close()
-    print(f"{args.input}: imported into {directory} ({counts['uploads']} upload bodies, "
-          f"{counts['crls']} CRLs, {counts['entries']} other entries)")
+    print(
+        f"{args.input}: imported into {directory} ({counts['uploads']} upload bodies, "
+        f"{counts['crls']} CRLs, {counts['entries']} other entries)"
+    )
     return 0
 
 
@@ -1236,10 +1431,15 @@ def cmd_export(args) -> int:
         log.warning("%s", warning)
     write_atomic(args.output, json.dumps(body).encode())
     collaterals = body["collaterals"]
-    print(f"{args.output}: {len(collaterals['pck_certs'])} platforms, "
-          f"{len(collaterals['tcbinfos'])} FMSPCs"
-          + (f", {len(body['dcapd_extra_uploads'])} extra upload bodies"
-             if body.get("dcapd_extra_uploads") else ""))
+    print(
+        f"{args.output}: {len(collaterals['pck_certs'])} platforms, "
+        f"{len(collaterals['tcbinfos'])} FMSPCs"
+        + (
+            f", {len(body['dcapd_extra_uploads'])} extra upload bodies"
+            if body.get("dcapd_extra_uploads")
+            else ""
+        )
+    )
     return 0
 
 
@@ -1269,138 +1469,244 @@ def build_parser() -> argparse.ArgumentParser:
 
     pccs = argparse.ArgumentParser(add_help=False)
     group = pccs.add_argument_group("PCCS connection")
-    group.add_argument("-u", "--url", default=DEFAULT_PCCS_URL,
-                       help="the PCCS: server URL, API base or endpoint URL "
-                            f"(default: {DEFAULT_PCCS_URL})")
-    group.add_argument("--token", help=f"admin token (default: ${ADMIN_TOKEN_ENV}, else a "
-                                       "prompt); prefer the variable: arguments show in ps")
+    group.add_argument(
+        "-u",
+        "--url",
+        default=DEFAULT_PCCS_URL,
+        help=f"the PCCS: server URL, API base or endpoint URL (default: {DEFAULT_PCCS_URL})",
+    )
+    group.add_argument(
+        "--token",
+        help=f"admin token (default: ${ADMIN_TOKEN_ENV}, else a "
+        "prompt); prefer the variable: arguments show in ps",
+    )
     tls = group.add_mutually_exclusive_group()
-    tls.add_argument("--ca-file", metavar="PEM",
-                     help="CA certificate(s) to verify the PCCS's TLS certificate with")
-    tls.add_argument("--insecure", action="store_true",
-                     help="do not verify the PCCS's TLS certificate (self-signed servers)")
-    group.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
-                       help="per request (default: 300)")
+    tls.add_argument(
+        "--ca-file",
+        metavar="PEM",
+        help="CA certificate(s) to verify the PCCS's TLS certificate with",
+    )
+    tls.add_argument(
+        "--insecure",
+        action="store_true",
+        help="do not verify the PCCS's TLS certificate (self-signed servers)",
+    )
+    group.add_argument(
+        "--timeout", type=float, default=300.0, metavar="SECONDS", help="per request (default: 300)"
+    )
 
     parser = argparse.ArgumentParser(
-        prog=PROG, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog=PROG, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     get = commands.add_parser(
-        "get", parents=[common, pccs], help="GET /platforms from a PCCS -> platform_list.json",
+        "get",
+        parents=[common, pccs],
+        help="GET /platforms from a PCCS -> platform_list.json",
         description="Read the registration queue (or the cached platforms) of a PCCS into a "
-                    "platform list file. Reading the queue empties it.")
-    get.add_argument("-s", "--source", default="reg",
-                     help="reg: new registrations (default); reg_na: those whose certificates "
-                          "were 'Not available'; [FMSPC1,FMSPC2,...]: cached platforms of "
-                          "these FMSPCs ([] = all)")
-    get.add_argument("-o", "--output", default="platform_list.json",
-                     help="platform list file to write (default: platform_list.json)")
+        "platform list file. Reading the queue empties it.",
+    )
+    get.add_argument(
+        "-s",
+        "--source",
+        default="reg",
+        help="reg: new registrations (default); reg_na: those whose certificates "
+        "were 'Not available'; [FMSPC1,FMSPC2,...]: cached platforms of "
+        "these FMSPCs ([] = all)",
+    )
+    get.add_argument(
+        "-o",
+        "--output",
+        default="platform_list.json",
+        help="platform list file to write (default: platform_list.json)",
+    )
 
     collect = commands.add_parser(
-        "collect", parents=[common],
+        "collect",
+        parents=[common],
         help="PCK ID retrieval tool CSV files -> platform_list.json",
         description="Turn the CSV files of Intel's PCK ID retrieval tool (no header row; "
-                    "enc_ppid,pce_id,cpu_svn,pce_svn,qe_id[,platform_manifest]) into a "
-                    "platform list file.")
+        "enc_ppid,pce_id,cpu_svn,pce_svn,qe_id[,platform_manifest]) into a "
+        "platform list file.",
+    )
     collect.add_argument("files", nargs="*", help="CSV files (default: every .csv in -d)")
-    collect.add_argument("-d", "--directory", default=".",
-                         help="directory holding the CSV files (default: .)")
-    collect.add_argument("-o", "--output", default="platform_list.json",
-                         help="platform list file to write (default: platform_list.json)")
+    collect.add_argument(
+        "-d", "--directory", default=".", help="directory holding the CSV files (default: .)"
+    )
+    collect.add_argument(
+        "-o",
+        "--output",
+        default="platform_list.json",
+        help="platform list file to write (default: platform_list.json)",
+    )
 
     fetch = commands.add_parser(
-        "fetch", parents=[common],
+        "fetch",
+        parents=[common],
         help="collateral of every listed platform from Intel PCS -> platform_collaterals.json",
         description="On a connected machine: fetch PCK certificates, TCB infos, identities "
-                    "and CRLs from Intel PCS and write them in Intel's upload format. "
-                    "PCS 429/5xx answers and network errors are retried with backoff "
-                    "(Retry-After honoured); an interrupted fetch run again with the same "
-                    "arguments resumes from <output>.partial.")
-    fetch.add_argument("-u", "--url", default=INTEL_PCS_URL,
-                       help=f"Intel PCS API base (default: {INTEL_PCS_URL})")
+        "and CRLs from Intel PCS and write them in Intel's upload format. "
+        "PCS 429/5xx answers and network errors are retried with backoff "
+        "(Retry-After honoured); an interrupted fetch run again with the same "
+        "arguments resumes from <output>.partial.",
+    )
+    fetch.add_argument(
+        "-u", "--url", default=INTEL_PCS_URL, help=f"Intel PCS API base (default: {INTEL_PCS_URL})"
+    )
     fetch.add_argument("-i", "--input", help="platform list (default: platform_list.json)")
-    fetch.add_argument("-o", "--output", default="platform_collaterals.json",
-                       help="upload file to write (default: platform_collaterals.json)")
-    fetch.add_argument("-p", "--platform", default="all",
-                       choices=["all", "client", "E3", "E5", "none"],
-                       help="also fetch TCB infos of every FMSPC PCS lists for this platform "
-                            "type (v4 only; none = only the listed platforms' FMSPCs; "
-                            "default: all)")
-    fetch.add_argument("-t", "--tcb-update-type", default="standard",
-                       choices=["standard", "early", "all"],
-                       help="TCB info and identity update type (default: standard)")
-    fetch.add_argument("-c", "--crl-only", action="store_true",
-                       help="fetch only the CRLs (ignored when -i is given, as Intel's tool)")
-    fetch.add_argument("--api-key", help=f"Intel PCS subscription key (default: ${ENV['api_key']}, "
-                                         "else a prompt)")
-    fetch.add_argument("--not-available", metavar="FILE",
-                       help="where to list TCBs whose certificate is 'Not available' "
-                            "(default: not_available.json beside the output)")
-    fetch.add_argument("--url-map", metavar="ORIGIN=MIRROR,...",
-                       help=f"fetch Intel URLs from a mirror (default: ${ENV['url_map']}), e.g. "
-                            "https://certificates.trustedservices.intel.com=http://mirror")
-    fetch.add_argument("--trusted-roots", metavar="PEM",
-                       help="root CA(s) everything fetched must chain to (default: Intel's "
-                            "SGX Root CA)")
-    fetch.add_argument("--retries", type=int, default=5,
-                       help="retries after a 429, 5xx or network error (default: 5)")
-    fetch.add_argument("--backoff", type=float, default=1.0, metavar="SECONDS",
-                       help="first retry delay when PCS sends no Retry-After; doubles "
-                            "each time (default: 1)")
-    fetch.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
-                       help="per request (default: 120)")
-    fetch.add_argument("--restart", action="store_true",
-                       help="ignore <output>.partial and fetch everything again")
+    fetch.add_argument(
+        "-o",
+        "--output",
+        default="platform_collaterals.json",
+        help="upload file to write (default: platform_collaterals.json)",
+    )
+    fetch.add_argument(
+        "-p",
+        "--platform",
+        default="all",
+        choices=["all", "client", "E3", "E5", "none"],
+        help="also fetch TCB infos of every FMSPC PCS lists for this platform "
+        "type (v4 only; none = only the listed platforms' FMSPCs; "
+        "default: all)",
+    )
+    fetch.add_argument(
+        "-t",
+        "--tcb-update-type",
+        default="standard",
+        choices=["standard", "early", "all"],
+        help="TCB info and identity update type (default: standard)",
+    )
+    fetch.add_argument(
+        "-c",
+        "--crl-only",
+        action="store_true",
+        help="fetch only the CRLs (ignored when -i is given, as Intel's tool)",
+    )
+    fetch.add_argument(
+        "--api-key", help=f"Intel PCS subscription key (default: ${ENV['api_key']}, else a prompt)"
+    )
+    fetch.add_argument(
+        "--not-available",
+        metavar="FILE",
+        help="where to list TCBs whose certificate is 'Not available' "
+        "(default: not_available.json beside the output)",
+    )
+    fetch.add_argument(
+        "--url-map",
+        metavar="ORIGIN=MIRROR,...",
+        help=f"fetch Intel URLs from a mirror (default: ${ENV['url_map']}), e.g. "
+        "https://certificates.trustedservices.intel.com=http://mirror",
+    )
+    fetch.add_argument(
+        "--trusted-roots",
+        metavar="PEM",
+        help="root CA(s) everything fetched must chain to (default: Intel's SGX Root CA)",
+    )
+    fetch.add_argument(
+        "--retries",
+        type=int,
+        default=5,
+        help="retries after a 429, 5xx or network error (default: 5)",
+    )
+    fetch.add_argument(
+        "--backoff",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="first retry delay when PCS sends no Retry-After; doubles each time (default: 1)",
+    )
+    fetch.add_argument(
+        "--timeout", type=float, default=120.0, metavar="SECONDS", help="per request (default: 120)"
+    )
+    fetch.add_argument(
+        "--restart", action="store_true", help="ignore <output>.partial and fetch everything again"
+    )
 
     put = commands.add_parser(
-        "put", parents=[common, pccs],
+        "put",
+        parents=[common, pccs],
         help="upload collateral (or an appraisal policy) to a PCCS",
         description="PUT an upload file to <url>/sgx/certification/v4/platformcollateral; "
-                    "with --fmspc (or a .../appraisalpolicy URL), PUT the JWT in -i as an "
-                    "appraisal policy.")
-    put.add_argument("-i", "--input", help="upload file (default: platform_collaterals.json) "
-                                           "or appraisal policy JWT file")
+        "with --fmspc (or a .../appraisalpolicy URL), PUT the JWT in -i as an "
+        "appraisal policy.",
+    )
+    put.add_argument(
+        "-i",
+        "--input",
+        help="upload file (default: platform_collaterals.json) or appraisal policy JWT file",
+    )
     put.add_argument("-f", "--fmspc", help="the appraisal policy's FMSPC")
-    put.add_argument("-d", "--default", action="store_true",
-                     help="make the appraisal policy the default for its FMSPC")
+    put.add_argument(
+        "-d",
+        "--default",
+        action="store_true",
+        help="make the appraisal policy the default for its FMSPC",
+    )
 
     refresh = commands.add_parser(
-        "refresh", parents=[common, pccs], help="ask a PCCS to refresh its cache (POST /refresh)",
-        description="Refresh the PCCS's collateral (default) or its PCK certificates.")
-    refresh.add_argument("--certs", action="store_true",
-                         help="refresh PCK certificates (type=certs) of every platform")
-    refresh.add_argument("-f", "--fmspc",
-                         help="refresh PCK certificates only of platforms with these FMSPCs "
-                              "(comma-separated; implies --certs; 'all' = every platform)")
+        "refresh",
+        parents=[common, pccs],
+        help="ask a PCCS to refresh its cache (POST /refresh)",
+        description="Refresh the PCCS's collateral (default) or its PCK certificates.",
+    )
+    refresh.add_argument(
+        "--certs",
+        action="store_true",
+        help="refresh PCK certificates (type=certs) of every platform",
+    )
+    refresh.add_argument(
+        "-f",
+        "--fmspc",
+        help="refresh PCK certificates only of platforms with these FMSPCs "
+        "(comma-separated; implies --certs; 'all' = every platform)",
+    )
 
     local = argparse.ArgumentParser(add_help=False)
     group = local.add_argument_group("cache directory")
-    group.add_argument("-C", "--cache-dir",
-                       help=f"dcapd's cache directory (default: ${ENV['cache_dir']}, else the "
-                            "per-user cache folder dcapd uses)")
+    group.add_argument(
+        "-C",
+        "--cache-dir",
+        help=f"dcapd's cache directory (default: ${ENV['cache_dir']}, else the "
+        "per-user cache folder dcapd uses)",
+    )
 
     imp = commands.add_parser(
-        "import", parents=[common, local],
+        "import",
+        parents=[common, local],
         help="apply an upload file to a dcapd cache directory (no server needed)",
         description="Write an upload file (from fetch, export or Intel's tool) straight into a "
-                    "dcapd cache directory, checked exactly as PUT /platformcollateral checks "
-                    "it; all or nothing.")
-    imp.add_argument("-i", "--input", default="platform_collaterals.json",
-                     help="upload file (default: platform_collaterals.json)")
-    imp.add_argument("--trusted-roots", metavar="PEM",
-                     help="root CA(s) the collateral must chain to (default: dcapd's setting, "
-                          "else Intel's SGX Root CA)")
+        "dcapd cache directory, checked exactly as PUT /platformcollateral checks "
+        "it; all or nothing.",
+    )
+    imp.add_argument(
+        "-i",
+        "--input",
+        default="platform_collaterals.json",
+        help="upload file (default: platform_collaterals.json)",
+    )
+    imp.add_argument(
+        "--trusted-roots",
+        metavar="PEM",
+        help="root CA(s) the collateral must chain to (default: dcapd's setting, "
+        "else Intel's SGX Root CA)",
+    )
     imp.add_argument("--config", metavar="FILE", help="dcapd ini file (for trusted_roots)")
 
     exp = commands.add_parser(
-        "export", parents=[common, local],
+        "export",
+        parents=[common, local],
         help="dump a dcapd cache directory as an upload file",
         description="Write everything a dcapd cache serves as an upload file; import of it "
-                    "into an empty cache serves byte-identical answers.")
-    exp.add_argument("-o", "--output", default="platform_collaterals.json",
-                     help="upload file to write (default: platform_collaterals.json)")
+        "into an empty cache serves byte-identical answers.",
+    )
+    exp.add_argument(
+        "-o",
+        "--output",
+        default="platform_collaterals.json",
+        help="upload file to write (default: platform_collaterals.json)",
+    )
     return parser
 
 
@@ -1416,8 +1722,9 @@ def _logging(verbose: bool) -> Callable[[], None]:
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(logging.INFO if verbose else logging.WARNING)
     handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
-    handler.addFilter(lambda record: record.thread == thread
-                      and not record.name.startswith("dcapd.upstream"))
+    handler.addFilter(
+        lambda record: record.thread == thread and not record.name.startswith("dcapd.upstream")
+    )
     saved_level = logger.level
     logger.addHandler(handler)
     if verbose and logger.getEffectiveLevel() > logging.INFO:
@@ -1430,8 +1737,7 @@ def _logging(verbose: bool) -> Callable[[], None]:
     return restore
 
 
-def main(argv: Optional[Sequence[str]] = None, *,
-         sleep: Callable[[float], None] = time.sleep) -> int:
+def main(argv: Sequence[str] | None = None, *, sleep: Callable[[float], None] = time.sleep) -> int:
     """``dcapd-admin``; ``sleep`` is what retries wait with (tests pass a recorder)."""
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1440,8 +1746,14 @@ def main(argv: Optional[Sequence[str]] = None, *,
         return 2
     restore = _logging(args.verbose)
     try:
-        handlers = {"get": cmd_get, "collect": cmd_collect, "put": cmd_put,
-                    "refresh": cmd_refresh, "import": cmd_import, "export": cmd_export}
+        handlers = {
+            "get": cmd_get,
+            "collect": cmd_collect,
+            "put": cmd_put,
+            "refresh": cmd_refresh,
+            "import": cmd_import,
+            "export": cmd_export,
+        }
         if args.command == "fetch":
             return cmd_fetch(args, sleep)
         return handlers[args.command](args)

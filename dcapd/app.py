@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional
+from collections.abc import Iterator
+from typing import Callable
 
 import falcon
 
@@ -35,12 +36,14 @@ class Services:
         self.collateral = Collateral(store, upstream, config.cache_mode, self.integrity)
         self.pck_certs = PckCerts(store, upstream, self.collateral, config.cache_mode)
         self.auth = Auth(config.user_token_sha512, config.admin_token_sha512)
-        self.registrations = Registrations(store, self.pck_certs, self.collateral,
-                                           config.cache_mode)
+        self.registrations = Registrations(
+            store, self.pck_certs, self.collateral, config.cache_mode
+        )
         self.upload = CollateralUpload(store, self.pck_certs, self.integrity)
         self.policies = Policies(store)
-        self.refresher = Refresher(store, self.collateral, self.pck_certs, config.cache_mode,
-                                   upstream.version)
+        self.refresher = Refresher(
+            store, self.collateral, self.pck_certs, config.cache_mode, upstream.version
+        )
 
 
 # The route table: (TEE, API versions, path under /<tee>/certification/v<N>/, resource factory).
@@ -50,20 +53,42 @@ ROUTES: tuple[tuple[str, tuple[int, ...], str, Callable[[Services, int], object]
     ("sgx", API_VERSIONS, "pckcrl", lambda s, v: resources.PckCrl(s.collateral, v)),
     ("sgx", API_VERSIONS, "tcb", lambda s, v: resources.TcbInfo(s.collateral, "sgx", v)),
     ("tdx", (4,), "tcb", lambda s, v: resources.TcbInfo(s.collateral, "tdx", v)),
-    ("sgx", API_VERSIONS, "qe/identity",
-     lambda s, v: resources.EnclaveIdentity(s.collateral, "qe", v)),
-    ("sgx", API_VERSIONS, "qve/identity",
-     lambda s, v: resources.EnclaveIdentity(s.collateral, "qve", v)),
+    (
+        "sgx",
+        API_VERSIONS,
+        "qe/identity",
+        lambda s, v: resources.EnclaveIdentity(s.collateral, "qe", v),
+    ),
+    (
+        "sgx",
+        API_VERSIONS,
+        "qve/identity",
+        lambda s, v: resources.EnclaveIdentity(s.collateral, "qve", v),
+    ),
     ("tdx", (4,), "qe/identity", lambda s, v: resources.EnclaveIdentity(s.collateral, "tdqe", v)),
     ("sgx", API_VERSIONS, "rootcacrl", lambda s, v: resources.RootCaCrl(s.collateral)),
     ("sgx", API_VERSIONS, "crl", lambda s, v: resources.Crl(s.collateral)),
-    ("sgx", API_VERSIONS, "appraisalpolicy", lambda s, v: resources.AppraisalPolicy(
-        s.store, s.auth, s.policies, s.config.max_body_bytes)),
+    (
+        "sgx",
+        API_VERSIONS,
+        "appraisalpolicy",
+        lambda s, v: resources.AppraisalPolicy(
+            s.store, s.auth, s.policies, s.config.max_body_bytes
+        ),
+    ),
     ("sgx", API_VERSIONS, "refresh", lambda s, v: resources.Refresh(s.auth, s.refresher)),
-    ("sgx", API_VERSIONS, "platforms", lambda s, v: resources.Platforms(
-        s.auth, s.registrations, v, s.config.max_body_bytes)),
-    ("sgx", API_VERSIONS, "platformcollateral", lambda s, v: resources.PlatformCollateral(
-        s.auth, s.upload, v, s.config.max_body_bytes)),
+    (
+        "sgx",
+        API_VERSIONS,
+        "platforms",
+        lambda s, v: resources.Platforms(s.auth, s.registrations, v, s.config.max_body_bytes),
+    ),
+    (
+        "sgx",
+        API_VERSIONS,
+        "platformcollateral",
+        lambda s, v: resources.PlatformCollateral(s.auth, s.upload, v, s.config.max_body_bytes),
+    ),
 )
 
 
@@ -79,8 +104,9 @@ class DcapdApp(falcon.App):
     services: Services
 
 
-def create_app(config: Optional[Config] = None, store: Optional[Store] = None,
-               upstream: Optional[Upstream] = None) -> DcapdApp:
+def create_app(
+    config: Config | None = None, store: Store | None = None, upstream: Upstream | None = None
+) -> DcapdApp:
     """Build the app; collaborators not given are built from the config."""
     config = config or load_config()
     store = store or Store(config.cache_dir)

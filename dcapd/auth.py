@@ -24,8 +24,10 @@ def token_sha512(token: str) -> str:
 
 class Auth:
     def __init__(self, user_token_sha512: str, admin_token_sha512: str):
-        self._hashes = {USER_TOKEN_HEADER: user_token_sha512.lower(),
-                        ADMIN_TOKEN_HEADER: admin_token_sha512.lower()}
+        self._hashes = {
+            USER_TOKEN_HEADER: user_token_sha512.lower(),
+            ADMIN_TOKEN_HEADER: admin_token_sha512.lower(),
+        }
 
     def _require(self, req: falcon.Request, header: str) -> None:
         expected = self._hashes[header]

@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from . import __version__
 from .config import SETTINGS, ConfigError, load_config
@@ -20,18 +20,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dcapd",
         description="A drop-in replacement for Intel's SGX/TDX DCAP PCCS. Each option overrides "
-                    "its environment variable, which overrides the ini file.")
+        "its environment variable, which overrides the ini file.",
+    )
     parser.add_argument("--config", metavar="FILE", help="ini file (see pccs.ini.example)")
-    parser.add_argument("--intel-config", metavar="FILE",
-                        help="Intel PCCS config/default.json; the ini file, environment and "
-                             "options override its values")
+    parser.add_argument(
+        "--intel-config",
+        metavar="FILE",
+        help="Intel PCCS config/default.json; the ini file, environment and "
+        "options override its values",
+    )
     parser.add_argument("--version", action="version", version=f"dcapd {__version__}")
     for setting in SETTINGS:
         flag = "--" + setting.name.replace("_", "-")
         default = f"default: {setting.default}" if setting.default else "default: empty"
-        parser.add_argument(flag, dest=setting.name, metavar=setting.name.upper(),
-                            help=f"{setting.help} [{setting.env}; "
-                                 f"[{setting.section}] {setting.key}; {default}]")
+        parser.add_argument(
+            flag,
+            dest=setting.name,
+            metavar=setting.name.upper(),
+            help=f"{setting.help} [{setting.env}; [{setting.section}] {setting.key}; {default}]",
+        )
     return parser
 
 
@@ -46,7 +53,7 @@ def pin_to_cpus(cpu_list: str) -> None:
     log.info("running on CPU(s) %s", cpu_list)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {s.name: getattr(args, s.name) for s in SETTINGS}
     intel_values, intel_unknown = {}, []
@@ -67,18 +74,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     app = create_app(config)
     if not config.api_key:
-        log.warning("no Intel API key configured (INTEL_API_KEY): PCK certificates of new "
-                    "platforms cannot be fetched")
-    log.info("cache %s in %s mode; upstream %s", config.cache_dir, config.cache_mode,
-             config.pcs_url)
+        log.warning(
+            "no Intel API key configured (INTEL_API_KEY): PCK certificates of new "
+            "platforms cannot be fetched"
+        )
+    log.info(
+        "cache %s in %s mode; upstream %s", config.cache_dir, config.cache_mode, config.pcs_url
+    )
     pin_to_cpus(config.cpu_affinity)
     scheduler = scheduler_for(app.services)
     scheduler.start()
     try:
         Server(app, config).serve_forever()
     except OSError as exc:
-        print(f"dcapd: cannot serve on {config.listen_host}:{config.listen_port}: {exc}",
-              file=sys.stderr)
+        print(
+            f"dcapd: cannot serve on {config.listen_host}:{config.listen_port}: {exc}",
+            file=sys.stderr,
+        )
         return 1
     finally:
         scheduler.stop()

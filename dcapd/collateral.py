@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timezone
-from typing import Callable, Optional
+from typing import Callable
 
 from cryptography import x509
 
@@ -66,8 +66,7 @@ class SingleFlight:
         self._lock = threading.Lock()
         self._calls: dict[str, threading.Lock] = {}
 
-    def run(self, key: str, lookup: Callable[[], Optional[Entry]],
-            fill: Callable[[], Entry]) -> Entry:
+    def run(self, key: str, lookup: Callable[[], Entry | None], fill: Callable[[], Entry]) -> Entry:
         with self._lock:
             call_lock = self._calls.setdefault(key, threading.Lock())
         with call_lock:
@@ -81,14 +80,14 @@ class SingleFlight:
                 with self._lock:
                     self._calls.pop(key, None)
 
-    def _across_processes(self, key: str, lookup: Callable[[], Optional[Entry]],
-                          fill: Callable[[], Entry]) -> Entry:
+    def _across_processes(
+        self, key: str, lookup: Callable[[], Entry | None], fill: Callable[[], Entry]
+    ) -> Entry:
         lock_name = f"fill/{key}"
         deadline = time.monotonic() + self.lock_ttl
         while True:
             held = self.store.get_json(self.store.lock_key(lock_name))
-            free = held is None or held["expires"] <= time.time() \
-                or owner_is_gone(held["owner"])
+            free = held is None or held["expires"] <= time.time() or owner_is_gone(held["owner"])
             if free and self.store.try_lock(lock_name, self.owner, self.lock_ttl, time.time()):
                 try:
                     entry = lookup()  # filled by another process just before we got the lock
@@ -107,7 +106,8 @@ def is_url_encoded_chain(value: str) -> bool:
     """An issuer chain as PCS sends it: URL-encoded PEM, so without raw whitespace or control
     characters (a folded or unencoded chain could not be stored and replayed as a header)."""
     return "-----BEGIN%20CERTIFICATE-----" in value and not any(
-        ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value)
+        ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value
+    )
 
 
 def _require_chain(reply: UpstreamResponse, *names: str) -> str:
@@ -125,13 +125,16 @@ def _signed_json(body: bytes, top: str) -> dict:
         document = json.loads(body)
     except ValueError:
         raise BadUpstreamData("body is not JSON") from None
-    if not isinstance(document, dict) or not isinstance(document.get(top), dict) \
-            or not isinstance(document.get("signature"), str):
+    if (
+        not isinstance(document, dict)
+        or not isinstance(document.get(top), dict)
+        or not isinstance(document.get("signature"), str)
+    ):
         raise BadUpstreamData(f"body is not a signed {top} document")
     return document[top]
 
 
-def _iso(moment) -> Optional[str]:
+def _iso(moment) -> str | None:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
 
 
@@ -146,11 +149,14 @@ def crl_meta(body: bytes) -> dict:
 
 def signed_json_meta(inner: dict) -> dict:
     """What refresh and the status view report about a TCB info or identity."""
-    return {"issue_date": inner.get("issueDate"), "next_update": inner.get("nextUpdate"),
-            "tcb_evaluation_data_number": inner.get("tcbEvaluationDataNumber")}
+    return {
+        "issue_date": inner.get("issueDate"),
+        "next_update": inner.get("nextUpdate"),
+        "tcb_evaluation_data_number": inner.get("tcbEvaluationDataNumber"),
+    }
 
 
-def fetch_entry(source: "Source") -> Entry:
+def fetch_entry(source: Source) -> Entry:
     """Fetch and check one entry; PccsError with Intel's status when that fails."""
     try:
         reply = source.fetch()
@@ -184,7 +190,7 @@ class Source:
         return entry
 
 
-def _date(value) -> Optional[str]:
+def _date(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
@@ -200,7 +206,7 @@ class Collateral:
 
     # --- the one miss path
 
-    def cached_or_fetched(self, source: Source, fill: Optional[bool] = None) -> Entry:
+    def cached_or_fetched(self, source: Source, fill: bool | None = None) -> Entry:
         """The cached entry; on a miss fetch it when ``fill`` (default: in LAZY mode only)."""
         entry = self.store.get(source.key)
         if entry is not None:
@@ -209,8 +215,9 @@ class Collateral:
         note_cache_outcome("miss")
         if not (self.mode == "LAZY" if fill is None else fill):
             raise PccsError(404, f"{source.key} is not cached ({self.mode} mode)")
-        return self._flight.run(source.key, lambda: self.store.get(source.key),
-                                lambda: self._fill(source))
+        return self._flight.run(
+            source.key, lambda: self.store.get(source.key), lambda: self._fill(source)
+        )
 
     def _fill(self, source: Source) -> Entry:
         note_cache_outcome("upstream")
@@ -227,8 +234,9 @@ class Collateral:
             self.integrity.check_crl(reply.body, chain)
             return Entry(reply.body, {PCK_CRL_CHAIN: chain}, CT_CRL, crl_meta(reply.body))
 
-        return Source(self.store.pckcrl_key(ca), lambda: self.upstream.get_pck_crl(version, ca),
-                      to_entry)
+        return Source(
+            self.store.pckcrl_key(ca), lambda: self.upstream.get_pck_crl(version, ca), to_entry
+        )
 
     def tcb_info_source(self, tee: str, version: int, fmspc: str, update: str) -> Source:
         def to_entry(reply: UpstreamResponse) -> Entry:
@@ -239,11 +247,15 @@ class Collateral:
             if "id" in info and info["id"] != tee.upper():
                 raise BadUpstreamData(f"TCB info is for {info['id']!r}, not {tee.upper()}")
             self.integrity.check_signed_json(reply.body, "tcbInfo", chain)
-            return Entry(reply.body, {tcb_info_chain_header(version): chain}, CT_JSON,
-                         signed_json_meta(info))
+            return Entry(
+                reply.body, {tcb_info_chain_header(version): chain}, CT_JSON, signed_json_meta(info)
+            )
 
-        return Source(self.store.tcb_key(tee, version, fmspc, update),
-                      lambda: self.upstream.get_tcb_info(tee, version, fmspc, update), to_entry)
+        return Source(
+            self.store.tcb_key(tee, version, fmspc, update),
+            lambda: self.upstream.get_tcb_info(tee, version, fmspc, update),
+            to_entry,
+        )
 
     def enclave_identity_source(self, kind: str, version: int, update: str) -> Source:
         def to_entry(reply: UpstreamResponse) -> Entry:
@@ -252,11 +264,15 @@ class Collateral:
             if "id" in identity and identity["id"] != _IDENTITY_IDS[kind]:
                 raise BadUpstreamData(f"identity is {identity['id']!r}, not {_IDENTITY_IDS[kind]}")
             self.integrity.check_signed_json(reply.body, "enclaveIdentity", chain)
-            return Entry(reply.body, {ENCLAVE_IDENTITY_CHAIN: chain}, CT_JSON,
-                         signed_json_meta(identity))
+            return Entry(
+                reply.body, {ENCLAVE_IDENTITY_CHAIN: chain}, CT_JSON, signed_json_meta(identity)
+            )
 
-        return Source(self.store.identity_key(kind, version, update),
-                      lambda: self.upstream.get_enclave_identity(kind, version, update), to_entry)
+        return Source(
+            self.store.identity_key(kind, version, update),
+            lambda: self.upstream.get_enclave_identity(kind, version, update),
+            to_entry,
+        )
 
     def root_ca_crl_source(self) -> Source:
         def to_entry(reply: UpstreamResponse) -> Entry:
@@ -284,28 +300,31 @@ class Collateral:
 
     # --- the routes' questions
 
-    def pck_crl(self, version: int, ca: str, fill: Optional[bool] = None) -> Entry:
+    def pck_crl(self, version: int, ca: str, fill: bool | None = None) -> Entry:
         return self.cached_or_fetched(self.pck_crl_source(version, ca), fill)
 
-    def tcb_info(self, tee: str, version: int, fmspc: str, update: str,
-                 fill: Optional[bool] = None) -> Entry:
+    def tcb_info(
+        self, tee: str, version: int, fmspc: str, update: str, fill: bool | None = None
+    ) -> Entry:
         return self.cached_or_fetched(self.tcb_info_source(tee, version, fmspc, update), fill)
 
-    def enclave_identity(self, kind: str, version: int, update: str,
-                         fill: Optional[bool] = None) -> Entry:
+    def enclave_identity(
+        self, kind: str, version: int, update: str, fill: bool | None = None
+    ) -> Entry:
         return self.cached_or_fetched(self.enclave_identity_source(kind, version, update), fill)
 
-    def root_ca_crl(self, fill: Optional[bool] = None) -> Entry:
+    def root_ca_crl(self, fill: bool | None = None) -> Entry:
         return self.cached_or_fetched(self.root_ca_crl_source(), fill)
 
-    def crl(self, uri: str, fill: Optional[bool] = None) -> Entry:
+    def crl(self, uri: str, fill: bool | None = None) -> Entry:
         return self.cached_or_fetched(self.crl_source(uri), fill)
 
     def prefetch_verification_collateral(self, update: str) -> None:
         """After a registration (LAZY and REQ): fetch what a verifier will ask for, if absent
         (pccs-reference.md §2.2). ``update`` is standard, early or all."""
-        updates = {"STANDARD": ("STANDARD",), "EARLY": ("EARLY",),
-                   "ALL": ("EARLY", "STANDARD")}[update.upper()]
+        updates = {"STANDARD": ("STANDARD",), "EARLY": ("EARLY",), "ALL": ("EARLY", "STANDARD")}[
+            update.upper()
+        ]
         for ca in ("PROCESSOR", "PLATFORM"):
             self.pck_crl(4, ca, fill=True)
         for version in (3, 4):

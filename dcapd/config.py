@@ -12,9 +12,10 @@ import ipaddress
 import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Callable
 
 CACHE_MODES = ("LAZY", "REQ", "OFFLINE")
 TLS_MODES = ("auto", "off")
@@ -89,8 +90,11 @@ def _url_map(value: str) -> dict[str, str]:
     mapping: dict[str, str] = {}
     for pair in filter(None, (p.strip() for p in value.split(","))):
         original, sep, replacement = pair.partition("=")
-        if not sep or not re.match(r"^https?://[^/]+$", original.strip().rstrip("/")) \
-                or not re.match(r"^https?://[^/]+", replacement.strip()):
+        if (
+            not sep
+            or not re.match(r"^https?://[^/]+$", original.strip().rstrip("/"))
+            or not re.match(r"^https?://[^/]+", replacement.strip())
+        ):
             raise ValueError(f"expected ORIGIN=REPLACEMENT URL pairs, got {pair!r}")
         from .upstream import canonical_origin
 
@@ -163,6 +167,7 @@ class Setting:
     secret: bool = False
 
 
+# fmt: off
 SETTINGS: tuple[Setting, ...] = (
     Setting("listen", "server", "listen", "DCAPD_LISTEN", "localhost:8081", _listen,
             "address to serve on, host:port ([::1]:8081 for IPv6)"),
@@ -200,7 +205,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("url_map", "upstream", "url_map", "DCAPD_URL_MAP", "", _url_map,
             "ORIGIN=MIRROR pairs, comma-separated: fetch allow-listed Intel URLs from a mirror"),
     Setting("upstream_timeout", "upstream", "timeout", "DCAPD_UPSTREAM_TIMEOUT", "20",
-            _positive(float), "overall deadline in seconds for one upstream fetch, retries included"),
+            _positive(float),
+            "overall deadline in seconds for one upstream fetch, retries included"),
     Setting("upstream_retries", "upstream", "retries", "DCAPD_UPSTREAM_RETRIES", "3",
             _non_negative_int, "retries after a network error, 5xx or 429 from upstream"),
     Setting("cache_dir", "cache", "dir", "DCAPD_CACHE_DIR", "", _text,
@@ -226,6 +232,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log_format", "log", "format", "DCAPD_LOG_FORMAT", "text", _choice("text", "json"),
             "text (one line per event) or json (one JSON object per line)"),
 )
+# fmt: on
 
 DEFAULTS: dict[str, str] = {s.name: s.default for s in SETTINGS}
 
@@ -273,7 +280,8 @@ class Config:
     def __repr__(self) -> str:  # never show secrets in logs or tracebacks
         shown = ", ".join(
             f"{s.name}={'***' if s.secret and getattr(self, s.name) else getattr(self, s.name)!r}"
-            for s in SETTINGS)
+            for s in SETTINGS
+        )
         return f"Config({shown})"
 
 
@@ -286,8 +294,9 @@ def read_ini(path: str) -> dict[str, str]:
     except OSError as exc:
         raise ConfigError("--config", f"cannot read {path}: {exc.strerror or exc}") from None
     except configparser.Error as exc:
-        raise ConfigError("--config", f"{path} is not a valid ini file: {exc}".splitlines()[0]) \
-            from None
+        raise ConfigError(
+            "--config", f"{path} is not a valid ini file: {exc}".splitlines()[0]
+        ) from None
     known = {(s.section, s.key): s.name for s in SETTINGS}
     values: dict[str, str] = {}
     for section in parser.sections():
@@ -299,10 +308,12 @@ def read_ini(path: str) -> dict[str, str]:
     return values
 
 
-def load_config(overrides: Optional[Mapping[str, object]] = None,
-                environ: Optional[Mapping[str, str]] = None,
-                ini_path: Optional[str] = None,
-                base: Optional[Mapping[str, str]] = None) -> Config:
+def load_config(
+    overrides: Mapping[str, object] | None = None,
+    environ: Mapping[str, str] | None = None,
+    ini_path: str | None = None,
+    base: Mapping[str, str] | None = None,
+) -> Config:
     """Build a Config: ``overrides`` (by setting name, e.g. from the command line) win over
     ``environ`` which wins over the ini file which wins over ``base`` (raw strings by setting
     name, e.g. from Intel's default.json) which wins over DEFAULTS.

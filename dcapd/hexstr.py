@@ -11,5 +11,8 @@ ANY_LENGTH = sys.maxsize  # max_length for values of no fixed size (CRLs, manife
 
 def is_hex(value, lengths: tuple[int, ...] = (), max_length: int = 0) -> bool:
     """A str of hex digits whose length is one of ``lengths`` or 1..``max_length``."""
-    return isinstance(value, str) and bool(_HEX.fullmatch(value)) and (
-        len(value) in lengths or 0 < len(value) <= max_length)
+    return (
+        isinstance(value, str)
+        and bool(_HEX.fullmatch(value))
+        and (len(value) in lengths or 0 < len(value) <= max_length)
+    )

@@ -35,7 +35,8 @@ import logging
 import re
 import threading
 import urllib.parse
-from typing import Iterable, Optional, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import Union
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -44,9 +45,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 __all__ = [
-    "IntegrityError", "load_trusted_roots", "parse_issuer_chain", "verify_chain",
-    "verify_signed_json", "verify_crl", "verify_pck_cert", "describe_validity",
-    "raw_json_value_span", "extract_raw_json_value",
+    "IntegrityError",
+    "load_trusted_roots",
+    "parse_issuer_chain",
+    "verify_chain",
+    "verify_signed_json",
+    "verify_crl",
+    "verify_pck_cert",
+    "describe_validity",
+    "raw_json_value_span",
+    "extract_raw_json_value",
 ]
 
 log = logging.getLogger("dcapd.integrity")
@@ -71,10 +79,10 @@ class IntegrityError(Exception):
 # Certificates and chains
 # ---------------------------------------------------------------------------------------------
 
-_PEM_CERT = re.compile(
-    r"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+?-----END CERTIFICATE-----")
+_PEM_CERT = re.compile(r"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+?-----END CERTIFICATE-----")
 _PEM_ONLY = re.compile(
-    r"\s*(?:-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+?-----END CERTIFICATE-----\s*)+")
+    r"\s*(?:-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+?-----END CERTIFICATE-----\s*)+"
+)
 
 
 def _name(cert: x509.Certificate) -> str:
@@ -118,19 +126,22 @@ def parse_issuer_chain(header_value: str) -> list[x509.Certificate]:
         except UnicodeDecodeError:
             raise IntegrityError("issuer chain header: not ASCII") from None
     if not isinstance(header_value, str):
-        raise IntegrityError("issuer chain header: expected text, got "
-                             f"{type(header_value).__name__}")
+        raise IntegrityError(
+            f"issuer chain header: expected text, got {type(header_value).__name__}"
+        )
     if len(header_value) > MAX_CHAIN_HEADER:
-        raise IntegrityError(f"issuer chain header: {len(header_value)} characters, more than "
-                             f"{MAX_CHAIN_HEADER}")
+        raise IntegrityError(
+            f"issuer chain header: {len(header_value)} characters, more than {MAX_CHAIN_HEADER}"
+        )
     try:
         text = urllib.parse.unquote(header_value, encoding="utf-8", errors="strict")
     except UnicodeDecodeError:
         raise IntegrityError("issuer chain header: URL-decoding yields invalid UTF-8") from None
     certs = _load_pem_certs(text, "issuer chain header")
     if len(certs) < 2:
-        raise IntegrityError(f"issuer chain header: {len(certs)} certificate, need at least 2 "
-                             "(signer and root)")
+        raise IntegrityError(
+            f"issuer chain header: {len(certs)} certificate, need at least 2 (signer and root)"
+        )
     return certs
 
 
@@ -147,7 +158,7 @@ def _der(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
 
 
-def _key_usage(cert: x509.Certificate) -> Optional[x509.KeyUsage]:
+def _key_usage(cert: x509.Certificate) -> x509.KeyUsage | None:
     try:
         return cert.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
@@ -161,23 +172,27 @@ def _check_issuer(issuer: x509.Certificate, intermediates_below: int, what: str)
     try:
         bc = issuer.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
-        raise IntegrityError(f"{what}: issuer '{_name(issuer)}' is not a CA "
-                             "(no BasicConstraints)") from None
+        raise IntegrityError(
+            f"{what}: issuer '{_name(issuer)}' is not a CA (no BasicConstraints)"
+        ) from None
     except ValueError as exc:
-        raise IntegrityError(f"{what}: issuer '{_name(issuer)}': malformed extensions: "
-                             f"{exc}") from None
+        raise IntegrityError(
+            f"{what}: issuer '{_name(issuer)}': malformed extensions: {exc}"
+        ) from None
     if not bc.ca:
         raise IntegrityError(f"{what}: issuer '{_name(issuer)}' is not a CA (CA:FALSE)")
     if bc.path_length is not None and intermediates_below > bc.path_length:
-        raise IntegrityError(f"{what}: issuer '{_name(issuer)}' allows path length "
-                             f"{bc.path_length}, chain has {intermediates_below} intermediate(s) "
-                             "below it")
+        raise IntegrityError(
+            f"{what}: issuer '{_name(issuer)}' allows path length "
+            f"{bc.path_length}, chain has {intermediates_below} intermediate(s) "
+            "below it"
+        )
     ku = _key_usage(issuer)
     if ku is not None and not ku.key_cert_sign:
         raise IntegrityError(f"{what}: issuer '{_name(issuer)}' KeyUsage lacks keyCertSign")
 
 
-def _signed_by(child: x509.Certificate, issuer: x509.Certificate) -> Optional[str]:
+def _signed_by(child: x509.Certificate, issuer: x509.Certificate) -> str | None:
     """None when ``issuer`` signed ``child`` (names and signature), else why not."""
     try:
         child.verify_directly_issued_by(issuer)
@@ -188,7 +203,7 @@ def _signed_by(child: x509.Certificate, issuer: x509.Certificate) -> Optional[st
     return None
 
 
-def describe_validity(cert: x509.Certificate, at: Optional[dt.datetime] = None) -> Optional[str]:
+def describe_validity(cert: x509.Certificate, at: dt.datetime | None = None) -> str | None:
     """None if ``cert`` is within its validity period at ``at`` (default now), else one line."""
     at = _utc(at)
     nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
@@ -196,12 +211,14 @@ def describe_validity(cert: x509.Certificate, at: Optional[dt.datetime] = None) 
     if at > na:
         return f"certificate '{_name(cert)}' expired ({span}, checked at {at:%Y-%m-%dT%H:%M:%SZ})"
     if at < nb:
-        return (f"certificate '{_name(cert)}' is not yet valid ({span}, checked at "
-                f"{at:%Y-%m-%dT%H:%M:%SZ})")
+        return (
+            f"certificate '{_name(cert)}' is not yet valid ({span}, checked at "
+            f"{at:%Y-%m-%dT%H:%M:%SZ})"
+        )
     return None
 
 
-def _utc(at: Optional[dt.datetime]) -> dt.datetime:
+def _utc(at: dt.datetime | None) -> dt.datetime:
     if at is None:
         return dt.datetime.now(dt.timezone.utc)
     if at.tzinfo is None:
@@ -214,7 +231,7 @@ _warned_lock = threading.Lock()
 _WARNED_MAX = 4096
 
 
-def _warn_validity(cert: x509.Certificate, at: Optional[dt.datetime]) -> None:
+def _warn_validity(cert: x509.Certificate, at: dt.datetime | None) -> None:
     problem = describe_validity(cert, at)
     if problem is None:
         return
@@ -228,8 +245,12 @@ def _warn_validity(cert: x509.Certificate, at: Optional[dt.datetime]) -> None:
     log.warning("%s; accepted anyway (dates are not an integrity failure)", problem)
 
 
-def _verify_chain(chain: Sequence[x509.Certificate], trusted_roots: Iterable[x509.Certificate],
-                  at: Optional[dt.datetime], what: str) -> bool:
+def _verify_chain(
+    chain: Sequence[x509.Certificate],
+    trusted_roots: Iterable[x509.Certificate],
+    at: dt.datetime | None,
+    what: str,
+) -> bool:
     """Verify ``chain``; True if its last certificate *is* a trusted root (not issued by one)."""
     roots = list(trusted_roots)
     if not roots:
@@ -240,8 +261,10 @@ def _verify_chain(chain: Sequence[x509.Certificate], trusted_roots: Iterable[x50
         child, issuer = chain[i], chain[i + 1]
         why = _signed_by(child, issuer)
         if why is not None:
-            raise IntegrityError(f"{what}: certificate #{i} '{_name(child)}' is not issued by "
-                                 f"certificate #{i + 1} '{_name(issuer)}': {why}")
+            raise IntegrityError(
+                f"{what}: certificate #{i} '{_name(child)}' is not issued by "
+                f"certificate #{i + 1} '{_name(issuer)}': {why}"
+            )
         _check_issuer(issuer, i, what)
     last = chain[-1]
     last_der = _der(last)
@@ -252,15 +275,20 @@ def _verify_chain(chain: Sequence[x509.Certificate], trusted_roots: Iterable[x50
                 _check_issuer(root, len(chain) - 1, what)
                 break
         else:
-            raise IntegrityError(f"{what}: last certificate '{_name(last)}' is not a trusted root "
-                                 f"and not issued by one ({len(roots)} trusted root(s) tried)")
+            raise IntegrityError(
+                f"{what}: last certificate '{_name(last)}' is not a trusted root "
+                f"and not issued by one ({len(roots)} trusted root(s) tried)"
+            )
     for cert in chain:
         _warn_validity(cert, at)
     return is_root
 
 
-def verify_chain(chain: list[x509.Certificate], trusted_roots: Iterable[x509.Certificate],
-                 at: Optional[dt.datetime] = None) -> None:
+def verify_chain(
+    chain: list[x509.Certificate],
+    trusted_roots: Iterable[x509.Certificate],
+    at: dt.datetime | None = None,
+) -> None:
     """Each certificate is issued by the next; the last is (or is issued by) a trusted root.
 
     Validity dates are checked against ``at`` (default now) only to log a WARNING.
@@ -394,8 +422,9 @@ def _parse_with_spans(body: bytes, what: str) -> tuple[object, dict[str, tuple[i
     except UnicodeDecodeError as exc:
         raise IntegrityError(f"{prefix}body is not UTF-8: {exc}") from None
     except (ValueError, RecursionError) as exc:
-        raise IntegrityError(f"{prefix}body is not valid JSON: "
-                             f"{exc or 'nested too deeply'}") from None
+        raise IntegrityError(
+            f"{prefix}body is not valid JSON: {exc or 'nested too deeply'}"
+        ) from None
     if not isinstance(doc, dict):
         raise IntegrityError(f"{prefix}body is not a JSON object")
     try:
@@ -417,9 +446,14 @@ def extract_raw_json_value(body: bytes, key: str) -> bytes:
 _HEX_SIG = re.compile(r"[0-9a-fA-F]{128}")
 
 
-def verify_signed_json(body: bytes, top_key: str, chain_header: ChainLike,
-                       trusted_roots: Iterable[x509.Certificate], *,
-                       at: Optional[dt.datetime] = None) -> None:
+def verify_signed_json(
+    body: bytes,
+    top_key: str,
+    chain_header: ChainLike,
+    trusted_roots: Iterable[x509.Certificate],
+    *,
+    at: dt.datetime | None = None,
+) -> None:
     """Check a PCS body ``{"<top_key>": {...}, "signature": "<hex r||s>"}``.
 
     ``top_key`` is ``tcbInfo``, ``enclaveIdentity`` or ``tcbEvaluationDataNumbers``.  The
@@ -443,44 +477,55 @@ def verify_signed_json(body: bytes, top_key: str, chain_header: ChainLike,
 
     sig_hex = doc.get("signature")
     if not isinstance(sig_hex, str):
-        raise IntegrityError(f"{what}: body has no \"signature\" string")
+        raise IntegrityError(f'{what}: body has no "signature" string')
     if not _HEX_SIG.fullmatch(sig_hex):
-        raise IntegrityError(f"{what}: \"signature\" is not 128 hex digits (64-byte r||s), "
-                             f"got {len(sig_hex)} characters")
+        raise IntegrityError(
+            f'{what}: "signature" is not 128 hex digits (64-byte r||s), '
+            f"got {len(sig_hex)} characters"
+        )
     raw = bytes.fromhex(sig_hex)
-    der_sig = encode_dss_signature(int.from_bytes(raw[:32], "big"),
-                                   int.from_bytes(raw[32:], "big"))
+    der_sig = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
 
     chain = _as_chain(chain_header)
     signer = chain[0]
     try:
         key = signer.public_key()
     except (ValueError, UnsupportedAlgorithm) as exc:
-        raise IntegrityError(f"{what}: signing certificate '{_name(signer)}': unusable public key: "
-                             f"{exc}") from None
+        raise IntegrityError(
+            f"{what}: signing certificate '{_name(signer)}': unusable public key: {exc}"
+        ) from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise IntegrityError(f"{what}: signing certificate '{_name(signer)}' has no P-256 key")
     ku = _key_usage(signer)
     if ku is not None and not ku.digital_signature:
-        raise IntegrityError(f"{what}: signing certificate '{_name(signer)}' KeyUsage lacks "
-                             "digitalSignature")
+        raise IntegrityError(
+            f"{what}: signing certificate '{_name(signer)}' KeyUsage lacks digitalSignature"
+        )
     try:
         key.verify(der_sig, signed, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
-        raise IntegrityError(f"{what}: does not verify over the {len(signed)}-byte {top_key} "
-                             f"object with '{_name(signer)}'") from None
+        raise IntegrityError(
+            f"{what}: does not verify over the {len(signed)}-byte {top_key} "
+            f"object with '{_name(signer)}'"
+        ) from None
 
     is_root = _verify_chain(chain, trusted_roots, at, f"{what} issuer chain")
     # Intel's TCB signing chain is [TCB Signing, Root]: the signer hangs directly off the root.
     if not ((len(chain) == 2 and is_root) or (len(chain) == 1 and not is_root)):
-        raise IntegrityError(f"{what}: signing certificate '{_name(signer)}' is not issued "
-                             f"directly by a trusted root (chain of {len(chain)} certificates)")
+        raise IntegrityError(
+            f"{what}: signing certificate '{_name(signer)}' is not issued "
+            f"directly by a trusted root (chain of {len(chain)} certificates)"
+        )
 
 
-def verify_crl(der: bytes, chain_header: Optional[ChainLike],
-               trusted_roots: Iterable[x509.Certificate],
-               issuer: Optional[x509.Certificate] = None, *,
-               at: Optional[dt.datetime] = None) -> None:
+def verify_crl(
+    der: bytes,
+    chain_header: ChainLike | None,
+    trusted_roots: Iterable[x509.Certificate],
+    issuer: x509.Certificate | None = None,
+    *,
+    at: dt.datetime | None = None,
+) -> None:
     """Check a DER CRL: it parses and is signed by a CA chained to a trusted root.
 
     * PCK CRLs: ``chain_header`` is the ``SGX-PCK-CRL-Issuer-Chain``; the CRL is signed by its
@@ -509,8 +554,10 @@ def verify_crl(der: bytes, chain_header: Optional[ChainLike],
     if chain_header is not None:
         chain = _as_chain(chain_header)
         if issuer is not None and _der(issuer) != _der(chain[0]):
-            raise IntegrityError(f"{what}: issuer '{_name(issuer)}' is not the first certificate "
-                                 f"of the chain '{_name(chain[0])}'")
+            raise IntegrityError(
+                f"{what}: issuer '{_name(issuer)}' is not the first certificate "
+                f"of the chain '{_name(chain[0])}'"
+            )
         candidates = [chain[0]]
     elif issuer is not None:
         chain = [issuer]
@@ -524,13 +571,15 @@ def verify_crl(der: bytes, chain_header: Optional[ChainLike],
     signer = None
     for cand in candidates:
         if cand.subject != crl.issuer:
-            raise IntegrityError(f"{what}: issuer name differs from the signing certificate "
-                                 f"'{_name(cand)}'")
+            raise IntegrityError(
+                f"{what}: issuer name differs from the signing certificate '{_name(cand)}'"
+            )
         try:
             ok = crl.is_signature_valid(cand.public_key())
         except (TypeError, ValueError, UnsupportedAlgorithm) as exc:
-            raise IntegrityError(f"{what}: cannot check signature with '{_name(cand)}': "
-                                 f"{exc}") from None
+            raise IntegrityError(
+                f"{what}: cannot check signature with '{_name(cand)}': {exc}"
+            ) from None
         if ok:
             signer = cand
             break
@@ -545,8 +594,9 @@ def verify_crl(der: bytes, chain_header: Optional[ChainLike],
     except x509.ExtensionNotFound:
         is_ca = False
     except ValueError as exc:
-        raise IntegrityError(f"{what}: signer '{_name(signer)}': malformed extensions: "
-                             f"{exc}") from None
+        raise IntegrityError(
+            f"{what}: signer '{_name(signer)}': malformed extensions: {exc}"
+        ) from None
     if not is_ca:
         raise IntegrityError(f"{what}: signer '{_name(signer)}' is not a CA")
     ku = _key_usage(signer)
@@ -556,9 +606,13 @@ def verify_crl(der: bytes, chain_header: Optional[ChainLike],
         _verify_chain(chain, roots, at, f"{what} issuer chain")
 
 
-def verify_pck_cert(pem: Union[str, bytes], chain_header: ChainLike,
-                    trusted_roots: Iterable[x509.Certificate], *,
-                    at: Optional[dt.datetime] = None) -> None:
+def verify_pck_cert(
+    pem: str | bytes,
+    chain_header: ChainLike,
+    trusted_roots: Iterable[x509.Certificate],
+    *,
+    at: dt.datetime | None = None,
+) -> None:
     """A PCK leaf (PEM, possibly URL-encoded as in ``/pckcerts``) issued by the chain's first cert.
 
     The whole path ``[leaf, *chain]`` must verify up to a trusted root.
@@ -600,7 +654,7 @@ class Integrity:
         self.roots = load_trusted_roots(trusted_roots_pem)
 
     @classmethod
-    def from_file(cls, path: str) -> "Integrity":
+    def from_file(cls, path: str) -> Integrity:
         """``path`` empty = Intel's SGX Root CA bundled with dcapd."""
         if not path:
             return cls(bundled_intel_root_pem())
@@ -610,7 +664,7 @@ class Integrity:
     def check_signed_json(self, body: bytes, top_key: str, chain_header: str) -> None:
         verify_signed_json(body, top_key, chain_header, self.roots)
 
-    def check_crl(self, der: bytes, chain_header: Optional[str]) -> None:
+    def check_crl(self, der: bytes, chain_header: str | None) -> None:
         """A PCK CRL with its chain header, or (no header) a CRL signed by a trusted root."""
         verify_crl(der, chain_header, self.roots)
 

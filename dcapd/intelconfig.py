@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from .config import SETTINGS, ConfigError
 
@@ -53,10 +53,24 @@ _DIRECT = {
     "RefreshSchedule": "refresh_schedule",
 }
 # winston/npm levels; the ones below "info" turn dcapd's debug logging on.
-_LOG_LEVELS = {"error": "0", "warn": "0", "info": "0", "http": "0",
-               "verbose": "1", "debug": "1", "silly": "1"}
-_DCAPD_LEVELS = {"error": "error", "warn": "warning", "info": "info", "http": "info",
-                 "verbose": "debug", "debug": "debug", "silly": "debug"}
+_LOG_LEVELS = {
+    "error": "0",
+    "warn": "0",
+    "info": "0",
+    "http": "0",
+    "verbose": "1",
+    "debug": "1",
+    "silly": "1",
+}
+_DCAPD_LEVELS = {
+    "error": "error",
+    "warn": "warning",
+    "info": "info",
+    "http": "info",
+    "verbose": "debug",
+    "debug": "debug",
+    "silly": "debug",
+}
 # Keys Intel's PCCS reads that have no meaning for dcapd: accepted without a word.
 IGNORED_KEYS = ("DB_CONFIG", "sqlite", "mysql", "init_db", "OPENSSL_FIPS_MODE")
 KNOWN_KEYS = frozenset(_DIRECT) | {"hosts", "HTTPS_PORT", "LogLevel"} | set(IGNORED_KEYS)
@@ -76,8 +90,7 @@ def read_intel_config(path: str) -> tuple[dict[str, str], list[str]]:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
     except OSError as exc:
-        raise ConfigError("--intel-config", f"cannot read {path}: {exc.strerror or exc}") \
-            from None
+        raise ConfigError("--intel-config", f"cannot read {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise ConfigError("--intel-config", f"{path} is not UTF-8 text") from None
     try:
@@ -99,8 +112,9 @@ def read_intel_config(path: str) -> tuple[dict[str, str], list[str]]:
     if level is not None:
         level = _string(path, "LogLevel", level).strip().lower()
         if level not in _LOG_LEVELS:
-            raise ConfigError(f"LogLevel in {path}",
-                              f"must be one of {', '.join(_LOG_LEVELS)}, got {level!r}")
+            raise ConfigError(
+                f"LogLevel in {path}", f"must be one of {', '.join(_LOG_LEVELS)}, got {level!r}"
+            )
         overrides["verbose"] = _LOG_LEVELS[level]
         overrides["log_level"] = _DCAPD_LEVELS[level]
 
@@ -110,18 +124,26 @@ def read_intel_config(path: str) -> tuple[dict[str, str], list[str]]:
     return overrides, unknown
 
 
-def report_intel_config(path: str, overrides: Mapping[str, str],
-                        unknown_keys: Sequence[str]) -> None:
+def report_intel_config(
+    path: str, overrides: Mapping[str, str], unknown_keys: Sequence[str]
+) -> None:
     """Log, once per start, what dcapd took from Intel's file and what it did not use."""
-    log.info("settings taken from Intel PCCS config %s: %s", path,
-             ", ".join(sorted(overrides)) or "none")
+    log.info(
+        "settings taken from Intel PCCS config %s: %s", path, ", ".join(sorted(overrides)) or "none"
+    )
     if unknown_keys:
-        log.warning("Intel PCCS config %s: not used by dcapd (unknown or unsupported): %s",
-                    path, ", ".join(unknown_keys))
+        log.warning(
+            "Intel PCCS config %s: not used by dcapd (unknown or unsupported): %s",
+            path,
+            ", ".join(unknown_keys),
+        )
     unused = sorted(name for name in overrides if name not in _SETTINGS)
     if unused:
-        log.warning("Intel PCCS config %s: %s has no dcapd setting yet and is not applied",
-                    path, ", ".join(unused))
+        log.warning(
+            "Intel PCCS config %s: %s has no dcapd setting yet and is not applied",
+            path,
+            ", ".join(unused),
+        )
 
 
 def _string(path: str, key: str, value) -> str:

@@ -17,12 +17,15 @@ log = logging.getLogger("dcapd.http")
 REQUEST_ID_HEADER = "Request-ID"
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 # How the request was answered from the cache: hit, selected (local PCK selection), upstream.
-cache_outcome_var: contextvars.ContextVar[str] = contextvars.ContextVar("cache_outcome",
-                                                                        default="-")
+cache_outcome_var: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "cache_outcome", default="-"
+)
 
 
 def note_cache_outcome(outcome: str) -> None:
     cache_outcome_var.set(outcome)
+
+
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -58,16 +61,23 @@ class PccsRequestRules:
             if value.__class__ is list:
                 params[name] = value[0]
 
-    def process_response(self, req: falcon.Request, resp: falcon.Response, resource,
-                         req_succeeded: bool) -> None:
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool
+    ) -> None:
         # Here, not in process_request: this runs for every answer, errors included.
         resp.set_header(REQUEST_ID_HEADER, req.context.get("request_id") or new_request_id())
         # The query may carry an encrypted PPID: log the path only.
         started = req.context.get("started")
         duration_ms = (time.perf_counter() - started) * 1000 if started else 0.0
         if log.isEnabledFor(logging.INFO):
-            log.info("%s %s %s %.1fms cache=%s", req.method, req.path, resp.status_code,
-                     duration_ms, cache_outcome_var.get())
+            log.info(
+                "%s %s %s %.1fms cache=%s",
+                req.method,
+                req.path,
+                resp.status_code,
+                duration_ms,
+                cache_outcome_var.get(),
+            )
 
 
 def serialize_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:

@@ -49,18 +49,24 @@ import logging
 import os
 import sqlite3
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
-from .collateral import (CT_CRL, ENCLAVE_IDENTITY_CHAIN, TCBM, BadUpstreamData, crl_meta,
-                         tcb_info_chain_header)
+from .collateral import (
+    CT_CRL,
+    ENCLAVE_IDENTITY_CHAIN,
+    TCBM,
+    BadUpstreamData,
+    crl_meta,
+    tcb_info_chain_header,
+)
 from .errors import PccsError
+from .hexstr import is_hex
 from .integrity import IntegrityError
 from .pckcerts import RawTcb
 from .selection import SelectionError, parse_pck_cert
 from .store import Entry
-from .hexstr import is_hex
 from .upload import PCK_CHAINS, upload_certs
 from .upstream import is_allowed_crl_url
 
@@ -77,8 +83,15 @@ REQUIRED_TABLES: dict[str, tuple[str, ...]] = {
     "pck_cert": ("qe_id", "pce_id", "tcbm", "pck_cert"),
     "platforms": ("qe_id", "pce_id", "platform_manifest", "enc_ppid"),
     "platform_tcbs": ("qe_id", "pce_id", "cpu_svn", "pce_svn", "tcbm"),
-    "platforms_registered": ("qe_id", "pce_id", "cpu_svn", "pce_svn", "enc_ppid",
-                             "platform_manifest", "state"),
+    "platforms_registered": (
+        "qe_id",
+        "pce_id",
+        "cpu_svn",
+        "pce_svn",
+        "enc_ppid",
+        "platform_manifest",
+        "state",
+    ),
     "fmspc_tcbs": ("fmspc", "type", "tcbinfo", "root_cert_id", "signing_cert_id"),
     "enclave_identities": ("id", "identity", "root_cert_id", "signing_cert_id"),
 }
@@ -103,7 +116,7 @@ class ImportSummary:
 
     source: str
     api_version: int = 4
-    db_version: Optional[int] = None
+    db_version: int | None = None
     platforms: int = 0
     pck_certs: int = 0
     raw_tcbs: int = 0
@@ -148,8 +161,9 @@ def connect_read_only(db_path) -> sqlite3.Connection:
     if not path.is_file():
         raise MigrationError(f"{db_path}: no such file")
     try:
-        connection = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True,
-                                     isolation_level=None)
+        connection = sqlite3.connect(
+            path.resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None
+        )
         connection.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
     except sqlite3.DatabaseError as exc:
         raise MigrationError(f"{db_path} is not an SQLite database ({exc})") from None
@@ -165,8 +179,9 @@ def read_tables(connection, source: str) -> dict[str, list[dict]]:
     if present is not None:
         missing = [name for name in REQUIRED_TABLES if name not in present]
         if missing:
-            raise MigrationError(f"{source} is not an Intel PCCS database: no table "
-                                 f"{', '.join(missing)}")
+            raise MigrationError(
+                f"{source} is not an Intel PCCS database: no table {', '.join(missing)}"
+            )
     tables: dict[str, list[dict]] = {}
     for name, columns in {**REQUIRED_TABLES, **OPTIONAL_TABLES}.items():
         if present is not None and name not in present:
@@ -186,18 +201,22 @@ def read_tables(connection, source: str) -> dict[str, list[dict]]:
             cursor.close()
         lacking = [column for column in columns if column not in names]
         if lacking:
-            raise MigrationError(f"{source} is not an Intel PCCS database: table {name} has "
-                                 f"no column {', '.join(lacking)}")
+            raise MigrationError(
+                f"{source} is not an Intel PCCS database: table {name} has "
+                f"no column {', '.join(lacking)}"
+            )
         tables[name] = rows
     return tables
 
 
-def _table_names(connection, source: str) -> Optional[set[str]]:
+def _table_names(connection, source: str) -> set[str] | None:
     if not isinstance(connection, sqlite3.Connection):
         return None
     try:
-        return {row[0].lower() for row in connection.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        return {
+            row[0].lower()
+            for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
     except sqlite3.DatabaseError as exc:
         raise MigrationError(f"{source} is not an SQLite database ({exc})") from None
 
@@ -239,8 +258,9 @@ def export_to_sqlite(connection, path) -> None:
                 cursor.close()
             quoted = ", ".join(f'"{column}"' for column in columns)
             target.execute(f'CREATE TABLE "{name}" ({quoted})')
-            target.executemany(f'INSERT INTO "{name}" VALUES '
-                               f'({", ".join("?" * len(columns))})', rows)
+            target.executemany(
+                f'INSERT INTO "{name}" VALUES ({", ".join("?" * len(columns))})', rows
+            )
         target.commit()
     finally:
         target.close()
@@ -259,8 +279,9 @@ def _portable(value):
 
 def _has_collateral(doc: dict) -> bool:
     collaterals = doc["collaterals"]
-    return bool(collaterals["tcbinfos"]) or any(name.endswith(("identity", "identity_early"))
-                                                for name in collaterals)
+    return bool(collaterals["tcbinfos"]) or any(
+        name.endswith(("identity", "identity_early")) for name in collaterals
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,7 +324,7 @@ def _hex(value, name: str, lengths: tuple[int, ...] = (), max_length: int = 0) -
     return text
 
 
-def _int(value, default: Optional[int] = None) -> Optional[int]:
+def _int(value, default: int | None = None) -> int | None:
     if value is None:
         return default
     try:
@@ -378,8 +399,13 @@ class _Importer:
         api_version = str(version_row.get("api_version") or "4").strip()
         summary.api_version = int(api_version) if api_version in ("3", "4") else 4
         summary.db_version = version_row.get("db_version")
-        log.info("importing %s: PCS %s, API v%d, db_version %s", summary.source,
-                 version_row.get("server_addr"), summary.api_version, summary.db_version)
+        log.info(
+            "importing %s: PCS %s, API v%d, db_version %s",
+            summary.source,
+            version_row.get("server_addr"),
+            summary.api_version,
+            summary.db_version,
+        )
         for row in tables["pcs_certificates"]:
             try:
                 if row.get("cert"):
@@ -412,11 +438,16 @@ class _Importer:
                 self._appraisal_policies(tables["appraisal_policies"])
                 self._write_queue(queue)
         except PccsError as exc:
-            raise MigrationError(f"{summary.source}: dcapd refused the converted data "
-                                 f"({exc.status_code}: {exc.reason})") from None
+            raise MigrationError(
+                f"{summary.source}: dcapd refused the converted data "
+                f"({exc.status_code}: {exc.reason})"
+            ) from None
         summary.crls = len(crls)
-        log.info("imported %s: %s", summary.source, "; ".join(
-            line.strip() for line in summary.lines()[1:6]))
+        log.info(
+            "imported %s: %s",
+            summary.source,
+            "; ".join(line.strip() for line in summary.lines()[1:6]),
+        )
         return summary
 
     # --- collateral
@@ -428,7 +459,7 @@ class _Importer:
             collaterals = {"version": 4, **collaterals}
         return {"platforms": [], "collaterals": collaterals}
 
-    def _chain(self, intermediate_id, root_id) -> Optional[str]:
+    def _chain(self, intermediate_id, root_id) -> str | None:
         """Intel's issuer chain: the URL-encoded intermediate half, then the root half."""
         try:
             intermediate, root = int(intermediate_id), int(root_id)
@@ -474,15 +505,18 @@ class _Importer:
         items: dict[int, dict[str, dict]] = {3: {}, 4: {}}
         for row in rows:
             tee = {0: "sgx", 1: "tdx"}.get(row["type"], f"type {row['type']!r}")
-            label = (f"fmspc_tcbs {_text(row['fmspc'])} {tee.upper()} "
-                     f"v{row.get('version') or self.summary.api_version} "
-                     f"{_text(row.get('update_type') or 'STANDARD')}")
+            label = (
+                f"fmspc_tcbs {_text(row['fmspc'])} {tee.upper()} "
+                f"v{row.get('version') or self.summary.api_version} "
+                f"{_text(row.get('update_type') or 'STANDARD')}"
+            )
             try:
                 if tee not in ("sgx", "tdx"):
                     raise _Skip("unknown TCB info type")
                 fmspc = _hex(row["fmspc"], "fmspc", (12,)).upper()
                 version, update, text, document, info, chain = self._signed_row(
-                    "tcbinfo", row, "tcbInfo")
+                    "tcbinfo", row, "tcbInfo"
+                )
                 if tee == "tdx" and version == 3:
                     raise _Skip("TDX TCB info is served on v4 only")
                 if str(info.get("fmspc", "")).upper() != fmspc:
@@ -496,8 +530,9 @@ class _Importer:
             except _Skip as exc:
                 self.skip(label, str(exc))
                 continue
-            if not self.verified(label, lambda i: i.check_signed_json(
-                    text.encode("utf-8"), "tcbInfo", chain)):
+            if not self.verified(
+                label, lambda i: i.check_signed_json(text.encode("utf-8"), "tcbInfo", chain)
+            ):
                 continue
             name = {3: "tcbinfo", 4: f"{tee}_tcbinfo"}[version]
             name += "_early" if update == "EARLY" else ""
@@ -509,15 +544,18 @@ class _Importer:
 
     def _identities(self, rows: list[dict], docs: dict[int, dict]) -> None:
         for row in rows:
-            label = (f"enclave_identities id {row['id']} "
-                     f"v{row.get('version') or self.summary.api_version} "
-                     f"{_text(row.get('update_type') or 'STANDARD')}")
+            label = (
+                f"enclave_identities id {row['id']} "
+                f"v{row.get('version') or self.summary.api_version} "
+                f"{_text(row.get('update_type') or 'STANDARD')}"
+            )
             try:
                 name = _IDENTITY_NAMES.get(_int(row["id"]))
                 if name is None:
                     raise _Skip("unknown identity id")
                 version, update, text, _, _, chain = self._signed_row(
-                    "identity", row, "enclaveIdentity")
+                    "identity", row, "enclaveIdentity"
+                )
                 if name == "tdqeidentity" and version == 3:
                     raise _Skip("the TD QE identity is served on v4 only")
                 certificates = docs[version]["collaterals"]["certificates"]
@@ -526,8 +564,9 @@ class _Importer:
             except _Skip as exc:
                 self.skip(label, str(exc))
                 continue
-            if not self.verified(label, lambda i: i.check_signed_json(
-                    text.encode("utf-8"), "enclaveIdentity", chain)):
+            if not self.verified(
+                label, lambda i: i.check_signed_json(text.encode("utf-8"), "enclaveIdentity", chain)
+            ):
                 continue
             name += "_early" if update == "EARLY" else ""
             docs[version]["collaterals"][name] = text  # identities travel as raw text
@@ -546,7 +585,8 @@ class _Importer:
             elif pck_chains.setdefault(ca, chain) != chain:
                 self.skip(label, "its issuer chain differs from pck_certchain's")
             elif self._is_crl(label, der) and self.verified(
-                    label, lambda i: i.check_crl(der, chain)):
+                label, lambda i: i.check_crl(der, chain)
+            ):
                 name = {"PROCESSOR": "processorCrl", "PLATFORM": "platformCrl"}[ca]
                 doc["collaterals"].setdefault("pckcacrl", {})[name] = der.hex()
                 self.summary.pck_crls += 1
@@ -562,8 +602,11 @@ class _Importer:
     def _root_ca_crl(self, rows: list[dict], doc: dict) -> None:
         root = next((row for row in rows if row.get("id") == ROOT_CERT_ID), None)
         der = _blob(root.get("crl")) if root else b""
-        if der and self._is_crl("root CA CRL", der) and self.verified(
-                "root CA CRL", lambda i: i.check_crl(der, None)):
+        if (
+            der
+            and self._is_crl("root CA CRL", der)
+            and self.verified("root CA CRL", lambda i: i.check_crl(der, None))
+        ):
             doc["collaterals"]["rootcacrl"] = der.hex()
             self.summary.root_ca_crl = 1
 
@@ -574,18 +617,20 @@ class _Importer:
             label = f"crl_cache {uri}"
             der = _blob(row["crl"])
             if not is_allowed_crl_url(uri):
-                self.skip(label, "dcapd serves crl?uri= only for Intel's CRL distribution "
-                                 "points")
+                self.skip(label, "dcapd serves crl?uri= only for Intel's CRL distribution points")
             elif self._is_crl(label, der) and self.verified(
-                    label, lambda i: i.check_crl_any_known_issuer(der, known_chains)):
-                entries[self.store.crl_key(uri)] = Entry(der, {}, CT_CRL,
-                                                         dict(crl_meta(der), source=_SOURCE))
+                label, lambda i: i.check_crl_any_known_issuer(der, known_chains)
+            ):
+                entries[self.store.crl_key(uri)] = Entry(
+                    der, {}, CT_CRL, dict(crl_meta(der), source=_SOURCE)
+                )
         return entries
 
     # --- platforms, their PCK certificates and raw TCB mappings
 
-    def _platforms(self, tables: dict[str, list[dict]],
-                   pck_chains: dict[str, str]) -> list[_Platform]:
+    def _platforms(
+        self, tables: dict[str, list[dict]], pck_chains: dict[str, str]
+    ) -> list[_Platform]:
         certs_of: dict[tuple[str, str], list[dict]] = {}
         for row in tables["pck_cert"]:
             key = (_text(row["qe_id"]).upper(), _text(row["pce_id"]).upper())
@@ -615,13 +660,18 @@ class _Importer:
             raw_tcbs = []
             for raw in raws_of.get((qe_id, pce_id), []):
                 try:
-                    raw_tcbs.append((_hex(raw["cpu_svn"], "cpu_svn", (32,)).upper(),
-                                     _hex(raw["pce_svn"], "pce_svn", (4,)).upper(),
-                                     _text(raw["tcbm"]).upper()))
+                    raw_tcbs.append(
+                        (
+                            _hex(raw["cpu_svn"], "cpu_svn", (32,)).upper(),
+                            _hex(raw["pce_svn"], "pce_svn", (4,)).upper(),
+                            _text(raw["tcbm"]).upper(),
+                        )
+                    )
                 except _Skip as exc:
                     self.skip(f"platform_tcbs {qe_id}/{pce_id}", str(exc))
-            platforms.append(_Platform(qe_id, pce_id, enc_ppid, manifest, fmspc, ca, certs,
-                                       raw_tcbs))
+            platforms.append(
+                _Platform(qe_id, pce_id, enc_ppid, manifest, fmspc, ca, certs, raw_tcbs)
+            )
         return platforms
 
     def _certs(self, label: str, rows: list[dict], pck_chains: dict[str, str]):
@@ -649,13 +699,14 @@ class _Importer:
             if not self.verified(what, lambda i: i.check_pck_cert(pem, chain)):
                 continue
             fmspc, ca = info.fmspc_hex, info.ca_type
-            tcb = {f"sgxtcbcomp{i:02d}svn": svn for i, svn in
-                   enumerate(info.tcb_components, start=1)}
+            tcb = {
+                f"sgxtcbcomp{i:02d}svn": svn for i, svn in enumerate(info.tcb_components, start=1)
+            }
             tcb["pcesvn"] = info.pcesvn
             certs.append({"tcb": tcb, "tcbm": tcbm, "pem": pem})
         return certs, fmspc, ca
 
-    def _selection_tcb_info(self, fmspc: str, doc: dict, version: int) -> Optional[bytes]:
+    def _selection_tcb_info(self, fmspc: str, doc: dict, version: int) -> bytes | None:
         """The SGX TCB info CollateralUpload will select with: this document's (EARLY
         preferred), else the cached one (the other version's document is applied already)."""
         prefix = "sgx_tcbinfo" if version == 4 else "tcbinfo"
@@ -676,11 +727,17 @@ class _Importer:
             label = f"platform {platform.qe_id}/{platform.pce_id}"
             tcb_info = self._selection_tcb_info(platform.fmspc, doc, version)
             if tcb_info is None:
-                self.skip(label, f"no SGX TCB info for FMSPC {platform.fmspc} to select its "
-                                 "certificates with")
+                self.skip(
+                    label,
+                    f"no SGX TCB info for FMSPC {platform.fmspc} to select its certificates with",
+                )
                 continue
-            record = {"fmspc": platform.fmspc, "ca": platform.ca, "enc_ppid": platform.enc_ppid,
-                      "platform_manifest": platform.platform_manifest}
+            record = {
+                "fmspc": platform.fmspc,
+                "ca": platform.ca,
+                "enc_ppid": platform.enc_ppid,
+                "platform_manifest": platform.platform_manifest,
+            }
             cert_set = {"certs": platform.certs, "chain": chains[platform.ca]}
             by_tcbm = {cert["tcbm"]: cert for cert in platform.certs}
             selectable, pinned = [], []
@@ -697,21 +754,28 @@ class _Importer:
                     pinned.append(raw)
                     pins.append((platform, raw, by_tcbm[tcbm], cert_set["chain"]))
                 else:  # Intel's mapping points nowhere and selection fails: Intel 404s too
-                    log.info("%s: raw TCB %s/%s not mapped (no certificate for it)", label,
-                             cpu_svn, pce_svn)
+                    log.info(
+                        "%s: raw TCB %s/%s not mapped (no certificate for it)",
+                        label,
+                        cpu_svn,
+                        pce_svn,
+                    )
             if pinned:
                 # A pinned raw TCB must not be re-selected by the upload (it may fail there).
                 key = self.store.rawtcbs_key(platform.qe_id, platform.pce_id)
                 cached = self.store.get_json(key)
                 if cached:
                     pinned_pairs = [[raw.cpusvn, raw.pcesvn] for raw in pinned]
-                    self.store.put_json(key, [pair for pair in cached
-                                              if pair not in pinned_pairs])
-            entry = {"qe_id": platform.qe_id, "pce_id": platform.pce_id,
-                     "enc_ppid": platform.enc_ppid,
-                     "platform_manifest": platform.platform_manifest}
-            doc["platforms"] += [dict(entry, cpu_svn=raw.cpusvn, pce_svn=raw.pcesvn)
-                                 for raw in selectable]
+                    self.store.put_json(key, [pair for pair in cached if pair not in pinned_pairs])
+            entry = {
+                "qe_id": platform.qe_id,
+                "pce_id": platform.pce_id,
+                "enc_ppid": platform.enc_ppid,
+                "platform_manifest": platform.platform_manifest,
+            }
+            doc["platforms"] += [
+                dict(entry, cpu_svn=raw.cpusvn, pce_svn=raw.pcesvn) for raw in selectable
+            ]
             doc["collaterals"]["pck_certs"].append(dict(entry, certs=upload_certs(platform.certs)))
             self.summary.platforms += 1
             self.summary.pck_certs += len(platform.certs)
@@ -722,11 +786,13 @@ class _Importer:
     def _write_pins(self, pins: list) -> None:
         """Intel's answer for a raw TCB, as PckCerts would have stored it had it selected it."""
         for platform, raw, cert, chain in pins:
-            entry = self.pck_certs.answer({"fmspc": platform.fmspc, "ca": platform.ca},
-                                          {"chain": chain}, cert)
+            entry = self.pck_certs.answer(
+                {"fmspc": platform.fmspc, "ca": platform.ca}, {"chain": chain}, cert
+            )
             entry.meta["source"] = _SOURCE
-            self.store.put(self.store.pckcert_key(raw.qeid, raw.pceid, raw.cpusvn,
-                                                  raw.pcesvn), entry)
+            self.store.put(
+                self.store.pckcert_key(raw.qeid, raw.pceid, raw.cpusvn, raw.pcesvn), entry
+            )
             self.pck_certs.remember_raw_tcb(raw)
 
     # --- appraisal policies and the registration queue
@@ -736,9 +802,13 @@ class _Importer:
         for row in sorted(rows, key=lambda row: bool(row["is_default"])):
             label = f"appraisal_policies {_text(row['id'])[:16]} (FMSPC {_text(row['fmspc'])})"
             try:
-                self.policies.put({"policy": _text(row["policy"]),
-                                   "is_default": bool(_int(row["is_default"], 0)),
-                                   "fmspc": _text(row["fmspc"])})
+                self.policies.put(
+                    {
+                        "policy": _text(row["policy"]),
+                        "is_default": bool(_int(row["is_default"], 0)),
+                        "fmspc": _text(row["fmspc"]),
+                    }
+                )
             except (PccsError, _Skip) as exc:
                 self.skip(label, getattr(exc, "reason", str(exc)))
                 continue
@@ -747,8 +817,10 @@ class _Importer:
     def _queue(self, rows: list[dict]) -> list[tuple[str, dict]]:
         queue = []
         for row in rows:
-            label = (f"platforms_registered {_text(row['qe_id'])}/{_text(row['pce_id'])} "
-                     f"{_text(row['cpu_svn'])}/{_text(row['pce_svn'])}")
+            label = (
+                f"platforms_registered {_text(row['qe_id'])}/{_text(row['pce_id'])} "
+                f"{_text(row['cpu_svn'])}/{_text(row['pce_svn'])}"
+            )
             try:
                 state = _REG_STATES.get(_int(row["state"]))
                 if state is None:
@@ -792,18 +864,23 @@ def build_parser(prog: str = "python -m dcapd.migrate") -> argparse.ArgumentPars
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Import Intel PCCS's SQLite database (pckcache.db) into a dcapd cache. "
-                    "The database is opened read-only; importing again is harmless.")
+        "The database is opened read-only; importing again is harmless.",
+    )
     parser.add_argument("path", metavar="PATH", help="Intel PCCS database file (pckcache.db)")
-    parser.add_argument("--cache-dir", metavar="DIR",
-                        help="dcapd cache directory (default: the one dcapd uses: "
-                             "DCAPD_CACHE_DIR, the ini file, or the per-user cache folder)")
-    parser.add_argument("--config", metavar="FILE",
-                        help="dcapd ini file (cache directory, trusted roots)")
+    parser.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="dcapd cache directory (default: the one dcapd uses: "
+        "DCAPD_CACHE_DIR, the ini file, or the per-user cache folder)",
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help="dcapd ini file (cache directory, trusted roots)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m dcapd.migrate") -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m dcapd.migrate") -> int:
     """0 imported (rows dcapd cannot serve are listed as skipped), 1 not imported, 2 bad
     configuration."""
     from .app import create_app
@@ -812,8 +889,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m dcapd.migr
 
     args = build_parser(prog).parse_args(argv)
     try:
-        config = load_config({"cache_dir": args.cache_dir, "cache_mode": "OFFLINE"},
-                             ini_path=args.config)
+        config = load_config(
+            {"cache_dir": args.cache_dir, "cache_mode": "OFFLINE"}, ini_path=args.config
+        )
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2

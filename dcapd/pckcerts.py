@@ -12,11 +12,20 @@ import logging
 import re
 import time
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
-from .collateral import (CT_PEM, FMSPC, PCK_CA_TYPE, PCK_CERT_CHAIN, TCBM, BadUpstreamData,
-                         Collateral, SingleFlight, is_url_encoded_chain)
+from .collateral import (
+    CT_PEM,
+    FMSPC,
+    PCK_CA_TYPE,
+    PCK_CERT_CHAIN,
+    TCBM,
+    BadUpstreamData,
+    Collateral,
+    SingleFlight,
+    is_url_encoded_chain,
+)
 from .errors import PccsError
 from .hexstr import is_hex
 from .integrity import IntegrityError
@@ -33,7 +42,7 @@ _ALL_ZEROS = re.compile(r"0+")
 
 @dataclass(frozen=True)
 class FetchedPlatform:
-    entry: Optional["Entry"]
+    entry: Entry | None
     unavailable: list  # PCS entries whose cert is "Not available"
 
 
@@ -69,7 +78,7 @@ class PckCerts:
         self.mode = mode
         self._flight = SingleFlight(store, 3 * upstream.config.upstream_timeout + 5)
 
-    def pck_cert(self, version: int, raw: RawTcb, encrypted_ppid: Optional[str]) -> Entry:
+    def pck_cert(self, version: int, raw: RawTcb, encrypted_ppid: str | None) -> Entry:
         key = self.store.pckcert_key(raw.qeid, raw.pceid, raw.cpusvn, raw.pcesvn)
         entry = self.store.get(key)
         if entry is not None:
@@ -88,11 +97,13 @@ class PckCerts:
             raise PccsError(404, "unknown platform and an all-zero encrypted_ppid")
         # Concurrent misses for one platform share one pckcerts call; the others then
         # select locally from what it stored.
-        return self._flight.run(self.store.platform_key(raw.qeid, raw.pceid),
-                                lambda: self._answer_for_known_platform(version, raw),
-                                lambda: self._fetch_platform(version, raw, encrypted_ppid))
+        return self._flight.run(
+            self.store.platform_key(raw.qeid, raw.pceid),
+            lambda: self._answer_for_known_platform(version, raw),
+            lambda: self._fetch_platform(version, raw, encrypted_ppid),
+        )
 
-    def _answer_for_known_platform(self, version: int, raw: RawTcb) -> Optional[Entry]:
+    def _answer_for_known_platform(self, version: int, raw: RawTcb) -> Entry | None:
         """None when the platform is not cached; else its answer, selected locally if new."""
         if self.store.get_json(self.store.platform_key(raw.qeid, raw.pceid)) is None:
             return None
@@ -109,8 +120,11 @@ class PckCerts:
         cert_set = self.store.get_json(self.store.certs_key(raw.qeid, raw.pceid))
         tcb_info = self.selection_tcb_info(platform["fmspc"], version)
         if not cert_set or not cert_set["certs"] or tcb_info is None:
-            raise PccsError(404, f"platform {raw.qeid}/{raw.pceid}: no certificates or TCB info "
-                                 "cached for selection")
+            raise PccsError(
+                404,
+                f"platform {raw.qeid}/{raw.pceid}: no certificates or TCB info "
+                "cached for selection",
+            )
         entry = self.select(raw, platform, cert_set, tcb_info)
         with self.store.transaction():
             self.store.put(key, entry)
@@ -118,7 +132,7 @@ class PckCerts:
         note_cache_outcome("selected")
         return entry
 
-    def selection_tcb_info(self, fmspc: str, version: int) -> Optional[bytes]:
+    def selection_tcb_info(self, fmspc: str, version: int) -> bytes | None:
         """Intel: the EARLY SGX TCB info if cached, else STANDARD; TDX info is never used."""
         for api_version in (version, 7 - version):  # the request's version first, then 3<->4
             for update in ("EARLY", "STANDARD"):
@@ -130,20 +144,29 @@ class PckCerts:
     def select(self, raw: RawTcb, platform: dict, cert_set: dict, tcb_info: bytes) -> Entry:
         certs = cert_set["certs"]
         try:
-            index = select_pck_cert(raw.cpusvn, raw.pcesvn, raw.pceid, tcb_info,
-                                    [c["pem"] for c in certs])
+            index = select_pck_cert(
+                raw.cpusvn, raw.pcesvn, raw.pceid, tcb_info, [c["pem"] for c in certs]
+            )
         except SelectionError as exc:
-            raise PccsError(404, f"PCK selection for {raw.qeid}/{raw.pceid}: "
-                                 f"{type(exc).__name__}: {exc}") from None
+            raise PccsError(
+                404, f"PCK selection for {raw.qeid}/{raw.pceid}: {type(exc).__name__}: {exc}"
+            ) from None
         return self.answer(platform, cert_set, certs[index])
 
     @staticmethod
     def answer(platform: dict, cert_set: dict, cert: dict) -> Entry:
         """The stored /pckcert response for one cert of the platform's set."""
-        return Entry(pem_with_newline(cert["pem"]).encode(),
-                     {TCBM: cert["tcbm"], FMSPC: platform["fmspc"].upper(),
-                      PCK_CA_TYPE: platform["ca"].upper(), PCK_CERT_CHAIN: cert_set["chain"]},
-                     CT_PEM, {"selected_at": time.time()})
+        return Entry(
+            pem_with_newline(cert["pem"]).encode(),
+            {
+                TCBM: cert["tcbm"],
+                FMSPC: platform["fmspc"].upper(),
+                PCK_CA_TYPE: platform["ca"].upper(),
+                PCK_CERT_CHAIN: cert_set["chain"],
+            },
+            CT_PEM,
+            {"selected_at": time.time()},
+        )
 
     def remember_raw_tcb(self, raw: RawTcb) -> None:
         key = self.store.rawtcbs_key(raw.qeid, raw.pceid)
@@ -157,8 +180,15 @@ class PckCerts:
         fetched = self.fetch_platform(version, raw.qeid, raw.pceid, encrypted_ppid, "", raw)
         return fetched.entry
 
-    def fetch_platform(self, version: int, qeid: str, pceid: str, encrypted_ppid: str,
-                       platform_manifest: str, raw: Optional[RawTcb]) -> "FetchedPlatform":
+    def fetch_platform(
+        self,
+        version: int,
+        qeid: str,
+        pceid: str,
+        encrypted_ppid: str,
+        platform_manifest: str,
+        raw: RawTcb | None,
+    ) -> FetchedPlatform:
         """Ask PCS for all of a platform's PCK certificates, cache them with the TCB infos of
         its FMSPC, and select for ``raw``.
 
@@ -170,15 +200,22 @@ class PckCerts:
         # Intel: in LAZY mode, when PCS held "Not available" entries, the raw TCB's answer is
         # not kept (the next request selects again); REQ always keeps it.
         keep = not fetched.unavailable or self.mode == "REQ"
-        entry = self.store_platform(qeid, pceid, fetched.platform, fetched.cert_set, tcb_info,
-                                    raw, remember_requested=keep)
-        log.info("cached platform %s/%s: %d PCK certificates (%d not available), FMSPC %s",
-                 qeid, pceid, len(fetched.cert_set["certs"]), len(fetched.unavailable),
-                 fetched.platform["fmspc"])
+        entry = self.store_platform(
+            qeid, pceid, fetched.platform, fetched.cert_set, tcb_info, raw, remember_requested=keep
+        )
+        log.info(
+            "cached platform %s/%s: %d PCK certificates (%d not available), FMSPC %s",
+            qeid,
+            pceid,
+            len(fetched.cert_set["certs"]),
+            len(fetched.unavailable),
+            fetched.platform["fmspc"],
+        )
         return FetchedPlatform(entry, fetched.unavailable)
 
-    def fetch_cert_set(self, version: int, qeid: str, pceid: str, encrypted_ppid: str,
-                       platform_manifest: str) -> "FetchedCertSet":
+    def fetch_cert_set(
+        self, version: int, qeid: str, pceid: str, encrypted_ppid: str, platform_manifest: str
+    ) -> FetchedCertSet:
         """One PCS ``pckcerts`` call (POST with the manifest if there is one, else GET with
         the encrypted PPID), checked: nothing is stored here."""
         try:
@@ -205,8 +242,12 @@ class PckCerts:
             raise PccsError(502, f"pckcerts: upstream sent bad data: {exc}") from None
         if not certs:
             raise PccsError(404, f"pckcerts for {qeid}/{pceid}: no certificate available")
-        platform = {"fmspc": fmspc, "ca": ca, "enc_ppid": encrypted_ppid.lower(),
-                    "platform_manifest": platform_manifest.lower()}
+        platform = {
+            "fmspc": fmspc,
+            "ca": ca,
+            "enc_ppid": encrypted_ppid.lower(),
+            "platform_manifest": platform_manifest.lower(),
+        }
         return FetchedCertSet(platform, {"certs": certs, "chain": chain}, unavailable)
 
     def _fetch_tcb_infos(self, version: int, fmspc: str) -> bytes:
@@ -223,7 +264,7 @@ class PckCerts:
         return (early or standard).body
 
     @staticmethod
-    def _optional(fetch) -> Optional[Entry]:
+    def _optional(fetch) -> Entry | None:
         try:
             return fetch()
         except PccsError as exc:
@@ -231,20 +272,31 @@ class PckCerts:
                 raise
             return None
 
-    def store_platform(self, qeid: str, pceid: str, platform: dict, cert_set: dict,
-                       tcb_info: bytes, raw: Optional[RawTcb], remember_requested: bool = True,
-                       extra_raw_tcbs: Sequence[RawTcb] = ()) -> Optional[Entry]:
+    def store_platform(
+        self,
+        qeid: str,
+        pceid: str,
+        platform: dict,
+        cert_set: dict,
+        tcb_info: bytes,
+        raw: RawTcb | None,
+        remember_requested: bool = True,
+        extra_raw_tcbs: Sequence[RawTcb] = (),
+    ) -> Entry | None:
         """Write the platform, its certs, and re-selected answers for every raw TCB seen
         before (and ``extra_raw_tcbs``), in one transaction: a failure leaves the cache as it
         was. Returns the answer for ``raw``."""
         requested = self.select(raw, platform, cert_set, tcb_info) if raw else None
-        seen = [RawTcb(qeid, pceid, cpusvn, pcesvn) for cpusvn, pcesvn in
-                self.store.get_json(self.store.rawtcbs_key(qeid, pceid)) or []]
+        seen = [
+            RawTcb(qeid, pceid, cpusvn, pcesvn)
+            for cpusvn, pcesvn in self.store.get_json(self.store.rawtcbs_key(qeid, pceid)) or []
+        ]
         for extra in extra_raw_tcbs:
             if extra not in seen:
                 seen.append(extra)
-        reselected = [(old, self.select(old, platform, cert_set, tcb_info))
-                      for old in seen if old != raw]
+        reselected = [
+            (old, self.select(old, platform, cert_set, tcb_info)) for old in seen if old != raw
+        ]
         with self.store.transaction():
             self.store.put_json(self.store.platform_key(qeid, pceid), platform)
             self.store.put_json(self.store.certs_key(qeid, pceid), cert_set)
@@ -252,8 +304,9 @@ class PckCerts:
                 self.store.put(self.store.pckcert_key(qeid, pceid, old.cpusvn, old.pcesvn), entry)
                 self.remember_raw_tcb(old)
             if raw is not None and remember_requested:
-                self.store.put(self.store.pckcert_key(qeid, pceid, raw.cpusvn, raw.pcesvn),
-                               requested)
+                self.store.put(
+                    self.store.pckcert_key(qeid, pceid, raw.cpusvn, raw.pcesvn), requested
+                )
                 self.remember_raw_tcb(raw)
         return requested
 
@@ -275,14 +328,22 @@ def parse_pck_certs(body: bytes) -> tuple[list[dict], list[dict]]:
         raise BadUpstreamData("pckcerts body is not a JSON array")
     certs, unavailable = [], []
     for item in entries:
-        if not isinstance(item, dict) or not isinstance(item.get("cert"), str) \
-                or not isinstance(item.get("tcbm"), str) \
-                or not is_hex(item["tcbm"], (36,)):
+        if (
+            not isinstance(item, dict)
+            or not isinstance(item.get("cert"), str)
+            or not isinstance(item.get("tcbm"), str)
+            or not is_hex(item["tcbm"], (36,))
+        ):
             raise BadUpstreamData("pckcerts entry without tcb/tcbm/cert")
         if item["cert"] == NOT_AVAILABLE:
             unavailable.append(item)
             continue
         # Intel: SGX-TCBm is replayed exactly as PCS supplied it for the chosen cert.
-        certs.append({"tcb": item.get("tcb"), "tcbm": item["tcbm"],
-                      "pem": urllib.parse.unquote(item["cert"])})
+        certs.append(
+            {
+                "tcb": item.get("tcb"),
+                "tcbm": item["tcbm"],
+                "pem": urllib.parse.unquote(item["cert"]),
+            }
+        )
     return certs, unavailable

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Optional
 
 from .collateral import Collateral
 from .errors import PccsError
@@ -16,8 +15,13 @@ from .store import Store
 log = logging.getLogger("dcapd.platforms")
 
 # Registration body fields: (name, required, exact hex length or None for 1..260).
-_FIELDS = (("qe_id", True, None), ("pce_id", True, 4), ("cpu_svn", False, 32),
-           ("pce_svn", False, 4), ("enc_ppid", False, 768))
+_FIELDS = (
+    ("qe_id", True, None),
+    ("pce_id", True, 4),
+    ("cpu_svn", False, 32),
+    ("pce_svn", False, 4),
+    ("enc_ppid", False, 768),
+)
 
 
 def validate_registration(body) -> dict:
@@ -32,8 +36,7 @@ def validate_registration(body) -> dict:
                 raise PccsError(400, f"registration: {name} is required")
             continue
         if not (is_hex(value, (length,)) if length else is_hex(value, max_length=260)):
-            raise PccsError(400, f"registration: {name} is not "
-                                 f"{length or '1..260'} hex characters")
+            raise PccsError(400, f"registration: {name} is not {length or '1..260'} hex characters")
         fields[name] = value
     manifest = body.get("platform_manifest")
     if manifest not in (None, "") and not is_hex(manifest, max_length=ANY_LENGTH):
@@ -46,8 +49,12 @@ def validate_registration(body) -> dict:
         missing = [n for n in ("cpu_svn", "pce_svn", "enc_ppid") if n not in fields]
         if missing:
             raise PccsError(400, f"registration without a manifest needs {', '.join(missing)}")
-        record.update(cpu_svn=fields["cpu_svn"].upper(), pce_svn=fields["pce_svn"].upper(),
-                      enc_ppid=fields["enc_ppid"].lower(), platform_manifest="")
+        record.update(
+            cpu_svn=fields["cpu_svn"].upper(),
+            pce_svn=fields["pce_svn"].upper(),
+            enc_ppid=fields["enc_ppid"].lower(),
+            platform_manifest="",
+        )
     return record
 
 
@@ -85,10 +92,19 @@ class Registrations:
             self.collateral.prefetch_verification_collateral(update)
 
     def _fetch(self, version: int, record: dict):
-        raw = None if record["platform_manifest"] else RawTcb(
-            record["qe_id"], record["pce_id"], record["cpu_svn"], record["pce_svn"])
-        return self.pck_certs.fetch_platform(version, record["qe_id"], record["pce_id"],
-                                             record["enc_ppid"], record["platform_manifest"], raw)
+        raw = (
+            None
+            if record["platform_manifest"]
+            else RawTcb(record["qe_id"], record["pce_id"], record["cpu_svn"], record["pce_svn"])
+        )
+        return self.pck_certs.fetch_platform(
+            version,
+            record["qe_id"],
+            record["pce_id"],
+            record["enc_ppid"],
+            record["platform_manifest"],
+            raw,
+        )
 
     def _is_cached(self, record: dict) -> bool:
         platform = self.store.get_json(self.store.platform_key(record["qe_id"], record["pce_id"]))
@@ -97,13 +113,15 @@ class Registrations:
         if record["platform_manifest"]:
             # Intel compares case-sensitively against lower-case hex; hex case carries no meaning.
             return platform.get("platform_manifest", "").lower() == record["platform_manifest"]
-        raw_tcbs = self.store.get_json(self.store.rawtcbs_key(record["qe_id"],
-                                                              record["pce_id"])) or []
+        raw_tcbs = (
+            self.store.get_json(self.store.rawtcbs_key(record["qe_id"], record["pce_id"])) or []
+        )
         return [record["cpu_svn"], record["pce_svn"]] in raw_tcbs
 
     def _key(self, state: str, record: dict) -> str:
-        return self.store.registration_key(state, record["qe_id"], record["pce_id"],
-                                           record["cpu_svn"], record["pce_svn"])
+        return self.store.registration_key(
+            state, record["qe_id"], record["pce_id"], record["cpu_svn"], record["pce_svn"]
+        )
 
     def enqueue(self, state: str, record: dict) -> None:
         """Upsert a queue row in ``state`` (a row has one state at a time)."""
@@ -127,13 +145,19 @@ class Registrations:
             entry = self.store.pop(key)
             if entry is not None:
                 record = json.loads(entry.body)
-                rows.append({"qe_id": record["qe_id"], "pce_id": record["pce_id"],
-                             "cpu_svn": record["cpu_svn"], "pce_svn": record["pce_svn"],
-                             "platform_manifest": record["platform_manifest"].lower(),
-                             "enc_ppid": record["enc_ppid"].lower()})
+                rows.append(
+                    {
+                        "qe_id": record["qe_id"],
+                        "pce_id": record["pce_id"],
+                        "cpu_svn": record["cpu_svn"],
+                        "pce_svn": record["pce_svn"],
+                        "platform_manifest": record["platform_manifest"].lower(),
+                        "enc_ppid": record["enc_ppid"].lower(),
+                    }
+                )
         return rows
 
-    def cached_platforms(self, fmspcs: Optional[set[str]]) -> list[dict]:
+    def cached_platforms(self, fmspcs: set[str] | None) -> list[dict]:
         """One row per cached raw TCB of the platforms whose FMSPC is listed (None = all)."""
         rows = []
         for key in self.store.keys(self.store.platform_prefix()):
@@ -142,7 +166,14 @@ class Registrations:
             if platform is None or (fmspcs is not None and platform["fmspc"].upper() not in fmspcs):
                 continue
             for cpu_svn, pce_svn in self.store.get_json(self.store.rawtcbs_key(qeid, pceid)) or []:
-                rows.append({"qe_id": qeid, "pce_id": pceid, "cpu_svn": cpu_svn,
-                             "pce_svn": pce_svn, "enc_ppid": platform["enc_ppid"].upper(),
-                             "platform_manifest": platform["platform_manifest"].upper()})
+                rows.append(
+                    {
+                        "qe_id": qeid,
+                        "pce_id": pceid,
+                        "cpu_svn": cpu_svn,
+                        "pce_svn": pce_svn,
+                        "enc_ppid": platform["enc_ppid"].upper(),
+                        "platform_manifest": platform["platform_manifest"].upper(),
+                    }
+                )
         return rows

@@ -14,9 +14,11 @@ from .hexstr import is_hex
 from .store import Entry, Store
 
 # Intel's class_id -> policy type; the TD QE class is skipped (§4.4).
-CLASS_TYPES = {"3123ec35-8d38-4ea5-87a5-d6c48b567570": 0,   # SGX
-               "9eec018b-7481-4b1c-8e1a-9f7c0c8c777f": 1,   # TDX 1.0
-               "f708b97f-0fb2-4e6b-8b03-8a5bcd1221d3": 2}   # TDX 1.5
+CLASS_TYPES = {
+    "3123ec35-8d38-4ea5-87a5-d6c48b567570": 0,  # SGX
+    "9eec018b-7481-4b1c-8e1a-9f7c0c8c777f": 1,  # TDX 1.0
+    "f708b97f-0fb2-4e6b-8b03-8a5bcd1221d3": 2,
+}  # TDX 1.5
 TD_QE_CLASS = "3769258c-75e6-4bc7-8d72-d2b0e224cad2"
 
 
@@ -60,10 +62,13 @@ class Policies:
         self.store = store
 
     def put(self, body) -> str:
-        if not isinstance(body, dict) or not isinstance(body.get("policy"), str) \
-                or not isinstance(body.get("is_default"), bool) \
-                or not isinstance(body.get("fmspc"), str) \
-                or not is_hex(body["fmspc"], (12,)):
+        if (
+            not isinstance(body, dict)
+            or not isinstance(body.get("policy"), str)
+            or not isinstance(body.get("is_default"), bool)
+            or not isinstance(body.get("fmspc"), str)
+            or not is_hex(body["fmspc"], (12,))
+        ):
             raise _bad("body needs policy (string), is_default (boolean), fmspc (12 hex)")
         policy, fmspc, is_default = body["policy"], body["fmspc"].upper(), body["is_default"]
         kind = policy_type(policy)
@@ -72,23 +77,31 @@ class Policies:
         with self.store.transaction():
             key = self.store.policy_key(fmspc, policy_id)
             old = self.store.get_json(key)
-            records = {k: self.store.get_json(k)
-                       for k in self.store.keys(self.store.policy_prefix(fmspc))}
+            records = {
+                k: self.store.get_json(k) for k in self.store.keys(self.store.policy_prefix(fmspc))
+            }
             if is_default:  # a new default un-defaults the others of its FMSPC
                 for other_key, record in records.items():
                     if record["is_default"] and other_key != key:
                         record["is_default"] = False
                         self.store.put_json(other_key, record)
-            records[key] = {"id": policy_id, "type": kind, "policy": policy,
-                            "is_default": is_default, "fmspc": fmspc,
-                            "created_time": old["created_time"] if old else now,
-                            "updated_time": now}
+            records[key] = {
+                "id": policy_id,
+                "type": kind,
+                "policy": policy,
+                "is_default": is_default,
+                "fmspc": fmspc,
+                "created_time": old["created_time"] if old else now,
+                "updated_time": now,
+            }
             self.store.put_json(key, records[key])
             defaults = [r["policy"] for r in records.values() if r["is_default"]]
             appraisal_key = self.store.appraisal_key(fmspc)
             if defaults:
-                self.store.put(appraisal_key, Entry(",".join(defaults).encode("utf-8"), {},
-                                                    "text/plain; charset=utf-8"))
+                self.store.put(
+                    appraisal_key,
+                    Entry(",".join(defaults).encode("utf-8"), {}, "text/plain; charset=utf-8"),
+                )
             else:
                 self.store.delete(appraisal_key)
         return policy_id

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 from .collateral import Collateral, Source, fetch_entry
 from .errors import PccsError
@@ -32,7 +32,7 @@ class RefreshReport:
     unchanged: int = 0
 
 
-def describe(entry: Optional[Entry]) -> str:
+def describe(entry: Entry | None) -> str:
     """How an entry is told apart in the log: issue date and TCB evaluation number."""
     if entry is None:
         return "absent"
@@ -44,8 +44,15 @@ def describe(entry: Optional[Entry]) -> str:
 
 
 class Refresher:
-    def __init__(self, store: Store, collateral: Collateral, pck_certs: PckCerts, mode: str,
-                 version: int, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        store: Store,
+        collateral: Collateral,
+        pck_certs: PckCerts,
+        mode: str,
+        version: int,
+        clock: Callable[[], float] = time.time,
+    ):
         self.store = store
         self.collateral = collateral
         self.pck_certs = pck_certs
@@ -88,12 +95,18 @@ class Refresher:
             if what["kind"] == "pckcrl":
                 required.append(collateral.pck_crl_source(self.version, what["ca"]))
             elif what["kind"] == "tcb":
-                required.append(collateral.tcb_info_source(what["tee"], what["version"],
-                                                           what["fmspc"], what["update"]))
+                required.append(
+                    collateral.tcb_info_source(
+                        what["tee"], what["version"], what["fmspc"], what["update"]
+                    )
+                )
             elif what["kind"] == "crl":
                 required.append(collateral.crl_source(what["uri"]))
-        optional = [collateral.enclave_identity_source(kind, version, update)
-                    for kind, version in IDENTITIES for update in ("STANDARD", "EARLY")]
+        optional = [
+            collateral.enclave_identity_source(kind, version, update)
+            for kind, version in IDENTITIES
+            for update in ("STANDARD", "EARLY")
+        ]
         return required, optional
 
     def _refresh_collateral(self) -> RefreshReport:
@@ -120,8 +133,9 @@ class Refresher:
                 raise PccsError(503, exc.reason) from None
             raise
 
-    def _write(self, kind: str, fresh: dict[str, Entry],
-               extra: Optional[Callable[[], None]] = None) -> RefreshReport:
+    def _write(
+        self, kind: str, fresh: dict[str, Entry], extra: Callable[[], None] | None = None
+    ) -> RefreshReport:
         report = RefreshReport(kind)
         now = self.clock()
         with self.store.transaction():
@@ -139,18 +153,18 @@ class Refresher:
             self.store.put_json(self.store.STATUS_KEY, status)
         for line in report.changed:
             log.info("refresh changed %s", line)
-        log.info("%s refresh done: %d changed, %d unchanged", kind, len(report.changed),
-                 report.unchanged)
+        log.info(
+            "%s refresh done: %d changed, %d unchanged", kind, len(report.changed), report.unchanged
+        )
         return report
 
     # --- certificate refresh (§3.3)
 
-    def refresh_certs(self, fmspcs: Optional[set[str]] = None,
-                      wait: float = 60.0) -> RefreshReport:
+    def refresh_certs(self, fmspcs: set[str] | None = None, wait: float = 60.0) -> RefreshReport:
         self._require_refreshable()
         return self._locked(lambda: self._refresh_certs(fmspcs), wait)
 
-    def _refresh_certs(self, fmspcs: Optional[set[str]]) -> RefreshReport:
+    def _refresh_certs(self, fmspcs: set[str] | None) -> RefreshReport:
         plans = []
         for key in self.store.keys(self.store.platform_prefix()):
             qeid, pceid = self.store.platform_id_from_key(key)
@@ -158,23 +172,32 @@ class Refresher:
             if platform is None or (fmspcs and platform["fmspc"].upper() not in fmspcs):
                 continue
             if not platform.get("platform_manifest") and not platform.get("enc_ppid"):
-                log.warning("refresh: platform %s/%s has neither manifest nor encrypted PPID; "
-                            "its certificates can only be uploaded", qeid, pceid)
+                log.warning(
+                    "refresh: platform %s/%s has neither manifest nor encrypted PPID; "
+                    "its certificates can only be uploaded",
+                    qeid,
+                    pceid,
+                )
                 continue
-            fetched = self.pck_certs.fetch_cert_set(self.version, qeid, pceid,
-                                                    platform["enc_ppid"],
-                                                    platform["platform_manifest"])
-            tcb_source = self.collateral.tcb_info_source("sgx", self.version,
-                                                         fetched.platform["fmspc"], "EARLY")
+            fetched = self.pck_certs.fetch_cert_set(
+                self.version, qeid, pceid, platform["enc_ppid"], platform["platform_manifest"]
+            )
+            tcb_source = self.collateral.tcb_info_source(
+                "sgx", self.version, fetched.platform["fmspc"], "EARLY"
+            )
             try:  # Intel: selection uses PCS's EARLY TCB info, fetched, not stored
                 tcb_info = fetch_entry(tcb_source).body
             except PccsError as exc:
                 if exc.status_code != 404:
                     raise
-                tcb_info = fetch_entry(self.collateral.tcb_info_source(
-                    "sgx", self.version, fetched.platform["fmspc"], "STANDARD")).body
-            plans.append((qeid, pceid, dict(platform, **fetched.platform), fetched.cert_set,
-                          tcb_info))
+                tcb_info = fetch_entry(
+                    self.collateral.tcb_info_source(
+                        "sgx", self.version, fetched.platform["fmspc"], "STANDARD"
+                    )
+                ).body
+            plans.append(
+                (qeid, pceid, dict(platform, **fetched.platform), fetched.cert_set, tcb_info)
+            )
 
         def store_all() -> None:
             for qeid, pceid, platform, cert_set, tcb_info in plans:
@@ -193,12 +216,21 @@ class Refresher:
             if what is None:
                 continue
             meta = self.store.get(key).meta
-            entries.append(dict(what, key=key, issue_date=meta.get("issue_date"),
-                                next_update=meta.get("next_update"),
-                                tcb_evaluation_data_number=meta.get(
-                                    "tcb_evaluation_data_number"),
-                                fetched_at=meta.get("fetched_at"), source=meta.get("source")))
+            entries.append(
+                dict(
+                    what,
+                    key=key,
+                    issue_date=meta.get("issue_date"),
+                    next_update=meta.get("next_update"),
+                    tcb_evaluation_data_number=meta.get("tcb_evaluation_data_number"),
+                    fetched_at=meta.get("fetched_at"),
+                    source=meta.get("source"),
+                )
+            )
         status = self.store.get_json(self.store.STATUS_KEY) or {}
-        return {"mode": self.mode, "last_collateral_refresh": status.get(
-                    "last_collateral_refresh"),
-                "last_certs_refresh": status.get("last_certs_refresh"), "entries": entries}
+        return {
+            "mode": self.mode,
+            "last_collateral_refresh": status.get("last_collateral_refresh"),
+            "last_certs_refresh": status.get("last_certs_refresh"),
+            "entries": entries,
+        }

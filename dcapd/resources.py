@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 import falcon
 
@@ -22,14 +21,14 @@ from .upstream import is_allowed_crl_url
 UPDATE_TYPES = ("STANDARD", "EARLY")
 
 
-def query_value(req: falcon.Request, name: str, required: bool = True) -> Optional[str]:
+def query_value(req: falcon.Request, name: str, required: bool = True) -> str | None:
     value = req.get_param(name)
     if value is None and required:
         raise PccsError(400, f"missing query parameter {name}")
     return value
 
 
-def hex_param(req: falcon.Request, name: str, length: int, required: bool = True) -> Optional[str]:
+def hex_param(req: falcon.Request, name: str, length: int, required: bool = True) -> str | None:
     """A hex query value of an exact length, upper-cased (Intel upper-cases query keys)."""
     value = query_value(req, name, required)
     if value is None:
@@ -57,8 +56,9 @@ def update_param(req: falcon.Request) -> str:
     return value
 
 
-def respond(resp: falcon.Response, entry: Entry, body: Optional[bytes] = None,
-            content_type: Optional[str] = None) -> None:
+def respond(
+    resp: falcon.Response, entry: Entry, body: bytes | None = None, content_type: str | None = None
+) -> None:
     """Replay a stored entry: its bytes and headers, as stored."""
     resp.data = entry.body if body is None else body
     resp.content_type = content_type or entry.content_type
@@ -72,8 +72,12 @@ class PckCert:
         self.version = version
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        raw = RawTcb(qeid=qeid_param(req), pceid=hex_param(req, "pceid", 4),
-                     cpusvn=hex_param(req, "cpusvn", 32), pcesvn=hex_param(req, "pcesvn", 4))
+        raw = RawTcb(
+            qeid=qeid_param(req),
+            pceid=hex_param(req, "pceid", 4),
+            cpusvn=hex_param(req, "cpusvn", 32),
+            pcesvn=hex_param(req, "pcesvn", 4),
+        )
         # Intel: optional, but when present (even empty) it must be 768 characters.
         encrypted_ppid = hex_param(req, "encrypted_ppid", 768, required=False)
         respond(resp, self.pck_certs.pck_cert(self.version, raw, encrypted_ppid))
@@ -296,7 +300,12 @@ class Ready:
         resp.status = 503 if problems else 200
         resp.content_type = "application/json"
         resp.cache_control = ["no-store"]
-        resp.data = json.dumps({"status": "not ready" if problems else "ready",
-                                "mode": self.mode, "problems": problems,
-                                "upstream_last_success": success,
-                                "upstream_last_failure": failure}).encode()
+        resp.data = json.dumps(
+            {
+                "status": "not ready" if problems else "ready",
+                "mode": self.mode,
+                "problems": problems,
+                "upstream_last_success": success,
+                "upstream_last_failure": failure,
+            }
+        ).encode()

@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from datetime import datetime, timedelta, timezone
-from typing import Callable, Optional
+from typing import Callable
 
 from .errors import PccsError
 from .refresh import Refresher
@@ -16,8 +16,14 @@ from .store import Store
 
 log = logging.getLogger("dcapd.schedule")
 
-_FIELDS = (("second", 0, 59), ("minute", 0, 59), ("hour", 0, 23), ("day", 1, 31),
-           ("month", 1, 12), ("weekday", 0, 7))
+_FIELDS = (
+    ("second", 0, 59),
+    ("minute", 0, 59),
+    ("hour", 0, 23),
+    ("day", 1, 31),
+    ("month", 1, 12),
+    ("weekday", 0, 7),
+)
 
 
 def _parse_field(text: str, low: int, high: int) -> frozenset[int]:
@@ -84,12 +90,15 @@ class CronSchedule:
         raise ValueError(f"cron schedule {self.text!r} never fires")
 
 
-def parse_iso(value) -> Optional[float]:
+def parse_iso(value) -> float | None:
     if not isinstance(value, str):
         return None
     try:
-        return datetime.strptime(value.replace(".000Z", "Z"), "%Y-%m-%dT%H:%M:%SZ") \
-            .replace(tzinfo=timezone.utc).timestamp()
+        return (
+            datetime.strptime(value.replace(".000Z", "Z"), "%Y-%m-%dT%H:%M:%SZ")
+            .replace(tzinfo=timezone.utc)
+            .timestamp()
+        )
     except ValueError:
         return None
 
@@ -101,9 +110,15 @@ class RefreshScheduler:
     MIN_EARLY_INTERVAL = 3600.0  # after an early refresh, wait before the next one
     MAX_BACKOFF = 3600.0
 
-    def __init__(self, refresher: Refresher, store: Store, schedule: CronSchedule,
-                 margin_seconds: float, clock: Callable[[], float] = time.time,
-                 check_interval: float = 300.0):
+    def __init__(
+        self,
+        refresher: Refresher,
+        store: Store,
+        schedule: CronSchedule,
+        margin_seconds: float,
+        clock: Callable[[], float] = time.time,
+        check_interval: float = 300.0,
+    ):
         self.refresher = refresher
         self.store = store
         self.schedule = schedule
@@ -112,11 +127,11 @@ class RefreshScheduler:
         self.check_interval = check_interval
         now = clock()
         self.next_scheduled = self._next_cron(now)
-        self.retry_at: Optional[float] = None
+        self.retry_at: float | None = None
         self.failures = 0
         self.last_early: float = float("-inf")
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
     def _next_cron(self, now: float) -> float:
         return self.schedule.next_after(datetime.fromtimestamp(now)).timestamp()
@@ -130,7 +145,7 @@ class RefreshScheduler:
                 soon.append(entry["key"])
         return soon
 
-    def due(self, now: float) -> Optional[str]:
+    def due(self, now: float) -> str | None:
         if self.refresher.mode == "OFFLINE":
             return None  # Intel: the scheduled refresh is a silent no-op offline
         if self.retry_at is not None:
@@ -143,7 +158,7 @@ class RefreshScheduler:
                 return f"{len(soon)} entries expire within the margin (e.g. {soon[0]})"
         return None
 
-    def tick(self) -> Optional[bool]:
+    def tick(self) -> bool | None:
         """Refresh if due. None = nothing due; True = refreshed; False = failed (retried)."""
         now = self.clock()
         reason = self.due(now)
@@ -157,8 +172,12 @@ class RefreshScheduler:
             self.failures += 1
             delay = min(self.MAX_BACKOFF, 60.0 * 2 ** (self.failures - 1))
             self.retry_at = now + delay
-            log.warning("scheduled refresh (%s) failed: %s; retrying in %.0f s", reason,
-                        getattr(exc, "reason", "") or exc, delay)
+            log.warning(
+                "scheduled refresh (%s) failed: %s; retrying in %.0f s",
+                reason,
+                getattr(exc, "reason", "") or exc,
+                delay,
+            )
             return False
         self.failures = 0
         self.retry_at = None
@@ -191,6 +210,9 @@ class RefreshScheduler:
 def scheduler_for(services) -> RefreshScheduler:
     """The scheduler the server runs, built from the app's services and configuration."""
     config = services.config
-    return RefreshScheduler(services.refresher, services.store,
-                            CronSchedule(config.refresh_schedule),
-                            config.refresh_margin_hours * 3600.0)
+    return RefreshScheduler(
+        services.refresher,
+        services.store,
+        CronSchedule(config.refresh_schedule),
+        config.refresh_margin_hours * 3600.0,
+    )

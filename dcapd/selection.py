@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, NamedTuple
 
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID, NameOID
@@ -29,10 +30,22 @@ from cryptography.x509.oid import ExtensionOID, NameOID
 from .hexstr import is_hex
 
 __all__ = [
-    "SelectionError", "InvalidArgumentError", "InvalidCertError", "InvalidTcbInfoError",
-    "PceIdMismatchError", "FmspcMismatchError", "PpidMismatchError", "PckNotFoundError",
-    "Tcb", "PckCertInfo", "TcbLevel", "TcbInfo",
-    "parse_pck_cert", "parse_tcb_info", "select_pck_cert", "select_from_parsed",
+    "SelectionError",
+    "InvalidArgumentError",
+    "InvalidCertError",
+    "InvalidTcbInfoError",
+    "PceIdMismatchError",
+    "FmspcMismatchError",
+    "PpidMismatchError",
+    "PckNotFoundError",
+    "Tcb",
+    "PckCertInfo",
+    "TcbLevel",
+    "TcbInfo",
+    "parse_pck_cert",
+    "parse_tcb_info",
+    "select_pck_cert",
+    "select_from_parsed",
     "SGX_EXTENSION_OID",
 ]
 
@@ -46,7 +59,7 @@ class SelectionError(Exception):
 
     code: int = 5  # PCK_CERT_SELECT_UNEXPECTED
 
-    def __init__(self, message: str, code: Optional[int] = None):
+    def __init__(self, message: str, code: int | None = None):
         super().__init__(message)
         if code is not None:
             self.code = code
@@ -115,17 +128,18 @@ PLATFORM_INSTANCE_ID_LEN = 16
 class Tcb(NamedTuple):
     """An SGX TCB: the 16 component SVNs plus the PCE SVN."""
 
-    components: Tuple[int, ...]
+    components: tuple[int, ...]
     pcesvn: int
 
-    def ge(self, other: "Tcb") -> bool:
+    def ge(self, other: Tcb) -> bool:
         """Intel's ``COMP_EQUAL_OR_GREATER``: no component (nor the PCESVN) is lower.
 
         A TCB that is higher in one component and lower in another is *not* ≥ (Intel calls that
         COMP_UNDEFINED); so this is a partial order, not the lexicographic one of the level sort.
         """
         return self.pcesvn >= other.pcesvn and all(
-            mine >= theirs for mine, theirs in zip(self.components, other.components))
+            mine >= theirs for mine, theirs in zip(self.components, other.components)
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,7 +159,7 @@ class _Der(NamedTuple):
     value: bytes
 
 
-def _der_read(data: bytes, pos: int) -> Tuple[_Der, int]:
+def _der_read(data: bytes, pos: int) -> tuple[_Der, int]:
     """Read one TLV at ``pos``; return it and the offset just after it."""
     if pos + 2 > len(data):
         raise ValueError("truncated DER")
@@ -160,7 +174,7 @@ def _der_read(data: bytes, pos: int) -> Tuple[_Der, int]:
             raise ValueError("indefinite or oversized DER length")
         if pos + n_bytes > len(data):
             raise ValueError("truncated DER length")
-        length = int.from_bytes(data[pos:pos + n_bytes], "big")
+        length = int.from_bytes(data[pos : pos + n_bytes], "big")
         pos += n_bytes
     end = pos + length
     if end > len(data):
@@ -168,7 +182,7 @@ def _der_read(data: bytes, pos: int) -> Tuple[_Der, int]:
     return _Der(tag, data[pos:end]), end
 
 
-def _der_sequence_items(node: _Der) -> List[_Der]:
+def _der_sequence_items(node: _Der) -> list[_Der]:
     """The elements of a SEQUENCE (raises if ``node`` is not one)."""
     if node.tag != _TAG_SEQUENCE:
         raise ValueError(f"expected SEQUENCE, got tag 0x{node.tag:02x}")
@@ -182,7 +196,7 @@ def _der_sequence_items(node: _Der) -> List[_Der]:
 def _der_oid(node: _Der) -> str:
     if node.tag != _TAG_OID or not node.value:
         raise ValueError("expected OBJECT IDENTIFIER")
-    arcs: List[int] = []
+    arcs: list[int] = []
     value = 0
     for byte in node.value:
         value = (value << 7) | (byte & 0x7F)
@@ -215,7 +229,7 @@ def _der_bool(node: _Der) -> bool:
     return node.value != b"\x00"
 
 
-def _oid_value_pairs(node: _Der) -> Iterator[Tuple[str, _Der]]:
+def _oid_value_pairs(node: _Der) -> Iterator[tuple[str, _Der]]:
     """Iterate a SEQUENCE OF SEQUENCE { OID, value }; QVL wants exactly 2 items per tuple."""
     for pair in _der_sequence_items(node):
         items = _der_sequence_items(pair)
@@ -267,14 +281,14 @@ class PckCertInfo:
     """
 
     ppid: bytes
-    tcb_components: Tuple[int, ...]
+    tcb_components: tuple[int, ...]
     pcesvn: int
     cpusvn: bytes
     pceid: bytes
     fmspc: bytes
     sgx_type: int
-    platform_instance_id: Optional[bytes]
-    configuration: Optional[Dict[str, bool]]
+    platform_instance_id: bytes | None
+    configuration: dict[str, bool] | None
     ca_type: str
 
     @property
@@ -313,7 +327,7 @@ class PckCertInfo:
 _NOT_AVAILABLE = "Not available"
 
 
-def parse_pck_cert(pem: Union[str, bytes]) -> PckCertInfo:
+def parse_pck_cert(pem: str | bytes) -> PckCertInfo:
     """Parse a PEM PCK certificate the way QVL does before selection uses it.
 
     Requires what ``PckCertificate::parse`` requires: the five standard extensions, the SGX
@@ -335,7 +349,7 @@ def parse_pck_cert(pem: Union[str, bytes]) -> PckCertInfo:
     return PckCertInfo(ca_type=_ca_type(cert), **fields)
 
 
-def _load_certificate(pem: Union[str, bytes]) -> x509.Certificate:
+def _load_certificate(pem: str | bytes) -> x509.Certificate:
     if pem is None:
         raise InvalidArgumentError("certificate is None")
     text = pem.decode("latin-1") if isinstance(pem, (bytes, bytearray)) else str(pem)
@@ -368,7 +382,7 @@ def _sgx_extension_value(cert: x509.Certificate) -> bytes:
     return ext.value.value  # UnrecognizedExtension: the raw DER of the extension value
 
 
-def _parse_sgx_extension(der: bytes) -> Dict[str, Any]:
+def _parse_sgx_extension(der: bytes) -> dict[str, Any]:
     top, end = _der_read(der, 0)
     if end != len(der):
         raise ValueError("trailing bytes after the SGX extension")
@@ -376,12 +390,14 @@ def _parse_sgx_extension(der: bytes) -> Dict[str, Any]:
     if len(entries) not in _SGX_EXTENSION_ENTRY_COUNTS:
         raise ValueError(f"{len(entries)} entries, QVL expects 5 (Processor CA) or 7 (Platform CA)")
 
-    fields: Dict[str, Any] = {"platform_instance_id": None, "configuration": None}
+    fields: dict[str, Any] = {"platform_instance_id": None, "configuration": None}
     for oid, value in _oid_value_pairs(top):
         if oid == _OID_PPID:
             fields["ppid"] = _der_octets(value, PPID_LEN)
         elif oid == _OID_TCB:
-            fields["tcb_components"], fields["pcesvn"], fields["cpusvn"] = _parse_tcb_sequence(value)
+            fields["tcb_components"], fields["pcesvn"], fields["cpusvn"] = _parse_tcb_sequence(
+                value
+            )
         elif oid == _OID_PCEID:
             fields["pceid"] = _der_octets(value, PCEID_LEN)
         elif oid == _OID_FMSPC:
@@ -409,12 +425,12 @@ def _optional(parse: Callable[..., Any], *args: Any) -> Any:
         return None
 
 
-def _parse_tcb_sequence(node: _Der) -> Tuple[Tuple[int, ...], int, bytes]:
+def _parse_tcb_sequence(node: _Der) -> tuple[tuple[int, ...], int, bytes]:
     if len(_der_sequence_items(node)) != _TCB_ENTRY_COUNT:
         raise ValueError(f"TCB sequence must have {_TCB_ENTRY_COUNT} entries")
-    components: List[Optional[int]] = [None] * SGX_COMPONENT_COUNT
-    pcesvn: Optional[int] = None
-    cpusvn: Optional[bytes] = None
+    components: list[int | None] = [None] * SGX_COMPONENT_COUNT
+    pcesvn: int | None = None
+    cpusvn: bytes | None = None
     for oid, value in _oid_value_pairs(node):
         if oid in _COMPONENT_OIDS:
             # QVL truncates to uint8; real certs never exceed it, so reject instead.
@@ -434,7 +450,7 @@ def _bounded(value: int, maximum: int, what: str) -> int:
     return value
 
 
-def _parse_configuration(node: _Der) -> Dict[str, bool]:
+def _parse_configuration(node: _Der) -> dict[str, bool]:
     flags = {}
     for oid, value in _oid_value_pairs(node):
         if oid in _CONFIGURATION_NAMES:
@@ -457,33 +473,40 @@ def _ca_type(cert: x509.Certificate) -> str:
 # TCB info parsing (QVL TcbInfo::parse).
 # --------------------------------------------------------------------------------------------
 
-_VALID_TCB_STATUSES = frozenset({
-    "UpToDate", "OutOfDate", "ConfigurationNeeded", "Revoked", "OutOfDateConfigurationNeeded",
-    "SWHardeningNeeded", "ConfigurationAndSWHardeningNeeded",
-})
+_VALID_TCB_STATUSES = frozenset(
+    {
+        "UpToDate",
+        "OutOfDate",
+        "ConfigurationNeeded",
+        "Revoked",
+        "OutOfDateConfigurationNeeded",
+        "SWHardeningNeeded",
+        "ConfigurationAndSWHardeningNeeded",
+    }
+)
 _SIGNATURE_HEX_LEN = 128  # raw ECDSA P-256 r‖s, hex
 _ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 _UINT32_MAX = 0xFFFFFFFF
-_INT32 = (-(2 ** 31), 2 ** 31 - 1)
+_INT32 = (-(2**31), 2**31 - 1)
 
 
 @dataclass(frozen=True)
 class TcbLevel:
     """One ``tcbLevels`` entry; ``tdx_components`` only for TDX v3 infos."""
 
-    sgx_components: Tuple[int, ...]
+    sgx_components: tuple[int, ...]
     pcesvn: int
     status: str
     tcb_date: datetime
-    advisory_ids: Tuple[str, ...] = ()
-    tdx_components: Optional[Tuple[int, ...]] = None
+    advisory_ids: tuple[str, ...] = ()
+    tdx_components: tuple[int, ...] | None = None
 
     @property
     def tcb(self) -> Tcb:
         return Tcb(self.sgx_components, self.pcesvn)
 
-    def sort_key(self) -> Tuple[Tuple[int, ...], int, Tuple[int, ...]]:
-        """QVL's TcbLevel order: SGX components (lexicographic), then PCESVN, then TDX components."""
+    def sort_key(self) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
+        """QVL's TcbLevel order: SGX components (lexicographic), PCESVN, then TDX components."""
         return self.sgx_components, self.pcesvn, self.tdx_components or ()
 
 
@@ -499,14 +522,14 @@ class TcbInfo:
     pce_id: bytes
     tcb_type: int
     tcb_evaluation_data_number: int
-    levels: Tuple[TcbLevel, ...]
+    levels: tuple[TcbLevel, ...]
 
     @property
     def fmspc_hex(self) -> str:
         return self.fmspc.hex().upper()
 
 
-def parse_tcb_info(tcb_info_json: Union[str, bytes]) -> TcbInfo:
+def parse_tcb_info(tcb_info_json: str | bytes) -> TcbInfo:
     """Validate a PCS TCB info body (``{"tcbInfo": {...}, "signature": "..."}``) like QVL.
 
     Accepts v2 and v3 (ids SGX and TDX); the signature is only checked for shape, never
@@ -543,12 +566,20 @@ def parse_tcb_info(tcb_info_json: Union[str, bytes]) -> TcbInfo:
         raise InvalidTcbInfoError(f"unsupported tcbType {tcb_type}")
 
     levels = _parse_levels(info["tcbLevels"], version, tcb_id)
-    return TcbInfo(version=version, id=tcb_id, issue_date=issue_date, next_update=next_update,
-                   fmspc=fmspc, pce_id=pce_id, tcb_type=tcb_type,
-                   tcb_evaluation_data_number=evaluation_number, levels=levels)
+    return TcbInfo(
+        version=version,
+        id=tcb_id,
+        issue_date=issue_date,
+        next_update=next_update,
+        fmspc=fmspc,
+        pce_id=pce_id,
+        tcb_type=tcb_type,
+        tcb_evaluation_data_number=evaluation_number,
+        levels=levels,
+    )
 
 
-def _load_json_object(text: Union[str, bytes]) -> Dict[str, Any]:
+def _load_json_object(text: str | bytes) -> dict[str, Any]:
     if text is None:
         raise InvalidArgumentError("TCB info is None")
     try:
@@ -565,21 +596,21 @@ def _is_uint(value: Any) -> bool:
     return type(value) is int and 0 <= value <= _UINT32_MAX
 
 
-def _uint_field(obj: Dict[str, Any], name: str) -> int:
+def _uint_field(obj: dict[str, Any], name: str) -> int:
     value = obj.get(name)
     if not _is_uint(value):
         raise InvalidTcbInfoError(f"[{name}] missing or not an unsigned integer")
     return value
 
 
-def _int_field(obj: Dict[str, Any], name: str) -> int:
+def _int_field(obj: dict[str, Any], name: str) -> int:
     value = obj.get(name)
     if type(value) is not int or not _INT32[0] <= value <= _INT32[1]:
         raise InvalidTcbInfoError(f"[{name}] missing or not an integer")
     return value
 
 
-def _date_field(obj: Dict[str, Any], name: str) -> datetime:
+def _date_field(obj: dict[str, Any], name: str) -> datetime:
     value = obj.get(name)
     if not isinstance(value, str) or not _ISO_DATE.fullmatch(value):
         raise InvalidTcbInfoError(f"[{name}] missing or not a YYYY-MM-DDThh:mm:ssZ date")
@@ -589,14 +620,14 @@ def _date_field(obj: Dict[str, Any], name: str) -> datetime:
         raise InvalidTcbInfoError(f"[{name}] is not a valid date: {value}") from None
 
 
-def _hex_field(obj: Dict[str, Any], name: str, n_bytes: int) -> bytes:
+def _hex_field(obj: dict[str, Any], name: str, n_bytes: int) -> bytes:
     value = obj.get(name)
     if not is_hex(value, (2 * n_bytes,)):
         raise InvalidTcbInfoError(f"[{name}] missing or not {2 * n_bytes} hex chars")
     return bytes.fromhex(value)
 
 
-def _tcb_info_id(info: Dict[str, Any], version: int) -> str:
+def _tcb_info_id(info: dict[str, Any], version: int) -> str:
     if version == 2:
         return "SGX"  # v2 has no id; it is always SGX
     tcb_id = info.get("id")
@@ -605,7 +636,7 @@ def _tcb_info_id(info: Dict[str, Any], version: int) -> str:
     return tcb_id
 
 
-def _check_tdx_module(info: Dict[str, Any], tcb_id: str) -> None:
+def _check_tdx_module(info: dict[str, Any], tcb_id: str) -> None:
     if tcb_id == "SGX":
         if "tdxModule" in info or "tdxModuleIdentities" in info:
             raise InvalidTcbInfoError("SGX TCB info must not carry tdxModule/tdxModuleIdentities")
@@ -618,7 +649,7 @@ def _check_tdx_module(info: Dict[str, Any], tcb_id: str) -> None:
     _hex_field(module, "attributesMask", 8)
 
 
-def _parse_levels(raw_levels: Any, version: int, tcb_id: str) -> Tuple[TcbLevel, ...]:
+def _parse_levels(raw_levels: Any, version: int, tcb_id: str) -> tuple[TcbLevel, ...]:
     if not isinstance(raw_levels, list) or not raw_levels:
         raise InvalidTcbInfoError("[tcbLevels] must be a non-empty array")
     levels = [_parse_level(raw, version, tcb_id) for raw in raw_levels]
@@ -647,11 +678,17 @@ def _parse_level(raw: Any, version: int, tcb_id: str) -> TcbLevel:
     else:
         sgx_components = _component_array(tcb, "sgxtcbcomponents")
         tdx_components = _component_array(tcb, "tdxtcbcomponents") if tcb_id == "TDX" else None
-    return TcbLevel(sgx_components=sgx_components, pcesvn=pcesvn, status=status,
-                    tcb_date=tcb_date, advisory_ids=advisory_ids, tdx_components=tdx_components)
+    return TcbLevel(
+        sgx_components=sgx_components,
+        pcesvn=pcesvn,
+        status=status,
+        tcb_date=tcb_date,
+        advisory_ids=advisory_ids,
+        tdx_components=tdx_components,
+    )
 
 
-def _advisory_ids(raw: Dict[str, Any]) -> Tuple[str, ...]:
+def _advisory_ids(raw: dict[str, Any]) -> tuple[str, ...]:
     if "advisoryIDs" not in raw:
         return ()  # optional
     ids = raw["advisoryIDs"]
@@ -660,7 +697,7 @@ def _advisory_ids(raw: Dict[str, Any]) -> Tuple[str, ...]:
     return tuple(ids)
 
 
-def _component_array(tcb: Dict[str, Any], name: str) -> Tuple[int, ...]:
+def _component_array(tcb: dict[str, Any], name: str) -> tuple[int, ...]:
     components = tcb.get(name)
     if not isinstance(components, list) or len(components) != SGX_COMPONENT_COUNT:
         raise InvalidTcbInfoError(f"[{name}] must be an array of {SGX_COMPONENT_COUNT} objects")
@@ -687,8 +724,13 @@ def _svn(value: Any) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def select_pck_cert(cpusvn: str, pcesvn: str, pceid: str, tcb_info_json: Union[str, bytes],
-                    pem_certs: Sequence[Union[str, bytes]]) -> int:
+def select_pck_cert(
+    cpusvn: str,
+    pcesvn: str,
+    pceid: str,
+    tcb_info_json: str | bytes,
+    pem_certs: Sequence[str | bytes],
+) -> int:
     """Return the index in ``pem_certs`` of the cert Intel's PCCS would serve for this raw TCB.
 
     Arguments are exactly what PCCS has: the query's hex ``cpusvn`` (32 hex), ``pcesvn`` and
@@ -700,7 +742,7 @@ def select_pck_cert(cpusvn: str, pcesvn: str, pceid: str, tcb_info_json: Union[s
         raise InvalidArgumentError("no certificates to select from")
     tcb_info = parse_tcb_info(tcb_info_json)
     _check_tcb_info_pce_id(tcb_info, query_pce_id)
-    certs: List[PckCertInfo] = []
+    certs: list[PckCertInfo] = []
     for index, pem in enumerate(pem_certs):
         # Intel validates cert by cert, so the first failing cert decides the error.
         cert = _parse_candidate(pem)
@@ -709,8 +751,9 @@ def select_pck_cert(cpusvn: str, pcesvn: str, pceid: str, tcb_info_json: Union[s
     return _first_dominated_cert(raw_tcb, tcb_info.levels, certs)
 
 
-def select_from_parsed(raw_tcb: Tcb, pce_id: int, tcb_info: TcbInfo,
-                       certs: Sequence[PckCertInfo]) -> int:
+def select_from_parsed(
+    raw_tcb: Tcb, pce_id: int, tcb_info: TcbInfo, certs: Sequence[PckCertInfo]
+) -> int:
     """Selection on already parsed inputs (§5.2 steps 2-7), for callers that cache parses.
 
     ``pce_id`` is the query PCE-ID as an integer (already decoded from little-endian hex).
@@ -720,13 +763,15 @@ def select_from_parsed(raw_tcb: Tcb, pce_id: int, tcb_info: TcbInfo,
     _check_tcb_info_pce_id(tcb_info, pce_id)
     for index, cert in enumerate(certs):
         if tuple(cert.cpusvn) != cert.tcb_components:
-            raise InvalidCertError(f"cert {index}: CPUSVN does not match its TCB components",
-                                   code=_CODE_INVALID_CERT_CPUSVN)
+            raise InvalidCertError(
+                f"cert {index}: CPUSVN does not match its TCB components",
+                code=_CODE_INVALID_CERT_CPUSVN,
+            )
         _check_cert_belongs(index, cert, pce_id, tcb_info.fmspc, certs[0])
     return _first_dominated_cert(raw_tcb, tcb_info.levels, certs)
 
 
-def _parse_query(cpusvn: str, pcesvn: str, pceid: str) -> Tuple[Tcb, int]:
+def _parse_query(cpusvn: str, pcesvn: str, pceid: str) -> tuple[Tcb, int]:
     raw_cpusvn = _query_hex(cpusvn, CPUSVN_LEN, "cpusvn")
     # Intel: PCESVN and PCE-ID in the query are little-endian ('0D00' = 13).
     raw_pcesvn = int.from_bytes(_query_hex(pcesvn, 2, "pcesvn"), "little")
@@ -745,38 +790,46 @@ def _check_tcb_info_pce_id(tcb_info: TcbInfo, pce_id: int) -> None:
     # Intel: the TCB info pceId is read big-endian, the query little-endian (both 0 in practice).
     if int.from_bytes(tcb_info.pce_id, "big") != pce_id:
         raise PceIdMismatchError(
-            f"TCB info pceId {tcb_info.pce_id.hex()} does not match query PCE-ID {pce_id:#06x}")
+            f"TCB info pceId {tcb_info.pce_id.hex()} does not match query PCE-ID {pce_id:#06x}"
+        )
 
 
-def _parse_candidate(pem: Union[str, bytes]) -> PckCertInfo:
+def _parse_candidate(pem: str | bytes) -> PckCertInfo:
     if pem is None:
         raise InvalidArgumentError("certificate entry is None")
     cert = parse_pck_cert(pem)
     # Intel's shared-library build (the one PCCS loads) also checks that the cert's CPUSVN
     # decomposes (TCB type 0: byte for byte) into its 16 component SVNs.
     if tuple(cert.cpusvn) != cert.tcb_components:
-        raise InvalidCertError("PCK cert CPUSVN does not match its TCB components",
-                               code=_CODE_INVALID_CERT_CPUSVN)
+        raise InvalidCertError(
+            "PCK cert CPUSVN does not match its TCB components", code=_CODE_INVALID_CERT_CPUSVN
+        )
     return cert
 
 
-def _check_cert_belongs(index: int, cert: PckCertInfo, pce_id: int, fmspc: bytes,
-                        first_cert: PckCertInfo) -> None:
+def _check_cert_belongs(
+    index: int, cert: PckCertInfo, pce_id: int, fmspc: bytes, first_cert: PckCertInfo
+) -> None:
     """The cert must be for this PCE, this FMSPC and the same platform (PPID) as cert 0."""
     # Intel: the cert's PCE-ID bytes are read big-endian.
     if int.from_bytes(cert.pceid, "big") != pce_id:
-        raise PceIdMismatchError(f"cert {index}: PCE-ID {cert.pceid_hex} does not match the query",
-                                 code=_CODE_INVALID_PCK_PCEID)
+        raise PceIdMismatchError(
+            f"cert {index}: PCE-ID {cert.pceid_hex} does not match the query",
+            code=_CODE_INVALID_PCK_PCEID,
+        )
     if cert.fmspc != fmspc:
         raise FmspcMismatchError(
-            f"cert {index}: FMSPC {cert.fmspc_hex} differs from the TCB info's {fmspc.hex().upper()}")
+            f"cert {index}: FMSPC {cert.fmspc_hex} differs from the TCB info's "
+            f"{fmspc.hex().upper()}"
+        )
     if cert.ppid != first_cert.ppid:
         raise PpidMismatchError(f"cert {index}: PPID differs from cert 0's")
 
 
-def _first_dominated_cert(raw_tcb: Tcb, levels: Sequence[TcbLevel],
-                          certs: Sequence[PckCertInfo]) -> int:
-    """Walk the buckets best-first and return the first cert the raw TCB is ≥ (Intel find_best_pck)."""
+def _first_dominated_cert(
+    raw_tcb: Tcb, levels: Sequence[TcbLevel], certs: Sequence[PckCertInfo]
+) -> int:
+    """Walk the buckets best-first; return the first cert the raw TCB is ≥ (Intel find_best_pck)."""
     for bucket in _sort_into_buckets(levels, [cert.tcb for cert in certs]):
         for index in bucket:
             if raw_tcb.ge(certs[index].tcb):
@@ -784,17 +837,18 @@ def _first_dominated_cert(raw_tcb: Tcb, levels: Sequence[TcbLevel],
     raise PckNotFoundError("no certificate has a TCB at or below the platform's raw TCB")
 
 
-def _sort_into_buckets(levels: Sequence[TcbLevel], cert_tcbs: Sequence[Tcb]) -> List[List[int]]:
+def _sort_into_buckets(levels: Sequence[TcbLevel], cert_tcbs: Sequence[Tcb]) -> list[list[int]]:
     """Intel PCKSorter::sort_to_buckets: one bucket per level (in QVL order) + 'below all'.
 
     A cert goes to the first level it is ≥; inside a bucket it is inserted before the first
     member it is ≥, else appended.  Incomparable certs therefore keep input order.
     """
-    buckets: List[List[int]] = [[] for _ in range(len(levels) + 1)]
+    buckets: list[list[int]] = [[] for _ in range(len(levels) + 1)]
     for index, tcb in enumerate(cert_tcbs):
         bucket_index = next((i for i, level in enumerate(levels) if tcb.ge(level.tcb)), len(levels))
         bucket = buckets[bucket_index]
-        position = next((pos for pos, other in enumerate(bucket) if tcb.ge(cert_tcbs[other])),
-                        len(bucket))
+        position = next(
+            (pos for pos, other in enumerate(bucket) if tcb.ge(cert_tcbs[other])), len(bucket)
+        )
         bucket.insert(position, index)
     return buckets

@@ -36,7 +36,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable
 
 import waitress
 from waitress import wasyncore
@@ -72,7 +72,7 @@ def _num(config: Any, name: str, default, cast):
     return cast(value)
 
 
-def waitress_options(config: Any, *, sockets: Optional[List[socket.socket]] = None) -> Dict[str, Any]:
+def waitress_options(config: Any, *, sockets: list[socket.socket] | None = None) -> dict[str, Any]:
     """All waitress arguments, built in one place from *config*.
 
     ``threads``, ``connection_limit``, ``channel_timeout`` and ``max_body_bytes``
@@ -83,7 +83,7 @@ def waitress_options(config: Any, *, sockets: Optional[List[socket.socket]] = No
     threads = max(1, _num(config, "threads", DEFAULT_THREADS, int))
     connection_limit = max(1, _num(config, "connection_limit", DEFAULT_CONNECTION_LIMIT, int))
     channel_timeout = max(1, _num(config, "channel_timeout", DEFAULT_CHANNEL_TIMEOUT, int))
-    opts: Dict[str, Any] = {
+    opts: dict[str, Any] = {
         "threads": threads,
         "connection_limit": connection_limit,
         "channel_timeout": channel_timeout,
@@ -95,7 +95,8 @@ def waitress_options(config: Any, *, sockets: Optional[List[socket.socket]] = No
         "expose_tracebacks": False,
         # waitress refuses a body of max_request_body_size bytes or more; dcapd's limit is the
         # largest body it accepts, so one more.
-        "max_request_body_size": max(1, _num(config, "max_body_bytes", DEFAULT_MAX_BODY_BYTES, int)) + 1,
+        "max_request_body_size": max(1, _num(config, "max_body_bytes", DEFAULT_MAX_BODY_BYTES, int))
+        + 1,
         # select() cannot watch fds >= FD_SETSIZE (1024 on Linux); with the TLS
         # front holding two sockets per client the backend's fds get high fast.
         # Windows has no poll() in waitress's loop, and its select() limit is on
@@ -116,7 +117,7 @@ def _strip_brackets(host: str) -> str:
     return host
 
 
-def bind_sockets(host: str, port: int, backlog: int = 1024) -> List[socket.socket]:
+def bind_sockets(host: str, port: int, backlog: int = 1024) -> list[socket.socket]:
     """Bind and listen on every address *host* resolves to, all on the same port.
 
     ``''`` or ``'*'`` means every interface.  With ``port == 0`` the first
@@ -138,11 +139,13 @@ def bind_sockets(host: str, port: int, backlog: int = 1024) -> List[socket.socke
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _bind_once(name: Optional[str], port: int, backlog: int) -> List[socket.socket]:
-    infos = socket.getaddrinfo(name, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
-    socks: List[socket.socket] = []
+def _bind_once(name: str | None, port: int, backlog: int) -> list[socket.socket]:
+    infos = socket.getaddrinfo(
+        name, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+    )
+    socks: list[socket.socket] = []
     seen = set()
-    last_error: Optional[OSError] = None
+    last_error: OSError | None = None
     try:
         for family, socktype, proto, _canon, addr in infos:
             if family not in (socket.AF_INET, getattr(socket, "AF_INET6", None)):
@@ -176,7 +179,7 @@ def _bind_once(name: Optional[str], port: int, backlog: int) -> List[socket.sock
             s.close()
         raise
     if not socks:
-        raise last_error or OSError("no address to listen on for %r" % (name,))
+        raise last_error or OSError(f"no address to listen on for {name!r}")
     return socks
 
 
@@ -187,7 +190,12 @@ class PeerRestoringMiddleware:
     waitress connection to the real ``(client_ip, client_port)``.
     """
 
-    def __init__(self, app: Callable, peers: Dict[Tuple[str, str], Tuple[str, int]], public_port: Callable[[], int]):
+    def __init__(
+        self,
+        app: Callable,
+        peers: dict[tuple[str, str], tuple[str, int]],
+        public_port: Callable[[], int],
+    ):
         self.app = app
         self.peers = peers
         self.public_port = public_port
@@ -211,10 +219,10 @@ class _RequestHeads:
     def __init__(self, timeout: float):
         self.timeout = timeout
         self.awaiting = True
-        self.started: Optional[float] = None
+        self.started: float | None = None
         self.tail = b""
 
-    def time_left(self) -> Optional[float]:
+    def time_left(self) -> float | None:
         if not self.awaiting or self.started is None:
             return None  # idle between requests: waitress's channel_timeout applies
         return max(0.0, self.started + self.timeout - time.monotonic())
@@ -249,7 +257,7 @@ class Server:
         self.listen_port: int = int(getattr(config, "listen_port", 8081))
         mode = str(getattr(config, "tls", "auto") or "auto").lower()
         if mode not in ("auto", "off"):
-            raise ValueError("tls must be 'auto' or 'off', not %r" % mode)
+            raise ValueError(f"tls must be 'auto' or 'off', not {mode!r}")
         self.tls = mode
         self.handshake_timeout = float(
             _num(config, "tls_handshake_timeout", DEFAULT_TLS_HANDSHAKE_TIMEOUT, float)
@@ -257,26 +265,26 @@ class Server:
         if not self.handshake_timeout > 0:
             raise ValueError("tls_handshake_timeout must be > 0")
         self.channel_timeout = float(waitress_options(config)["channel_timeout"])
-        self.port: Optional[int] = None
-        self.url: Optional[str] = None
-        self.fingerprint: Optional[str] = None
-        self.backend_port: Optional[int] = None
-        self.addresses: List[Tuple[str, int]] = []
+        self.port: int | None = None
+        self.url: str | None = None
+        self.fingerprint: str | None = None
+        self.backend_port: int | None = None
+        self.addresses: list[tuple[str, int]] = []
 
         self._lock = threading.RLock()
         self._started = False
         self._running = False
         self._stopped = threading.Event()
-        self._public_socks: List[socket.socket] = []
+        self._public_socks: list[socket.socket] = []
         # waitress
-        self._wmap: Dict[int, Any] = {}
+        self._wmap: dict[int, Any] = {}
         self._wserver = None
-        self._wthread: Optional[threading.Thread] = None
+        self._wthread: threading.Thread | None = None
         self._wstop = threading.Event()
         # TLS front
-        self._peers: Dict[Tuple[str, str], Tuple[str, int]] = {}
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._athread: Optional[threading.Thread] = None
+        self._peers: dict[tuple[str, str], tuple[str, int]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._athread: threading.Thread | None = None
         self._front_servers: list = []
         # asyncio holds tasks only weakly (and open_connection's protocol holds
         # its reader weakly): once a client's TLS transport is closed nothing
@@ -287,7 +295,7 @@ class Server:
 
     # -- public API ---------------------------------------------------------
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         with self._lock:
             if self._started:
                 raise RuntimeError("server already started")
@@ -342,7 +350,7 @@ class Server:
                     pass
             self.stop()
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
@@ -364,7 +372,7 @@ class Server:
         self.addresses = [tuple(s.getsockname()[:2]) for s in self._public_socks]
         self.port = self.addresses[0][1]
         scheme = "http" if self.tls == "off" else "https"
-        self.url = "%s://%s:%d" % (scheme, self._url_host(), self.port)
+        self.url = f"{scheme}://{self._url_host()}:{self.port}"
 
         if self.tls == "off":
             self._start_waitress(self.app, self._public_socks)
@@ -400,7 +408,7 @@ class Server:
             return "[::1]"
         try:
             if ipaddress.ip_address(host.split("%", 1)[0]).version == 6:
-                return "[%s]" % host
+                return f"[{host}]"
         except ValueError:
             pass
         return host
@@ -412,20 +420,29 @@ class Server:
 
     # -- waitress -----------------------------------------------------------
 
-    def _start_waitress(self, app: Callable, socks: List[socket.socket]) -> None:
+    def _start_waitress(self, app: Callable, socks: list[socket.socket]) -> None:
         self._wmap = {}
         self._wstop.clear()
         # create_server registers every listening socket in our own map; the
         # loop below runs waitress's wasyncore loop on it until told to stop.
-        self._wserver = waitress.create_server(app, map=self._wmap, **waitress_options(self.config, sockets=socks))
-        self._wthread = threading.Thread(target=self._run_waitress, name="dcapd-waitress", daemon=True)
+        self._wserver = waitress.create_server(
+            app, map=self._wmap, **waitress_options(self.config, sockets=socks)
+        )
+        self._wthread = threading.Thread(
+            target=self._run_waitress, name="dcapd-waitress", daemon=True
+        )
         self._wthread.start()
 
     def _run_waitress(self) -> None:
         adj = self._wserver.adj
         try:
             while not self._wstop.is_set() and self._wmap:
-                wasyncore.loop(timeout=adj.asyncore_loop_timeout, map=self._wmap, use_poll=adj.asyncore_use_poll, count=1)
+                wasyncore.loop(
+                    timeout=adj.asyncore_loop_timeout,
+                    map=self._wmap,
+                    use_poll=adj.asyncore_use_poll,
+                    count=1,
+                )
         except BaseException:  # pragma: no cover - a waitress bug; make serve_forever() return
             log.exception("waitress loop failed")
             self._stopped.set()
@@ -467,7 +484,9 @@ class Server:
         loop.set_exception_handler(self._loop_exception)
         self._loop = loop
         ready = threading.Event()
-        self._athread = threading.Thread(target=self._run_loop, args=(loop, ready), name="dcapd-tls", daemon=True)
+        self._athread = threading.Thread(
+            target=self._run_loop, args=(loop, ready), name="dcapd-tls", daemon=True
+        )
         self._athread.start()
         ready.wait()
         fut = asyncio.run_coroutine_threadsafe(self._open_front(ctx), loop)
@@ -505,7 +524,9 @@ class Server:
         exc = context.get("exception")
         # Handshake failures/timeouts of hostile or broken clients, and handshakes
         # cancelled by stop(), are routine: keep them out of the error log.
-        if isinstance(exc, (OSError, ssl.SSLError, asyncio.TimeoutError, EOFError, asyncio.CancelledError)):
+        if isinstance(
+            exc, (OSError, ssl.SSLError, asyncio.TimeoutError, EOFError, asyncio.CancelledError)
+        ):
             log.debug("TLS front: %s: %r", context.get("message"), exc)
         else:
             loop.default_exception_handler(context)
@@ -545,7 +566,9 @@ class Server:
             return
         if thread is not None and thread.is_alive() and not loop.is_closed():
             try:
-                asyncio.run_coroutine_threadsafe(self._close_front(), loop).result(_STOP_TIMEOUT + 5)
+                asyncio.run_coroutine_threadsafe(self._close_front(), loop).result(
+                    _STOP_TIMEOUT + 5
+                )
             except Exception:  # pragma: no cover
                 log.exception("stopping the TLS front")
             try:
@@ -558,7 +581,9 @@ class Server:
         self._loop = self._athread = None
         self._conn_tasks.clear()
 
-    async def _handle_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handle_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         task = asyncio.current_task()
         self._conn_tasks.add(task)
         task.add_done_callback(self._conn_tasks.discard)
@@ -572,7 +597,9 @@ class Server:
                     _BACKEND_CONNECT_TIMEOUT,
                 )
             except (OSError, asyncio.TimeoutError) as exc:
-                log.warning("TLS front: cannot reach waitress on 127.0.0.1:%s: %r", self.backend_port, exc)
+                log.warning(
+                    "TLS front: cannot reach waitress on 127.0.0.1:%s: %r", self.backend_port, exc
+                )
                 return
             local = backend_writer.get_extra_info("sockname")
             key = (local[0], str(local[1]))
@@ -583,12 +610,21 @@ class Server:
             # and a client must read its answer within channel_timeout too.
             heads = _RequestHeads(self.channel_timeout)
             upstream = asyncio.ensure_future(
-                self._pipe(reader, backend_writer, half_close=True, heads=heads))
+                self._pipe(reader, backend_writer, half_close=True, heads=heads)
+            )
             downstream = asyncio.ensure_future(
-                self._pipe(backend_reader, writer, half_close=False, drain_timeout=self.channel_timeout,
-                           on_data=heads.answered))
+                self._pipe(
+                    backend_reader,
+                    writer,
+                    half_close=False,
+                    drain_timeout=self.channel_timeout,
+                    on_data=heads.answered,
+                )
+            )
             try:
-                done, _ = await asyncio.wait({upstream, downstream}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {upstream, downstream}, return_when=asyncio.FIRST_COMPLETED
+                )
                 if upstream in done and upstream.result() and not downstream.done():
                     # Client sent EOF (half-close, passed on to waitress): the
                     # response may still be on its way; waitress closes when done.
@@ -608,8 +644,8 @@ class Server:
             await self._close_writer(writer, 0 if self._front_stopping else 5.0)
 
     @staticmethod
-    async def _close_writer(writer: Optional[asyncio.StreamWriter], timeout: float) -> None:
-        """Close gracefully (TLS close_notify, flush), abort if that takes too long or stop() cancels it."""
+    async def _close_writer(writer: asyncio.StreamWriter | None, timeout: float) -> None:
+        """Close gracefully (TLS close_notify, flush); abort if that takes too long or on stop()."""
         if writer is None:
             return
         try:
@@ -624,9 +660,14 @@ class Server:
                 pass
 
     @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, half_close: bool,
-                    heads: Optional["_RequestHeads"] = None, drain_timeout: Optional[float] = None,
-                    on_data: Optional[Callable[[], None]] = None) -> bool:
+    async def _pipe(
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        half_close: bool,
+        heads: _RequestHeads | None = None,
+        drain_timeout: float | None = None,
+        on_data: Callable[[], None] | None = None,
+    ) -> bool:
         """Copy until EOF.  True on a clean EOF (passed on as a half-close when possible)."""
         try:
             while True:

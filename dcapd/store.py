@@ -14,8 +14,8 @@ import socket
 import sqlite3
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Optional
 
 import diskcache
 
@@ -79,13 +79,18 @@ class Entry:
 
     __slots__ = ("body", "headers", "content_type", "_meta", "_meta_raw")
 
-    def __init__(self, body: bytes, headers: Optional[dict[str, str]] = None,
-                 content_type: str = "", meta: Optional[dict] = None):
+    def __init__(
+        self,
+        body: bytes,
+        headers: dict[str, str] | None = None,
+        content_type: str = "",
+        meta: dict | None = None,
+    ):
         self.body = body
         self.headers = headers if headers is not None else {}
         self.content_type = content_type
         self._meta = meta if meta is not None else {}
-        self._meta_raw: Optional[bytes] = None
+        self._meta_raw: bytes | None = None
 
     @property
     def meta(self) -> dict:
@@ -95,9 +100,12 @@ class Entry:
         return self._meta
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, Entry) and (self.body, self.headers, self.content_type,
-                                              self.meta) == (other.body, other.headers,
-                                                             other.content_type, other.meta)
+        return isinstance(other, Entry) and (
+            self.body,
+            self.headers,
+            self.content_type,
+            self.meta,
+        ) == (other.body, other.headers, other.content_type, other.meta)
 
     def __repr__(self) -> str:
         return f"Entry({len(self.body)} bytes, {self.content_type!r}, {list(self.headers)})"
@@ -106,13 +114,16 @@ class Entry:
         for value in (self.content_type, *self.headers, *self.headers.values()):
             if "\n" in value or "\r" in value:
                 raise ValueError("a stored header must not contain a line break")
-        lines = [self.content_type] + [f"{name}: {value}" for name, value in
-                                       self.headers.items()]
-        return ("\n".join(lines) + "\n\n").encode("utf-8") + \
-            json.dumps(self.meta, separators=(",", ":")).encode() + b"\n" + self.body
+        lines = [self.content_type] + [f"{name}: {value}" for name, value in self.headers.items()]
+        return (
+            ("\n".join(lines) + "\n\n").encode("utf-8")
+            + json.dumps(self.meta, separators=(",", ":")).encode()
+            + b"\n"
+            + self.body
+        )
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Entry":
+    def from_bytes(cls, data: bytes) -> Entry:
         head, _, rest = data.partition(b"\n\n")
         meta_raw, _, body = rest.partition(b"\n")
         content_type, *lines = head.decode("utf-8").split("\n")
@@ -236,15 +247,24 @@ class Store:
         return qeid, pceid
 
     @classmethod
-    def parse_collateral_key(cls, key: str) -> Optional[dict]:
+    def parse_collateral_key(cls, key: str) -> dict | None:
         """What a collateral entry's key says (for refresh and the status view)."""
         kind, fields = cls.parse_key(key)
         if kind == "tcb" and len(fields) == 4:
-            return {"kind": "tcb", "tee": fields[0], "version": int(fields[1]),
-                    "fmspc": fields[2], "update": fields[3]}
+            return {
+                "kind": "tcb",
+                "tee": fields[0],
+                "version": int(fields[1]),
+                "fmspc": fields[2],
+                "update": fields[3],
+            }
         if kind == "identity" and len(fields) == 3:
-            return {"kind": "identity", "identity": fields[0], "version": int(fields[1]),
-                    "update": fields[2]}
+            return {
+                "kind": "identity",
+                "identity": fields[0],
+                "version": int(fields[1]),
+                "update": fields[2],
+            }
         if kind == "pckcrl" and len(fields) == 1:
             return {"kind": "pckcrl", "ca": fields[0]}
         if kind == "rootcacrl" and not fields:
@@ -269,14 +289,14 @@ class Store:
 
     # --- access
 
-    def get(self, key: str) -> Optional[Entry]:
+    def get(self, key: str) -> Entry | None:
         data = self.cache.get(key)
         return None if data is None else Entry.from_bytes(data)
 
     def put(self, key: str, entry: Entry) -> None:
         self.cache.set(key, entry.to_bytes())
 
-    def pop(self, key: str) -> Optional[Entry]:
+    def pop(self, key: str) -> Entry | None:
         data = self.cache.pop(key)
         return None if data is None else Entry.from_bytes(data)
 
@@ -289,8 +309,13 @@ class Store:
         return None if entry is None else json.loads(entry.body)
 
     def put_json(self, key: str, record) -> None:
-        self.put(key, Entry(body=json.dumps(record, separators=(",", ":")).encode(),
-                            meta={"stored_at": time.time()}))
+        self.put(
+            key,
+            Entry(
+                body=json.dumps(record, separators=(",", ":")).encode(),
+                meta={"stored_at": time.time()},
+            ),
+        )
 
     def try_lock(self, name: str, owner: str, ttl: float, now: float) -> bool:
         """A lock shared by every process on this cache directory: it expires after ``ttl``,
@@ -298,8 +323,12 @@ class Store:
         key = self.lock_key(name)
         with self.transaction():
             held = self.get_json(key)
-            if held and held["owner"] != owner and held["expires"] > now \
-                    and not owner_is_gone(held["owner"]):
+            if (
+                held
+                and held["owner"] != owner
+                and held["expires"] > now
+                and not owner_is_gone(held["owner"])
+            ):
                 return False
             self.put_json(key, {"owner": owner, "expires": now + ttl})
             return True
@@ -318,8 +347,9 @@ class Store:
             yield
 
     def keys(self, prefix: str = "") -> list[str]:
-        return [key for key in self.cache.iterkeys() if isinstance(key, str)
-                and key.startswith(prefix)]
+        return [
+            key for key in self.cache.iterkeys() if isinstance(key, str) and key.startswith(prefix)
+        ]
 
     @staticmethod
     def parse_key(key: str) -> tuple[str, tuple[str, ...]]:

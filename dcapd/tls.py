@@ -24,7 +24,7 @@ import os
 import secrets
 import ssl
 import tempfile
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -161,8 +161,8 @@ def _load_via_memfd(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> boo
         data = cert_pem + b"\n" + key_pem
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
-        path = "/proc/self/fd/%d" % fd
+            view = view[os.write(fd, view) :]
+        path = f"/proc/self/fd/{fd}"
         if not os.path.exists(path):
             return False
         # One "file" holding both the certificate and its key (keyfile defaults to certfile).
@@ -189,7 +189,9 @@ def _load_via_encrypted_tempdir(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: b
         cert_path = os.path.join(tmp, "cert.pem")
         key_path = os.path.join(tmp, "key.pem")
         for path, data in ((cert_path, cert_pem), (key_path, encrypted)):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+            fd = os.open(
+                path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600
+            )
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
         ctx.load_cert_chain(cert_path, key_path, password=password)
@@ -214,7 +216,9 @@ def _first_cert_der(cert_file: str) -> bytes:
     return x509.load_der_x509_certificate(data).public_bytes(serialization.Encoding.DER)
 
 
-def server_ssl_context(cert_file: str = "", key_file: str = "", hosts: Sequence[str] = ()) -> tuple[ssl.SSLContext, str]:
+def server_ssl_context(
+    cert_file: str = "", key_file: str = "", hosts: Sequence[str] = ()
+) -> tuple[ssl.SSLContext, str]:
     """Return ``(context, sha256_fingerprint)`` for dcapd's HTTPS front.
 
     With *cert_file* (PEM, optionally followed by the chain; its key in
@@ -236,5 +240,9 @@ def server_ssl_context(cert_file: str = "", key_file: str = "", hosts: Sequence[
     how = load_in_memory(ctx, cert_pem, key_pem)
     del key_pem
     fingerprint = fingerprint_sha256(ssl.PEM_cert_to_DER_cert(cert_pem.decode("ascii")))
-    log.info("generated a self-signed TLS certificate (EC P-256, loaded via %s), SHA-256 fingerprint %s", how, fingerprint)
+    log.info(
+        "generated a self-signed TLS certificate (EC P-256, loaded via %s), SHA-256 fingerprint %s",
+        how,
+        fingerprint,
+    )
     return ctx, fingerprint

@@ -10,11 +10,22 @@ from __future__ import annotations
 import json
 import logging
 import urllib.parse
-from typing import Callable, Optional
+from typing import Callable
 
-from .collateral import (CT_CRL, CT_JSON, ENCLAVE_IDENTITY_CHAIN, PCK_CERT_CHAIN, PCK_CRL_CHAIN,
-                         TCB_INFO_CHAIN_V3, TCB_INFO_CHAIN_V4, BadUpstreamData, crl_meta,
-                         is_url_encoded_chain, signed_json_meta, tcb_info_chain_header)
+from .collateral import (
+    CT_CRL,
+    CT_JSON,
+    ENCLAVE_IDENTITY_CHAIN,
+    PCK_CERT_CHAIN,
+    PCK_CRL_CHAIN,
+    TCB_INFO_CHAIN_V3,
+    TCB_INFO_CHAIN_V4,
+    BadUpstreamData,
+    crl_meta,
+    is_url_encoded_chain,
+    signed_json_meta,
+    tcb_info_chain_header,
+)
 from .errors import PccsError
 from .hexstr import ANY_LENGTH, is_hex
 from .integrity import Integrity, IntegrityError
@@ -26,12 +37,23 @@ log = logging.getLogger("dcapd.upload")
 
 PCK_CHAINS = PCK_CERT_CHAIN  # the upload's key for the PCK chains: the PCS header's name
 _CHAIN_SPLIT = "-----BEGIN%20CERTIFICATE-----"
-_TCB_KEYS = {4: {"sgx_tcbinfo": ("sgx", "STANDARD"), "sgx_tcbinfo_early": ("sgx", "EARLY"),
-                 "tdx_tcbinfo": ("tdx", "STANDARD"), "tdx_tcbinfo_early": ("tdx", "EARLY")},
-             3: {"tcbinfo": ("sgx", "STANDARD"), "tcbinfo_early": ("sgx", "EARLY")}}
-_IDENTITY_KEYS = {"qeidentity": ("qe", "STANDARD"), "qeidentity_early": ("qe", "EARLY"),
-                  "qveidentity": ("qve", "STANDARD"), "qveidentity_early": ("qve", "EARLY"),
-                  "tdqeidentity": ("tdqe", "STANDARD"), "tdqeidentity_early": ("tdqe", "EARLY")}
+_TCB_KEYS = {
+    4: {
+        "sgx_tcbinfo": ("sgx", "STANDARD"),
+        "sgx_tcbinfo_early": ("sgx", "EARLY"),
+        "tdx_tcbinfo": ("tdx", "STANDARD"),
+        "tdx_tcbinfo_early": ("tdx", "EARLY"),
+    },
+    3: {"tcbinfo": ("sgx", "STANDARD"), "tcbinfo_early": ("sgx", "EARLY")},
+}
+_IDENTITY_KEYS = {
+    "qeidentity": ("qe", "STANDARD"),
+    "qeidentity_early": ("qe", "EARLY"),
+    "qveidentity": ("qve", "STANDARD"),
+    "qveidentity_early": ("qve", "EARLY"),
+    "tdqeidentity": ("tdqe", "STANDARD"),
+    "tdqeidentity_early": ("tdqe", "EARLY"),
+}
 _SVN_FIELDS = tuple(f"sgxtcbcomp{i:02d}svn" for i in range(1, 17))
 
 
@@ -39,8 +61,9 @@ def _bad(reason: str) -> PccsError:
     return PccsError(400, f"collateral upload: {reason}")
 
 
-def _hex_field(item: dict, name: str, where: str, lengths: tuple[int, ...] = (),
-               max_length: int = 0) -> str:
+def _hex_field(
+    item: dict, name: str, where: str, lengths: tuple[int, ...] = (), max_length: int = 0
+) -> str:
     """A hex string of one of ``lengths`` (or 1..max_length); absent means empty."""
     value = item.get(name) or ""
     if not is_hex(value, lengths, max_length):
@@ -58,8 +81,11 @@ def _require(container: dict, name: str, kind: type, where: str):
 def chain_halves(chain: str) -> tuple[str, str]:
     """Intel: a chain is split at the LAST URL-encoded BEGIN line into (intermediate, root);
     an unencoded chain cannot be split (ValueError)."""
-    if not isinstance(chain, str) or chain.count(_CHAIN_SPLIT) < 2 \
-            or not is_url_encoded_chain(chain):
+    if (
+        not isinstance(chain, str)
+        or chain.count(_CHAIN_SPLIT) < 2
+        or not is_url_encoded_chain(chain)
+    ):
         raise ValueError("not a URL-encoded certificate chain of two certificates")
     at = chain.rindex(_CHAIN_SPLIT)
     return chain[:at], chain[at:]
@@ -76,8 +102,10 @@ def split_chain(chain: str, where: str) -> tuple[str, str]:
 def upload_certs(certs: list[dict]) -> list[dict]:
     """Certificates as an upload stores them ({tcb, tcbm, pem}) in the upload's own form
     ({tcb, tcbm, cert}: the PEM URL-encoded, as PCS sends it); the inverse of apply."""
-    return [{"tcb": cert["tcb"], "tcbm": cert["tcbm"],
-             "cert": urllib.parse.quote(cert["pem"], safe="")} for cert in certs]
+    return [
+        {"tcb": cert["tcb"], "tcbm": cert["tcbm"], "cert": urllib.parse.quote(cert["pem"], safe="")}
+        for cert in certs
+    ]
 
 
 def tcb_info_body(document: dict) -> bytes:
@@ -120,21 +148,29 @@ class CollateralUpload:
         self._crls(collaterals, pck_chains, writes)
         self._identities(version, collaterals, chains.get("identity"), writes)
         # PCK certificates last: selection may use the TCB infos of this very upload.
-        plans = [self._pck_cert_set(version, item, f"pck_certs[{i}]", platforms, pck_chains,
-                                    tcb_bodies) for i, item in enumerate(pck_cert_sets)]
+        plans = [
+            self._pck_cert_set(version, item, f"pck_certs[{i}]", platforms, pck_chains, tcb_bodies)
+            for i, item in enumerate(pck_cert_sets)
+        ]
 
         try:
             with self.store.transaction():
                 for key, entry in writes.items():
                     self.store.put(key, entry)
                 for qeid, pceid, platform, cert_set, tcb_body, raw_tcbs in plans:
-                    self.pck_certs.store_platform(qeid, pceid, platform, cert_set, tcb_body,
-                                                  None, extra_raw_tcbs=raw_tcbs)
+                    self.pck_certs.store_platform(
+                        qeid, pceid, platform, cert_set, tcb_body, None, extra_raw_tcbs=raw_tcbs
+                    )
         except PccsError as exc:  # re-selection of a cached raw TCB failed: nothing written
             raise _bad(exc.reason) from None
         tcb_infos = sum(1 for key in writes if key.startswith("tcb/"))
-        log.info("collateral upload (v%d): %d platforms, %d TCB infos, %d other entries",
-                 version, len(plans), tcb_infos, len(writes) - tcb_infos)
+        log.info(
+            "collateral upload (v%d): %d platforms, %d TCB infos, %d other entries",
+            version,
+            len(plans),
+            tcb_infos,
+            len(writes) - tcb_infos,
+        )
 
     @staticmethod
     def _check_platform(item, where: str) -> None:
@@ -157,27 +193,34 @@ class CollateralUpload:
         for ca in ("PROCESSOR", "PLATFORM"):
             if pck_chains.get(ca):
                 chains[ca] = pck_chains[ca]
-        tcb_chain = certificates.get(tcb_info_chain_header(version)) or \
-            certificates.get(TCB_INFO_CHAIN_V4 if version == 3 else TCB_INFO_CHAIN_V3)
+        tcb_chain = certificates.get(tcb_info_chain_header(version)) or certificates.get(
+            TCB_INFO_CHAIN_V4 if version == 3 else TCB_INFO_CHAIN_V3
+        )
         if tcb_chain:
             chains["tcb"] = tcb_chain
         if certificates.get(ENCLAVE_IDENTITY_CHAIN):
             chains["identity"] = certificates[ENCLAVE_IDENTITY_CHAIN]
-        roots = {name: split_chain(chain, f"certificates chain {name}")[1]
-                 for name, chain in chains.items()}
+        roots = {
+            name: split_chain(chain, f"certificates chain {name}")[1]
+            for name, chain in chains.items()
+        }
         if len(set(urllib.parse.unquote(root) for root in roots.values())) > 1:
             raise PccsError(460, "collateral upload: the chains end in different roots")
         return chains
 
-    def _tcb_infos(self, version: int, tcb_infos: list, chains: dict,
-                   writes: dict[str, Entry]) -> dict[str, bytes]:
+    def _tcb_infos(
+        self, version: int, tcb_infos: list, chains: dict, writes: dict[str, Entry]
+    ) -> dict[str, bytes]:
         """Entries for every uploaded TCB info; returns the SGX ones for selection by FMSPC
         (EARLY preferred, as Intel selects with)."""
         for_selection: dict[str, bytes] = {}
         for index, item in enumerate(tcb_infos):
             where = f"tcbinfos[{index}]"
-            if not isinstance(item, dict) or not isinstance(item.get("fmspc"), str) \
-                    or not is_hex(item["fmspc"], (12,)):
+            if (
+                not isinstance(item, dict)
+                or not isinstance(item.get("fmspc"), str)
+                or not is_hex(item["fmspc"], (12,))
+            ):
                 raise _bad(f"{where}.fmspc is missing or not 12 hex characters")
             # Intel matches this FMSPC case-sensitively against the cert's ([ref-bug]); we don't.
             fmspc = item["fmspc"].upper()
@@ -195,11 +238,16 @@ class CollateralUpload:
                 if "tcb" not in chains:
                     raise _bad("TCB infos uploaded without a TCB info issuer chain")
                 body = self._tcb_info_bytes(document, item.get(f"{name}_raw"), where, name)
-                self._verified(f"{where}.{name}", lambda: self.integrity.check_signed_json(
-                    body, "tcbInfo", chains["tcb"]))
+                self._verified(
+                    f"{where}.{name}",
+                    lambda: self.integrity.check_signed_json(body, "tcbInfo", chains["tcb"]),
+                )
                 writes[self.store.tcb_key(tee, version, fmspc, update)] = Entry(
-                    body, {tcb_info_chain_header(version): chains["tcb"]}, CT_JSON,
-                    dict(signed_json_meta(info), source="upload"))
+                    body,
+                    {tcb_info_chain_header(version): chains["tcb"]},
+                    CT_JSON,
+                    dict(signed_json_meta(info), source="upload"),
+                )
                 if tee == "sgx" and (update == "EARLY" or fmspc not in for_selection):
                     for_selection[fmspc] = body
         return for_selection
@@ -237,12 +285,17 @@ class CollateralUpload:
                 if not chain:
                     # Intel's tool leaves out the chain of a CA no platform of the site uses;
                     # Intel's PCCS then cannot serve that CRL either. Skip it, say so.
-                    log.warning("collateral upload: pckcacrl.%s skipped: no %s chain in the "
-                                "upload or the cache to serve it with", name, ca)
+                    log.warning(
+                        "collateral upload: pckcacrl.%s skipped: no %s chain in the "
+                        "upload or the cache to serve it with",
+                        name,
+                        ca,
+                    )
                     continue
                 self._verified(f"pckcacrl.{name}", lambda: self.integrity.check_crl(der, chain))
-                writes[self.store.pckcrl_key(ca)] = Entry(der, {PCK_CRL_CHAIN: chain}, CT_CRL,
-                                                          self._crl_meta(der))
+                writes[self.store.pckcrl_key(ca)] = Entry(
+                    der, {PCK_CRL_CHAIN: chain}, CT_CRL, self._crl_meta(der)
+                )
         root_crl = collaterals.get("rootcacrl")
         if root_crl:
             der = self._hex_bytes(root_crl, "rootcacrl")
@@ -267,8 +320,9 @@ class CollateralUpload:
             raise _bad(f"{where} is not hex")
         return bytes.fromhex(value)
 
-    def _identities(self, version: int, collaterals: dict, chain: Optional[str],
-                    writes: dict[str, Entry]) -> None:
+    def _identities(
+        self, version: int, collaterals: dict, chain: str | None, writes: dict[str, Entry]
+    ) -> None:
         for name, (kind, update) in _IDENTITY_KEYS.items():
             text = collaterals.get(name)
             if not text:
@@ -286,15 +340,26 @@ class CollateralUpload:
             if chain is None:
                 raise _bad(f"{name} uploaded without an enclave identity issuer chain")
             body = text.encode("utf-8")
-            self._verified(name, lambda: self.integrity.check_signed_json(
-                body, "enclaveIdentity", chain))
+            self._verified(
+                name, lambda: self.integrity.check_signed_json(body, "enclaveIdentity", chain)
+            )
             # Identities arrive as raw text: stored verbatim.
             writes[self.store.identity_key(kind, version, update)] = Entry(
-                body, {ENCLAVE_IDENTITY_CHAIN: chain}, CT_JSON,
-                dict(signed_json_meta(identity), source="upload"))
+                body,
+                {ENCLAVE_IDENTITY_CHAIN: chain},
+                CT_JSON,
+                dict(signed_json_meta(identity), source="upload"),
+            )
 
-    def _pck_cert_set(self, version: int, item, where: str, platforms: list, pck_chains: dict,
-                      tcb_bodies: dict[str, bytes]):
+    def _pck_cert_set(
+        self,
+        version: int,
+        item,
+        where: str,
+        platforms: list,
+        pck_chains: dict,
+        tcb_bodies: dict[str, bytes],
+    ):
         if not isinstance(item, dict):
             raise _bad(f"{where} is not an object")
         qe_id = _hex_field(item, "qe_id", where, max_length=260).upper()
@@ -304,13 +369,21 @@ class CollateralUpload:
             raise _bad(f"{where}.certs is empty")
         certs = []
         for index, cert in enumerate(certs_in):
-            if not isinstance(cert, dict) or not isinstance(cert.get("cert"), str) \
-                    or not isinstance(cert.get("tcbm"), str) \
-                    or not is_hex(cert["tcbm"], (36,)) \
-                    or not self._valid_tcb(cert.get("tcb")):
+            if (
+                not isinstance(cert, dict)
+                or not isinstance(cert.get("cert"), str)
+                or not isinstance(cert.get("tcbm"), str)
+                or not is_hex(cert["tcbm"], (36,))
+                or not self._valid_tcb(cert.get("tcb"))
+            ):
                 raise _bad(f"{where}.certs[{index}] needs tcb, tcbm (36 hex) and cert")
-            certs.append({"tcb": cert["tcb"], "tcbm": cert["tcbm"].upper(),
-                          "pem": urllib.parse.unquote(cert["cert"])})
+            certs.append(
+                {
+                    "tcb": cert["tcb"],
+                    "tcbm": cert["tcbm"].upper(),
+                    "pem": urllib.parse.unquote(cert["cert"]),
+                }
+            )
         try:
             first = parse_pck_cert(certs[0]["pem"])
         except SelectionError as exc:
@@ -323,18 +396,30 @@ class CollateralUpload:
         tcb_body = tcb_bodies.get(fmspc) or self.pck_certs.selection_tcb_info(fmspc, version)
         if tcb_body is None:
             raise _bad(f"{where}: no SGX TCB info for FMSPC {fmspc}")
-        matching = [p for p in platforms if str(p.get("qe_id", "")).upper() == qe_id
-                    and str(p.get("pce_id", "")).upper() == pce_id]
-        raw_tcbs = [RawTcb(qe_id, pce_id, p["cpu_svn"].upper(), p["pce_svn"].upper())
-                    for p in matching if p.get("cpu_svn") and p.get("pce_svn")]
+        matching = [
+            p
+            for p in platforms
+            if str(p.get("qe_id", "")).upper() == qe_id
+            and str(p.get("pce_id", "")).upper() == pce_id
+        ]
+        raw_tcbs = [
+            RawTcb(qe_id, pce_id, p["cpu_svn"].upper(), p["pce_svn"].upper())
+            for p in matching
+            if p.get("cpu_svn") and p.get("pce_svn")
+        ]
         source = matching[0] if matching else item
-        platform = {"fmspc": fmspc, "ca": ca,
-                    "enc_ppid": (source.get("enc_ppid") or "").lower(),
-                    "platform_manifest": (source.get("platform_manifest") or "").lower()}
+        platform = {
+            "fmspc": fmspc,
+            "ca": ca,
+            "enc_ppid": (source.get("enc_ppid") or "").lower(),
+            "platform_manifest": (source.get("platform_manifest") or "").lower(),
+        }
         cert_set = {"certs": certs, "chain": pck_chains[ca]}
         for index, cert in enumerate(certs):
-            self._verified(f"{where}.certs[{index}]",
-                           lambda: self.integrity.check_pck_cert(cert["pem"], pck_chains[ca]))
+            self._verified(
+                f"{where}.certs[{index}]",
+                lambda: self.integrity.check_pck_cert(cert["pem"], pck_chains[ca]),
+            )
         # Selection failures for any raw TCB must stop the upload before anything is written.
         for raw in raw_tcbs:
             try:
@@ -349,5 +434,8 @@ class CollateralUpload:
             return False
         svns = [tcb.get(name) for name in _SVN_FIELDS]
         pcesvn = tcb.get("pcesvn")
-        return all(isinstance(v, int) and 0 <= v <= 255 for v in svns) \
-            and isinstance(pcesvn, int) and 0 <= pcesvn <= 65535
+        return (
+            all(isinstance(v, int) and 0 <= v <= 255 for v in svns)
+            and isinstance(pcesvn, int)
+            and 0 <= pcesvn <= 65535
+        )

@@ -15,8 +15,9 @@ import random
 import re
 import time
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from typing import Callable
 
 import requests
 from requests.structures import CaseInsensitiveDict
@@ -34,14 +35,19 @@ _KEY_ON_EVERY_CALL = "https://validation.api.trustedservices.intel.com/"
 # Intel's own check is an unanchored regex search, so a hostile URL that merely contains an
 # allowed one passes it ([ref-bug]).
 _ROOT_CRL_HOST = re.compile(
-    r"[a-z0-9-]*certificates\.trustedservices\.intel\.com|certprx\.adsdcsp\.com")
+    r"[a-z0-9-]*certificates\.trustedservices\.intel\.com|certprx\.adsdcsp\.com"
+)
 _ROOT_CRL_PATH = re.compile(r"/IntelSGXRootCA\.[A-Za-z0-9._-]+")
 _PCK_CRL_HOST = re.compile(
-    r"(?:[a-z0-9-]+\.)?api\.trustedservices\.intel\.com|[a-z0-9-]+\.az\.sgx(?:prod|np)\.adsdcsp\.com")
+    r"(?:[a-z0-9-]+\.)?api\.trustedservices\.intel\.com|[a-z0-9-]+\.az\.sgx(?:prod|np)\.adsdcsp\.com"
+)
 _PCK_CRL_PATH = re.compile(r"/sgx/certification/v[1-9][0-9]*/pckcrl")
 
-ENCLAVE_IDENTITY_PATHS = {"qe": ("sgx", "qe/identity"), "qve": ("sgx", "qve/identity"),
-                          "tdqe": ("tdx", "qe/identity")}
+ENCLAVE_IDENTITY_PATHS = {
+    "qe": ("sgx", "qe/identity"),
+    "qve": ("sgx", "qve/identity"),
+    "tdqe": ("tdx", "qe/identity"),
+}
 
 
 class UpstreamError(Exception):
@@ -80,25 +86,24 @@ class RetryPolicy:
     max_delay: float = 8.0
     jitter: bool = True
     timeout_per_attempt: bool = False  # upstream_timeout bounds each attempt, not all of them
-    sleep: Optional[Callable[[float], None]] = None  # default time.sleep
+    sleep: Callable[[float], None] | None = None  # default time.sleep
     # Told before each wait: (the 429/5xx reply or None, the network error or None, delay).
-    on_retry: Optional[Callable[[Optional[requests.Response], Optional[Exception], float],
-                                None]] = None
+    on_retry: Callable[[requests.Response | None, Exception | None, float], None] | None = None
 
-    def delay(self, attempt: int, reply: Optional[requests.Response]) -> float:
+    def delay(self, attempt: int, reply: requests.Response | None) -> float:
         """Seconds to wait before retry ``attempt + 1``: Retry-After when upstream gives one,
         else exponential backoff."""
-        retry_after = (reply.headers.get("Retry-After") or "").strip() if reply is not None \
-            else ""
+        retry_after = (reply.headers.get("Retry-After") or "").strip() if reply is not None else ""
         if retry_after.isdigit():
             return float(retry_after)
         if retry_after:  # the other form RFC 9110 allows: an HTTP date
             try:
-                return max(0.0, email.utils.parsedate_to_datetime(retry_after).timestamp()
-                           - time.time())
+                return max(
+                    0.0, email.utils.parsedate_to_datetime(retry_after).timestamp() - time.time()
+                )
             except (TypeError, ValueError, IndexError):
                 pass
-        delay = min(self.max_delay, self.first_delay * 2 ** attempt)
+        delay = min(self.max_delay, self.first_delay * 2**attempt)
         return delay * (0.5 + random.random() / 2) if self.jitter else delay
 
 
@@ -117,16 +122,21 @@ def canonical_origin(origin: str) -> str:
 def is_allowed_crl_url(uri: str) -> bool:
     """True only for an https URL on one of Intel's CRL hosts with a CRL path (whole match)."""
     # ASCII only: str.lower() would turn e.g. U+212A KELVIN SIGN into "k" below.
-    if len(uri) > 2048 or not uri.isascii() or any(ch.isspace() or ord(ch) < 0x20
-                                                   for ch in uri):
+    if len(uri) > 2048 or not uri.isascii() or any(ch.isspace() or ord(ch) < 0x20 for ch in uri):
         return False
     try:
         parts = urllib.parse.urlsplit(uri)
         port = parts.port
     except ValueError:
         return False
-    if parts.scheme != "https" or parts.username is not None or parts.password is not None \
-            or port not in (None, 443) or "%" in parts.netloc or parts.fragment:
+    if (
+        parts.scheme != "https"
+        or parts.username is not None
+        or parts.password is not None
+        or port not in (None, 443)
+        or "%" in parts.netloc
+        or parts.fragment
+    ):
         return False
     host = (parts.hostname or "").lower()
     if _ROOT_CRL_HOST.fullmatch(host) and _ROOT_CRL_PATH.fullmatch(parts.path):
@@ -140,9 +150,14 @@ class Upstream:
     ``api_key`` (default: the configured one) is asked only when a request needs the key;
     ``retry`` says how to wait between attempts (default: the server's policy)."""
 
-    def __init__(self, config: Config, session: Optional[requests.Session] = None, *,
-                 api_key: Optional[Callable[[], str]] = None,
-                 retry: Optional[RetryPolicy] = None):
+    def __init__(
+        self,
+        config: Config,
+        session: requests.Session | None = None,
+        *,
+        api_key: Callable[[], str] | None = None,
+        retry: RetryPolicy | None = None,
+    ):
         self.config = config
         self._api_key = api_key or (lambda: self.config.api_key)
         self.retry = retry or RetryPolicy()
@@ -154,8 +169,8 @@ class Upstream:
         self._pcs_root = match.group(1)  # e.g. https://api.trustedservices.intel.com/
         self.version = int(match.group(2))  # the API version pcs_url names
         # For /readyz: when upstream last answered, and when it last failed (wall clock).
-        self.last_success: Optional[float] = None
-        self.last_failure: Optional[float] = None
+        self.last_success: float | None = None
+        self.last_failure: float | None = None
 
     def close(self) -> None:
         self.session.close()
@@ -168,12 +183,15 @@ class Upstream:
         return f"{self._pcs_root}{tee}/certification/v{version}/{endpoint}"
 
     def get_pck_crl(self, version: int, ca: str) -> UpstreamResponse:
-        return self._get(self.endpoint_url("sgx", version, "pckcrl"),
-                         {"ca": ca.lower(), "encoding": "der"})
+        return self._get(
+            self.endpoint_url("sgx", version, "pckcrl"), {"ca": ca.lower(), "encoding": "der"}
+        )
 
     def get_tcb_info(self, tee: str, version: int, fmspc: str, update: str) -> UpstreamResponse:
-        return self._get(self.endpoint_url(tee, version, "tcb"),
-                         {"fmspc": fmspc.upper(), "update": update.lower()})
+        return self._get(
+            self.endpoint_url(tee, version, "tcb"),
+            {"fmspc": fmspc.upper(), "update": update.lower()},
+        )
 
     def get_enclave_identity(self, kind: str, version: int, update: str) -> UpstreamResponse:
         tee, path = ENCLAVE_IDENTITY_PATHS[kind]
@@ -183,13 +201,20 @@ class Upstream:
         return self._get(self.endpoint_url("sgx", version, "fmspcs"), {"platform": platform})
 
     def get_pck_certs(self, version: int, encrypted_ppid: str, pceid: str) -> UpstreamResponse:
-        return self._get(self.endpoint_url("sgx", version, "pckcerts"),
-                         {"encrypted_ppid": encrypted_ppid, "pceid": pceid}, api_key=True)
+        return self._get(
+            self.endpoint_url("sgx", version, "pckcerts"),
+            {"encrypted_ppid": encrypted_ppid, "pceid": pceid},
+            api_key=True,
+        )
 
     def post_pck_certs(self, version: int, platform_manifest: str, pceid: str) -> UpstreamResponse:
-        return self._request("POST", self.endpoint_url("sgx", version, "pckcerts"), None,
-                             api_key=True,
-                             json_body={"platformManifest": platform_manifest, "pceid": pceid})
+        return self._request(
+            "POST",
+            self.endpoint_url("sgx", version, "pckcerts"),
+            None,
+            api_key=True,
+            json_body={"platformManifest": platform_manifest, "pceid": pceid},
+        )
 
     def get_crl(self, uri: str) -> UpstreamResponse:
         """Download a CRL from an allow-listed Intel URL (through url_map, if it names one)."""
@@ -210,15 +235,21 @@ class Upstream:
         parts = urllib.parse.urlsplit(url)
         origin = f"{parts.scheme}://{parts.netloc}"
         mirror = self.config.url_map.get(canonical_origin(origin))
-        return mirror + url[len(origin):] if mirror else url
+        return mirror + url[len(origin) :] if mirror else url
 
     # --- transport
 
     def _get(self, url: str, params: Mapping[str, str], api_key: bool = False) -> UpstreamResponse:
         return self._request("GET", url, params, api_key=api_key)
 
-    def _request(self, method: str, url: str, params: Optional[Mapping[str, str]],
-                 api_key: bool = False, json_body=None) -> UpstreamResponse:
+    def _request(
+        self,
+        method: str,
+        url: str,
+        params: Mapping[str, str] | None,
+        api_key: bool = False,
+        json_body=None,
+    ) -> UpstreamResponse:
         headers = {}
         if api_key or url.startswith(_KEY_ON_EVERY_CALL):
             headers[API_KEY_HEADER] = self._api_key()
@@ -232,13 +263,20 @@ class Upstream:
                 raise UpstreamError(f"{method} {shown}: deadline passed", url)
             try:
                 reply = self.session.request(
-                    method, url, params=params, headers=headers, json=json_body,
-                    timeout=self.config.upstream_timeout if per_attempt
-                    else (min(5.0, remaining), remaining), allow_redirects=False)
+                    method,
+                    url,
+                    params=params,
+                    headers=headers,
+                    json=json_body,
+                    timeout=self.config.upstream_timeout
+                    if per_attempt
+                    else (min(5.0, remaining), remaining),
+                    allow_redirects=False,
+                )
                 body = reply.content
             except requests.RequestException as exc:
-                failure: Optional[str] = f"{type(exc).__name__}"
-                error: Optional[Exception] = exc
+                failure: str | None = f"{type(exc).__name__}"
+                error: Exception | None = exc
                 reply = None
             else:
                 failure = error = None
@@ -252,8 +290,13 @@ class Upstream:
             delay = self.retry.delay(attempt, reply)
             if time.monotonic() + delay >= deadline:
                 break
-            log.info("upstream %s %s failed (%s); retrying in %.2fs", method, shown,
-                     failure or reply.status_code, delay)
+            log.info(
+                "upstream %s %s failed (%s); retrying in %.2fs",
+                method,
+                shown,
+                failure or reply.status_code,
+                delay,
+            )
             if self.retry.on_retry is not None:
                 self.retry.on_retry(reply, error, delay)
             (self.retry.sleep or time.sleep)(delay)
@@ -266,10 +309,20 @@ class Upstream:
     @staticmethod
     def _log_reply(method: str, url: str, reply: requests.Response) -> None:
         if reply.status_code == 200 and "Warning" not in reply.headers:
-            log.debug("upstream %s %s -> 200 (Request-ID %s)", method, url,
-                      reply.headers.get("Request-ID", "-"))
+            log.debug(
+                "upstream %s %s -> 200 (Request-ID %s)",
+                method,
+                url,
+                reply.headers.get("Request-ID", "-"),
+            )
             return
-        log.warning("upstream %s %s -> %s (Request-ID %s, Error-Code %s, Error-Message %s%s)",
-                    method, url, reply.status_code, reply.headers.get("Request-ID", "-"),
-                    reply.headers.get("Error-Code", "-"), reply.headers.get("Error-Message", "-"),
-                    f", Warning {reply.headers['Warning']}" if "Warning" in reply.headers else "")
+        log.warning(
+            "upstream %s %s -> %s (Request-ID %s, Error-Code %s, Error-Message %s%s)",
+            method,
+            url,
+            reply.status_code,
+            reply.headers.get("Request-ID", "-"),
+            reply.headers.get("Error-Code", "-"),
+            reply.headers.get("Error-Message", "-"),
+            f", Warning {reply.headers['Warning']}" if "Warning" in reply.headers else "",
+        )

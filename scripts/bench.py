@@ -51,7 +51,6 @@ import threading
 import time
 from array import array
 from pathlib import Path
-from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
@@ -68,15 +67,20 @@ TARGETS = {"ratio": 0.7, "p99_ms": 10.0, "rss_mib": 80.0, "flat": 0.10, "burst_c
 # The request set (shared by the warm-up, the ceiling and the clients)
 # ------------------------------------------------------------------------------------------
 
+
 def qeids(n_platforms: int, base_qeid: str) -> list[str]:
     """QE IDs of the cached platforms: the test platform's, then generated ones."""
-    return [base_qeid] + [hashlib.sha256(b"dcapd-bench-%d" % i).hexdigest()[:32].upper()
-                          for i in range(1, n_platforms)]
+    return [base_qeid] + [
+        hashlib.sha256(b"dcapd-bench-%d" % i).hexdigest()[:32].upper()
+        for i in range(1, n_platforms)
+    ]
 
 
 def pckcert_target(qeid: str, raw: tuple[str, str], pceid: str, enc_ppid: str) -> str:
-    return (f"{PCKCERT_PATH}?qeid={qeid}&cpusvn={raw[0]}&pcesvn={raw[1]}&pceid={pceid}"
-            f"&encrypted_ppid={enc_ppid}")
+    return (
+        f"{PCKCERT_PATH}?qeid={qeid}&cpusvn={raw[0]}&pcesvn={raw[1]}&pceid={pceid}"
+        f"&encrypted_ppid={enc_ppid}"
+    )
 
 
 class Mix:
@@ -93,8 +97,9 @@ class Mix:
     def next(self) -> str:
         rng, roll = self.rng, self.rng.random()
         if roll < MIX[0][1]:
-            return pckcert_target(rng.choice(self.qeids), rng.choice(self.raw_tcbs), self.pceid,
-                                  self.enc_ppid)
+            return pckcert_target(
+                rng.choice(self.qeids), rng.choice(self.raw_tcbs), self.pceid, self.enc_ppid
+            )
         if roll < MIX[0][1] + MIX[1][1]:
             return rng.choice(self.tcb)
         return rng.choice(self.identity)
@@ -103,6 +108,7 @@ class Mix:
 # ------------------------------------------------------------------------------------------
 # Warming the cache
 # ------------------------------------------------------------------------------------------
+
 
 def use_fixtures(fixtures: Path) -> list[str]:
     """Point the test suite's fixture loaders at ``fixtures``; returns the PCS scenarios."""
@@ -129,16 +135,24 @@ def sqlite_settings(cache_dir: Path, args) -> str:
 
     from dcapd.store import CACHE_SETTINGS, BytesOnlyDisk, open_cache
 
-    what_if = {name: value for name, value in (("sqlite_mmap_size", args.sqlite_mmap_size),
-                                               ("sqlite_cache_size", args.sqlite_cache_size))
-               if value is not None}
+    what_if = {
+        name: value
+        for name, value in (
+            ("sqlite_mmap_size", args.sqlite_mmap_size),
+            ("sqlite_cache_size", args.sqlite_cache_size),
+        )
+        if value is not None
+    }
     if what_if:
-        diskcache.Cache(str(cache_dir), disk=BytesOnlyDisk,
-                        **dict(CACHE_SETTINGS, **what_if)).close()
+        diskcache.Cache(
+            str(cache_dir), disk=BytesOnlyDisk, **dict(CACHE_SETTINGS, **what_if)
+        ).close()
     cache = open_cache(str(cache_dir))
     try:
-        text = (f"mmap_size {cache.sqlite_mmap_size / 2**20:g} MiB, cache_size "
-                f"{cache.sqlite_cache_size} pages")
+        text = (
+            f"mmap_size {cache.sqlite_mmap_size / 2**20:g} MiB, cache_size "
+            f"{cache.sqlite_cache_size} pages"
+        )
     finally:
         cache.close()
     overridden = [name for name in what_if if name in CACHE_SETTINGS]
@@ -150,12 +164,18 @@ def sqlite_settings(cache_dir: Path, args) -> str:
 def bench_config(cache_dir: Path, roots: Path, **overrides):
     from dcapd.config import load_config
 
-    settings = {"cache_dir": str(cache_dir), "trusted_roots": str(roots), "tls": "off",
-                "listen": "127.0.0.1:0", "cache_mode": "LAZY", "upstream_retries": 0,
-                "upstream_timeout": 5.0,
-                # Nothing must ever leave this machine: a miss (a bug here) fails at once.
-                "pcs_url": "http://127.0.0.1:9/sgx/certification/v4/",
-                "rootca_crl_url": "http://127.0.0.1:9/IntelSGXRootCA.der"}
+    settings = {
+        "cache_dir": str(cache_dir),
+        "trusted_roots": str(roots),
+        "tls": "off",
+        "listen": "127.0.0.1:0",
+        "cache_mode": "LAZY",
+        "upstream_retries": 0,
+        "upstream_timeout": 5.0,
+        # Nothing must ever leave this machine: a miss (a bug here) fails at once.
+        "pcs_url": "http://127.0.0.1:9/sgx/certification/v4/",
+        "rootca_crl_url": "http://127.0.0.1:9/IntelSGXRootCA.der",
+    }
     settings.update(overrides)
     return load_config(settings, environ={})
 
@@ -175,8 +195,9 @@ def call_wsgi(app, target: str):
     return captured["status"], captured["headers"], body
 
 
-def warm_cache(cache_dir: Path, roots: Path, scenarios: list[str], n_platforms: int,
-               tcbs_per_platform: int) -> dict:
+def warm_cache(
+    cache_dir: Path, roots: Path, scenarios: list[str], n_platforms: int, tcbs_per_platform: int
+) -> dict:
     """Fill ``cache_dir``; returns the request spec and the answers the ceiling replays."""
     import logging
 
@@ -199,16 +220,18 @@ def warm_cache(cache_dir: Path, roots: Path, scenarios: list[str], n_platforms: 
         # Copy the platform's records (what an upload of it writes) under generated QE IDs, in
         # batched transactions: stored values as they are, keys from dcapd's own builders.
         base, pceid = platform.qeid.upper(), platform.pceid
-        keys_of = [lambda q: store.platform_key(q, pceid), lambda q: store.certs_key(q, pceid),
-                   lambda q: store.rawtcbs_key(q, pceid)] + [
-            lambda q, raw=raw: store.pckcert_key(q, pceid, *raw) for raw in raw_tcbs]
+        keys_of = [
+            lambda q: store.platform_key(q, pceid),
+            lambda q: store.certs_key(q, pceid),
+            lambda q: store.rawtcbs_key(q, pceid),
+        ] + [lambda q, raw=raw: store.pckcert_key(q, pceid, *raw) for raw in raw_tcbs]
         values = [store.cache.get(key_of(base)) for key_of in keys_of]
         if any(value is None for value in values):
             raise SystemExit("bench: the uploaded test platform is not in the cache")
         ids = qeids(n_platforms, base)
         for start in range(1, n_platforms, 1000):
             with store.transaction():
-                for qeid in ids[start:start + 1000]:
+                for qeid in ids[start : start + 1000]:
                     for key_of, value in zip(keys_of, values):
                         store.cache.set(key_of(qeid), value)
 
@@ -217,19 +240,32 @@ def warm_cache(cache_dir: Path, roots: Path, scenarios: list[str], n_platforms: 
             parsed = store.parse_collateral_key(key)
             if parsed and parsed["version"] == 4 and parsed["update"] == "STANDARD":
                 tcb_targets.append(f"/{parsed['tee']}/certification/v4/tcb?fmspc={parsed['fmspc']}")
-        identity_targets = [f"/{'tdx' if kind == 'tdqe' else 'sgx'}/certification/v4/qe/identity"
-                            for kind in ("qe", "tdqe")
-                            if store.get(store.identity_key(kind, 4)) is not None]
+        identity_targets = [
+            f"/{'tdx' if kind == 'tdqe' else 'sgx'}/certification/v4/qe/identity"
+            for kind in ("qe", "tdqe")
+            if store.get(store.identity_key(kind, 4)) is not None
+        ]
         if not tcb_targets or not identity_targets:
             raise SystemExit("bench: the fixtures gave no TCB info or QE identity to serve")
-        spec = {"platforms": n_platforms, "base_qeid": base, "raw_tcbs": raw_tcbs,
-                "pceid": platform.pceid, "enc_ppid": platform.encrypted_ppid,
-                "tcb_targets": sorted(tcb_targets), "identity_targets": identity_targets}
+        spec = {
+            "platforms": n_platforms,
+            "base_qeid": base,
+            "raw_tcbs": raw_tcbs,
+            "pceid": platform.pceid,
+            "enc_ppid": platform.encrypted_ppid,
+            "tcb_targets": sorted(tcb_targets),
+            "identity_targets": identity_targets,
+        }
         # The answers, as dcapd gives them (for the ceiling and to check the cache is warm).
         answers = {}
-        for target in spec["tcb_targets"] + identity_targets + [
+        for target in (
+            spec["tcb_targets"]
+            + identity_targets
+            + [
                 pckcert_target(base, raw, platform.pceid, platform.encrypted_ppid)
-                for raw in raw_tcbs]:
+                for raw in raw_tcbs
+            ]
+        ):
             status, headers, body = call_wsgi(app, target)
             if not status.startswith("200"):
                 raise SystemExit(f"bench: warm cache answers {status} for {target}")
@@ -248,17 +284,21 @@ def warm_cache(cache_dir: Path, roots: Path, scenarios: list[str], n_platforms: 
 # The server subprocess (``--serve``): dcapd, or the ceiling app
 # ------------------------------------------------------------------------------------------
 
+
 def ceiling_app(spec: dict):
     """Same bytes as dcapd for every request of the mix, by a dict lookup and nothing else."""
-    answers = {target: (status, [tuple(h) for h in headers], bytes.fromhex(body))
-               for target, (status, headers, body) in spec["answers"].items()}
+    answers = {
+        target: (status, [tuple(h) for h in headers], bytes.fromhex(body))
+        for target, (status, headers, body) in spec["answers"].items()
+    }
     table = {}
     for target, answer in answers.items():
         if not target.startswith(PCKCERT_PATH):
             table[target] = answer
     for raw in spec["raw_tcbs"]:
-        answer = answers[pckcert_target(spec["base_qeid"], tuple(raw), spec["pceid"],
-                                        spec["enc_ppid"])]
+        answer = answers[
+            pckcert_target(spec["base_qeid"], tuple(raw), spec["pceid"], spec["enc_ppid"])
+        ]
         for qeid in qeids(spec["platforms"], spec["base_qeid"]):
             table[pckcert_target(qeid, tuple(raw), spec["pceid"], spec["enc_ppid"])] = answer
     not_found = ("404 Not Found", [("Content-Length", "0")], b"")
@@ -266,7 +306,10 @@ def ceiling_app(spec: dict):
     def app(environ, start_response):
         status, headers, body = table.get(
             environ["PATH_INFO"] + "?" + environ["QUERY_STRING"]
-            if environ.get("QUERY_STRING") else environ["PATH_INFO"], not_found)
+            if environ.get("QUERY_STRING")
+            else environ["PATH_INFO"],
+            not_found,
+        )
         start_response(status, headers)
         return [body]
 
@@ -275,8 +318,12 @@ def ceiling_app(spec: dict):
 
 def process_stats() -> dict:
     """CPU seconds and memory of this process (all threads)."""
-    stats = {"cpu_s": time.process_time(), "hwm_kib": None, "rss_kib": None,
-             "threads": threading.active_count()}
+    stats = {
+        "cpu_s": time.process_time(),
+        "hwm_kib": None,
+        "rss_kib": None,
+        "threads": threading.active_count(),
+    }
     try:
         with open("/proc/self/status") as handle:
             for line in handle:
@@ -301,9 +348,13 @@ def serve_main(spec_file: str) -> int:
         os.sched_setaffinity(0, set(spec["cpus"]))
     from dcapd.server import Server
 
-    config = bench_config(Path(spec["cache_dir"]), Path(spec["roots"]), tls=spec["tls"],
-                          threads=spec["threads"],
-                          log_level="info" if spec["access_log"] else "warning")
+    config = bench_config(
+        Path(spec["cache_dir"]),
+        Path(spec["roots"]),
+        tls=spec["tls"],
+        threads=spec["threads"],
+        log_level="info" if spec["access_log"] else "warning",
+    )
     profiles: list = []
     if spec.get("profile_out"):
         import cProfile
@@ -356,7 +407,7 @@ PROFILE_GROUPS = (  # (label, substrings of a profile entry's "file:function")
 )
 
 
-def _profile_group(filename: str, name: str) -> Optional[str]:
+def _profile_group(filename: str, name: str) -> str | None:
     where = f"{filename}:{name}"
     for label, marks in PROFILE_GROUPS:
         if any(mark in where for mark in marks):
@@ -384,43 +435,72 @@ def profile_summary(path: Path, top: int) -> list[str]:
         for (caller_file, _l, caller_name), share in shares.items():
             caller_label = _profile_group(caller_file, caller_name) or "other"
             groups[caller_label] = groups.get(caller_label, 0.0) + tottime * share / weight
-    lines = ["server CPU by component (cProfile, thread CPU time, all threads; profiling "
-             "overhead included, so Python-heavy parts look bigger):"]
+    lines = [
+        "server CPU by component (cProfile, thread CPU time, all threads; profiling "
+        "overhead included, so Python-heavy parts look bigger):"
+    ]
     for label, seconds in sorted(groups.items(), key=lambda item: -item[1]):
         lines.append(f"  {seconds / total:6.1%}  {label}")
-    calls = {(Path(filename).name, name): nc for (filename, _l, name), (_cc, nc, _tt, _ct, _c)
-             in stats.stats.items() if "waitress" in filename}
+    calls = {
+        (Path(filename).name, name): nc
+        for (filename, _l, name), (_cc, nc, _tt, _ct, _c) in stats.stats.items()
+        if "waitress" in filename
+    }
     requests = calls.get(("task.py", "service"))
     if requests:
-        lines.append(f"  waitress loop iterations per request: "
-                     f"{calls.get(('wasyncore.py', 'poll2'), 0) / requests:.1f}")
+        lines.append(
+            f"  waitress loop iterations per request: "
+            f"{calls.get(('wasyncore.py', 'poll2'), 0) / requests:.1f}"
+        )
     out = io.StringIO()
     stats.stream = out
     stats.sort_stats("tottime").print_stats(top)
     text = out.getvalue()
     lines.append(f"server: top {top} functions by own CPU time:")
-    lines.extend("  " + line for line in
-                 text[text.find("   ncalls"):].rstrip().splitlines())
+    lines.extend("  " + line for line in text[text.find("   ncalls") :].rstrip().splitlines())
     return lines
 
 
 class ServerProcess:
-    def __init__(self, kind: str, workdir: Path, spec: dict, cache_dir: Path, roots: Path,
-                 tls: bool, threads: int, access_log: bool = True,
-                 profile_out: Optional[Path] = None, cpus: Optional[list] = None):
+    def __init__(
+        self,
+        kind: str,
+        workdir: Path,
+        spec: dict,
+        cache_dir: Path,
+        roots: Path,
+        tls: bool,
+        threads: int,
+        access_log: bool = True,
+        profile_out: Path | None = None,
+        cpus: list | None = None,
+    ):
         spec_file = workdir / f"serve-{kind}.json"
-        spec_file.write_text(json.dumps(dict(spec, kind=kind, cache_dir=str(cache_dir),
-                                             roots=str(roots), threads=threads,
-                                             tls="auto" if tls else "off",
-                                             access_log=access_log,
-                                             profile_out=str(profile_out) if profile_out
-                                             else None, cpus=cpus)))
+        spec_file.write_text(
+            json.dumps(
+                dict(
+                    spec,
+                    kind=kind,
+                    cache_dir=str(cache_dir),
+                    roots=str(roots),
+                    threads=threads,
+                    tls="auto" if tls else "off",
+                    access_log=access_log,
+                    profile_out=str(profile_out) if profile_out else None,
+                    cpus=cpus,
+                )
+            )
+        )
         self.log_path = workdir / f"serve-{kind}.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()),
-                                      "--serve", str(spec_file)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self._log, text=True,
-                                     cwd=str(REPO))
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--serve", str(spec_file)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            cwd=str(REPO),
+        )
         line = self.proc.stdout.readline()
         if not line:
             self.stop()
@@ -455,6 +535,7 @@ class ServerProcess:
 # Clients: threads in a few processes, one keep-alive socket each, a minimal HTTP/1.1 reader
 # ------------------------------------------------------------------------------------------
 
+
 class Connection:
     def __init__(self, port: int, tls: bool):
         sock = socket.create_connection(("127.0.0.1", port), timeout=30)
@@ -470,8 +551,13 @@ class Connection:
 
     def get(self, target: str) -> int:
         """One GET; returns the status code after reading the whole body."""
-        self.sock.sendall(b"GET " + target.encode() + b" HTTP/1.1\r\nHost: " + self.host +
-                          b"\r\nUser-Agent: dcapd-bench\r\nAccept: */*\r\n\r\n")
+        self.sock.sendall(
+            b"GET "
+            + target.encode()
+            + b" HTTP/1.1\r\nHost: "
+            + self.host
+            + b"\r\nUser-Agent: dcapd-bench\r\nAccept: */*\r\n\r\n"
+        )
         buffer = self.buffer
         end = buffer.find(b"\r\n\r\n")
         while end < 0:
@@ -485,7 +571,7 @@ class Connection:
         if at < 0:
             raise ConnectionError("response without Content-Length")
         eol = head.find(b"\r\n", at + 2)
-        length = int(head[at + 17:eol if eol > 0 else len(head)])
+        length = int(head[at + 17 : eol if eol > 0 else len(head)])
         total = end + 4 + length
         while len(buffer) < total:
             chunk = self.sock.recv(262144)
@@ -502,8 +588,20 @@ class Connection:
             pass
 
 
-def client_process(port: int, tls: bool, spec: dict, n_threads: int, seed: int, warmup: float,
-                   duration: float, interval: float, cpus: list, ready, go, results) -> None:
+def client_process(
+    port: int,
+    tls: bool,
+    spec: dict,
+    n_threads: int,
+    seed: int,
+    warmup: float,
+    duration: float,
+    interval: float,
+    cpus: list,
+    ready,
+    go,
+    results,
+) -> None:
     """Runs in a client process: ``n_threads`` connections; reports latencies and CPU time.
 
     ``interval`` 0: each connection sends its next request as soon as it has the answer
@@ -557,8 +655,10 @@ def client_process(port: int, tls: bool, spec: dict, n_threads: int, seed: int, 
         except Exception as exc:  # noqa: BLE001
             errs[f"{type(exc).__name__}"] = errs.get(f"{type(exc).__name__}", 0) + 1
 
-    threads = [threading.Thread(target=run, args=args, daemon=True)
-               for args in zip(conns, mixes, per_thread, errors)]
+    threads = [
+        threading.Thread(target=run, args=args, daemon=True)
+        for args in zip(conns, mixes, per_thread, errors)
+    ]
     for thread in threads:
         thread.start()
     time.sleep(max(0.0, begin - time.perf_counter()))
@@ -640,15 +740,30 @@ def run_load(server: ServerProcess, tls: bool, spec: dict, args) -> dict:
 
     ctx = multiprocessing.get_context("spawn")
     procs = max(1, min(args.client_procs, args.clients))
-    shares = [args.clients // procs + (1 if i < args.clients % procs else 0)
-              for i in range(procs)]
+    shares = [args.clients // procs + (1 if i < args.clients % procs else 0) for i in range(procs)]
     ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     client_spec = {k: v for k, v in spec.items() if k != "answers"}
-    workers = [ctx.Process(target=client_process, daemon=True,
-                           args=(server.port, tls, client_spec, share, seed + 1, args.warmup,
-                                 args.duration, args.clients / args.rate if args.rate else 0.0,
-                                 pinning(args)[1], ready, go, results))
-               for seed, share in enumerate(shares)]
+    workers = [
+        ctx.Process(
+            target=client_process,
+            daemon=True,
+            args=(
+                server.port,
+                tls,
+                client_spec,
+                share,
+                seed + 1,
+                args.warmup,
+                args.duration,
+                args.clients / args.rate if args.rate else 0.0,
+                pinning(args)[1],
+                ready,
+                go,
+                results,
+            ),
+        )
+        for seed, share in enumerate(shares)
+    ]
     for worker in workers:
         worker.start()
     try:
@@ -682,31 +797,39 @@ def run_load(server: ServerProcess, tls: bool, spec: dict, args) -> dict:
     client_cpu = sum(o["cpu_s"] for o in outcomes)
     busy = machine_after[0] - machine_before[0]
     total = machine_after[1] - machine_before[1]
-    return {"requests": n, "rps": n / args.duration, "errors": errors,
-            "p50_ms": percentile(ordered, 0.50) * 1e3, "p90_ms": percentile(ordered, 0.90) * 1e3,
-            "p99_ms": percentile(ordered, 0.99) * 1e3,
-            "mean_ms": (sum(ordered) / n * 1e3) if n else float("nan"),
-            "server_cpu_per_req_ms": server_cpu / n * 1e3 if n else float("nan"),
-            "server_cpu_cores": server_cpu / args.duration,
-            "client_cpu_per_req_ms": client_cpu / n * 1e3 if n else float("nan"),
-            "client_cpu_cores": client_cpu / args.duration,
-            "machine_busy": busy / total if total else float("nan"),
-            "other_cores": others_cores(others_before, others_after, args.duration),
-            "hwm_mib": (after["hwm_kib"] or 0) / 1024, "rss_mib": (after["rss_kib"] or 0) / 1024,
-            "server_threads": after["threads"]}
+    return {
+        "requests": n,
+        "rps": n / args.duration,
+        "errors": errors,
+        "p50_ms": percentile(ordered, 0.50) * 1e3,
+        "p90_ms": percentile(ordered, 0.90) * 1e3,
+        "p99_ms": percentile(ordered, 0.99) * 1e3,
+        "mean_ms": (sum(ordered) / n * 1e3) if n else float("nan"),
+        "server_cpu_per_req_ms": server_cpu / n * 1e3 if n else float("nan"),
+        "server_cpu_cores": server_cpu / args.duration,
+        "client_cpu_per_req_ms": client_cpu / n * 1e3 if n else float("nan"),
+        "client_cpu_cores": client_cpu / args.duration,
+        "machine_busy": busy / total if total else float("nan"),
+        "other_cores": others_cores(others_before, others_after, args.duration),
+        "hwm_mib": (after["hwm_kib"] or 0) / 1024,
+        "rss_mib": (after["rss_kib"] or 0) / 1024,
+        "server_threads": after["threads"],
+    }
 
 
 # ------------------------------------------------------------------------------------------
 # Cold burst: N identical misses, one upstream call
 # ------------------------------------------------------------------------------------------
 
-def cold_burst(workdir: Path, roots: Path, scenarios: list[str], tls: bool, size: int,
-               delay: float) -> list[tuple[str, int, int, str]]:
+
+def cold_burst(
+    workdir: Path, roots: Path, scenarios: list[str], tls: bool, size: int, delay: float
+) -> list[tuple[str, int, int, str]]:
     """Returns (what, upstream calls, 200 answers, note) for a /pckcert and a /tcb burst."""
     from dcapd.app import create_app
     from dcapd.server import Server
     from tests import pki
-    from tests.fakepcs import FakePCS, INTEL_HOSTS, load_manifest
+    from tests.fakepcs import INTEL_HOSTS, FakePCS, load_manifest
 
     platform = pki.default_platform()
     tcb_chain = pki.url_encoded_chain(pki.tcb_signing().pem, pki.root_ca().pem)
@@ -714,28 +837,57 @@ def cold_burst(workdir: Path, roots: Path, scenarios: list[str], tls: bool, size
     scenario, fmspc = None, None
     for name in scenarios:
         for response in load_manifest(name)["responses"]:
-            if response["path"] == f"{V4}/tcb" and response["status"] == 200 \
-                    and set(response["query"]) == {"fmspc"}:
+            if (
+                response["path"] == f"{V4}/tcb"
+                and response["status"] == 200
+                and set(response["query"]) == {"fmspc"}
+            ):
                 scenario, fmspc = name, response["query"]["fmspc"].upper()
                 break
         if scenario:
             break
     fake = FakePCS(scenario).start()
-    fake.add_response("GET", f"{V4}/pckcerts", None, 200, pki.pckcerts_response_headers(platform),
-                      pki.pckcerts_response_body(platform))
-    fake.add_response("GET", f"{V4}/tcb", {"fmspc": platform.fmspc, "update": "standard"}, 200,
-                      {"Content-Type": "application/json", "TCB-Info-Issuer-Chain": tcb_chain},
-                      platform.tcb_info)
+    fake.add_response(
+        "GET",
+        f"{V4}/pckcerts",
+        None,
+        200,
+        pki.pckcerts_response_headers(platform),
+        pki.pckcerts_response_body(platform),
+    )
+    fake.add_response(
+        "GET",
+        f"{V4}/tcb",
+        {"fmspc": platform.fmspc, "update": "standard"},
+        200,
+        {"Content-Type": "application/json", "TCB-Info-Issuer-Chain": tcb_chain},
+        platform.tcb_info,
+    )
     fake.fail_with(delay=delay)  # every answer comes late: the misses pile up
-    config = bench_config(workdir / "burst-cache", roots, tls="auto" if tls else "off",
-                          threads=size + 4, pcs_url=fake.pcs_url, api_key="k" * 32,
-                          url_map=",".join(f"{host}={fake.base}" for host in INTEL_HOSTS))
+    config = bench_config(
+        workdir / "burst-cache",
+        roots,
+        tls="auto" if tls else "off",
+        threads=size + 4,
+        pcs_url=fake.pcs_url,
+        api_key="k" * 32,
+        url_map=",".join(f"{host}={fake.base}" for host in INTEL_HOSTS),
+    )
     app = create_app(config)
     server = Server(app, config).start()
     raw = platform.pck_certs[0]
-    bursts = [("/pckcert", "/pckcerts",
-               pckcert_target(platform.qeid, (raw.cpusvn_hex, raw.pcesvn_hex), platform.pceid,
-                              platform.encrypted_ppid))]
+    bursts = [
+        (
+            "/pckcert",
+            "/pckcerts",
+            pckcert_target(
+                platform.qeid,
+                (raw.cpusvn_hex, raw.pcesvn_hex),
+                platform.pceid,
+                platform.encrypted_ppid,
+            ),
+        )
+    ]
     if fmspc:
         bursts.append(("/tcb", f"{V4}/tcb", f"{V4}/tcb?fmspc={fmspc}"))
     out = []
@@ -776,6 +928,7 @@ def cold_burst(workdir: Path, roots: Path, scenarios: list[str], tls: bool, size
 # The app alone: cost of one cache hit, and a profile
 # ------------------------------------------------------------------------------------------
 
+
 def app_cost(cache_dir: Path, roots: Path, spec: dict, profile: bool, top: int) -> list[str]:
     import cProfile
     import io
@@ -795,16 +948,23 @@ def app_cost(cache_dir: Path, roots: Path, spec: dict, profile: bool, top: int) 
     lines = []
     try:
         mix = Mix(spec, 7)
-        kinds = {"pckcert": [pckcert_target(q, tuple(r), spec["pceid"], spec["enc_ppid"])
-                             for q in mix.qeids[:200] for r in spec["raw_tcbs"]],
-                 "tcb": spec["tcb_targets"], "qe/identity": spec["identity_targets"]}
+        kinds = {
+            "pckcert": [
+                pckcert_target(q, tuple(r), spec["pceid"], spec["enc_ppid"])
+                for q in mix.qeids[:200]
+                for r in spec["raw_tcbs"]
+            ],
+            "tcb": spec["tcb_targets"],
+            "qe/identity": spec["identity_targets"],
+        }
         environs = {}
         for kind, targets in kinds.items():
             environs[kind] = []
             for target in targets:
                 path, _, query = target.partition("?")
-                environs[kind].append(testing.create_environ(path=path, query_string=query,
-                                                             host="127.0.0.1"))
+                environs[kind].append(
+                    testing.create_environ(path=path, query_string=query, host="127.0.0.1")
+                )
 
         def start_response(status, headers, exc_info=None):
             if not status.startswith("200"):
@@ -823,8 +983,11 @@ def app_cost(cache_dir: Path, roots: Path, spec: dict, profile: bool, top: int) 
             t0 = time.perf_counter()
             hits(kind, n)
             costs[kind] = (time.perf_counter() - t0) / n * 1e6
-        lines.append("app alone (WSGI call in-process, access log on): " + ", ".join(
-            f"{kind} {us:.0f} us" for kind, us in costs.items()) + " per cache hit")
+        lines.append(
+            "app alone (WSGI call in-process, access log on): "
+            + ", ".join(f"{kind} {us:.0f} us" for kind, us in costs.items())
+            + " per cache hit"
+        )
         if profile:
             profiler = cProfile.Profile()
             profiler.enable()
@@ -834,7 +997,7 @@ def app_cost(cache_dir: Path, roots: Path, spec: dict, profile: bool, top: int) 
                 out = io.StringIO()
                 pstats.Stats(profiler, stream=out).sort_stats(sort).print_stats(top)
                 text = out.getvalue()
-                body = text[text.find("   ncalls"):] if "   ncalls" in text else text
+                body = text[text.find("   ncalls") :] if "   ncalls" in text else text
                 lines.append(f"profile of 5000 /pckcert hits, top {top} by {sort}:")
                 lines.extend("  " + line for line in body.rstrip().splitlines())
     finally:
@@ -849,72 +1012,135 @@ def app_cost(cache_dir: Path, roots: Path, spec: dict, profile: bool, top: int) 
 # Main
 # ------------------------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Benchmark dcapd cache hits (70% /pckcert, 20% /tcb, 10% /qe/identity) "
-                    "against a bare app returning the same bytes; prints the ratio.")
+        "against a bare app returning the same bytes; prints the ratio."
+    )
     proto = parser.add_argument_group("protocol (default: both, HTTPS first)")
     proto.add_argument("--https", action="store_true", help="measure over HTTPS (TLS front)")
     proto.add_argument("--http", action="store_true", help="measure over plain HTTP")
     parser.add_argument("--clients", type=int, default=32, help="concurrent keep-alive clients")
-    parser.add_argument("--client-procs", type=int, default=2,
-                        help="processes the client threads are spread over (default 2)")
+    parser.add_argument(
+        "--client-procs",
+        type=int,
+        default=2,
+        help="processes the client threads are spread over (default 2)",
+    )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per run")
-    parser.add_argument("--rate", type=float, default=0.0,
-                        help="offered load in req/s over all clients (open loop, latency from "
-                             "each request's due time); default 0: as fast as answered")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="measure each configuration this many times (alternating dcapd "
-                             "and ceiling) and keep the best: for a machine that is not idle")
-    parser.add_argument("--warmup", type=float, default=1.0,
-                        help="seconds of load before each measurement (not counted)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="offered load in req/s over all clients (open loop, latency from "
+        "each request's due time); default 0: as fast as answered",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure each configuration this many times (alternating dcapd "
+        "and ceiling) and keep the best: for a machine that is not idle",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=1.0,
+        help="seconds of load before each measurement (not counted)",
+    )
     parser.add_argument("--platforms", type=int, default=1000, help="cached platforms")
-    parser.add_argument("--sweep", metavar="N,M,...",
-                        help="measure dcapd at each platform count (flatness), e.g. 10,10000")
-    parser.add_argument("--tcbs-per-platform", type=int, default=2, choices=(1, 2, 3, 4),
-                        help="cached raw TCBs (/pckcert answers) per platform")
+    parser.add_argument(
+        "--sweep",
+        metavar="N,M,...",
+        help="measure dcapd at each platform count (flatness), e.g. 10,10000",
+    )
+    parser.add_argument(
+        "--tcbs-per-platform",
+        type=int,
+        default=2,
+        choices=(1, 2, 3, 4),
+        help="cached raw TCBs (/pckcert answers) per platform",
+    )
     parser.add_argument("--threads", type=int, default=8, help="waitress worker threads")
-    parser.add_argument("--pin", action="store_true",
-                        help="Linux: pin the server process to one CPU and the clients to the "
-                             "others (no GIL hand-offs between CPUs; see README, Performance)")
-    parser.add_argument("--no-access-log", action="store_true",
-                        help="what-if: dcapd without its per-request INFO log line")
-    parser.add_argument("--sqlite-mmap-size", type=int, metavar="BYTES",
-                        help="what-if: persist this diskcache sqlite_mmap_size in the benchmark "
-                             "cache (dcapd leaves diskcache's default, 64 MiB per connection)")
-    parser.add_argument("--sqlite-cache-size", type=int, metavar="PAGES",
-                        help="what-if: persist this diskcache sqlite_cache_size (pages per "
-                             "connection; diskcache's default is 8192)")
-    parser.add_argument("--burst", type=int, default=50,
-                        help="concurrent identical misses in the cold burst (0: skip)")
-    parser.add_argument("--burst-delay", type=float, default=0.3,
-                        help="seconds the fake PCS takes to answer in the cold burst")
-    parser.add_argument("--profile", action="store_true",
-                        help="cProfile 5000 /pckcert hits through the WSGI app")
-    parser.add_argument("--profile-server", action="store_true",
-                        help="also run dcapd once more under cProfile (all server threads) and "
-                             "print where the server's CPU goes")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="Linux: pin the server process to one CPU and the clients to the "
+        "others (no GIL hand-offs between CPUs; see README, Performance)",
+    )
+    parser.add_argument(
+        "--no-access-log",
+        action="store_true",
+        help="what-if: dcapd without its per-request INFO log line",
+    )
+    parser.add_argument(
+        "--sqlite-mmap-size",
+        type=int,
+        metavar="BYTES",
+        help="what-if: persist this diskcache sqlite_mmap_size in the benchmark "
+        "cache (dcapd leaves diskcache's default, 64 MiB per connection)",
+    )
+    parser.add_argument(
+        "--sqlite-cache-size",
+        type=int,
+        metavar="PAGES",
+        help="what-if: persist this diskcache sqlite_cache_size (pages per "
+        "connection; diskcache's default is 8192)",
+    )
+    parser.add_argument(
+        "--burst",
+        type=int,
+        default=50,
+        help="concurrent identical misses in the cold burst (0: skip)",
+    )
+    parser.add_argument(
+        "--burst-delay",
+        type=float,
+        default=0.3,
+        help="seconds the fake PCS takes to answer in the cold burst",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="cProfile 5000 /pckcert hits through the WSGI app"
+    )
+    parser.add_argument(
+        "--profile-server",
+        action="store_true",
+        help="also run dcapd once more under cProfile (all server threads) and "
+        "print where the server's CPU goes",
+    )
     parser.add_argument("--top", type=int, default=15, help="profile lines shown")
-    parser.add_argument("--fixtures", type=Path, default=DEFAULT_FIXTURES,
-                        help=f"Intel-signed fixtures (default {DEFAULT_FIXTURES})")
-    parser.add_argument("--workdir", type=Path,
-                        help="keep caches and server logs here (default: a temporary directory)")
+    parser.add_argument(
+        "--fixtures",
+        type=Path,
+        default=DEFAULT_FIXTURES,
+        help=f"Intel-signed fixtures (default {DEFAULT_FIXTURES})",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="keep caches and server logs here (default: a temporary directory)",
+    )
     parser.add_argument("--serve", metavar="SPEC", help=argparse.SUPPRESS)
     return parser
 
 
 def fmt_row(name: str, r: dict) -> str:
     errors = sum(r["errors"].values())
-    return (f"{name:<22} {r['rps']:>8.0f} {r['p50_ms']:>7.2f} {r['p90_ms']:>7.2f} "
-            f"{r['p99_ms']:>7.2f} {r['server_cpu_per_req_ms']:>9.3f} "
-            f"{r['server_cpu_cores']:>6.2f} {r['client_cpu_cores']:>6.2f} "
-            f"{r['other_cores']:>6.2f} {r['machine_busy'] * 100:>5.0f}% {r['hwm_mib']:>8.1f} "
-            f"{errors:>6}")
+    return (
+        f"{name:<22} {r['rps']:>8.0f} {r['p50_ms']:>7.2f} {r['p90_ms']:>7.2f} "
+        f"{r['p99_ms']:>7.2f} {r['server_cpu_per_req_ms']:>9.3f} "
+        f"{r['server_cpu_cores']:>6.2f} {r['client_cpu_cores']:>6.2f} "
+        f"{r['other_cores']:>6.2f} {r['machine_busy'] * 100:>5.0f}% {r['hwm_mib']:>8.1f} "
+        f"{errors:>6}"
+    )
 
 
-HEADER = (f"{'':<22} {'req/s':>8} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} "
-          f"{'CPU/req ms':>9} {'srvCPU':>6} {'cliCPU':>6} {'other':>6} {'busy':>6} {'peakMiB':>8} "
-          f"{'errors':>6}")
+HEADER = (
+    f"{'':<22} {'req/s':>8} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} "
+    f"{'CPU/req ms':>9} {'srvCPU':>6} {'cliCPU':>6} {'other':>6} {'busy':>6} {'peakMiB':>8} "
+    f"{'errors':>6}"
+)
 
 
 def keep_best(results: dict, key, r: dict) -> None:
@@ -932,8 +1158,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.serve:
         return serve_main(args.serve)
-    protocols = [p for p, on in (("https", args.https), ("http", args.http)) if on] or \
-        ["https", "http"]
+    protocols = [p for p, on in (("https", args.https), ("http", args.http)) if on] or [
+        "https",
+        "http",
+    ]
     counts = [int(c) for c in args.sweep.split(",")] if args.sweep else [args.platforms]
     if any(c < 1 for c in counts) or args.clients < 1 or args.duration <= 0 or args.repeat < 1:
         raise SystemExit("bench: platforms, clients and duration must be positive")
@@ -946,14 +1174,23 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     roots = write_trusted_roots(workdir / "trusted_roots.pem")
     runs = len(protocols) * (len(counts) + 1) * args.repeat + (1 if args.profile_server else 0)
-    print(f"dcapd bench: {', '.join(p.upper() for p in protocols)}; {args.clients} clients "
-          f"({min(args.client_procs, args.clients)} processes); {args.duration:g} s per run "
-          f"(+{args.warmup:g} s warm-up), {runs} runs; waitress threads {args.threads}; "
-          f"{os.cpu_count()} CPUs; Python {sys.version.split()[0]}"
-          + (f"; server pinned to CPU {pinning(args)[0]}, clients to {pinning(args)[1]}"
-             if args.pin else ""), flush=True)
-    print(f"mix: 70% /pckcert, 20% /tcb, 10% /qe/identity (v4 routes); "
-          f"{args.tcbs_per_platform} raw TCBs per platform", flush=True)
+    print(
+        f"dcapd bench: {', '.join(p.upper() for p in protocols)}; {args.clients} clients "
+        f"({min(args.client_procs, args.clients)} processes); {args.duration:g} s per run "
+        f"(+{args.warmup:g} s warm-up), {runs} runs; waitress threads {args.threads}; "
+        f"{os.cpu_count()} CPUs; Python {sys.version.split()[0]}"
+        + (
+            f"; server pinned to CPU {pinning(args)[0]}, clients to {pinning(args)[1]}"
+            if args.pin
+            else ""
+        ),
+        flush=True,
+    )
+    print(
+        f"mix: 70% /pckcert, 20% /tcb, 10% /qe/identity (v4 routes); "
+        f"{args.tcbs_per_platform} raw TCBs per platform",
+        flush=True,
+    )
     results: dict = {}
     try:
         specs = {}
@@ -961,10 +1198,13 @@ def main(argv=None) -> int:
             cache_dir = workdir / f"cache-{count}"
             spec = warm_cache(cache_dir, roots, scenarios, count, args.tcbs_per_platform)
             size = sum(f.stat().st_size for f in cache_dir.iterdir() if f.is_file())
-            print(f"warm cache: {count} platforms, {spec['entries']} entries, "
-                  f"{size / 2**20:.0f} MiB on disk, {spec['warm_s']:.1f} s "
-                  f"({len(scenarios)} fixture scenarios + 1 platform uploaded in "
-                  f"{spec['upload_s']:.1f} s)", flush=True)
+            print(
+                f"warm cache: {count} platforms, {spec['entries']} entries, "
+                f"{size / 2**20:.0f} MiB on disk, {spec['warm_s']:.1f} s "
+                f"({len(scenarios)} fixture scenarios + 1 platform uploaded in "
+                f"{spec['upload_s']:.1f} s)",
+                flush=True,
+            )
             specs[count] = (cache_dir, spec)
             print(f"sqlite per connection: {sqlite_settings(cache_dir, args)}", flush=True)
 
@@ -975,9 +1215,17 @@ def main(argv=None) -> int:
                 tag = f" #{attempt + 1}" if args.repeat > 1 else ""
                 for count in counts:
                     cache_dir, spec = specs[count]
-                    server = ServerProcess("dcapd", workdir, spec, cache_dir, roots, tls,
-                                           args.threads, not args.no_access_log,
-                                           cpus=pinning(args)[0])
+                    server = ServerProcess(
+                        "dcapd",
+                        workdir,
+                        spec,
+                        cache_dir,
+                        roots,
+                        tls,
+                        args.threads,
+                        not args.no_access_log,
+                        cpus=pinning(args)[0],
+                    )
                     try:
                         r = run_load(server, tls, spec, args)
                     finally:
@@ -987,8 +1235,16 @@ def main(argv=None) -> int:
                         print(f"  errors: {r['errors']}\n{server.log_tail(5)}", flush=True)
                     keep_best(results, (proto, count), r)
                 cache_dir, spec = specs[counts[-1]]
-                server = ServerProcess("ceiling", workdir, spec, cache_dir, roots, tls,
-                                       args.threads, cpus=pinning(args)[0])
+                server = ServerProcess(
+                    "ceiling",
+                    workdir,
+                    spec,
+                    cache_dir,
+                    roots,
+                    tls,
+                    args.threads,
+                    cpus=pinning(args)[0],
+                )
                 try:
                     r = run_load(server, tls, spec, args)
                 finally:
@@ -1007,24 +1263,39 @@ def main(argv=None) -> int:
                 r["cpu_ratio"] = ceiling["server_cpu_per_req_ms"] / r["server_cpu_per_req_ms"]
                 suffix = f", {count} platforms" if len(counts) > 1 else ""
                 paced = f", paced at {args.rate:g} req/s: not a capacity ratio" if args.rate else ""
-                print(f"ratio dcapd/ceiling: {r['ratio']:.2f} ({proto}{suffix}{paced}); server "
-                      f"CPU per request ceiling/dcapd: {r['cpu_ratio']:.2f}", flush=True)
+                print(
+                    f"ratio dcapd/ceiling: {r['ratio']:.2f} ({proto}{suffix}{paced}); server "
+                    f"CPU per request ceiling/dcapd: {r['cpu_ratio']:.2f}",
+                    flush=True,
+                )
             if len(counts) > 1:
                 first, last = results[(proto, counts[0])], results[(proto, counts[-1])]
                 changes = {k: last[k] / first[k] - 1 for k in ("rps", "p50_ms", "p99_ms")}
                 flat = all(abs(v) <= TARGETS["flat"] for v in changes.values())
-                print(f"flatness {counts[0]} -> {counts[-1]} platforms ({proto}): "
-                      f"req/s {changes['rps']:+.1%}, p50 {changes['p50_ms']:+.1%}, "
-                      f"p99 {changes['p99_ms']:+.1%} (target within 10%: "
-                      f"{verdict(flat)})", flush=True)
+                print(
+                    f"flatness {counts[0]} -> {counts[-1]} platforms ({proto}): "
+                    f"req/s {changes['rps']:+.1%}, p50 {changes['p50_ms']:+.1%}, "
+                    f"p99 {changes['p99_ms']:+.1%} (target within 10%: "
+                    f"{verdict(flat)})",
+                    flush=True,
+                )
 
         if args.profile_server:
             proto, count = protocols[0], counts[-1]
             cache_dir, spec = specs[count]
             out = workdir / "server.pstats"
-            server = ServerProcess("dcapd", workdir, spec, cache_dir, roots, proto == "https",
-                                   args.threads, not args.no_access_log, profile_out=out,
-                                   cpus=pinning(args)[0])
+            server = ServerProcess(
+                "dcapd",
+                workdir,
+                spec,
+                cache_dir,
+                roots,
+                proto == "https",
+                args.threads,
+                not args.no_access_log,
+                profile_out=out,
+                cpus=pinning(args)[0],
+            )
             try:
                 r = run_load(server, proto == "https", spec, args)
             finally:
@@ -1033,23 +1304,31 @@ def main(argv=None) -> int:
             for line in profile_summary(out, args.top):
                 print(line, flush=True)
 
-        print("\ncolumns: CPU/req = server process CPU time per request; srvCPU, cliCPU, other "
-              "= cores used by the server, the client processes, all other processes; busy = "
-              "whole machine; peakMiB = server VmHWM")
+        print(
+            "\ncolumns: CPU/req = server process CPU time per request; srvCPU, cliCPU, other "
+            "= cores used by the server, the client processes, all other processes; busy = "
+            "whole machine; peakMiB = server VmHWM"
+        )
         noisy = max(r["other_cores"] for r in results.values())
         if noisy > 0.05:
-            print(f"warning: other processes used up to {noisy:.2f} cores during the runs; "
-                  "the figures are pessimistic (run again on an idle machine)")
+            print(
+                f"warning: other processes used up to {noisy:.2f} cores during the runs; "
+                "the figures are pessimistic (run again on an idle machine)"
+            )
 
         burst = []
         if args.burst > 0:
-            burst = cold_burst(workdir, roots, scenarios, protocols[0] == "https", args.burst,
-                               args.burst_delay)
+            burst = cold_burst(
+                workdir, roots, scenarios, protocols[0] == "https", args.burst, args.burst_delay
+            )
             for what, calls, ok, note in burst:
-                print(f"cold burst: {args.burst} concurrent identical {what} misses "
-                      f"(LAZY, fake PCS answering in {args.burst_delay:g} s) -> {calls} "
-                      f"upstream call{'s' if calls != 1 else ''}, {ok}/{args.burst} answered "
-                      f"200 {note}".rstrip(), flush=True)
+                print(
+                    f"cold burst: {args.burst} concurrent identical {what} misses "
+                    f"(LAZY, fake PCS answering in {args.burst_delay:g} s) -> {calls} "
+                    f"upstream call{'s' if calls != 1 else ''}, {ok}/{args.burst} answered "
+                    f"200 {note}".rstrip(),
+                    flush=True,
+                )
 
         cache_dir, spec = specs[counts[-1]]
         for line in app_cost(cache_dir, roots, spec, args.profile, args.top):
@@ -1060,19 +1339,29 @@ def main(argv=None) -> int:
         main_r = results[(proto, counts[-1])]
         print(f"\ntargets ({proto}, {args.clients} clients, {counts[-1]} platforms):")
         if args.rate:
-            print(f"  dcapd/ceiling >= {TARGETS['ratio']}: not measured at a paced load "
-                  f"(server CPU per request ceiling/dcapd: {main_r['cpu_ratio']:.2f})")
+            print(
+                f"  dcapd/ceiling >= {TARGETS['ratio']}: not measured at a paced load "
+                f"(server CPU per request ceiling/dcapd: {main_r['cpu_ratio']:.2f})"
+            )
         else:
-            print(f"  dcapd/ceiling >= {TARGETS['ratio']}: {main_r['ratio']:.2f} "
-                  f"{verdict(main_r['ratio'] >= TARGETS['ratio'])}")
-        print(f"  p99 <= {TARGETS['p99_ms']:g} ms: {main_r['p99_ms']:.1f} ms "
-              f"{verdict(main_r['p99_ms'] <= TARGETS['p99_ms'])}")
+            print(
+                f"  dcapd/ceiling >= {TARGETS['ratio']}: {main_r['ratio']:.2f} "
+                f"{verdict(main_r['ratio'] >= TARGETS['ratio'])}"
+            )
+        print(
+            f"  p99 <= {TARGETS['p99_ms']:g} ms: {main_r['p99_ms']:.1f} ms "
+            f"{verdict(main_r['p99_ms'] <= TARGETS['p99_ms'])}"
+        )
         peak = max(results[(p, c)]["hwm_mib"] for p in protocols for c in counts)
-        print(f"  peak RSS <= {TARGETS['rss_mib']:g} MiB: {peak:.1f} MiB "
-              f"{verdict(peak <= TARGETS['rss_mib'])}")
+        print(
+            f"  peak RSS <= {TARGETS['rss_mib']:g} MiB: {peak:.1f} MiB "
+            f"{verdict(peak <= TARGETS['rss_mib'])}"
+        )
         if burst:
-            print(f"  cold burst = 1 upstream call: {', '.join(f'{w} {c}' for w, c, _, _ in burst)}"
-                  f" {verdict(all(c == 1 for _, c, _, _ in burst))}")
+            print(
+                f"  cold burst = 1 upstream call: {', '.join(f'{w} {c}' for w, c, _, _ in burst)}"
+                f" {verdict(all(c == 1 for _, c, _, _ in burst))}"
+            )
         if len(counts) == 1:
             print("  flatness: run with --sweep 10,10000")
     finally:

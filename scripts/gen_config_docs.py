@@ -18,22 +18,36 @@ BEGIN, END = ".. begin-settings-table", ".. end-settings-table"
 
 
 def ini_example() -> str:
-    lines = ["; dcapd configuration. Every key is optional; the value shown is the default.",
-             "; Environment variables override this file; command-line options override both.",
-             "; Start with: dcapd --config pccs.ini", ""]
+    lines = [
+        "; dcapd configuration. Every key is optional; the value shown is the default.",
+        "; Environment variables override this file; command-line options override both.",
+        "; Start with: dcapd --config pccs.ini",
+        "",
+    ]
     section = None
     for setting in SETTINGS:
         if setting.section != section:
             section = setting.section
             lines.append(f"[{section}]")
-        lines += [f"; {setting.help}", f"; environment: {setting.env}",
-                  f";{setting.key} = {setting.default}".rstrip(), ""]
+        lines += [
+            f"; {setting.help}",
+            f"; environment: {setting.env}",
+            f";{setting.key} = {setting.default}".rstrip(),
+            "",
+        ]
     return "\n".join(lines)
 
 
 def settings_table() -> str:
-    rows = [(f"``[{s.section}] {s.key}``", f"``{s.env}``",
-             f"``{s.default}``" if s.default else "(empty)", s.help) for s in SETTINGS]
+    rows = [
+        (
+            f"``[{s.section}] {s.key}``",
+            f"``{s.env}``",
+            f"``{s.default}``" if s.default else "(empty)",
+            s.help,
+        )
+        for s in SETTINGS
+    ]
     header = ("ini", "environment", "default", "meaning")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
     rule = "  ".join("=" * w for w in widths)
@@ -48,8 +62,7 @@ def main() -> None:
     (ROOT / "pccs.ini.example").write_text(ini_example())
     readme = (ROOT / "README.rst").read_text()
     block = f"{BEGIN}\n\n{settings_table()}\n\n{END}"
-    readme = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, readme,
-                    flags=re.S)
+    readme = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, readme, flags=re.S)
     (ROOT / "README.rst").write_text(readme)
 
 

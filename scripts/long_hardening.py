@@ -35,8 +35,11 @@ def main() -> int:
     report.unlink(missing_ok=True)
     env = dict(os.environ, DCAPD_HARDENING_PROFILE="long", DCAPD_HARDENING_REPORT=str(report))
     started = time.monotonic()
-    status = subprocess.call([sys.executable, "-m", "pytest", *TESTS, "-p", "no:cacheprovider",
-                              "-q", *args.pytest_args], cwd=ROOT, env=env)
+    status = subprocess.call(
+        [sys.executable, "-m", "pytest", *TESTS, "-p", "no:cacheprovider", "-q", *args.pytest_args],
+        cwd=ROOT,
+        env=env,
+    )
     minutes = (time.monotonic() - started) / 60
     figures = json.loads(report.read_text()) if report.exists() else {}
     if not args.report:
@@ -47,18 +50,29 @@ def main() -> int:
     print(f"long hardening profile, {minutes:.1f} min, pytest exit status {status}")
     if fuzz:
         statuses = ", ".join(f"{k.split()[1]}: {v}" for k, v in fuzz["statuses"].items())
-        print(f"  fuzz: {fuzz['requests']} generated requests, {fuzz['status_500']} answered 500"
-              f" ({statuses})")
+        print(
+            f"  fuzz: {fuzz['requests']} generated requests, {fuzz['status_500']} answered 500"
+            f" ({statuses})"
+        )
     for kind in ("upload", "refresh"):
         rounds = crash.get(f"{kind} rounds", 0)
         if not rounds:
             continue
-        killed = {when: crash.get(f"{kind} rounds killed {when}", 0) for when in (
-            "before the write began", "inside the write transaction", "after the write committed")}
-        print(f"  kill during {kind}: {crash.get(f'{kind} rounds passed', 0)} of {rounds} rounds "
-              f"passed; killed " + ", ".join(f"{when} {n}" for when, n in killed.items()) +
-              f" (one write: {crash.get(f'{kind} write, cache entries')} cache entries, "
-              f"{crash.get(f'{kind} write, seconds')} s)")
+        killed = {
+            when: crash.get(f"{kind} rounds killed {when}", 0)
+            for when in (
+                "before the write began",
+                "inside the write transaction",
+                "after the write committed",
+            )
+        }
+        print(
+            f"  kill during {kind}: {crash.get(f'{kind} rounds passed', 0)} of {rounds} rounds "
+            f"passed; killed "
+            + ", ".join(f"{when} {n}" for when, n in killed.items())
+            + f" (one write: {crash.get(f'{kind} write, cache entries')} cache entries, "
+            f"{crash.get(f'{kind} write, seconds')} s)"
+        )
     if args.report:
         print(f"  figures: {report}")
     return status

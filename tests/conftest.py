@@ -22,9 +22,14 @@ def make_config(tmp_path):
     roots.write_bytes(bundled_intel_root_pem() + pki.root_ca().pem.encode())
 
     def make(**overrides):
-        settings = {"cache_dir": str(tmp_path / "cache"), "tls": "off",
-                    "trusted_roots": str(roots),
-                    "listen": "127.0.0.1:0", "upstream_retries": 0, "upstream_timeout": 5.0}
+        settings = {
+            "cache_dir": str(tmp_path / "cache"),
+            "tls": "off",
+            "trusted_roots": str(roots),
+            "listen": "127.0.0.1:0",
+            "upstream_retries": 0,
+            "upstream_timeout": 5.0,
+        }
         settings.update(overrides)
         return load_config(settings, environ={})
 

@@ -27,53 +27,66 @@ import json
 import socket
 import socketserver
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Union
 from urllib.parse import parse_qs, unquote, urlsplit
 
 __all__ = [
-    'FIXTURES', 'PCS_FIXTURES', 'SCENARIOS', 'Call', 'FakePCS', 'Fault',
-    'Response', 'load_manifest', 'load_body', 'normalize_query',
+    "FIXTURES",
+    "PCS_FIXTURES",
+    "SCENARIOS",
+    "Call",
+    "FakePCS",
+    "Fault",
+    "Response",
+    "load_manifest",
+    "load_body",
+    "normalize_query",
 ]
 
 #: ``shared/fixtures`` beside the repository (repo/tests/fakepcs.py -> ../../shared).
-FIXTURES: Path = Path(__file__).resolve().parents[2] / 'shared' / 'fixtures'
+FIXTURES: Path = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 #: ``shared/fixtures/pcs``: one directory per recorded scenario.
-PCS_FIXTURES: Path = FIXTURES / 'pcs'
+PCS_FIXTURES: Path = FIXTURES / "pcs"
 
 #: Scenario directory names (those holding a manifest.json), sorted.
-SCENARIOS: List[str] = sorted(
-    p.parent.name for p in PCS_FIXTURES.glob('*/manifest.json')
-) if PCS_FIXTURES.is_dir() else []
+SCENARIOS: list[str] = (
+    sorted(p.parent.name for p in PCS_FIXTURES.glob("*/manifest.json"))
+    if PCS_FIXTURES.is_dir()
+    else []
+)
 
-HOST = '127.0.0.1'
-INTEL_HOSTS = ('https://certificates.trustedservices.intel.com',
-               'https://api.trustedservices.intel.com')
-ROOTCA_CRL_PATH = '/IntelSGXRootCA.der'
+HOST = "127.0.0.1"
+INTEL_HOSTS = (
+    "https://certificates.trustedservices.intel.com",
+    "https://api.trustedservices.intel.com",
+)
+ROOTCA_CRL_PATH = "/IntelSGXRootCA.der"
 
 _QueryIn = Optional[Mapping[str, Union[str, Sequence[str]]]]
-_NormQuery = Tuple[Tuple[str, Tuple[str, ...]], ...]
+_NormQuery = tuple[tuple[str, tuple[str, ...]], ...]
 
 
 def load_manifest(scenario: str) -> dict:
     """The parsed ``manifest.json`` of ``scenario``."""
-    path = PCS_FIXTURES / scenario / 'manifest.json'
+    path = PCS_FIXTURES / scenario / "manifest.json"
     if not path.is_file():
-        raise FileNotFoundError(f'no such PCS fixture scenario: {scenario!r} ({path})')
-    with path.open('rb') as f:
+        raise FileNotFoundError(f"no such PCS fixture scenario: {scenario!r} ({path})")
+    with path.open("rb") as f:
         return json.load(f)
 
 
-def load_body(scenario: str, response: Union[dict, str]) -> bytes:
+def load_body(scenario: str, response: dict | str) -> bytes:
     """The body bytes of a manifest response (the entry itself or its ``id``)."""
     if isinstance(response, str):
-        entries = [r for r in load_manifest(scenario)['responses'] if r['id'] == response]
+        entries = [r for r in load_manifest(scenario)["responses"] if r["id"] == response]
         if not entries:
-            raise KeyError(f'{scenario}: no response with id {response!r}')
+            raise KeyError(f"{scenario}: no response with id {response!r}")
         response = entries[0]
-    return (PCS_FIXTURES / scenario / response['body_file']).read_bytes()
+    return (PCS_FIXTURES / scenario / response["body_file"]).read_bytes()
 
 
 def normalize_query(query: _QueryIn) -> _NormQuery:
@@ -81,38 +94,43 @@ def normalize_query(query: _QueryIn) -> _NormQuery:
 
     ``query`` maps names to a value or a list of values (as ``parse_qs`` gives).
     """
-    norm: Dict[str, Tuple[str, ...]] = {}
+    norm: dict[str, tuple[str, ...]] = {}
     for key, value in (query or {}).items():
         values = (value,) if isinstance(value, str) else tuple(value)
         norm[key] = tuple(v.lower() for v in values)
-    norm.setdefault('update', ('standard',))
+    norm.setdefault("update", ("standard",))
     return tuple(sorted(norm.items()))
 
 
 @dataclass
 class Call:
     """One request the fake received."""
+
     method: str
-    path: str                         # path as sent, without the query string
-    query: Dict[str, List[str]]       # parse_qs(keep_blank_values=True)
-    headers: Dict[str, str]           # case-preserved copy of the request headers
-    body: bytes = b''
+    path: str  # path as sent, without the query string
+    query: dict[str, list[str]]  # parse_qs(keep_blank_values=True)
+    headers: dict[str, str]  # case-preserved copy of the request headers
+    body: bytes = b""
 
 
 @dataclass
 class Response:
     """A response the fake can give (recorded or added)."""
+
     method: str
     path: str
-    query: Optional[_NormQuery]       # None: any query
+    query: _NormQuery | None  # None: any query
     status: int
-    headers: List[Tuple[str, str]]
+    headers: list[tuple[str, str]]
     body: bytes
-    id: Optional[str] = None          # manifest id for recordings
+    id: str | None = None  # manifest id for recordings
 
     def matches(self, method: str, path: str, query: _NormQuery) -> bool:
-        return (self.method == method and self.path == path
-                and (self.query is None or self.query == query))
+        return (
+            self.method == method
+            and self.path == path
+            and (self.query is None or self.query == query)
+        )
 
 
 _FAULT_COUNT_LOCK = threading.Lock()
@@ -121,12 +139,13 @@ _FAULT_COUNT_LOCK = threading.Lock()
 @dataclass
 class Fault:
     """Active fault injected by :meth:`FakePCS.fail_with`."""
-    status: Optional[int] = None
+
+    status: int | None = None
     delay: float = 0.0
     close: bool = False
-    paths: Optional[str] = None       # substring of the request path; None: all
-    times: Optional[int] = None       # how many more requests it hits; None: all
-    headers: Tuple[Tuple[str, str], ...] = ()  # sent with ``status``
+    paths: str | None = None  # substring of the request path; None: all
+    times: int | None = None  # how many more requests it hits; None: all
+    headers: tuple[tuple[str, str], ...] = ()  # sent with ``status``
 
     def applies(self, path: str) -> bool:
         if self.paths is not None and self.paths not in path:
@@ -145,7 +164,7 @@ class _Server(ThreadingHTTPServer):
     block_on_close = False
     allow_reuse_address = True
 
-    def __init__(self, fake: 'FakePCS'):
+    def __init__(self, fake: FakePCS):
         self.fake = fake
         self.open_connections: set = set()
         self.conn_lock = threading.Lock()
@@ -162,8 +181,8 @@ class _Server(ThreadingHTTPServer):
 
 
 class _Handler(BaseHTTPRequestHandler):
-    protocol_version = 'HTTP/1.1'
-    server_version = 'FakePCS'
+    protocol_version = "HTTP/1.1"
+    server_version = "FakePCS"
     timeout = 60
 
     server: _Server
@@ -190,29 +209,29 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _read_body(self) -> bytes:
-        if 'chunked' in self.headers.get('Transfer-Encoding', '').lower():
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             chunks = []
             while True:
                 size_line = self.rfile.readline(65537)
-                size = int(size_line.split(b';', 1)[0].strip() or b'0', 16)
+                size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)
                 if size == 0:
-                    while self.rfile.readline(65537) not in (b'\r\n', b'\n', b''):
+                    while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
                         pass
                     break
                 chunks.append(self.rfile.read(size))
                 self.rfile.readline(65537)
-            return b''.join(chunks)
-        length = int(self.headers.get('Content-Length') or 0)
-        return self.rfile.read(length) if length > 0 else b''
+            return b"".join(chunks)
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
 
-    def _send(self, status: int, headers: Sequence[Tuple[str, str]], body: bytes):
+    def _send(self, status: int, headers: Sequence[tuple[str, str]], body: bytes):
         self.send_response_only(status)
         for name, value in headers:
-            if name.lower() != 'content-length':
+            if name.lower() != "content-length":
                 self.send_header(name, value)
-        self.send_header('Content-Length', str(len(body)))
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if self.command != 'HEAD' and body:
+        if self.command != "HEAD" and body:
             self.wfile.write(body)
         self.wfile.flush()
 
@@ -236,12 +255,12 @@ class _Handler(BaseHTTPRequestHandler):
                     pass
                 return
             if fault.status is not None:
-                self._send(fault.status, list(fault.headers), b'')
+                self._send(fault.status, list(fault.headers), b"")
                 return
 
         response = fake._find(self.command, unquote(raw_path), normalize_query(query))
         if response is None:
-            self._send(404, [('Error-Code', 'NotFound')], b'')
+            self._send(404, [("Error-Code", "NotFound")], b"")
         else:
             self._send(response.status, response.headers, response.body)
 
@@ -256,39 +275,44 @@ class FakePCS:
     :meth:`stop` shuts it down and closes the listening and open sockets.
     """
 
-    def __init__(self, scenario: Optional[str] = None):
+    def __init__(self, scenario: str | None = None):
         self.scenario = scenario
-        self.manifest: Optional[dict] = None
+        self.manifest: dict | None = None
         self._lock = threading.Lock()
-        self._calls: List[Call] = []
-        self._added: List[Response] = []
-        self._recorded: List[Response] = []
-        self._fault: Optional[Fault] = None
+        self._calls: list[Call] = []
+        self._added: list[Response] = []
+        self._recorded: list[Response] = []
+        self._fault: Fault | None = None
         self._stopping = threading.Event()
-        self._server: Optional[_Server] = None
-        self._thread: Optional[threading.Thread] = None
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
         if scenario is not None:
             self.manifest = load_manifest(scenario)
-            for entry in self.manifest['responses']:
-                self._recorded.append(Response(
-                    method=entry.get('method', 'GET').upper(),
-                    path=entry['path'],
-                    query=normalize_query(entry.get('query') or {}),
-                    status=int(entry['status']),
-                    headers=list(entry.get('headers', {}).items()),
-                    body=load_body(scenario, entry),
-                    id=entry['id'],
-                ))
+            for entry in self.manifest["responses"]:
+                self._recorded.append(
+                    Response(
+                        method=entry.get("method", "GET").upper(),
+                        path=entry["path"],
+                        query=normalize_query(entry.get("query") or {}),
+                        status=int(entry["status"]),
+                        headers=list(entry.get("headers", {}).items()),
+                        body=load_body(scenario, entry),
+                        id=entry["id"],
+                    )
+                )
 
     # -- lifecycle ---------------------------------------------------------
-    def start(self) -> 'FakePCS':
+    def start(self) -> FakePCS:
         if self._server is not None:
             return self
         self._stopping.clear()
         self._server = _Server(self)
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={'poll_interval': 0.05},
-            name=f'FakePCS:{self.port}', daemon=True)
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"FakePCS:{self.port}",
+            daemon=True,
+        )
         self._thread.start()
         return self
 
@@ -312,7 +336,7 @@ class FakePCS:
 
     close = stop
 
-    def __enter__(self) -> 'FakePCS':
+    def __enter__(self) -> FakePCS:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -332,24 +356,24 @@ class FakePCS:
     @property
     def port(self) -> int:
         if self._server is None:
-            raise RuntimeError('FakePCS is not started')
+            raise RuntimeError("FakePCS is not started")
         return self._server.server_address[1]
 
     @property
     def base(self) -> str:
-        return f'http://{HOST}:{self.port}'
+        return f"http://{HOST}:{self.port}"
 
     @property
     def pcs_url(self) -> str:
-        return f'{self.base}/sgx/certification/v4/'
+        return f"{self.base}/sgx/certification/v4/"
 
     @property
     def rootca_crl_url(self) -> str:
-        return f'{self.base}{ROOTCA_CRL_PATH}'
+        return f"{self.base}{ROOTCA_CRL_PATH}"
 
     @property
     def url_map(self) -> str:
-        return ','.join(f'{host}={self.base}' for host in INTEL_HOSTS)
+        return ",".join(f"{host}={self.base}" for host in INTEL_HOSTS)
 
     def url(self, path: str) -> str:
         """``base`` + ``path`` (``path`` starting with '/')."""
@@ -361,18 +385,20 @@ class FakePCS:
             self._calls.append(call)
 
     @property
-    def calls(self) -> List[Call]:
+    def calls(self) -> list[Call]:
         """Snapshot (a new list) of the requests received so far, in order."""
         with self._lock:
             return list(self._calls)
 
-    def count(self, path_suffix: Optional[str] = None, method: Optional[str] = None) -> int:
+    def count(self, path_suffix: str | None = None, method: str | None = None) -> int:
         """Number of requests whose path ends with ``path_suffix`` and method is ``method``."""
         with self._lock:
             return sum(
-                1 for c in self._calls
+                1
+                for c in self._calls
                 if (path_suffix is None or c.path.endswith(path_suffix))
-                and (method is None or c.method.upper() == method.upper()))
+                and (method is None or c.method.upper() == method.upper())
+            )
 
     def reset_calls(self) -> None:
         with self._lock:
@@ -380,20 +406,26 @@ class FakePCS:
 
     # -- responses ---------------------------------------------------------
     @property
-    def responses(self) -> List[Response]:
+    def responses(self) -> list[Response]:
         """All responses in matching order (added ones first)."""
         with self._lock:
             return list(reversed(self._added)) + list(self._recorded)
 
-    def _find(self, method: str, path: str, query: _NormQuery) -> Optional[Response]:
+    def _find(self, method: str, path: str, query: _NormQuery) -> Response | None:
         for response in self.responses:
             if response.matches(method, path, query):
                 return response
         return None
 
-    def add_response(self, method: str, path: str, query: _QueryIn, status: int,
-                     headers: Union[Mapping[str, str], Sequence[Tuple[str, str]], None] = None,
-                     body: bytes = b'') -> Response:
+    def add_response(
+        self,
+        method: str,
+        path: str,
+        query: _QueryIn,
+        status: int,
+        headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+        body: bytes = b"",
+    ) -> Response:
         """Add a response; it wins over recordings and earlier added ones.
 
         ``query`` None matches any query; otherwise it is matched like a
@@ -403,9 +435,14 @@ class FakePCS:
             header_list = list(headers.items())
         else:
             header_list = list(headers or [])
-        response = Response(method.upper(), path,
-                            None if query is None else normalize_query(query),
-                            int(status), header_list, bytes(body))
+        response = Response(
+            method.upper(),
+            path,
+            None if query is None else normalize_query(query),
+            int(status),
+            header_list,
+            bytes(body),
+        )
         with self._lock:
             self._added.append(response)
         return response
@@ -416,9 +453,15 @@ class FakePCS:
             self._added.clear()
 
     # -- faults ------------------------------------------------------------
-    def fail_with(self, status: Optional[int] = None, delay: float = 0.0,
-                  close: bool = False, paths: Optional[str] = None,
-                  times: Optional[int] = None, headers: Optional[dict] = None) -> None:
+    def fail_with(
+        self,
+        status: int | None = None,
+        delay: float = 0.0,
+        close: bool = False,
+        paths: str | None = None,
+        times: int | None = None,
+        headers: dict | None = None,
+    ) -> None:
         """Inject a fault into requests whose path contains ``paths`` (None: all).
 
         Matching requests (still recorded in :attr:`calls`) first sleep
@@ -431,13 +474,13 @@ class FakePCS:
         if status is None and not delay and not close:
             self._fault = None
         else:
-            self._fault = Fault(status, float(delay), bool(close), paths, times,
-                                tuple((headers or {}).items()))
+            self._fault = Fault(
+                status, float(delay), bool(close), paths, times, tuple((headers or {}).items())
+            )
 
     def clear_fault(self) -> None:
         self._fault = None
 
     def __repr__(self) -> str:
-        where = self.base if self._server is not None else 'stopped'
-        return f'<FakePCS {self.scenario or "(empty)"} {where}>'
-
+        where = self.base if self._server is not None else "stopped"
+        return f"<FakePCS {self.scenario or '(empty)'} {where}>"

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import urllib.parse
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -24,8 +24,15 @@ from tests import pki
 from tests.conftest import upstream_settings
 from tests.fakepcs import load_body, load_manifest
 from tests.servers import issue_server_cert, running_dcapd
-from tests.test_pckcert import CASES, PCKCERT, TCB_CHAIN, assert_pck_answer, query, raw_tcb, \
-    serve_platform
+from tests.test_pckcert import (
+    CASES,
+    PCKCERT,
+    TCB_CHAIN,
+    assert_pck_answer,
+    query,
+    raw_tcb,
+    serve_platform,
+)
 from tests.test_platforms import ADMIN, PLATFORMS, TOKENS, USER, registration
 from tests.uploads import INTEL_ROOT_CDP, intel_upload
 
@@ -41,28 +48,39 @@ COMMANDS = ("get", "collect", "fetch", "put", "refresh", "import", "export")
 
 def _identity(identity_id: str) -> bytes:
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
-    inner = {"id": identity_id, "version": 2,
-             "issueDate": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-             "nextUpdate": (now + dt.timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%SZ"),
-             "tcbEvaluationDataNumber": 17, "miscselect": "00000000",
-             "miscselectMask": "FFFFFFFF", "attributes": "11000000000000000000000000000000",
-             "attributesMask": "FBFFFFFFFFFFFFFF0000000000000000", "mrsigner": "AB" * 32,
-             "isvprodid": 1, "tcbLevels": [{"tcb": {"isvsvn": 8}, "tcbDate":
-                                            "2024-03-13T00:00:00Z", "tcbStatus": "UpToDate"}]}
+    inner = {
+        "id": identity_id,
+        "version": 2,
+        "issueDate": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "nextUpdate": (now + dt.timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "tcbEvaluationDataNumber": 17,
+        "miscselect": "00000000",
+        "miscselectMask": "FFFFFFFF",
+        "attributes": "11000000000000000000000000000000",
+        "attributesMask": "FBFFFFFFFFFFFFFF0000000000000000",
+        "mrsigner": "AB" * 32,
+        "isvprodid": 1,
+        "tcbLevels": [
+            {"tcb": {"isvsvn": 8}, "tcbDate": "2024-03-13T00:00:00Z", "tcbStatus": "UpToDate"}
+        ],
+    }
     return pki.make_signed_json("enclaveIdentity", inner)
 
 
-@lru_cache(maxsize=None)
+@cache
 def world() -> dict:
     cas = {"processor": pki.processor_ca(), "platform": pki.platform_ca()}
     return {
         "crls": {ca: pki.make_crl(cert) for ca, cert in cas.items()},
-        "crl_chains": {ca: pki.url_encoded_chain(cert.pem, pki.root_ca().pem)
-                       for ca, cert in cas.items()},
+        "crl_chains": {
+            ca: pki.url_encoded_chain(cert.pem, pki.root_ca().pem) for ca, cert in cas.items()
+        },
         "root_crl": pki.make_crl(pki.root_ca()),
-        "identities": {f"{V4}/qe/identity": _identity("QE"),
-                       f"{V4}/qve/identity": _identity("QVE"),
-                       "/tdx/certification/v4/qe/identity": _identity("TD_QE")},
+        "identities": {
+            f"{V4}/qe/identity": _identity("QE"),
+            f"{V4}/qve/identity": _identity("QVE"),
+            "/tdx/certification/v4/qe/identity": _identity("TD_QE"),
+        },
     }
 
 
@@ -71,15 +89,34 @@ def serve_test_world(fake) -> dict:
     data = world()
     serve_platform(fake)
     for ca, der in data["crls"].items():
-        fake.add_response("GET", f"{V4}/pckcrl", {"ca": ca, "encoding": "der"}, 200,
-                          {"Content-Type": "application/pkix-crl",
-                           "SGX-PCK-CRL-Issuer-Chain": data["crl_chains"][ca]}, der)
-    fake.add_response("GET", "/IntelSGXRootCA.der", {}, 200,
-                      {"Content-Type": "application/pkix-crl"}, data["root_crl"])
+        fake.add_response(
+            "GET",
+            f"{V4}/pckcrl",
+            {"ca": ca, "encoding": "der"},
+            200,
+            {
+                "Content-Type": "application/pkix-crl",
+                "SGX-PCK-CRL-Issuer-Chain": data["crl_chains"][ca],
+            },
+            der,
+        )
+    fake.add_response(
+        "GET",
+        "/IntelSGXRootCA.der",
+        {},
+        200,
+        {"Content-Type": "application/pkix-crl"},
+        data["root_crl"],
+    )
     for path, body in data["identities"].items():
-        fake.add_response("GET", path, {"update": "standard"}, 200,
-                          {"Content-Type": "application/json",
-                           "SGX-Enclave-Identity-Issuer-Chain": TCB_CHAIN}, body)
+        fake.add_response(
+            "GET",
+            path,
+            {"update": "standard"},
+            200,
+            {"Content-Type": "application/json", "SGX-Enclave-Identity-Issuer-Chain": TCB_CHAIN},
+            body,
+        )
     return data
 
 
@@ -90,9 +127,24 @@ def roots(tmp_path, make_config) -> str:
 
 
 def fetch_args(fake, roots: str, platform_list, output, *extra) -> list[str]:
-    return ["fetch", "-u", fake.pcs_url, "--url-map", fake.url_map, "--api-key", API_KEY,
-            "--trusted-roots", roots, "-i", str(platform_list), "-o", str(output),
-            "--retries", "0", *extra]
+    return [
+        "fetch",
+        "-u",
+        fake.pcs_url,
+        "--url-map",
+        fake.url_map,
+        "--api-key",
+        API_KEY,
+        "--trusted-roots",
+        roots,
+        "-i",
+        str(platform_list),
+        "-o",
+        str(output),
+        "--retries",
+        "0",
+        *extra,
+    ]
 
 
 @pytest.fixture
@@ -103,8 +155,10 @@ def session():
 
 
 def calls_of(fake) -> list[tuple]:
-    return [(c.method, c.path, tuple(sorted((k, tuple(v)) for k, v in c.query.items())))
-            for c in fake.calls]
+    return [
+        (c.method, c.path, tuple(sorted((k, tuple(v)) for k, v in c.query.items())))
+        for c in fake.calls
+    ]
 
 
 def assert_intel_shape(upload: dict) -> None:
@@ -117,11 +171,15 @@ def assert_intel_shape(upload: dict) -> None:
         assert type(ours[key]) is type(theirs[key]), key
     assert ours["version"] == 4
     assert set(ours["certificates"]) == set(theirs["certificates"])
-    assert set(ours["certificates"]["SGX-PCK-Certificate-Issuer-Chain"]) == {"PLATFORM",
-                                                                             "PROCESSOR"}
-    for chain in [*ours["certificates"]["SGX-PCK-Certificate-Issuer-Chain"].values(),
-                  ours["certificates"]["TCB-Info-Issuer-Chain"],
-                  ours["certificates"]["SGX-Enclave-Identity-Issuer-Chain"]]:
+    assert set(ours["certificates"]["SGX-PCK-Certificate-Issuer-Chain"]) == {
+        "PLATFORM",
+        "PROCESSOR",
+    }
+    for chain in [
+        *ours["certificates"]["SGX-PCK-Certificate-Issuer-Chain"].values(),
+        ours["certificates"]["TCB-Info-Issuer-Chain"],
+        ours["certificates"]["SGX-Enclave-Identity-Issuer-Chain"],
+    ]:
         assert chain.startswith("-----BEGIN%20CERTIFICATE-----") and chain.endswith("%0A")
     assert set(ours["pckcacrl"]) == set(theirs["pckcacrl"])
     for value in [*ours["pckcacrl"].values(), ours["rootcacrl"]]:
@@ -145,8 +203,7 @@ def assert_intel_shape(upload: dict) -> None:
 # --- the air-gap round trip
 
 
-def test_air_gap_round_trip(tmp_path, fake_pcs, make_config, roots, session, capsys,
-                            monkeypatch):
+def test_air_gap_round_trip(tmp_path, fake_pcs, make_config, roots, session, capsys, monkeypatch):
     """REQ dcapd queues registrations -> get -> fetch (connected side) -> put over HTTPS into
     an OFFLINE dcapd, which then serves /pckcert and the collateral without any upstream."""
     offline_pcs = fake_pcs()  # the registering side's PCS: does not know the platform (404)
@@ -154,21 +211,30 @@ def test_air_gap_round_trip(tmp_path, fake_pcs, make_config, roots, session, cap
     data = serve_test_world(intel)
     platform_list, collaterals = tmp_path / "platform_list.json", tmp_path / "collaterals.json"
     registered = [raw_tcb(*CASES[0][:2]), raw_tcb(*CASES[2][:2])]
-    config = make_config(cache_mode="REQ", cache_dir=str(tmp_path / "req"),
-                         **upstream_settings(offline_pcs), **TOKENS)
+    config = make_config(
+        cache_mode="REQ",
+        cache_dir=str(tmp_path / "req"),
+        **upstream_settings(offline_pcs),
+        **TOKENS,
+    )
     with running_dcapd(config) as server:
         base = f"http://127.0.0.1:{server.port}"
         for cpusvn, pcesvn in registered:
-            reply = session.post(base + PLATFORMS, json=registration(cpusvn, pcesvn),
-                                 headers={"user-token": USER}, timeout=10)
+            reply = session.post(
+                base + PLATFORMS,
+                json=registration(cpusvn, pcesvn),
+                headers={"user-token": USER},
+                timeout=10,
+            )
             assert reply.status_code == 404, "PCS cannot answer yet: the row stays queued"
         monkeypatch.setenv("DCAPD_ADMIN_TOKEN", ADMIN)
         assert main(["get", "-u", base, "-o", str(platform_list)]) == 0
         assert "2 platforms" in capsys.readouterr().out
         assert session.get(base + PLATFORMS, headers={"admin-token": ADMIN}).json() == []
     rows = json.loads(platform_list.read_text())
-    assert sorted((r["qe_id"], r["cpu_svn"], r["pce_svn"]) for r in rows) == \
-        sorted((PLATFORM.qeid, cpusvn, pcesvn) for cpusvn, pcesvn in registered)
+    assert sorted((r["qe_id"], r["cpu_svn"], r["pce_svn"]) for r in rows) == sorted(
+        (PLATFORM.qeid, cpusvn, pcesvn) for cpusvn, pcesvn in registered
+    )
 
     # The connected machine: Intel PCS (the fake) for everything in Intel's format.
     assert main(fetch_args(intel, roots, platform_list, collaterals)) == 0
@@ -178,28 +244,41 @@ def test_air_gap_round_trip(tmp_path, fake_pcs, make_config, roots, session, cap
     pckcerts = [c for c in intel.calls if c.path.endswith("/pckcerts")]
     assert len(pckcerts) == 1, "one pckcerts call per platform, not per raw TCB"
     assert pckcerts[0].headers["Ocp-Apim-Subscription-Key"] == API_KEY
-    assert all("Ocp-Apim-Subscription-Key" not in c.headers for c in intel.calls
-               if not c.path.endswith("/pckcerts"))
+    assert all(
+        "Ocp-Apim-Subscription-Key" not in c.headers
+        for c in intel.calls
+        if not c.path.endswith("/pckcerts")
+    )
     assert upload["collaterals"]["tcbinfos"] == [
-        {"fmspc": PLATFORM.fmspc.lower(), "sgx_tcbinfo": json.loads(PLATFORM.tcb_info)}]
+        {"fmspc": PLATFORM.fmspc.lower(), "sgx_tcbinfo": json.loads(PLATFORM.tcb_info)}
+    ]
     assert not (tmp_path / "not_available.json").exists()
     assert not (tmp_path / "collaterals.json.partial").exists()
 
     # Carried back: PUT into an OFFLINE dcapd over HTTPS (its CA given with --ca-file).
     ca_file, cert_file, key_file = issue_server_cert(tmp_path)
     never = fake_pcs()
-    config = make_config(cache_mode="OFFLINE", cache_dir=str(tmp_path / "offline"), tls="auto",
-                         cert_file=str(cert_file), key_file=str(key_file),
-                         **upstream_settings(never), **TOKENS)
+    config = make_config(
+        cache_mode="OFFLINE",
+        cache_dir=str(tmp_path / "offline"),
+        tls="auto",
+        cert_file=str(cert_file),
+        key_file=str(key_file),
+        **upstream_settings(never),
+        **TOKENS,
+    )
     with running_dcapd(config) as server:
         base = f"https://127.0.0.1:{server.port}"
         assert main(["put", "-u", base, "--ca-file", str(ca_file), "-i", str(collaterals)]) == 0
         assert "Operation successful." in capsys.readouterr().out
-        get = lambda path, **params: session.get(base + path, params=params,  # noqa: E731
-                                                 verify=str(ca_file), timeout=10)
+
+        def get(path, **params):
+            return session.get(base + path, params=params, verify=str(ca_file), timeout=10)
+
         for components, pcesvn, expected in CASES:
-            assert_pck_answer(get(PCKCERT, **query(*raw_tcb(components, pcesvn))),
-                              PLATFORM.pck_certs[expected])
+            assert_pck_answer(
+                get(PCKCERT, **query(*raw_tcb(components, pcesvn))), PLATFORM.pck_certs[expected]
+            )
         assert get(f"{V4}/tcb", fmspc=PLATFORM.fmspc).content == PLATFORM.tcb_info
         for path, body in data["identities"].items():
             reply = get(path)
@@ -220,21 +299,42 @@ def test_fetch_from_intel_recordings_is_intels_format(tmp_path, fake_pcs, make_c
     intel = intel_upload()
     fake = fake_pcs(SCENARIO)
     certs = intel["collaterals"]["pck_certs"][0]["certs"]
-    fake.add_response("GET", f"{V4}/pckcerts", None, 200, {
-        "Content-Type": "application/json", "SGX-FMSPC": "00606A000000",
-        "SGX-PCK-Certificate-CA-Type": "platform", "SGX-PCK-Certificate-Issuer-Chain":
-            intel["collaterals"]["certificates"]["SGX-PCK-Certificate-Issuer-Chain"]["PLATFORM"]},
-        json.dumps(certs).encode())
+    fake.add_response(
+        "GET",
+        f"{V4}/pckcerts",
+        None,
+        200,
+        {
+            "Content-Type": "application/json",
+            "SGX-FMSPC": "00606A000000",
+            "SGX-PCK-Certificate-CA-Type": "platform",
+            "SGX-PCK-Certificate-Issuer-Chain": intel["collaterals"]["certificates"][
+                "SGX-PCK-Certificate-Issuer-Chain"
+            ]["PLATFORM"],
+        },
+        json.dumps(certs).encode(),
+    )
     other = "2025-08-15_sgx-00606A000000"
-    recorded = next(r for r in load_manifest(other)["responses"]
-                    if r["id"] == "sgx_tcb_00606A000000")
-    fake.add_response("GET", f"{V4}/tcb", {"fmspc": "00606A000000"}, 200, recorded["headers"],
-                      load_body(other, recorded))
+    recorded = next(
+        r for r in load_manifest(other)["responses"] if r["id"] == "sgx_tcb_00606A000000"
+    )
+    fake.add_response(
+        "GET",
+        f"{V4}/tcb",
+        {"fmspc": "00606A000000"},
+        200,
+        recorded["headers"],
+        load_body(other, recorded),
+    )
     # PCS's FMSPC list (upper case): one new FMSPC, and the platform's own again.
-    fake.add_response("GET", f"{V4}/fmspcs", {"platform": "all"}, 200,
-                      {"Content-Type": "application/json"},
-                      b'[{"fmspc":"00906ED50000","platform":"E5"},'
-                      b'{"fmspc":"00606A000000","platform":"E3"}]')
+    fake.add_response(
+        "GET",
+        f"{V4}/fmspcs",
+        {"platform": "all"},
+        200,
+        {"Content-Type": "application/json"},
+        b'[{"fmspc":"00906ED50000","platform":"E5"},{"fmspc":"00606A000000","platform":"E3"}]',
+    )
     platform_list, output = tmp_path / "platform_list.json", tmp_path / "out.json"
     # Intel's file names no encrypted PPID (its qe_id is synthetic); PCS needs one.
     enc_ppid = "5a" * 384
@@ -252,24 +352,28 @@ def test_fetch_from_intel_recordings_is_intels_format(tmp_path, fake_pcs, make_c
     assert ours["certificates"] == intel["collaterals"]["certificates"]
     # The cert's FMSPC first, lower case as parsed from the cert (Intel's PCCS needs that).
     assert [item["fmspc"] for item in ours["tcbinfos"]] == ["00606a000000", "00906ED50000"]
-    assert ours["tcbinfos"][0] == next(i for i in intel["collaterals"]["tcbinfos"]
-                                       if i["fmspc"] == "00606a000000")
+    assert ours["tcbinfos"][0] == next(
+        i for i in intel["collaterals"]["tcbinfos"] if i["fmspc"] == "00606a000000"
+    )
     assert set(ours["tcbinfos"][1]) == {"fmspc", "sgx_tcbinfo", "sgx_tcbinfo_early"}
     assert fake.count(f"{V4}/tcb") == 4, "SGX standard+early for each FMSPC, none twice"
     assert ours["qeidentity"] == load_body(SCENARIO, "sgx_qe_identity").decode()
     assert "qeidentity_early" not in ours, "early identities are optional (PCS: 404)"
 
     client = make_client(cache_mode="OFFLINE", **TOKENS)
-    result = client.simulate_put(f"{V4}/platformcollateral", body=output.read_bytes(),
-                                 headers={"admin-token": ADMIN,
-                                          "Content-Type": "application/json"})
+    result = client.simulate_put(
+        f"{V4}/platformcollateral",
+        body=output.read_bytes(),
+        headers={"admin-token": ADMIN, "Content-Type": "application/json"},
+    )
     assert result.status_code == 200, result.text
-    served = client.simulate_get(f"{V4}/tcb", params={"fmspc": "00906ED50000",
-                                                     "update": "early"})
+    served = client.simulate_get(f"{V4}/tcb", params={"fmspc": "00906ED50000", "update": "early"})
     assert served.content == load_body(SCENARIO, "sgx_tcb_00906ED50000_early")
     row = intel["platforms"][0]
-    served = client.simulate_get(PCKCERT, params={"qeid": row["qe_id"], "pceid": "0000",
-                                                  "cpusvn": row["cpu_svn"], "pcesvn": "0D00"})
+    served = client.simulate_get(
+        PCKCERT,
+        params={"qeid": row["qe_id"], "pceid": "0000", "cpusvn": row["cpu_svn"], "pcesvn": "0D00"},
+    )
     assert served.status_code == 200
     assert served.headers["SGX-TCBm"] == "0B0B0303FFFF000000000000000000000D00"
 
@@ -277,13 +381,17 @@ def test_fetch_from_intel_recordings_is_intels_format(tmp_path, fake_pcs, make_c
 # --- collect, then fetch with manifests, then import with no server
 
 
-def test_collect_fetch_and_import_without_a_server(tmp_path, fake_pcs, make_client, roots,
-                                                   capsys):
+def test_collect_fetch_and_import_without_a_server(tmp_path, fake_pcs, make_client, roots, capsys):
     csv_dir = tmp_path / "csv"
     csv_dir.mkdir()
     cpusvn, pcesvn = raw_tcb(*CASES[0][:2])
-    enclave = [PLATFORM.encrypted_ppid.lower(), "0000", cpusvn.lower(), pcesvn.lower(),
-               PLATFORM.qeid.lower()]
+    enclave = [
+        PLATFORM.encrypted_ppid.lower(),
+        "0000",
+        cpusvn.lower(),
+        pcesvn.lower(),
+        PLATFORM.qeid.lower(),
+    ]
     platform_id, manifest = "ab" * 20, "cd" * 64
     (csv_dir / "host1.csv").write_text(",".join(enclave) + "\n")
     (csv_dir / "host2.csv").write_text(f",0000,,,{platform_id},{manifest}\n\n")
@@ -293,14 +401,23 @@ def test_collect_fetch_and_import_without_a_server(tmp_path, fake_pcs, make_clie
     keys = ("enc_ppid", "pce_id", "cpu_svn", "pce_svn", "qe_id")
     assert json.loads(platform_list.read_text()) == [
         dict(zip(keys, enclave), platform_manifest=None, pckid_filename="host1.csv"),
-        dict(zip(keys, ["", "0000", "", "", platform_id]), platform_manifest=manifest,
-             pckid_filename="host2.csv")]
+        dict(
+            zip(keys, ["", "0000", "", "", platform_id]),
+            platform_manifest=manifest,
+            pckid_filename="host2.csv",
+        ),
+    ]
 
     fake = fake_pcs()
     serve_test_world(fake)
-    fake.add_response("POST", f"{V4}/pckcerts", None, 200,
-                      pki.pckcerts_response_headers(PLATFORM),
-                      pki.pckcerts_response_body(PLATFORM, not_available=True))
+    fake.add_response(
+        "POST",
+        f"{V4}/pckcerts",
+        None,
+        200,
+        pki.pckcerts_response_headers(PLATFORM),
+        pki.pckcerts_response_body(PLATFORM, not_available=True),
+    )
     output = tmp_path / "out" / "collaterals.json"
     output.parent.mkdir()
     assert main(fetch_args(fake, roots, platform_list, output, "-p", "none")) == 0
@@ -310,22 +427,33 @@ def test_collect_fetch_and_import_without_a_server(tmp_path, fake_pcs, make_clie
     assert json.loads(post.body) == {"platformManifest": manifest, "pceid": "0000"}
     assert fake.count(f"{V4}/fmspcs") == 0, "-p none: no FMSPC list"
     not_available = json.loads((output.parent / "not_available.json").read_text())
-    assert not_available == [{"enc_ppid": "", "platform_manifest": manifest,
-                              "qe_id": platform_id, "pce_id": "0000",
-                              "cpu_svn": "04040202ffff01000000000000000000", "pce_svn": "0900"}]
+    assert not_available == [
+        {
+            "enc_ppid": "",
+            "platform_manifest": manifest,
+            "qe_id": platform_id,
+            "pce_id": "0000",
+            "cpu_svn": "04040202ffff01000000000000000000",
+            "pce_svn": "0900",
+        }
+    ]
     upload = json.loads(output.read_text())
-    assert [len(e["certs"]) for e in upload["collaterals"]["pck_certs"]] == [4, 4], \
+    assert [len(e["certs"]) for e in upload["collaterals"]["pck_certs"]] == [4, 4], (
         "'Not available' entries are left out"
+    )
 
     cache = tmp_path / "imported"
     assert main(["import", "-i", str(output), "-C", str(cache), "--trusted-roots", roots]) == 0
     assert str(cache) in capsys.readouterr().out
     client = make_client(cache_mode="OFFLINE", cache_dir=str(cache))
     for components, svn, expected in CASES:
-        assert_pck_answer(client.simulate_get(PCKCERT, params=query(*raw_tcb(components, svn))),
-                          PLATFORM.pck_certs[expected])
-    result = client.simulate_get(PCKCERT, params={"qeid": platform_id, "pceid": "0000",
-                                                  "cpusvn": cpusvn, "pcesvn": pcesvn})
+        assert_pck_answer(
+            client.simulate_get(PCKCERT, params=query(*raw_tcb(components, svn))),
+            PLATFORM.pck_certs[expected],
+        )
+    result = client.simulate_get(
+        PCKCERT, params={"qeid": platform_id, "pceid": "0000", "cpusvn": cpusvn, "pcesvn": pcesvn}
+    )
     assert_pck_answer(result, PLATFORM.pck_certs[0])
 
 
@@ -346,45 +474,71 @@ def test_collect_names_the_bad_file_and_line(tmp_path, capsys):
 def _requests_to_compare(intel: dict) -> list[tuple[str, dict, dict]]:
     """Every GET the populated cache answers (path, params, headers)."""
     admin = {"admin-token": ADMIN}
-    paths = [(f"/{tee}/certification/v{v}/tcb", {"fmspc": f, "update": u}, {})
-             for tee, v, f, u in [("tdx", 4, "50806F000000", "standard"),
-                                  ("sgx", 4, "00906ED50000", "early"),
-                                  ("sgx", 3, "00906ED50000", "standard"),
-                                  ("sgx", 4, PLATFORM.fmspc, "standard")]]
+    paths = [
+        (f"/{tee}/certification/v{v}/tcb", {"fmspc": f, "update": u}, {})
+        for tee, v, f, u in [
+            ("tdx", 4, "50806F000000", "standard"),
+            ("sgx", 4, "00906ED50000", "early"),
+            ("sgx", 3, "00906ED50000", "standard"),
+            ("sgx", 4, PLATFORM.fmspc, "standard"),
+        ]
+    ]
     for item in intel["collaterals"]["tcbinfos"]:
         for name in set(item) - {"fmspc"}:
-            paths.append((f"/{name[:3]}/certification/v4/tcb",
-                          {"fmspc": item["fmspc"].upper(),
-                           "update": "early" if name.endswith("_early") else "standard"}, {}))
-    paths += [(path, {}, {}) for path in ("/sgx/certification/v3/qe/identity",
-                                          f"{V4}/qe/identity", f"{V4}/qve/identity",
-                                          "/tdx/certification/v4/qe/identity",
-                                          f"{V4}/rootcacrl")]
+            paths.append(
+                (
+                    f"/{name[:3]}/certification/v4/tcb",
+                    {
+                        "fmspc": item["fmspc"].upper(),
+                        "update": "early" if name.endswith("_early") else "standard",
+                    },
+                    {},
+                )
+            )
+    paths += [
+        (path, {}, {})
+        for path in (
+            "/sgx/certification/v3/qe/identity",
+            f"{V4}/qe/identity",
+            f"{V4}/qve/identity",
+            "/tdx/certification/v4/qe/identity",
+            f"{V4}/rootcacrl",
+        )
+    ]
     for ca in ("processor", "platform"):
-        paths += [(f"{V4}/pckcrl", {"ca": ca}, {}), (f"{V4}/pckcrl", {"ca": ca,
-                                                                      "encoding": "der"}, {})]
+        paths += [
+            (f"{V4}/pckcrl", {"ca": ca}, {}),
+            (f"{V4}/pckcrl", {"ca": ca, "encoding": "der"}, {}),
+        ]
     paths += [(f"{V4}/crl", {"uri": uri}, {}) for uri in (INTEL_ROOT_CDP, PROCESSOR_CRL_URI)]
-    paths += [(PCKCERT, query(*raw_tcb(components, pcesvn)), {})
-              for components, pcesvn, _ in CASES]
+    paths += [(PCKCERT, query(*raw_tcb(components, pcesvn)), {}) for components, pcesvn, _ in CASES]
     row = intel["platforms"][0]
-    paths += [(PCKCERT, {"qeid": row["qe_id"], "pceid": "0000", "cpusvn": cpusvn,
-                         "pcesvn": "0D00"}, {})
-              for cpusvn in (row["cpu_svn"], "0C0C0303FFFF00000000000000000000")]
-    paths += [(f"{V4}/appraisalpolicy", {"fmspc": PLATFORM.fmspc}, {}),
-              (PLATFORMS, {"source": "[]"}, admin), (PLATFORMS, {"source": "reg"}, admin)]
+    paths += [
+        (PCKCERT, {"qeid": row["qe_id"], "pceid": "0000", "cpusvn": cpusvn, "pcesvn": "0D00"}, {})
+        for cpusvn in (row["cpu_svn"], "0C0C0303FFFF00000000000000000000")
+    ]
+    paths += [
+        (f"{V4}/appraisalpolicy", {"fmspc": PLATFORM.fmspc}, {}),
+        (PLATFORMS, {"source": "[]"}, admin),
+        (PLATFORMS, {"source": "reg"}, admin),
+    ]
     return paths
 
 
-PROCESSOR_CRL_URI = "https://api.trustedservices.intel.com/sgx/certification/v4/pckcrl" \
-                    "?ca=processor&encoding=der"
+PROCESSOR_CRL_URI = (
+    "https://api.trustedservices.intel.com/sgx/certification/v4/pckcrl?ca=processor&encoding=der"
+)
 
 
 def _jwt(class_id: str = "3123ec35-8d38-4ea5-87a5-d6c48b567570") -> str:
     def part(value) -> str:
         return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
 
-    payload = {"policy_payload": json.dumps({"policy_array": [
-        {"environment": {"class_id": class_id}, "reference": {}}]})}
+    payload = {
+        "policy_payload": json.dumps(
+            {"policy_array": [{"environment": {"class_id": class_id}, "reference": {}}]}
+        )
+    }
     return f"{part({'alg': 'RS384'})}.{part(payload)}.{part('signature')}"
 
 
@@ -393,51 +547,71 @@ def _answers(client, requests_: list) -> list[tuple]:
     for path, params, headers in requests_:
         result = client.simulate_get(path, params=params, headers=headers)
         assert result.status_code == 200, (path, params, result.text)
-        answers.append((result.content, sorted((name.lower(), value) for name, value
-                                               in result.headers.items()
-                                               if name.lower() != "request-id")))
+        answers.append(
+            (
+                result.content,
+                sorted(
+                    (name.lower(), value)
+                    for name, value in result.headers.items()
+                    if name.lower() != "request-id"
+                ),
+            )
+        )
     return answers
 
 
-def test_export_then_import_serves_byte_identical_answers(tmp_path, fake_pcs, make_client,
-                                                          make_config, roots, capsys):
+def test_export_then_import_serves_byte_identical_answers(
+    tmp_path, fake_pcs, make_client, make_config, roots, capsys
+):
     """One cache filled by LAZY fetches from two recorded worlds (2023: an older TCB signing
     chain), the test PKI platform, Intel's upload file, an appraisal policy and a queued
     registration; exported, imported into an empty cache, it answers every GET identically."""
     cache, imported = tmp_path / "cache", tmp_path / "imported"
     old = fake_pcs("2023-06-18_tdx-50806F000000")
     client = make_client(old, cache_dir=str(cache))
-    for path, params in [("/tdx/certification/v4/tcb", {"fmspc": "50806F000000"}),
-                         ("/tdx/certification/v4/qe/identity", {}),
-                         (f"{V4}/pckcrl", {"ca": "platform", "encoding": "der"}),
-                         (f"{V4}/rootcacrl", {}), (f"{V4}/crl", {"uri": INTEL_ROOT_CDP})]:
+    for path, params in [
+        ("/tdx/certification/v4/tcb", {"fmspc": "50806F000000"}),
+        ("/tdx/certification/v4/qe/identity", {}),
+        (f"{V4}/pckcrl", {"ca": "platform", "encoding": "der"}),
+        (f"{V4}/rootcacrl", {}),
+        (f"{V4}/crl", {"uri": INTEL_ROOT_CDP}),
+    ]:
         assert client.simulate_get(path, params=params).status_code == 200, path
     client.app.services.store.close()
     fake = fake_pcs(SCENARIO)
     serve_platform(fake)
     client = make_client(fake, cache_dir=str(cache), **TOKENS)
-    for path, params in [(f"{V4}/tcb", {"fmspc": "00906ED50000"}),
-                         (f"{V4}/tcb", {"fmspc": "00906ED50000", "update": "early"}),
-                         ("/sgx/certification/v3/tcb", {"fmspc": "00906ED50000"}),
-                         ("/sgx/certification/v3/qe/identity", {}),
-                         ("/tdx/certification/v4/tcb", {"fmspc": "00806F050000"}),
-                         (f"{V4}/pckcrl", {"ca": "processor"}),
-                         (f"{V4}/crl", {"uri": PROCESSOR_CRL_URI})] + \
-            [(PCKCERT, query(*raw_tcb(c, p))) for c, p, _ in CASES]:
+    for path, params in [
+        (f"{V4}/tcb", {"fmspc": "00906ED50000"}),
+        (f"{V4}/tcb", {"fmspc": "00906ED50000", "update": "early"}),
+        ("/sgx/certification/v3/tcb", {"fmspc": "00906ED50000"}),
+        ("/sgx/certification/v3/qe/identity", {}),
+        ("/tdx/certification/v4/tcb", {"fmspc": "00806F050000"}),
+        (f"{V4}/pckcrl", {"ca": "processor"}),
+        (f"{V4}/crl", {"uri": PROCESSOR_CRL_URI}),
+    ] + [(PCKCERT, query(*raw_tcb(c, p))) for c, p, _ in CASES]:
         assert client.simulate_get(path, params=params).status_code == 200, (path, params)
     intel = intel_upload()
-    put = client.simulate_put(f"{V4}/platformcollateral", body=json.dumps(intel),
-                              headers={"admin-token": ADMIN})
+    put = client.simulate_put(
+        f"{V4}/platformcollateral", body=json.dumps(intel), headers={"admin-token": ADMIN}
+    )
     assert put.status_code == 200, put.text
-    policy = client.simulate_put(f"{V4}/appraisalpolicy", headers={"admin-token": ADMIN},
-                                 json={"policy": _jwt(), "is_default": True,
-                                       "fmspc": PLATFORM.fmspc})
+    policy = client.simulate_put(
+        f"{V4}/appraisalpolicy",
+        headers={"admin-token": ADMIN},
+        json={"policy": _jwt(), "is_default": True, "fmspc": PLATFORM.fmspc},
+    )
     assert policy.status_code == 200, policy.text
     client.app.services.store.close()
     queued = make_client(cache_mode="OFFLINE", cache_dir=str(cache), **TOKENS)
-    assert queued.simulate_post(PLATFORMS, json=registration(*raw_tcb(*CASES[1][:2]),
-                                                             qe_id="ab" * 16),
-                                headers={"user-token": USER}).status_code == 200
+    assert (
+        queued.simulate_post(
+            PLATFORMS,
+            json=registration(*raw_tcb(*CASES[1][:2]), qe_id="ab" * 16),
+            headers={"user-token": USER},
+        ).status_code
+        == 200
+    )
     exported = tmp_path / "export.json"
     assert main(["export", "-C", str(cache), "-o", str(exported)]) == 0
     to_compare = _requests_to_compare(intel)
@@ -449,11 +623,14 @@ def test_export_then_import_serves_byte_identical_answers(tmp_path, fake_pcs, ma
     assert sorted(p["collaterals"]["version"] for p in body["dcapd_extra_uploads"]) == [3, 4, 4]
     assert list(body["dcapd_crls"]) == [PROCESSOR_CRL_URI]
     assert body["collaterals"]["rootcacrl_cdp"] == INTEL_ROOT_CDP
-    tdx_2023 = [i for p in body["dcapd_extra_uploads"] for i in p["collaterals"]["tcbinfos"]
-                if i["fmspc"] == "50806f000000"]
+    tdx_2023 = [
+        i
+        for p in body["dcapd_extra_uploads"]
+        for i in p["collaterals"]["tcbinfos"]
+        if i["fmspc"] == "50806f000000"
+    ]
     assert "tdx_tcbinfo_raw" in tdx_2023[0], "its original ends with a newline"
-    assert main(["import", "-i", str(exported), "-C", str(imported),
-                 "--trusted-roots", roots]) == 0
+    assert main(["import", "-i", str(exported), "-C", str(imported), "--trusted-roots", roots]) == 0
     capsys.readouterr()
     after_client = make_client(cache_mode="OFFLINE", cache_dir=str(imported), **TOKENS)
     again = tmp_path / "again.json"
@@ -469,16 +646,26 @@ def test_export_then_import_serves_byte_identical_answers(tmp_path, fake_pcs, ma
         base = f"http://127.0.0.1:{server.port}"
         assert main(["put", "-u", base, "--token", ADMIN, "-i", str(exported)]) == 0
         assert "dcapd_crls and dcapd_entries cannot be uploaded" in capsys.readouterr().err
-        reply = requests.get(base + "/sgx/certification/v3/tcb", params={"fmspc": "00906ED50000"},
-                             timeout=10)
+        reply = requests.get(
+            base + "/sgx/certification/v3/tcb", params={"fmspc": "00906ED50000"}, timeout=10
+        )
         assert reply.content == load_body(SCENARIO, "sgx_tcb_00906ED50000_v3api")
 
 
 def test_import_of_a_bad_file_names_it_and_changes_nothing(tmp_path, roots, capsys):
     upload = intel_upload()
-    upload["dcapd_extra_uploads"] = [{"platforms": [], "collaterals": {
-        "version": 4, "pck_certs": [], "tcbinfos": [], "certificates": {
-            "SGX-PCK-Certificate-Issuer-Chain": {}}, "rootcacrl": "zz"}}]
+    upload["dcapd_extra_uploads"] = [
+        {
+            "platforms": [],
+            "collaterals": {
+                "version": 4,
+                "pck_certs": [],
+                "tcbinfos": [],
+                "certificates": {"SGX-PCK-Certificate-Issuer-Chain": {}},
+                "rootcacrl": "zz",
+            },
+        }
+    ]
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(upload))
     cache = tmp_path / "cache"
@@ -510,12 +697,14 @@ def test_pccs_errors_are_one_clear_line(tmp_path, make_config, capsys, monkeypat
     monkeypatch.delenv("DCAPD_ADMIN_TOKEN", raising=False)
     out = str(tmp_path / "list.json")
     ca_file, cert_file, key_file = issue_server_cert(tmp_path)
-    config = make_config(cache_mode="OFFLINE", tls="auto", cert_file=str(cert_file),
-                         key_file=str(key_file), **TOKENS)
+    config = make_config(
+        cache_mode="OFFLINE", tls="auto", cert_file=str(cert_file), key_file=str(key_file), **TOKENS
+    )
     with running_dcapd(config) as server:
         base = f"https://127.0.0.1:{server.port}"
-        assert main(["get", "-u", base, "--ca-file", str(ca_file), "--token", "wrong",
-                     "-o", out]) == 1
+        assert (
+            main(["get", "-u", base, "--ca-file", str(ca_file), "--token", "wrong", "-o", out]) == 1
+        )
         err = capsys.readouterr().err
         assert err.count("\n") == 1
         assert "refused the admin token (401 Authentication failed.)" in err
@@ -523,8 +712,7 @@ def test_pccs_errors_are_one_clear_line(tmp_path, make_config, capsys, monkeypat
         # A self-signed server without --ca-file: the machine's CA bundle does not trust it.
         assert main(["get", "-u", base, "--token", ADMIN, "-o", out]) == 1
         assert "--ca-file" in capsys.readouterr().err
-        assert main(["get", "-u", base, "--insecure", "--token", ADMIN, "-s", "[]",
-                     "-o", out]) == 0
+        assert main(["get", "-u", base, "--insecure", "--token", ADMIN, "-s", "[]", "-o", out]) == 0
         assert json.loads(Path(out).read_text()) == []
         assert main(["refresh", "-u", base, "--ca-file", str(ca_file), "--token", ADMIN]) == 1
         assert "answered 503" in capsys.readouterr().err, "OFFLINE: no refresh (Intel: 503)"
@@ -537,20 +725,29 @@ def test_pccs_errors_are_one_clear_line(tmp_path, make_config, capsys, monkeypat
     assert "no admin token: give --token or set DCAPD_ADMIN_TOKEN" in capsys.readouterr().err
 
 
-def test_malformed_inputs_name_the_file_and_first_bad_entry(tmp_path, fake_pcs, roots,
-                                                            capsys):
+def test_malformed_inputs_name_the_file_and_first_bad_entry(tmp_path, fake_pcs, roots, capsys):
     fake = fake_pcs()
-    good = {"qe_id": PLATFORM.qeid, "pce_id": "0000", "cpu_svn": "", "pce_svn": "",
-            "enc_ppid": PLATFORM.encrypted_ppid, "platform_manifest": ""}
+    good = {
+        "qe_id": PLATFORM.qeid,
+        "pce_id": "0000",
+        "cpu_svn": "",
+        "pce_svn": "",
+        "enc_ppid": PLATFORM.encrypted_ppid,
+        "platform_manifest": "",
+    }
     listing = tmp_path / "platforms.json"
     for content, message in [
-            ([good, dict(good, pce_id="00000"), dict(good, qe_id="xyz")],
-             "platforms.json: entry 1 (qe_id '%s'): pce_id is not 4 hex characters"
-             % PLATFORM.qeid),
-            ([dict(good, enc_ppid="", platform_manifest=None)],
-             "entry 0 (qe_id '%s'): has neither enc_ppid nor platform_manifest" % PLATFORM.qeid),
-            ({"platforms": []}, "platforms.json: not a JSON array of platforms"),
-            ("[{", "platforms.json: not valid JSON")]:
+        (
+            [good, dict(good, pce_id="00000"), dict(good, qe_id="xyz")],
+            f"platforms.json: entry 1 (qe_id '{PLATFORM.qeid}'): pce_id is not 4 hex characters",
+        ),
+        (
+            [dict(good, enc_ppid="", platform_manifest=None)],
+            f"entry 0 (qe_id '{PLATFORM.qeid}'): has neither enc_ppid nor platform_manifest",
+        ),
+        ({"platforms": []}, "platforms.json: not a JSON array of platforms"),
+        ("[{", "platforms.json: not valid JSON"),
+    ]:
         listing.write_text(content if isinstance(content, str) else json.dumps(content))
         assert main(fetch_args(fake, roots, listing, tmp_path / "out.json")) == 1
         err = capsys.readouterr().err
@@ -559,8 +756,12 @@ def test_malformed_inputs_name_the_file_and_first_bad_entry(tmp_path, fake_pcs, 
     assert main(fetch_args(fake, roots, tmp_path / "missing.json", tmp_path / "o.json")) == 1
     assert "cannot read" in capsys.readouterr().err
     (tmp_path / "upload.json").write_text('{"platforms": []}')
-    assert main(["put", "-u", "http://127.0.0.1:1", "--token", "t", "-i",
-                 str(tmp_path / "upload.json")]) == 1
+    assert (
+        main(
+            ["put", "-u", "http://127.0.0.1:1", "--token", "t", "-i", str(tmp_path / "upload.json")]
+        )
+        == 1
+    )
     assert "upload.json: not an upload file" in capsys.readouterr().err
 
 
@@ -569,8 +770,9 @@ def test_malformed_inputs_name_the_file_and_first_bad_entry(tmp_path, fake_pcs, 
 
 def test_retries_honour_retry_after_and_back_off(tmp_path, fake_pcs, roots, capsys):
     fake = fake_pcs(SCENARIO)
-    fake.add_response("GET", f"{V4}/pckcrl", {"ca": "processor", "encoding": "der"}, 429,
-                      {"Retry-After": "7"})
+    fake.add_response(
+        "GET", f"{V4}/pckcrl", {"ca": "processor", "encoding": "der"}, 429, {"Retry-After": "7"}
+    )
     fake.fail_with(status=503, paths="/IntelSGXRootCA.der")
     delays = []
 
@@ -582,21 +784,33 @@ def test_retries_honour_retry_after_and_back_off(tmp_path, fake_pcs, roots, caps
             fake.clear_fault()
 
     output = tmp_path / "crls.json"
-    argv = ["fetch", "-c", "-u", fake.pcs_url, "--url-map", fake.url_map, "--trusted-roots",
-            roots, "-o", str(output), "--backoff", "0.5"]
+    argv = [
+        "fetch",
+        "-c",
+        "-u",
+        fake.pcs_url,
+        "--url-map",
+        fake.url_map,
+        "--trusted-roots",
+        roots,
+        "-o",
+        str(output),
+        "--backoff",
+        "0.5",
+    ]
     assert main(argv, sleep=sleep) == 0
     assert delays == [7.0, 0.5, 1.0]
     assert fake.count("/pckcrl") == 3 and fake.count("/IntelSGXRootCA.der") == 3
     upload = json.loads(output.read_text())
     assert upload["platforms"] == [] and upload["collaterals"]["pck_certs"] == []
     assert upload["collaterals"]["rootcacrl"] == load_body(SCENARIO, "root_ca_crl").hex()
-    assert all("Ocp-Apim-Subscription-Key" not in c.headers for c in fake.calls), \
+    assert all("Ocp-Apim-Subscription-Key" not in c.headers for c in fake.calls), (
         "-c needs no API key"
+    )
     fake.fail_with(status=500)
     assert main(argv + ["--retries", "2", "--restart"], sleep=delays.append) == 1
     err = capsys.readouterr().err
-    assert "processor PCK CRL: PCS answered 500 for " \
-           f"{fake.pcs_url}pckcrl (after 2 retries)" in err
+    assert f"processor PCK CRL: PCS answered 500 for {fake.pcs_url}pckcrl (after 2 retries)" in err
     assert delays[3:] == [0.5, 1.0]
 
 
@@ -604,10 +818,21 @@ def test_interrupted_fetch_resumes_without_asking_pcs_again(tmp_path, fake_pcs, 
     fake = fake_pcs()
     serve_test_world(fake)
     platform_list, output = tmp_path / "platform_list.json", tmp_path / "out.json"
-    platform_list.write_text(json.dumps([{
-        "qe_id": PLATFORM.qeid, "pce_id": "0000", "cpu_svn": cpusvn, "pce_svn": pcesvn,
-        "enc_ppid": PLATFORM.encrypted_ppid, "platform_manifest": ""}
-        for cpusvn, pcesvn in (raw_tcb(*CASES[0][:2]), raw_tcb(*CASES[1][:2]))]))
+    platform_list.write_text(
+        json.dumps(
+            [
+                {
+                    "qe_id": PLATFORM.qeid,
+                    "pce_id": "0000",
+                    "cpu_svn": cpusvn,
+                    "pce_svn": pcesvn,
+                    "enc_ppid": PLATFORM.encrypted_ppid,
+                    "platform_manifest": "",
+                }
+                for cpusvn, pcesvn in (raw_tcb(*CASES[0][:2]), raw_tcb(*CASES[1][:2]))
+            ]
+        )
+    )
     argv = fetch_args(fake, roots, platform_list, output)
     partial = tmp_path / "out.json.partial"
 
@@ -632,9 +857,11 @@ def test_interrupted_fetch_resumes_without_asking_pcs_again(tmp_path, fake_pcs, 
     assert not partial.exists()
 
     identity = lambda path: ("GET", path, (("update", ("standard",)),))  # noqa: E731
-    assert second == [identity(f"{V4}/qe/identity"),
-                      identity("/tdx/certification/v4/qe/identity"),
-                      identity(f"{V4}/qve/identity")]
+    assert second == [
+        identity(f"{V4}/qe/identity"),
+        identity("/tdx/certification/v4/qe/identity"),
+        identity(f"{V4}/qve/identity"),
+    ]
     assert third == [identity(f"{V4}/qve/identity")]
     assert first[-1] == identity(f"{V4}/qe/identity")
     assert len(first) == len(set(first)), "nothing asked twice in the first run"
@@ -663,8 +890,23 @@ def test_progress_bar_only_on_a_terminal():
 
 def test_fetch_is_quiet_when_not_a_terminal(tmp_path, fake_pcs, roots, capsys):
     fake = fake_pcs(SCENARIO)
-    assert main(["fetch", "-c", "-u", fake.pcs_url, "--url-map", fake.url_map,
-                 "--trusted-roots", roots, "-o", str(tmp_path / "c.json")]) == 0
+    assert (
+        main(
+            [
+                "fetch",
+                "-c",
+                "-u",
+                fake.pcs_url,
+                "--url-map",
+                fake.url_map,
+                "--trusted-roots",
+                roots,
+                "-o",
+                str(tmp_path / "c.json"),
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     assert err == "" and out.count("\n") == 1
 
@@ -678,18 +920,41 @@ def test_put_policy_and_refresh_send_intels_requests(tmp_path, fake_pcs, make_co
     tiny.add_response("POST", f"{V4}/refresh", None, 200, {}, b"Operation successful.")
     policy = tmp_path / "policy.jwt"
     policy.write_text(_jwt() + "\n")
-    assert main(["put", "-u", tiny.base, "--token", ADMIN, "-f", "00d0c0de0000", "-d",
-                 "-i", str(policy)]) == 0
+    assert (
+        main(
+            [
+                "put",
+                "-u",
+                tiny.base,
+                "--token",
+                ADMIN,
+                "-f",
+                "00d0c0de0000",
+                "-d",
+                "-i",
+                str(policy),
+            ]
+        )
+        == 0
+    )
     assert "id abc123" in capsys.readouterr().out
     [put] = tiny.calls
     assert put.headers["admin-token"] == ADMIN
     assert put.headers["Content-Type"] == "application/json"
-    assert json.loads(put.body) == {"policy": _jwt() + "\n", "is_default": True,
-                                    "fmspc": "00d0c0de0000"}
-    for argv, expected in [([], {}), (["--certs"], {"type": ["certs"]}),
-                           (["-f", "00D0C0DE0000,00906ED50000"],
-                            {"type": ["certs"], "fmspc": ["00D0C0DE0000,00906ED50000"]}),
-                           (["-f", "all"], {"type": ["certs"], "fmspc": [""]})]:
+    assert json.loads(put.body) == {
+        "policy": _jwt() + "\n",
+        "is_default": True,
+        "fmspc": "00d0c0de0000",
+    }
+    for argv, expected in [
+        ([], {}),
+        (["--certs"], {"type": ["certs"]}),
+        (
+            ["-f", "00D0C0DE0000,00906ED50000"],
+            {"type": ["certs"], "fmspc": ["00D0C0DE0000,00906ED50000"]},
+        ),
+        (["-f", "all"], {"type": ["certs"], "fmspc": [""]}),
+    ]:
         tiny.reset_calls()
         assert main(["refresh", "-u", f"{tiny.base}{V4}/refresh", "--token", ADMIN] + argv) == 0
         [call] = tiny.calls
@@ -698,17 +963,34 @@ def test_put_policy_and_refresh_send_intels_requests(tmp_path, fake_pcs, make_co
     config = make_config(cache_dir=str(tmp_path / "lazy"), **TOKENS)
     with running_dcapd(config) as server:
         base = f"http://127.0.0.1:{server.port}"
-        code = main(["put", "-u", f"{base}{V4}/appraisalpolicy", "--token", ADMIN,
-                     "-f", PLATFORM.fmspc, "-d", "-i", str(policy)])
+        code = main(
+            [
+                "put",
+                "-u",
+                f"{base}{V4}/appraisalpolicy",
+                "--token",
+                ADMIN,
+                "-f",
+                PLATFORM.fmspc,
+                "-d",
+                "-i",
+                str(policy),
+            ]
+        )
         out, err = capsys.readouterr()
         if "answered 404" in err or "answered 405" in err:
             pytest.skip("this dcapd has no PUT /appraisalpolicy yet")
         assert code == 0, err
         assert hashlib.sha384(policy.read_bytes()).hexdigest() in out
-        assert requests.get(f"{base}{V4}/appraisalpolicy", params={"fmspc": PLATFORM.fmspc},
-                            timeout=10).text == policy.read_text()
-        assert main(["refresh", "-u", base, "--token", ADMIN, "--certs"]) == 0, \
+        assert (
+            requests.get(
+                f"{base}{V4}/appraisalpolicy", params={"fmspc": PLATFORM.fmspc}, timeout=10
+            ).text
+            == policy.read_text()
+        )
+        assert main(["refresh", "-u", base, "--token", ADMIN, "--certs"]) == 0, (
             capsys.readouterr().err
+        )
 
 
 # --- the command itself
@@ -744,9 +1026,15 @@ def test_console_script_and_module():
 def test_url_forms_accepted_for_the_pccs():
     from dcapd.admin import pccs_root
 
-    for url in ("https://h:8081", "https://h:8081/", "https://h:8081/sgx/certification/v4/",
-                "https://h:8081/sgx/certification/v4/platformcollateral"):
+    for url in (
+        "https://h:8081",
+        "https://h:8081/",
+        "https://h:8081/sgx/certification/v4/",
+        "https://h:8081/sgx/certification/v4/platformcollateral",
+    ):
         assert pccs_root(url)[0] == "https://h:8081/"
-    assert pccs_root("https://h/pccs/sgx/certification/v4/appraisalpolicy") == \
-        ("https://h/pccs/", "appraisalpolicy")
+    assert pccs_root("https://h/pccs/sgx/certification/v4/appraisalpolicy") == (
+        "https://h/pccs/",
+        "appraisalpolicy",
+    )
     assert urllib.parse.urlsplit(pccs_root("http://h:1")[0]).port == 1

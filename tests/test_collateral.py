@@ -12,8 +12,12 @@ import pytest
 from tests.conftest import INTEL_ROOT_CDP
 from tests.fakepcs import SCENARIOS, load_body, load_manifest
 
-CHAIN_HEADERS = ("SGX-PCK-CRL-Issuer-Chain", "TCB-Info-Issuer-Chain", "SGX-TCB-Info-Issuer-Chain",
-                 "SGX-Enclave-Identity-Issuer-Chain")
+CHAIN_HEADERS = (
+    "SGX-PCK-CRL-Issuer-Chain",
+    "TCB-Info-Issuer-Chain",
+    "SGX-TCB-Info-Issuer-Chain",
+    "SGX-Enclave-Identity-Issuer-Chain",
+)
 
 
 def pccs_requests(response: dict):
@@ -27,15 +31,30 @@ def pccs_requests(response: dict):
     if path == "/IntelSGXRootCA.der":
         yield "/sgx/certification/v4/rootcacrl", {}, "hex", "application/pkix-crl", None
         yield "/sgx/certification/v3/rootcacrl", {}, "hex", "application/pkix-crl", None
-        yield "/sgx/certification/v4/crl", {"uri": INTEL_ROOT_CDP}, "raw", \
-            "application/pkix-crl", None
+        yield (
+            "/sgx/certification/v4/crl",
+            {"uri": INTEL_ROOT_CDP},
+            "raw",
+            "application/pkix-crl",
+            None,
+        )
         return
     tee, _, version, endpoint = path.strip("/").split("/", 3)
     if endpoint == "pckcrl" and query.get("encoding") == "der":
-        yield path, {"ca": query["ca"], "encoding": "der"}, "raw", "application/pkix-crl", \
-            "SGX-PCK-CRL-Issuer-Chain"
-        yield path, {"ca": query["ca"].upper()}, "hex", "application/x-pem-file", \
-            "SGX-PCK-CRL-Issuer-Chain"
+        yield (
+            path,
+            {"ca": query["ca"], "encoding": "der"},
+            "raw",
+            "application/pkix-crl",
+            "SGX-PCK-CRL-Issuer-Chain",
+        )
+        yield (
+            path,
+            {"ca": query["ca"].upper()},
+            "hex",
+            "application/x-pem-file",
+            "SGX-PCK-CRL-Issuer-Chain",
+        )
     elif endpoint == "tcb" and "tcbEvaluationDataNumber" not in query:
         chain = "SGX-TCB-Info-Issuer-Chain" if version == "v3" else "TCB-Info-Issuer-Chain"
         update = query.get("update", "standard")
@@ -44,8 +63,13 @@ def pccs_requests(response: dict):
             yield path, {"fmspc": query["fmspc"].lower()}, "raw", "application/json", chain
     elif endpoint in ("qe/identity", "qve/identity") and "tcbEvaluationDataNumber" not in query:
         update = query.get("update", "standard")
-        yield path, {"update": update}, "raw", "application/json", \
-            "SGX-Enclave-Identity-Issuer-Chain"
+        yield (
+            path,
+            {"update": update},
+            "raw",
+            "application/json",
+            "SGX-Enclave-Identity-Issuer-Chain",
+        )
 
 
 def served_cases():
@@ -56,8 +80,9 @@ def served_cases():
 
 
 def recorded_chain(response: dict) -> str | None:
-    return next((response["headers"][name] for name in CHAIN_HEADERS
-                 if name in response["headers"]), None)
+    return next(
+        (response["headers"][name] for name in CHAIN_HEADERS if name in response["headers"]), None
+    )
 
 
 @pytest.mark.parametrize("scenario,response_id", list(served_cases()))
@@ -84,10 +109,12 @@ def test_serves_recorded_bytes_on_miss_and_hit(fake_pcs, make_client, scenario, 
 
 def test_one_upstream_call_per_item_and_none_after_restart(fake_pcs, make_client):
     fake = fake_pcs("2025-05-27_intel-pcs-recording")
-    paths = [("/sgx/certification/v4/tcb", {"fmspc": "00906ED50000", "update": "early"}),
-             ("/tdx/certification/v4/qe/identity", {}),
-             ("/sgx/certification/v4/pckcrl", {"ca": "processor", "encoding": "der"}),
-             ("/sgx/certification/v4/rootcacrl", {})]
+    paths = [
+        ("/sgx/certification/v4/tcb", {"fmspc": "00906ED50000", "update": "early"}),
+        ("/tdx/certification/v4/qe/identity", {}),
+        ("/sgx/certification/v4/pckcrl", {"ca": "processor", "encoding": "der"}),
+        ("/sgx/certification/v4/rootcacrl", {}),
+    ]
     first = make_client(fake)
     answers = [first.simulate_get(p, params=q) for p, q in paths]
     assert [a.status_code for a in answers] == [200] * 4
@@ -101,15 +128,20 @@ def test_one_upstream_call_per_item_and_none_after_restart(fake_pcs, make_client
     assert len(fake.calls) == 4, "a restart must serve from the cache on disk"
     for a, b, c in zip(answers, again, after_restart):
         assert a.content == b.content == c.content
-        assert {k: v for k, v in a.headers.items() if k != "request-id"} == \
-            {k: v for k, v in c.headers.items() if k != "request-id"}
+        assert {k: v for k, v in a.headers.items() if k != "request-id"} == {
+            k: v for k, v in c.headers.items() if k != "request-id"
+        }
 
 
 def test_upstream_query_uses_request_version_and_update(fake_pcs, make_client):
     fake = fake_pcs("2025-05-27_intel-pcs-recording")
     client = make_client(fake)
-    assert client.simulate_get("/sgx/certification/v3/tcb",
-                               params={"fmspc": "00906ed50000"}).status_code == 200
+    assert (
+        client.simulate_get(
+            "/sgx/certification/v3/tcb", params={"fmspc": "00906ed50000"}
+        ).status_code
+        == 200
+    )
     call = fake.calls[-1]
     assert call.path == "/sgx/certification/v3/tcb"
     assert call.query == {"fmspc": ["00906ED50000"], "update": ["standard"]}
@@ -122,11 +154,13 @@ def test_upstream_query_uses_request_version_and_update(fake_pcs, make_client):
 def test_req_and_offline_miss_is_404_without_upstream(fake_pcs, make_client, mode):
     fake = fake_pcs("2025-05-27_intel-pcs-recording")
     client = make_client(fake, cache_mode=mode)
-    for path, query in [("/sgx/certification/v4/tcb", {"fmspc": "00906ED50000"}),
-                        ("/sgx/certification/v4/qe/identity", {}),
-                        ("/sgx/certification/v4/pckcrl", {"ca": "processor"}),
-                        ("/sgx/certification/v4/rootcacrl", {}),
-                        ("/sgx/certification/v4/crl", {"uri": INTEL_ROOT_CDP})]:
+    for path, query in [
+        ("/sgx/certification/v4/tcb", {"fmspc": "00906ED50000"}),
+        ("/sgx/certification/v4/qe/identity", {}),
+        ("/sgx/certification/v4/pckcrl", {"ca": "processor"}),
+        ("/sgx/certification/v4/rootcacrl", {}),
+        ("/sgx/certification/v4/crl", {"uri": INTEL_ROOT_CDP}),
+    ]:
         result = client.simulate_get(path, params=query)
         assert result.status_code == 404
         assert result.text == "No cache data for this platform."
@@ -159,8 +193,14 @@ def test_unreachable_upstream_is_502(fake_pcs, make_client):
 def test_upstream_answer_without_issuer_chain_is_502_and_not_cached(fake_pcs, make_client):
     fake = fake_pcs("2025-05-27_intel-pcs-recording")
     body = load_body("2025-05-27_intel-pcs-recording", "sgx_qe_identity")
-    fake.add_response("GET", "/sgx/certification/v4/qe/identity", None, 200,
-                      {"Content-Type": "application/json"}, body)
+    fake.add_response(
+        "GET",
+        "/sgx/certification/v4/qe/identity",
+        None,
+        200,
+        {"Content-Type": "application/json"},
+        body,
+    )
     client = make_client(fake)
     assert client.simulate_get("/sgx/certification/v4/qe/identity").status_code == 502
     assert client.app.services.store.keys("identity/") == []
@@ -168,31 +208,51 @@ def test_upstream_answer_without_issuer_chain_is_502_and_not_cached(fake_pcs, ma
 
 def test_tcb_info_for_another_fmspc_is_rejected(fake_pcs, make_client):
     fake = fake_pcs("2025-05-27_intel-pcs-recording")
-    recorded = next(r for r in load_manifest("2025-05-27_intel-pcs-recording")["responses"]
-                    if r["id"] == "sgx_tcb_00906ED50000")
-    fake.add_response("GET", "/sgx/certification/v4/tcb", {"fmspc": "00606A000000"}, 200,
-                      recorded["headers"], load_body("2025-05-27_intel-pcs-recording", recorded))
+    recorded = next(
+        r
+        for r in load_manifest("2025-05-27_intel-pcs-recording")["responses"]
+        if r["id"] == "sgx_tcb_00906ED50000"
+    )
+    fake.add_response(
+        "GET",
+        "/sgx/certification/v4/tcb",
+        {"fmspc": "00606A000000"},
+        200,
+        recorded["headers"],
+        load_body("2025-05-27_intel-pcs-recording", recorded),
+    )
     client = make_client(fake)
     result = client.simulate_get("/sgx/certification/v4/tcb", params={"fmspc": "00606A000000"})
     assert result.status_code == 502
     assert client.app.services.store.keys() == []
 
 
-@pytest.mark.parametrize("path,query", [
-    ("/sgx/certification/v4/tcb", {}),
-    ("/sgx/certification/v4/tcb", {"fmspc": "00906ED5000"}),
-    ("/sgx/certification/v4/tcb", {"fmspc": "00906ED5000G"}),
-    ("/sgx/certification/v4/tcb", {"fmspc": "00906ED50000", "update": "late"}),
-    ("/tdx/certification/v4/qe/identity", {"update": "x"}),
-    ("/sgx/certification/v4/pckcrl", {}),
-    ("/sgx/certification/v4/pckcrl", {"ca": "root"}),
-    ("/sgx/certification/v4/crl", {}),
-    ("/sgx/certification/v4/crl", {"uri": "https://evil.example/?" + INTEL_ROOT_CDP}),
-    ("/sgx/certification/v4/crl", {"uri": "https://certificates.trustedservices.intel.com@evil.example/IntelSGXRootCA.der"}),
-    ("/sgx/certification/v4/crl", {"uri": "http://certificates.trustedservices.intel.com/IntelSGXRootCA.der"}),
-    ("/sgx/certification/v4/crl", {"uri": "https://127.0.0.1/IntelSGXRootCA.der"}),
-    ("/sgx/certification/v4/appraisalpolicy", {}),
-])
+@pytest.mark.parametrize(
+    "path,query",
+    [
+        ("/sgx/certification/v4/tcb", {}),
+        ("/sgx/certification/v4/tcb", {"fmspc": "00906ED5000"}),
+        ("/sgx/certification/v4/tcb", {"fmspc": "00906ED5000G"}),
+        ("/sgx/certification/v4/tcb", {"fmspc": "00906ED50000", "update": "late"}),
+        ("/tdx/certification/v4/qe/identity", {"update": "x"}),
+        ("/sgx/certification/v4/pckcrl", {}),
+        ("/sgx/certification/v4/pckcrl", {"ca": "root"}),
+        ("/sgx/certification/v4/crl", {}),
+        ("/sgx/certification/v4/crl", {"uri": "https://evil.example/?" + INTEL_ROOT_CDP}),
+        (
+            "/sgx/certification/v4/crl",
+            {
+                "uri": "https://certificates.trustedservices.intel.com@evil.example/IntelSGXRootCA.der"
+            },
+        ),
+        (
+            "/sgx/certification/v4/crl",
+            {"uri": "http://certificates.trustedservices.intel.com/IntelSGXRootCA.der"},
+        ),
+        ("/sgx/certification/v4/crl", {"uri": "https://127.0.0.1/IntelSGXRootCA.der"}),
+        ("/sgx/certification/v4/appraisalpolicy", {}),
+    ],
+)
 def test_bad_queries_are_400_without_upstream(fake_pcs, make_client, path, query):
     fake = fake_pcs("2025-05-27_intel-pcs-recording")
     client = make_client(fake)
@@ -205,26 +265,37 @@ def test_bad_queries_are_400_without_upstream(fake_pcs, make_client, path, query
 def test_query_rules_first_duplicate_wins_case_and_trailing_slash(fake_pcs, make_client):
     fake = fake_pcs("2025-05-27_intel-pcs-recording")
     client = make_client(fake)
-    result = client.simulate_get("/SGX/Certification/V4/TCB/",
-                                 query_string="fmspc=00906ED50000&fmspc=zz&update=early")
+    result = client.simulate_get(
+        "/SGX/Certification/V4/TCB/", query_string="fmspc=00906ED50000&fmspc=zz&update=early"
+    )
     assert result.status_code == 200
-    assert result.content == load_body("2025-05-27_intel-pcs-recording",
-                                       "sgx_tcb_00906ED50000_early")
+    assert result.content == load_body(
+        "2025-05-27_intel-pcs-recording", "sgx_tcb_00906ED50000_early"
+    )
 
 
 def test_request_id_is_echoed_or_generated(make_client):
     client = make_client(cache_mode="OFFLINE")
-    assert client.simulate_get("/nowhere", headers={"Request-ID": "abc123"}) \
-        .headers["request-id"] == "abc123"
+    assert (
+        client.simulate_get("/nowhere", headers={"Request-ID": "abc123"}).headers["request-id"]
+        == "abc123"
+    )
     generated = client.simulate_get("/nowhere", headers={"Request-ID": "bad id\x01"})
     assert len(generated.headers["request-id"]) == 32
 
 
-@pytest.mark.parametrize("method,path", [
-    ("GET", "/"), ("GET", "/sgx/certification/v5/tcb"), ("GET", "/tdx/certification/v3/tcb"),
-    ("GET", "/tdx/certification/v4/pckcrl"), ("GET", "/sgx/certification/v4/qae/identity"),
-    ("POST", "/sgx/certification/v4/tcb"), ("DELETE", "/sgx/certification/v4/pckcrl"),
-])
+@pytest.mark.parametrize(
+    "method,path",
+    [
+        ("GET", "/"),
+        ("GET", "/sgx/certification/v5/tcb"),
+        ("GET", "/tdx/certification/v3/tcb"),
+        ("GET", "/tdx/certification/v4/pckcrl"),
+        ("GET", "/sgx/certification/v4/qae/identity"),
+        ("POST", "/sgx/certification/v4/tcb"),
+        ("DELETE", "/sgx/certification/v4/pckcrl"),
+    ],
+)
 def test_unknown_routes_and_methods_are_404_never_redirects(make_client, method, path):
     result = make_client(cache_mode="OFFLINE").simulate_request(method, path)
     assert result.status_code == 404
@@ -233,16 +304,19 @@ def test_unknown_routes_and_methods_are_404_never_redirects(make_client, method,
 
 def test_appraisal_policy_is_404_until_uploaded(make_client):
     client = make_client(cache_mode="OFFLINE")
-    result = client.simulate_get("/sgx/certification/v4/appraisalpolicy",
-                                 params={"fmspc": "00906ED50000"})
+    result = client.simulate_get(
+        "/sgx/certification/v4/appraisalpolicy", params={"fmspc": "00906ED50000"}
+    )
     assert result.status_code == 404
 
 
 def test_crl_uri_cache_key_is_exact_uri(fake_pcs, make_client):
     fake = fake_pcs("2025-08-15_sgx-00606A000000")
     client = make_client(fake)
-    assert client.simulate_get("/sgx/certification/v4/crl",
-                               params={"uri": INTEL_ROOT_CDP}).status_code == 200
+    assert (
+        client.simulate_get("/sgx/certification/v4/crl", params={"uri": INTEL_ROOT_CDP}).status_code
+        == 200
+    )
     stored = client.app.services.store.keys("crl/")
     assert stored == ["crl/" + INTEL_ROOT_CDP]
     assert urllib.parse.urlsplit(fake.calls[-1].path).path == "/IntelSGXRootCA.der"

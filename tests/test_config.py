@@ -11,8 +11,14 @@ from pathlib import Path
 import pytest
 
 from dcapd import cli
-from dcapd.config import (INTEL_PCS_URL, SETTINGS, ConfigError, default_cache_dir, load_config,
-                          read_ini)
+from dcapd.config import (
+    INTEL_PCS_URL,
+    SETTINGS,
+    ConfigError,
+    default_cache_dir,
+    load_config,
+    read_ini,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,8 +29,9 @@ def test_defaults():
     assert config.tls == "auto"
     assert config.cache_mode == "LAZY"
     assert config.pcs_url == INTEL_PCS_URL
-    assert config.rootca_crl_url == \
-        "https://certificates.trustedservices.intel.com/IntelSGXRootCA.der"
+    assert (
+        config.rootca_crl_url == "https://certificates.trustedservices.intel.com/IntelSGXRootCA.der"
+    )
     assert config.cache_dir == default_cache_dir()
     assert config.api_key == "" and config.user_token_sha512 == ""
 
@@ -34,8 +41,11 @@ def test_precedence_cli_over_env_over_ini(tmp_path):
     ini.write_text("[cache]\nmode = REQ\ndir = /from/ini\n[server]\nlisten = 0.0.0.0:9000\n")
     environ = {"DCAPD_CACHE_MODE": "offline", "INTEL_API_KEY": "k" * 32}
     config = load_config(environ=environ, ini_path=str(ini))
-    assert (config.cache_mode, config.cache_dir, config.listen) == \
-        ("OFFLINE", "/from/ini", ("0.0.0.0", 9000))
+    assert (config.cache_mode, config.cache_dir, config.listen) == (
+        "OFFLINE",
+        "/from/ini",
+        ("0.0.0.0", 9000),
+    )
     assert config.api_key == "k" * 32
     config = load_config({"cache_mode": "lazy"}, environ=environ, ini_path=str(ini))
     assert config.cache_mode == "LAZY"
@@ -48,13 +58,21 @@ def test_ini_named_by_environment(tmp_path):
     assert load_config(environ={"DCAPD_CONFIG": str(ini)}).tls == "off"
 
 
-@pytest.mark.parametrize("env,value", [
-    ("DCAPD_CACHE_MODE", "EAGER"), ("DCAPD_LISTEN", "localhost"), ("DCAPD_LISTEN", "h:99999"),
-    ("DCAPD_PCS_URL", "https://api.trustedservices.intel.com/sgx/certification/"),
-    ("DCAPD_PCS_URL", "https://api.trustedservices.intel.com/sgx/certification/v4"),
-    ("DCAPD_TLS", "maybe"), ("DCAPD_VERBOSE", "loud"), ("DCAPD_ADMIN_TOKEN_SHA512", "abc"),
-    ("DCAPD_URL_MAP", "https://a.example"), ("DCAPD_THREADS", "0"),
-])
+@pytest.mark.parametrize(
+    "env,value",
+    [
+        ("DCAPD_CACHE_MODE", "EAGER"),
+        ("DCAPD_LISTEN", "localhost"),
+        ("DCAPD_LISTEN", "h:99999"),
+        ("DCAPD_PCS_URL", "https://api.trustedservices.intel.com/sgx/certification/"),
+        ("DCAPD_PCS_URL", "https://api.trustedservices.intel.com/sgx/certification/v4"),
+        ("DCAPD_TLS", "maybe"),
+        ("DCAPD_VERBOSE", "loud"),
+        ("DCAPD_ADMIN_TOKEN_SHA512", "abc"),
+        ("DCAPD_URL_MAP", "https://a.example"),
+        ("DCAPD_THREADS", "0"),
+    ],
+)
 def test_bad_values_name_the_key(env, value):
     with pytest.raises(ConfigError) as caught:
         load_config(environ={env: value})
@@ -79,8 +97,9 @@ def test_example_ini_documents_every_key_and_parses(tmp_path):
     text = (REPO / "pccs.ini.example").read_text()
     parser = configparser.ConfigParser()
     # Uncomment every ";key = value" line: the example must then be a valid config.
-    uncommented = "\n".join(line[1:] if re.match(r";[a-z_0-9]+ =", line) else line
-                             for line in text.splitlines())
+    uncommented = "\n".join(
+        line[1:] if re.match(r";[a-z_0-9]+ =", line) else line for line in text.splitlines()
+    )
     parser.read_string(uncommented)
     for setting in SETTINGS:
         assert parser.has_option(setting.section, setting.key), setting.key
@@ -91,8 +110,9 @@ def test_example_ini_documents_every_key_and_parses(tmp_path):
 
 
 def test_help_lists_every_option_and_module_entry_point():
-    result = subprocess.run([sys.executable, "-m", "dcapd", "--help"], capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "dcapd", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0
     for setting in SETTINGS:
         assert "--" + setting.name.replace("_", "-") in result.stdout

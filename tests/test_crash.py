@@ -36,7 +36,7 @@ import time
 import urllib.parse
 import warnings
 from collections import Counter
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import diskcache
@@ -60,8 +60,10 @@ N_FMSPCS = 20
 N_PLATFORMS = 100
 RAW_TCBS = [raw_tcb(*CASES[i][:2]) for i in (0, 2)]  # two answers per platform
 LEVELS = pki.DEFAULT_LEVELS
-PCK_CHAINS = {"PLATFORM": pki.url_encoded_chain(pki.platform_ca().pem, pki.root_ca().pem),
-              "PROCESSOR": pki.url_encoded_chain(pki.processor_ca().pem, pki.root_ca().pem)}
+PCK_CHAINS = {
+    "PLATFORM": pki.url_encoded_chain(pki.platform_ca().pem, pki.root_ca().pem),
+    "PROCESSOR": pki.url_encoded_chain(pki.processor_ca().pem, pki.root_ca().pem),
+}
 SIGNING_CHAIN = pki.url_encoded_chain(pki.tcb_signing().pem, pki.root_ca().pem)
 FAR = dt.datetime(2048, 1, 1, tzinfo=dt.timezone.utc)  # nothing expires: no early refresh
 COUNTS: Counter = Counter()
@@ -88,63 +90,122 @@ def fmspc(index: int) -> str:
 
 # --- the two worlds ------------------------------------------------------------------------
 
-@lru_cache(maxsize=None)
+
+@cache
 def world(name: str) -> dict:
     """Everything world ``name`` ("A" or "B") holds, as PCS would serve it and as an upload."""
     generation = {"A": 17, "B": 18}[name]
     issued = dt.datetime(2025, 1, 1 if name == "A" else 2, tzinfo=dt.timezone.utc)
     ppid = digest("ppid", name)[:16]
-    certs = {}   # fmspc -> [(level, pem)]
+    certs = {}  # fmspc -> [(level, pem)]
     tcb_infos = {}
     for index in range(N_FMSPCS):
         code = fmspc(index)
-        certs[code] = [(level, pki.make_pck_cert(pki.platform_ca(), ppid, level.components,
-                                                 level.pcesvn, fmspc=bytes.fromhex(code),
-                                                 sgx_type=1)) for level in LEVELS]
-        tcb_infos[code] = pki.make_tcb_info(code, LEVELS, tcb_eval=generation,
-                                            issue_date=issued, next_update=FAR)
+        certs[code] = [
+            (
+                level,
+                pki.make_pck_cert(
+                    pki.platform_ca(),
+                    ppid,
+                    level.components,
+                    level.pcesvn,
+                    fmspc=bytes.fromhex(code),
+                    sgx_type=1,
+                ),
+            )
+            for level in LEVELS
+        ]
+        tcb_infos[code] = pki.make_tcb_info(
+            code, LEVELS, tcb_eval=generation, issue_date=issued, next_update=FAR
+        )
     identities = {}
     for kind, identity_id in (("qe", "QE"), ("qve", "QVE"), ("tdqe", "TD_QE")):
-        identities[kind] = pki.make_signed_json("enclaveIdentity", {
-            "id": identity_id, "version": 2, "issueDate": issued.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "nextUpdate": FAR.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "tcbEvaluationDataNumber": generation, "miscselect": "00000000",
-            "miscselectMask": "FFFFFFFF", "attributes": "11000000000000000000000000000000",
-            "attributesMask": "FBFFFFFFFFFFFFFF0000000000000000", "mrsigner": "AB" * 32,
-            "isvprodid": 1, "tcbLevels": []})
+        identities[kind] = pki.make_signed_json(
+            "enclaveIdentity",
+            {
+                "id": identity_id,
+                "version": 2,
+                "issueDate": issued.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "nextUpdate": FAR.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "tcbEvaluationDataNumber": generation,
+                "miscselect": "00000000",
+                "miscselectMask": "FFFFFFFF",
+                "attributes": "11000000000000000000000000000000",
+                "attributesMask": "FBFFFFFFFFFFFFFF0000000000000000",
+                "mrsigner": "AB" * 32,
+                "isvprodid": 1,
+                "tcbLevels": [],
+            },
+        )
     serials = {"A": [11, 12], "B": [21, 22, 23]}[name]
-    crls = {"PROCESSOR": pki.make_crl(pki.processor_ca(), serials),
-            "PLATFORM": pki.make_crl(pki.platform_ca(), serials),
-            "ROOT": pki.make_crl(pki.root_ca(), serials)}
+    crls = {
+        "PROCESSOR": pki.make_crl(pki.processor_ca(), serials),
+        "PLATFORM": pki.make_crl(pki.platform_ca(), serials),
+        "ROOT": pki.make_crl(pki.root_ca(), serials),
+    }
     platforms, pck_certs = [], []
     for index in range(N_PLATFORMS):
         qe_id = digest("qe", index)[:16].hex()
         code = fmspc(index % N_FMSPCS)
         enc_ppid = (digest("enc", name, index) * 12).hex()  # 768 hex
         for cpu_svn, pce_svn in RAW_TCBS:
-            platforms.append({"qe_id": qe_id, "pce_id": "0000", "cpu_svn": cpu_svn.lower(),
-                              "pce_svn": pce_svn.lower(), "enc_ppid": enc_ppid,
-                              "platform_manifest": ""})
-        pck_certs.append({"qe_id": qe_id, "pce_id": "0000", "enc_ppid": enc_ppid,
-                          "platform_manifest": "", "certs": [
-                              {"tcb": pki.PckEntry(level.components, level.pcesvn, pem).tcb_json,
-                               "tcbm": pki.PckEntry(level.components, level.pcesvn, pem).tcbm,
-                               "cert": urllib.parse.quote(pem, safe="")}
-                              for level, pem in certs[code]]})
-    upload = {"platforms": platforms, "collaterals": {
-        "version": 4, "pck_certs": pck_certs,
-        "tcbinfos": [{"fmspc": code.lower(), "sgx_tcbinfo": json.loads(body)}
-                     for code, body in tcb_infos.items()],
-        "pckcacrl": {"processorCrl": crls["PROCESSOR"].hex(),
-                     "platformCrl": crls["PLATFORM"].hex()},
-        "rootcacrl": crls["ROOT"].hex(), "rootcacrl_cdp": INTEL_ROOT_CDP,
-        "qeidentity": identities["qe"].decode(), "qveidentity": identities["qve"].decode(),
-        "tdqeidentity": identities["tdqe"].decode(),
-        "certificates": {"SGX-PCK-Certificate-Issuer-Chain": PCK_CHAINS,
-                         "TCB-Info-Issuer-Chain": SIGNING_CHAIN,
-                         "SGX-Enclave-Identity-Issuer-Chain": SIGNING_CHAIN}}}
-    return {"tcb_infos": tcb_infos, "identities": identities, "crls": crls,
-            "upload": json.dumps(upload).encode()}
+            platforms.append(
+                {
+                    "qe_id": qe_id,
+                    "pce_id": "0000",
+                    "cpu_svn": cpu_svn.lower(),
+                    "pce_svn": pce_svn.lower(),
+                    "enc_ppid": enc_ppid,
+                    "platform_manifest": "",
+                }
+            )
+        pck_certs.append(
+            {
+                "qe_id": qe_id,
+                "pce_id": "0000",
+                "enc_ppid": enc_ppid,
+                "platform_manifest": "",
+                "certs": [
+                    {
+                        "tcb": pki.PckEntry(level.components, level.pcesvn, pem).tcb_json,
+                        "tcbm": pki.PckEntry(level.components, level.pcesvn, pem).tcbm,
+                        "cert": urllib.parse.quote(pem, safe=""),
+                    }
+                    for level, pem in certs[code]
+                ],
+            }
+        )
+    upload = {
+        "platforms": platforms,
+        "collaterals": {
+            "version": 4,
+            "pck_certs": pck_certs,
+            "tcbinfos": [
+                {"fmspc": code.lower(), "sgx_tcbinfo": json.loads(body)}
+                for code, body in tcb_infos.items()
+            ],
+            "pckcacrl": {
+                "processorCrl": crls["PROCESSOR"].hex(),
+                "platformCrl": crls["PLATFORM"].hex(),
+            },
+            "rootcacrl": crls["ROOT"].hex(),
+            "rootcacrl_cdp": INTEL_ROOT_CDP,
+            "qeidentity": identities["qe"].decode(),
+            "qveidentity": identities["qve"].decode(),
+            "tdqeidentity": identities["tdqe"].decode(),
+            "certificates": {
+                "SGX-PCK-Certificate-Issuer-Chain": PCK_CHAINS,
+                "TCB-Info-Issuer-Chain": SIGNING_CHAIN,
+                "SGX-Enclave-Identity-Issuer-Chain": SIGNING_CHAIN,
+            },
+        },
+    }
+    return {
+        "tcb_infos": tcb_infos,
+        "identities": identities,
+        "crls": crls,
+        "upload": json.dumps(upload).encode(),
+    }
 
 
 def serve_world(fake, name: str) -> None:
@@ -152,22 +213,42 @@ def serve_world(fake, name: str) -> None:
     data = world(name)
     fake.clear_added()
     for code, body in data["tcb_infos"].items():
-        fake.add_response("GET", "/sgx/certification/v4/tcb", {"fmspc": code}, 200,
-                          {"TCB-Info-Issuer-Chain": SIGNING_CHAIN}, body)
+        fake.add_response(
+            "GET",
+            "/sgx/certification/v4/tcb",
+            {"fmspc": code},
+            200,
+            {"TCB-Info-Issuer-Chain": SIGNING_CHAIN},
+            body,
+        )
     for ca in ("processor", "platform"):
-        fake.add_response("GET", "/sgx/certification/v4/pckcrl", {"ca": ca, "encoding": "der"},
-                          200, {"SGX-PCK-CRL-Issuer-Chain": PCK_CHAINS[ca.upper()]},
-                          data["crls"][ca.upper()])
+        fake.add_response(
+            "GET",
+            "/sgx/certification/v4/pckcrl",
+            {"ca": ca, "encoding": "der"},
+            200,
+            {"SGX-PCK-CRL-Issuer-Chain": PCK_CHAINS[ca.upper()]},
+            data["crls"][ca.upper()],
+        )
     fake.add_response("GET", "/IntelSGXRootCA.der", None, 200, {}, data["crls"]["ROOT"])
     for version in (3, 4):
         for kind in ("qe", "qve"):
-            fake.add_response("GET", f"/sgx/certification/v{version}/{kind}/identity",
-                              {"update": "standard"}, 200,
-                              {"SGX-Enclave-Identity-Issuer-Chain": SIGNING_CHAIN},
-                              data["identities"][kind])
-    fake.add_response("GET", "/tdx/certification/v4/qe/identity", {"update": "standard"}, 200,
-                      {"SGX-Enclave-Identity-Issuer-Chain": SIGNING_CHAIN},
-                      data["identities"]["tdqe"])
+            fake.add_response(
+                "GET",
+                f"/sgx/certification/v{version}/{kind}/identity",
+                {"update": "standard"},
+                200,
+                {"SGX-Enclave-Identity-Issuer-Chain": SIGNING_CHAIN},
+                data["identities"][kind],
+            )
+    fake.add_response(
+        "GET",
+        "/tdx/certification/v4/qe/identity",
+        {"update": "standard"},
+        200,
+        {"SGX-Enclave-Identity-Issuer-Chain": SIGNING_CHAIN},
+        data["identities"]["tdqe"],
+    )
 
 
 # --- what a cache holds ----------------------------------------------------------------------
@@ -202,9 +283,10 @@ def open_cleanly(directory: Path) -> None:
         cache.close()
 
 
-def which_world(found: dict[str, tuple], expected: dict[str, dict[str, tuple]],
-                compare=lambda value: value) -> str:
-    """"A", "B" or "empty" for a cache whose every entry is from one world; else fail."""
+def which_world(
+    found: dict[str, tuple], expected: dict[str, dict[str, tuple]], compare=lambda value: value
+) -> str:
+    """ "A", "B" or "empty" for a cache whose every entry is from one world; else fail."""
     if not any(key in found for key in expected["A"]):
         return "empty"
     worlds = set()
@@ -262,23 +344,36 @@ sys.exit(main([]))
 class Dcapd:
     """``dcapd`` (through the real CLI) on a cache directory, plain HTTP on 127.0.0.1:0."""
 
-    def __init__(self, tmp_path: Path, cache_dir: Path, roots: str, pause: float = 0.0,
-                 **env: str):
+    def __init__(self, tmp_path: Path, cache_dir: Path, roots: str, pause: float = 0.0, **env: str):
         self.log = tmp_path / f"dcapd-{time.monotonic_ns()}.log"
         self.marker = tmp_path / f"writes-{time.monotonic_ns()}.txt"
         self.marker.write_bytes(b"")
-        environment = {k: v for k, v in os.environ.items()
-                       if not k.startswith("DCAPD_") and k != "INTEL_API_KEY"}
-        environment.update(DCAPD_LISTEN="127.0.0.1:0", DCAPD_TLS="off",
-                           DCAPD_CACHE_DIR=str(cache_dir), DCAPD_TRUSTED_ROOTS=roots,
-                           DCAPD_ADMIN_TOKEN_SHA512=TOKENS["admin_token_sha512"],
-                           DCAPD_UPSTREAM_RETRIES="0", DCAPD_REFRESH_SCHEDULE="0 0 0 1 1 *",
-                           NO_PROXY="127.0.0.1", no_proxy="127.0.0.1",
-                           DCAPD_TEST_MARKER=str(self.marker), DCAPD_TEST_PUT_PAUSE=str(pause),
-                           **env)
+        environment = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("DCAPD_") and k != "INTEL_API_KEY"
+        }
+        environment.update(
+            DCAPD_LISTEN="127.0.0.1:0",
+            DCAPD_TLS="off",
+            DCAPD_CACHE_DIR=str(cache_dir),
+            DCAPD_TRUSTED_ROOTS=roots,
+            DCAPD_ADMIN_TOKEN_SHA512=TOKENS["admin_token_sha512"],
+            DCAPD_UPSTREAM_RETRIES="0",
+            DCAPD_REFRESH_SCHEDULE="0 0 0 1 1 *",
+            NO_PROXY="127.0.0.1",
+            no_proxy="127.0.0.1",
+            DCAPD_TEST_MARKER=str(self.marker),
+            DCAPD_TEST_PUT_PAUSE=str(pause),
+            **env,
+        )
         with open(self.log, "wb") as sink:
-            self.process = subprocess.Popen([sys.executable, "-c", LAUNCHER], env=environment,
-                                            stdout=sink, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", LAUNCHER],
+                env=environment,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
         self.url = wait_listening(self.process, self.log)
 
     def send(self, method: str, path: str, body: bytes = None) -> dict:
@@ -289,8 +384,13 @@ class Dcapd:
             try:
                 with requests.Session() as session:
                     session.trust_env = False
-                    reply = session.request(method, self.url + path, data=body, timeout=60,
-                                            headers={"admin-token": ADMIN})
+                    reply = session.request(
+                        method,
+                        self.url + path,
+                        data=body,
+                        timeout=60,
+                        headers={"admin-token": ADMIN},
+                    )
                     outcome["status"] = reply.status_code
             except requests.RequestException as exc:
                 outcome["error"] = type(exc).__name__
@@ -316,15 +416,25 @@ class Dcapd:
 
 def reference(tmp_path: Path, roots: str, name: str) -> dict[str, tuple]:
     """World ``name`` uploaded into a scratch cache in this process: what it must hold."""
-    config = load_config({"cache_dir": str(tmp_path / f"reference-{name}"), "tls": "off",
-                          "trusted_roots": roots, "cache_mode": "OFFLINE", **TOKENS}, environ={})
+    config = load_config(
+        {
+            "cache_dir": str(tmp_path / f"reference-{name}"),
+            "tls": "off",
+            "trusted_roots": roots,
+            "cache_mode": "OFFLINE",
+            **TOKENS,
+        },
+        environ={},
+    )
     app = create_app(config)
     try:
         from falcon import testing
 
         result = testing.TestClient(app).simulate_put(
-            "/sgx/certification/v4/platformcollateral", body=world(name)["upload"],
-            headers={"admin-token": ADMIN})
+            "/sgx/certification/v4/platformcollateral",
+            body=world(name)["upload"],
+            headers={"admin-token": ADMIN},
+        )
         assert result.status_code == 200, result.text
         return entries(app.services.store)
     finally:
@@ -364,8 +474,11 @@ def kill_rounds(kind: str, start_round, check) -> None:
         if inside:
             wanted = rng.randint(1, writes)
             deadline = time.monotonic() + 60
-            while dcapd.writes() < wanted and "finished" not in outcome \
-                    and time.monotonic() < deadline:
+            while (
+                dcapd.writes() < wanted
+                and "finished" not in outcome
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.0005)
         else:
             delay = rng.uniform(0.0, 1.2 * duration)
@@ -413,16 +526,18 @@ def test_kill_during_a_large_upload_leaves_old_or_new(tmp_path, roots):
 
     def start_round(target: str):
         dcapd = Dcapd(tmp_path, cache_dir, roots, pause=0.0005, DCAPD_CACHE_MODE="OFFLINE")
-        return dcapd, dcapd.send("PUT", "/sgx/certification/v4/platformcollateral",
-                                 world(target)["upload"])
+        return dcapd, dcapd.send(
+            "PUT", "/sgx/certification/v4/platformcollateral", world(target)["upload"]
+        )
 
     kill_rounds("upload", start_round, check)
     # A restarted dcapd serves the surviving world.
     final = check()
     dcapd = Dcapd(tmp_path, cache_dir, roots, DCAPD_CACHE_MODE="OFFLINE")
     try:
-        reply = requests.get(dcapd.url + "/sgx/certification/v4/tcb",
-                             params={"fmspc": fmspc(0)}, timeout=10)
+        reply = requests.get(
+            dcapd.url + "/sgx/certification/v4/tcb", params={"fmspc": fmspc(0)}, timeout=10
+        )
         assert reply.status_code == 200 and reply.content == world(final)["tcb_infos"][fmspc(0)]
     finally:
         dcapd.stop()
@@ -434,8 +549,12 @@ COLLATERAL = ("tcb/", "identity/", "pckcrl/", "rootcacrl", "crl/")
 def test_kill_during_a_refresh_leaves_old_or_new(tmp_path, roots, fake_pcs):
     fake = fake_pcs()
     cache_dir = tmp_path / "cache"
-    upstream = {"DCAPD_PCS_URL": fake.pcs_url, "DCAPD_URL_MAP": fake.url_map,
-                "DCAPD_ROOTCA_CRL_URL": INTEL_ROOT_CDP, "DCAPD_CACHE_MODE": "LAZY"}
+    upstream = {
+        "DCAPD_PCS_URL": fake.pcs_url,
+        "DCAPD_URL_MAP": fake.url_map,
+        "DCAPD_ROOTCA_CRL_URL": INTEL_ROOT_CDP,
+        "DCAPD_CACHE_MODE": "LAZY",
+    }
 
     def expected_world(name: str) -> dict[str, bytes]:
         data = world(name)
@@ -444,10 +563,14 @@ def test_kill_during_a_refresh_leaves_old_or_new(tmp_path, roots, fake_pcs):
             for kind in ("qe", "qve"):
                 keys[f"identity/{kind}/{version}/STANDARD"] = data["identities"][kind]
         keys["identity/tdqe/4/STANDARD"] = data["identities"]["tdqe"]
-        keys.update({"pckcrl/PROCESSOR": data["crls"]["PROCESSOR"],
-                     "pckcrl/PLATFORM": data["crls"]["PLATFORM"],
-                     "rootcacrl": data["crls"]["ROOT"],
-                     f"crl/{INTEL_ROOT_CDP}": data["crls"]["ROOT"]})
+        keys.update(
+            {
+                "pckcrl/PROCESSOR": data["crls"]["PROCESSOR"],
+                "pckcrl/PLATFORM": data["crls"]["PLATFORM"],
+                "rootcacrl": data["crls"]["ROOT"],
+                f"crl/{INTEL_ROOT_CDP}": data["crls"]["ROOT"],
+            }
+        )
         return {key: (body,) for key, body in keys.items()}
 
     expected = {name: expected_world(name) for name in "AB"}
@@ -458,8 +581,11 @@ def test_kill_during_a_refresh_leaves_old_or_new(tmp_path, roots, fake_pcs):
         open_cleanly(cache_dir)
         store = Store(str(cache_dir))
         try:
-            found = {key: (value[0],) for key, value in entries(store).items()
-                     if key.startswith(COLLATERAL)}
+            found = {
+                key: (value[0],)
+                for key, value in entries(store).items()
+                if key.startswith(COLLATERAL)
+            }
         finally:
             store.close()
         assert set(found) <= set(expected["A"]), set(found) - set(expected["A"])
@@ -486,8 +612,7 @@ def test_kill_during_a_refresh_leaves_old_or_new(tmp_path, roots, fake_pcs):
     kill_rounds("refresh", start_round, check)
 
 
-def test_refresh_right_after_a_crash_is_not_blocked_by_the_dead_lock(tmp_path, roots,
-                                                                     fake_pcs):
+def test_refresh_right_after_a_crash_is_not_blocked_by_the_dead_lock(tmp_path, roots, fake_pcs):
     fake = fake_pcs()
     serve_world(fake, "A")
     cache_dir = tmp_path / "cache"
@@ -497,12 +622,22 @@ def test_refresh_right_after_a_crash_is_not_blocked_by_the_dead_lock(tmp_path, r
         "app = create_app(load_config(json.loads(sys.argv[1]), environ={}))\n"
         "store, refresher = app.services.store, app.services.refresher\n"
         "assert store.try_lock('refresh', refresher.owner, 15 * 60, __import__('time').time())\n"
-        "os.kill(os.getpid(), signal.SIGKILL)  # dies holding the lock, as mid-refresh\n")
-    settings = {"cache_dir": str(cache_dir), "tls": "off", "trusted_roots": roots,
-                "pcs_url": fake.pcs_url, "url_map": fake.url_map,
-                "rootca_crl_url": INTEL_ROOT_CDP, **TOKENS}
-    process = subprocess.run([sys.executable, "-c", script, json.dumps(settings)],
-                             cwd=str(Path(__file__).resolve().parents[1]), timeout=60)
+        "os.kill(os.getpid(), signal.SIGKILL)  # dies holding the lock, as mid-refresh\n"
+    )
+    settings = {
+        "cache_dir": str(cache_dir),
+        "tls": "off",
+        "trusted_roots": roots,
+        "pcs_url": fake.pcs_url,
+        "url_map": fake.url_map,
+        "rootca_crl_url": INTEL_ROOT_CDP,
+        **TOKENS,
+    }
+    process = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(settings)],
+        cwd=str(Path(__file__).resolve().parents[1]),
+        timeout=60,
+    )
     assert process.returncode == -signal.SIGKILL
     config = load_config(dict(settings, upstream_retries=0), environ={})
     app = create_app(config)

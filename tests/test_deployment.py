@@ -22,8 +22,9 @@ def test_systemd_unit_is_hardened_and_holds_no_secret():
     assert service["User"] == "dcapd"
     assert service["NoNewPrivileges"] == "yes"
     assert service["ProtectSystem"] == "strict"
-    assert service["ReadWritePaths"] == service["Environment"].split("=", 1)[1] \
-        == "/var/cache/dcapd"
+    assert (
+        service["ReadWritePaths"] == service["Environment"].split("=", 1)[1] == "/var/cache/dcapd"
+    )
     assert service["EnvironmentFile"] == "/etc/dcapd/dcapd.env"
     assert service["CapabilityBoundingSet"] == ""
     text = (REPO / "scripts" / "dcapd.service").read_text()
@@ -41,7 +42,8 @@ def test_windows_cache_dir_is_under_localappdata(monkeypatch):
     monkeypatch.setattr(config_module.sys, "platform", "win32")
     monkeypatch.setenv("LOCALAPPDATA", r"C:\Users\op\AppData\Local")
     assert config_module.default_cache_dir() == str(
-        Path(r"C:\Users\op\AppData\Local") / "dcapd" / "Cache")
+        Path(r"C:\Users\op\AppData\Local") / "dcapd" / "Cache"
+    )
     monkeypatch.delenv("LOCALAPPDATA")
     assert config_module.default_cache_dir().endswith(str(Path("dcapd") / "Cache"))
 

@@ -24,7 +24,6 @@ import struct
 import threading
 import time
 import urllib.parse
-from typing import Optional
 
 import pytest
 
@@ -39,8 +38,7 @@ SCENARIO = "2025-05-27_intel-pcs-recording"
 COLUMNS = {
     "tcb": ("/sgx/certification/v4/tcb", {"fmspc": "00906ED50000"}, "/tcb"),
     "qe identity": ("/sgx/certification/v4/qe/identity", {}, "/qe/identity"),
-    "pckcrl": ("/sgx/certification/v4/pckcrl", {"ca": "processor", "encoding": "der"},
-               "/pckcrl"),
+    "pckcrl": ("/sgx/certification/v4/pckcrl", {"ca": "processor", "encoding": "der"}, "/pckcrl"),
     "rootcacrl": ("/sgx/certification/v4/rootcacrl", {}, "/IntelSGXRootCA.der"),
     "crl?uri=": ("/sgx/certification/v4/crl", {"uri": INTEL_ROOT_CDP}, "/IntelSGXRootCA.der"),
     "new pckcert (LAZY)": (PCKCERT, query(*raw_tcb(*CASES[0][:2])), "/pckcerts"),
@@ -79,8 +77,10 @@ MATRIX = parse_matrix(FAULT_MATRIX)
 UPSTREAM_TIMEOUT = 0.5  # seconds: the timeout row waits this long per cell
 
 GARBAGE_JSON = b'{"tcbInfo":{"id":"SGX","version":3,"fmspc":"00906ED50000","tcbLevels":[{"tcb":'
-HTML_PAGE = (b"<!DOCTYPE html><html><head><title>Service Unavailable</title></head>"
-             b"<body><h1>The service is temporarily unavailable.</h1></body></html>")
+HTML_PAGE = (
+    b"<!DOCTYPE html><html><head><title>Service Unavailable</title></head>"
+    b"<body><h1>The service is temporarily unavailable.</h1></body></html>"
+)
 
 
 class FaultyPCS:
@@ -91,8 +91,14 @@ class FaultyPCS:
     need not be started) would answer. Each answer closes its connection.
     """
 
-    def __init__(self, genuine: FakePCS, target: str, fault: Optional[str],
-                 times: Optional[int] = None, retry_after: str = "1"):
+    def __init__(
+        self,
+        genuine: FakePCS,
+        target: str,
+        fault: str | None,
+        times: int | None = None,
+        retry_after: str = "1",
+    ):
         self.genuine = genuine
         self.target = target
         self.fault = fault
@@ -109,7 +115,7 @@ class FaultyPCS:
         self._acceptor = threading.Thread(target=self._accept, daemon=True)
 
     # -- lifecycle
-    def start(self) -> "FaultyPCS":
+    def start(self) -> FaultyPCS:
         self._acceptor.start()
         return self
 
@@ -129,9 +135,11 @@ class FaultyPCS:
         return f"http://127.0.0.1:{self._sock.getsockname()[1]}"
 
     def settings(self) -> dict:
-        return {"pcs_url": f"{self.base}/sgx/certification/v4/",
-                "rootca_crl_url": INTEL_ROOT_CDP,
-                "url_map": ",".join(f"{host}={self.base}" for host in INTEL_HOSTS)}
+        return {
+            "pcs_url": f"{self.base}/sgx/certification/v4/",
+            "rootca_crl_url": INTEL_ROOT_CDP,
+            "url_map": ",".join(f"{host}={self.base}" for host in INTEL_HOSTS),
+        }
 
     def count(self, fragment: str) -> int:
         with self._lock:
@@ -158,8 +166,11 @@ class FaultyPCS:
             split = urllib.parse.urlsplit(target)
             with self._lock:
                 self.calls.append(split.path)
-                faulty = self.fault is not None and self.target in split.path and (
-                    self.times is None or self._faulted < self.times)
+                faulty = (
+                    self.fault is not None
+                    and self.target in split.path
+                    and (self.times is None or self._faulted < self.times)
+                )
                 if faulty:
                     self._faulted += 1
             genuine = self._genuine(method, split)
@@ -178,7 +189,7 @@ class FaultyPCS:
                 pass
 
     @staticmethod
-    def _read_request(conn: socket.socket) -> Optional[tuple[str, str]]:
+    def _read_request(conn: socket.socket) -> tuple[str, str] | None:
         data = b""
         while b"\r\n\r\n" not in data:
             chunk = conn.recv(65536)
@@ -200,7 +211,7 @@ class FaultyPCS:
             body += chunk
         return method, target
 
-    def _genuine(self, method: str, split) -> Optional[Response]:
+    def _genuine(self, method: str, split) -> Response | None:
         wanted = normalize_query(urllib.parse.parse_qs(split.query, keep_blank_values=True))
         path = urllib.parse.unquote(split.path)
         for response in self.genuine.responses:
@@ -209,19 +220,30 @@ class FaultyPCS:
         return None
 
     @staticmethod
-    def _send(conn: socket.socket, status: int, headers, body: bytes,
-              content_length: Optional[int] = None) -> None:
+    def _send(
+        conn: socket.socket, status: int, headers, body: bytes, content_length: int | None = None
+    ) -> None:
         lines = [f"HTTP/1.1 {status} Whatever"]
-        lines += [f"{name}: {value}" for name, value in headers
-                  if name.lower() not in ("content-length", "connection")]
-        lines += [f"Content-Length: {len(body) if content_length is None else content_length}",
-                  "Connection: close", "", ""]
+        lines += [
+            f"{name}: {value}"
+            for name, value in headers
+            if name.lower() not in ("content-length", "connection")
+        ]
+        lines += [
+            f"Content-Length: {len(body) if content_length is None else content_length}",
+            "Connection: close",
+            "",
+            "",
+        ]
         conn.sendall("\r\n".join(lines).encode("latin-1") + body)
 
-    def _misbehave(self, conn: socket.socket, genuine: Optional[Response]) -> None:
+    def _misbehave(self, conn: socket.socket, genuine: Response | None) -> None:
         fault = self.fault
-        status, headers, body = (genuine.status, list(genuine.headers), genuine.body) \
-            if genuine is not None else (404, [], b"")
+        status, headers, body = (
+            (genuine.status, list(genuine.headers), genuine.body)
+            if genuine is not None
+            else (404, [], b"")
+        )
         if fault == "timeout":
             self._stop.wait(10 * UPSTREAM_TIMEOUT)  # longer than dcapd waits
         elif fault == "connection reset":
@@ -229,30 +251,61 @@ class FaultyPCS:
         elif fault == "truncated body":
             self._send(conn, status, headers, body[: len(body) // 2], len(body))
         elif fault == "wrong content type":
-            self._send(conn, status, [(n, "text/html; charset=utf-8") if n.lower() ==
-                                      "content-type" else (n, v) for n, v in headers], body)
+            self._send(
+                conn,
+                status,
+                [
+                    (n, "text/html; charset=utf-8") if n.lower() == "content-type" else (n, v)
+                    for n, v in headers
+                ],
+                body,
+            )
         elif fault == "folded issuer-chain header":  # obs-fold: CRLF + space in the value
-            self._send(conn, status, [(n, v[:-40] + "\r\n " + v[-40:])
-                                      if n.lower().endswith("issuer-chain") else (n, v)
-                                      for n, v in headers], body)
+            self._send(
+                conn,
+                status,
+                [
+                    (n, v[:-40] + "\r\n " + v[-40:])
+                    if n.lower().endswith("issuer-chain")
+                    else (n, v)
+                    for n, v in headers
+                ],
+                body,
+            )
         elif fault == "missing issuer-chain header":
-            self._send(conn, status, [(n, v) for n, v in headers
-                                      if not n.lower().endswith("issuer-chain")], body)
+            self._send(
+                conn,
+                status,
+                [(n, v) for n, v in headers if not n.lower().endswith("issuer-chain")],
+                body,
+            )
         elif fault == "429 without Retry-After":
-            self._send(conn, 429, [("Content-Type", "application/json")],
-                       b'{"statusCode":429,"message":"Rate limit is exceeded."}')
+            self._send(
+                conn,
+                429,
+                [("Content-Type", "application/json")],
+                b'{"statusCode":429,"message":"Rate limit is exceeded."}',
+            )
         elif fault == "429 with Retry-After":
-            self._send(conn, 429, [("Retry-After", self.retry_after),
-                                   ("Content-Type", "application/json")],
-                       b'{"statusCode":429,"message":"Rate limit is exceeded."}')
+            self._send(
+                conn,
+                429,
+                [("Retry-After", self.retry_after), ("Content-Type", "application/json")],
+                b'{"statusCode":429,"message":"Rate limit is exceeded."}',
+            )
         elif fault in ("500", "503"):
-            self._send(conn, int(fault), [("Request-ID", "f" * 32),
-                                          ("Error-Code", "InternalError")], b"")
+            self._send(
+                conn, int(fault), [("Request-ID", "f" * 32), ("Error-Code", "InternalError")], b""
+            )
         elif fault == "garbage JSON":
             self._send(conn, 200, headers, GARBAGE_JSON)
         elif fault == "HTML error page with 200":
-            self._send(conn, 200, [(n, "text/html") if n.lower() == "content-type" else (n, v)
-                                   for n, v in headers], HTML_PAGE)
+            self._send(
+                conn,
+                200,
+                [(n, "text/html") if n.lower() == "content-type" else (n, v) for n, v in headers],
+                HTML_PAGE,
+            )
         else:  # pragma: no cover - a typo in the matrix
             raise AssertionError(f"unknown fault {fault!r}")
 
@@ -269,7 +322,7 @@ def genuine() -> FakePCS:
 def faulty(genuine):
     started = []
 
-    def start(target: str, fault: Optional[str], **kwargs) -> FaultyPCS:
+    def start(target: str, fault: str | None, **kwargs) -> FaultyPCS:
         server = FaultyPCS(genuine, target, fault, **kwargs).start()
         started.append(server)
         return server
@@ -279,13 +332,15 @@ def faulty(genuine):
         server.stop()
 
 
-@pytest.mark.parametrize("fault,column", sorted(MATRIX), ids=[f"{f} x {c}" for f, c in
-                                                              sorted(MATRIX)])
+@pytest.mark.parametrize(
+    "fault,column", sorted(MATRIX), ids=[f"{f} x {c}" for f, c in sorted(MATRIX)]
+)
 def test_fault_matrix(tmp_path, make_client, genuine, faulty, fault, column):
     route, params, target = COLUMNS[column]
     upstream = faulty(target, fault)
-    client = make_client(upstream_retries=0, upstream_timeout=UPSTREAM_TIMEOUT,
-                         **upstream.settings())
+    client = make_client(
+        upstream_retries=0, upstream_timeout=UPSTREAM_TIMEOUT, **upstream.settings()
+    )
     adapter = guard(client.app)
     store = client.app.services.store
     started = time.monotonic()
@@ -331,8 +386,7 @@ TCB = COLUMNS["tcb"]
 
 
 def retrying_client(make_client, upstream, retries=2, timeout=5.0):
-    client = make_client(upstream_retries=retries, upstream_timeout=timeout,
-                         **upstream.settings())
+    client = make_client(upstream_retries=retries, upstream_timeout=timeout, **upstream.settings())
     guard(client.app)
     return client
 

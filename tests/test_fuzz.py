@@ -38,14 +38,23 @@ from tests import pki
 from tests.conftest import INTEL_ROOT_CDP
 from tests.servers import running_dcapd
 from tests.test_pckcert import CASES, PCKCERT, query, raw_tcb, serve_platform
-from tests.test_platforms import (ADMIN, PLATFORMS, SCENARIO, TOKENS, USER, fill_prefetch_gap,
-                                  registration)
+from tests.test_platforms import (
+    ADMIN,
+    PLATFORMS,
+    SCENARIO,
+    TOKENS,
+    USER,
+    fill_prefetch_gap,
+    registration,
+)
 from tests.test_ssrf import HOSTILE_URIS, INTEL_SPELLINGS, guard, snapshot
 from tests.test_upload import put
 from tests.uploads import intel_upload, upload_for_test_platform
 
-pytestmark = [pytest.mark.filterwarnings("ignore::wsgiref.validate.WSGIWarning"),
-              pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::wsgiref.validate.WSGIWarning"),
+    pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning"),
+]
 
 PROFILE = os.environ.get("DCAPD_HARDENING_PROFILE", "quick")
 EXAMPLES = {"quick": 150, "long": 5200}[PROFILE]  # per fuzzed app
@@ -61,10 +70,12 @@ def report_counts():
     path = os.environ.get("DCAPD_HARDENING_REPORT")
     if path:
         report = json.loads(open(path).read()) if os.path.exists(path) else {}
-        report["fuzz"] = {"profile": PROFILE, "requests": STATS["requests"],
-                          "status_500": STATS["status 500"],
-                          "statuses": {k: v for k, v in sorted(STATS.items())
-                                       if k.startswith("status ")}}
+        report["fuzz"] = {
+            "profile": PROFILE,
+            "requests": STATS["requests"],
+            "status_500": STATS["status 500"],
+            "statuses": {k: v for k, v in sorted(STATS.items()) if k.startswith("status ")},
+        }
         with open(path, "w") as handle:
             json.dump(report, handle, indent=1)
 
@@ -72,29 +83,56 @@ def report_counts():
 # --- strategies ---------------------------------------------------------------------------
 
 ROUTES = sorted({path for path, *_ in route_paths()} | {STATUS_PATH, "/healthz", "/readyz"})
-METHODS = ["GET", "GET", "GET", "POST", "PUT", "HEAD", "DELETE", "PATCH", "OPTIONS", "TRACE",
-           "CONNECT", "PROPFIND", "get", "Put"]
-HEADER_CHARS = st.characters(min_codepoint=0x20, max_codepoint=0xFF,
-                             blacklist_categories=("Cc",))
+METHODS = [
+    "GET",
+    "GET",
+    "GET",
+    "POST",
+    "PUT",
+    "HEAD",
+    "DELETE",
+    "PATCH",
+    "OPTIONS",
+    "TRACE",
+    "CONNECT",
+    "PROPFIND",
+    "get",
+    "Put",
+]
+HEADER_CHARS = st.characters(min_codepoint=0x20, max_codepoint=0xFF, blacklist_categories=("Cc",))
 HEX = "0123456789abcdefABCDEF"
 
 
 def flip_case(text: str, mask: int) -> str:
-    return "".join(c.upper() if (mask >> (i % 60)) & 1 else c.lower()
-                   for i, c in enumerate(text))
+    return "".join(c.upper() if (mask >> (i % 60)) & 1 else c.lower() for i, c in enumerate(text))
 
 
 def huge(chars: str = "0aZ%\u00e9/") -> st.SearchStrategy[str]:
-    return st.builds(lambda c, n: c * n, st.sampled_from(list(chars)),
-                     st.integers(1000, 70000))
+    return st.builds(lambda c, n: c * n, st.sampled_from(list(chars)), st.integers(1000, 70000))
 
 
 @st.composite
 def paths(draw) -> str:
     path = draw(st.sampled_from(ROUTES))
-    for change in draw(st.lists(st.sampled_from(
-            ["case", "slash", "slashes", "version", "tee", "percent", "junk", "dotdot",
-             "unicode", "random"]), max_size=3)):
+    for change in draw(
+        st.lists(
+            st.sampled_from(
+                [
+                    "case",
+                    "slash",
+                    "slashes",
+                    "version",
+                    "tee",
+                    "percent",
+                    "junk",
+                    "dotdot",
+                    "unicode",
+                    "random",
+                ]
+            ),
+            max_size=3,
+        )
+    ):
         if change == "case":
             path = flip_case(path, draw(st.integers(0, 2**60)))
         elif change == "slash":
@@ -102,15 +140,21 @@ def paths(draw) -> str:
         elif change == "slashes":
             path = path.replace("/", "//", draw(st.integers(1, 3)))
         elif change == "version":
-            path = re.sub(r"/v\d+/", f"/v{draw(st.sampled_from([0, 1, 2, 3, 4, 5, 10]))}/",
-                          path)
+            path = re.sub(r"/v\d+/", f"/v{draw(st.sampled_from([0, 1, 2, 3, 4, 5, 10]))}/", path)
         elif change == "tee":
-            path = path.replace("/sgx/", "/tdx/") if "/sgx/" in path else \
-                path.replace("/tdx/", "/sgx/")
+            path = (
+                path.replace("/sgx/", "/tdx/")
+                if "/sgx/" in path
+                else path.replace("/tdx/", "/sgx/")
+            )
         elif change == "percent":
             at = draw(st.integers(0, len(path) - 1))
-            path = path[:at] + "%" + draw(st.sampled_from(["2e", "2f", "2F", "00", "zz", "",
-                                                           "25", "c3%a9"])) + path[at:]
+            path = (
+                path[:at]
+                + "%"
+                + draw(st.sampled_from(["2e", "2f", "2F", "00", "zz", "", "25", "c3%a9"]))
+                + path[at:]
+            )
         elif change == "junk":
             path += "/" + draw(st.text(max_size=20))
         elif change == "dotdot":
@@ -125,16 +169,25 @@ def paths(draw) -> str:
 
 def hexes(*lengths: int) -> st.SearchStrategy[str]:
     return st.integers(0, len(lengths) - 1).flatmap(
-        lambda i: st.text(alphabet=HEX, min_size=lengths[i], max_size=lengths[i]))
+        lambda i: st.text(alphabet=HEX, min_size=lengths[i], max_size=lengths[i])
+    )
 
 
 CPUSVNS = [raw_tcb(*case[:2])[0] for case in CASES]
 PCESVNS = [raw_tcb(*case[:2])[1] for case in CASES]
-PCK_CRL_URL = ("https://api.trustedservices.intel.com/sgx/certification/v4/pckcrl"
-               "?ca=processor&encoding=der")
+PCK_CRL_URL = (
+    "https://api.trustedservices.intel.com/sgx/certification/v4/pckcrl?ca=processor&encoding=der"
+)
 GOOD_VALUES = {
-    "fmspc": ["00906ED50000", "00906ed50000", PLATFORM.fmspc, "00606A000000", "00806F050000",
-              f"[{PLATFORM.fmspc}]", "[00906ED50000,00606A000000]"],
+    "fmspc": [
+        "00906ED50000",
+        "00906ed50000",
+        PLATFORM.fmspc,
+        "00606A000000",
+        "00806F050000",
+        f"[{PLATFORM.fmspc}]",
+        "[00906ED50000,00606A000000]",
+    ],
     "update": ["standard", "early", "all", "STANDARD", "Early"],
     "ca": ["processor", "platform", "PROCESSOR", "Platform"],
     "encoding": ["der", "pem", "DER"],
@@ -147,26 +200,50 @@ GOOD_VALUES = {
     "source": ["reg", "reg_na", "[]", f"[{PLATFORM.fmspc}]", "[00906ED50000, x]", "[", "]"],
     "type": ["certs", "CERTS", "collateral"],
 }
-SHAPES = {"fmspc": (12,), "qeid": (32, 1, 260, 261), "pceid": (4,), "cpusvn": (32,),
-          "pcesvn": (4,), "encrypted_ppid": (768, 767, 0)}
+SHAPES = {
+    "fmspc": (12,),
+    "qeid": (32, 1, 260, 261),
+    "pceid": (4,),
+    "cpusvn": (32,),
+    "pcesvn": (4,),
+    "encrypted_ppid": (768, 767, 0),
+}
 
 
 def values(name: str) -> st.SearchStrategy[str]:
     good = st.sampled_from(GOOD_VALUES.get(name, [""]))
-    options = [good, good, good, good, st.just(""), huge(), st.text(max_size=30),
-               st.text(alphabet=HEX, max_size=40)]
+    options = [
+        good,
+        good,
+        good,
+        good,
+        st.just(""),
+        huge(),
+        st.text(max_size=30),
+        st.text(alphabet=HEX, max_size=40),
+    ]
     if name in SHAPES:
         options += [hexes(*SHAPES[name])] * 2
     return st.one_of(*options)
 
 
 # What each route reads: its methods and query parameters (the rest are ignored or refused).
-ROUTE_METHODS = {"platforms": ["POST", "GET"], "platformcollateral": ["PUT"],
-                 "appraisalpolicy": ["PUT", "GET"], "refresh": ["GET", "POST"]}
-ROUTE_PARAMS = {"pckcert": ["qeid", "pceid", "cpusvn", "pcesvn", "encrypted_ppid"],
-                "pckcrl": ["ca", "encoding"], "tcb": ["fmspc", "update"],
-                "identity": ["update"], "crl": ["uri"], "appraisalpolicy": ["fmspc"],
-                "platforms": ["source", "update"], "refresh": ["type", "fmspc"]}
+ROUTE_METHODS = {
+    "platforms": ["POST", "GET"],
+    "platformcollateral": ["PUT"],
+    "appraisalpolicy": ["PUT", "GET"],
+    "refresh": ["GET", "POST"],
+}
+ROUTE_PARAMS = {
+    "pckcert": ["qeid", "pceid", "cpusvn", "pcesvn", "encrypted_ppid"],
+    "pckcrl": ["ca", "encoding"],
+    "tcb": ["fmspc", "update"],
+    "identity": ["update"],
+    "crl": ["uri"],
+    "appraisalpolicy": ["fmspc"],
+    "platforms": ["source", "update"],
+    "refresh": ["type", "fmspc"],
+}
 ALL_NAMES = list(GOOD_VALUES) + ["platform", "admin-token", ""]
 
 
@@ -180,13 +257,13 @@ def query_strings(draw, names) -> str:
         chosen = [name for name in names if draw(st.integers(0, 5))]
         chosen += draw(st.lists(st.sampled_from(ALL_NAMES), max_size=1))
     else:
-        chosen = draw(st.lists(st.one_of(st.sampled_from(ALL_NAMES), st.text(max_size=10)),
-                               max_size=6))
+        chosen = draw(
+            st.lists(st.one_of(st.sampled_from(ALL_NAMES), st.text(max_size=10)), max_size=6)
+        )
     parts = []
     for name in chosen:
         value = draw(values(name))
-        how = draw(st.sampled_from(["quote"] * 4 + ["plus", "raw", "twice", "bare",
-                                                     "broken"]))
+        how = draw(st.sampled_from(["quote"] * 4 + ["plus", "raw", "twice", "bare", "broken"]))
         if how == "quote":
             part = f"{urllib.parse.quote(name)}={urllib.parse.quote(value, safe='')}"
         elif how == "plus":
@@ -207,9 +284,20 @@ def query_strings(draw, names) -> str:
     return text.replace("#", "%23").encode("utf-8").decode("latin-1")
 
 
-TOKEN_VALUES = {"admin-token": [ADMIN] * 6 + [None, "", "wrong", USER, ADMIN.upper(), ADMIN + "x",
-                                              TOKENS["admin_token_sha512"], "t\u00f6ken"],
-                "user-token": [USER] * 6 + [None, "", "wrong", ADMIN, USER + " x", "t\u00f6ken"]}
+TOKEN_VALUES = {
+    "admin-token": [ADMIN] * 6
+    + [
+        None,
+        "",
+        "wrong",
+        USER,
+        ADMIN.upper(),
+        ADMIN + "x",
+        TOKENS["admin_token_sha512"],
+        "t\u00f6ken",
+    ],
+    "user-token": [USER] * 6 + [None, "", "wrong", ADMIN, USER + " x", "t\u00f6ken"],
+}
 
 
 @st.composite
@@ -219,34 +307,53 @@ def headers(draw) -> dict:
         value = draw(st.sampled_from(TOKEN_VALUES[name]))
         if value is not None:
             result[name] = value
-    request_id = draw(st.one_of(st.none(), st.sampled_from(["abc-123", "x" * 64, "x" * 65,
-                                                            "a b", "../etc"]),
-                                st.text(alphabet=HEADER_CHARS, max_size=80)))
+    request_id = draw(
+        st.one_of(
+            st.none(),
+            st.sampled_from(["abc-123", "x" * 64, "x" * 65, "a b", "../etc"]),
+            st.text(alphabet=HEADER_CHARS, max_size=80),
+        )
+    )
     if request_id is not None:
         result["Request-ID"] = request_id
-    content_type = draw(st.sampled_from([None, "application/json", "text/plain",
-                                         "application/x-www-form-urlencoded",
-                                         "multipart/form-data; boundary=x", "application/json; "
-                                         "charset=latin-1", "\u00e9/\u00e9"]))
+    content_type = draw(
+        st.sampled_from(
+            [
+                None,
+                "application/json",
+                "text/plain",
+                "application/x-www-form-urlencoded",
+                "multipart/form-data; boundary=x",
+                "application/json; charset=latin-1",
+                "\u00e9/\u00e9",
+            ]
+        )
+    )
     if content_type is not None:
         result["Content-Type"] = content_type
     for _ in range(draw(st.integers(0, 2))):
-        name = draw(st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCXYZ0123456789-",
-                            min_size=1, max_size=20))
+        name = draw(
+            st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCXYZ0123456789-", min_size=1, max_size=20)
+        )
         if name.lower() not in ("content-length", "content-type"):
             result[name] = draw(st.text(alphabet=HEADER_CHARS, max_size=40))
     return result
 
 
 CONTENT_LENGTH_LIES = st.one_of(
-    st.none(), st.none(), st.integers(0, 10**7).map(str),
-    st.sampled_from(["-1", "abc", "1e3", " 5", "0x10", "", "99999999999999999999999", "1,2"]))
+    st.none(),
+    st.none(),
+    st.integers(0, 10**7).map(str),
+    st.sampled_from(["-1", "abc", "1e3", " 5", "0x10", "", "99999999999999999999999", "1,2"]),
+)
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
-                                                               max_size=4),
-    max_leaves=12)
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
 
 
 def leaf_paths(document, prefix=()):
@@ -280,12 +387,16 @@ def mutated(draw, document):
 
 POLICY = {"policy": "a.eyJ4Ijp7fX0.c", "is_default": True, "fmspc": PLATFORM.fmspc}
 BODY_TEMPLATES = {
-    "platforms": [registration(CPUSVNS[0], PCESVNS[0]),
-                  registration(CPUSVNS[3], PCESVNS[3], qe_id="ab" * 16),
-                  registration(CPUSVNS[5], PCESVNS[5], enc_ppid="0" * 768),
-                  {"pce_id": "0000", "qe_id": "abcdef", "platform_manifest": "ab" * 50}],
-    "platformcollateral": [upload_for_test_platform(raw_tcbs=[(CPUSVNS[1], PCESVNS[1])]),
-                           upload_for_test_platform(raw_tcbs=[(CPUSVNS[4], PCESVNS[4])])],
+    "platforms": [
+        registration(CPUSVNS[0], PCESVNS[0]),
+        registration(CPUSVNS[3], PCESVNS[3], qe_id="ab" * 16),
+        registration(CPUSVNS[5], PCESVNS[5], enc_ppid="0" * 768),
+        {"pce_id": "0000", "qe_id": "abcdef", "platform_manifest": "ab" * 50},
+    ],
+    "platformcollateral": [
+        upload_for_test_platform(raw_tcbs=[(CPUSVNS[1], PCESVNS[1])]),
+        upload_for_test_platform(raw_tcbs=[(CPUSVNS[4], PCESVNS[4])]),
+    ],
     "appraisalpolicy": [POLICY],
 }
 ANY_TEMPLATE = [t for templates in BODY_TEMPLATES.values() for t in templates]
@@ -301,8 +412,19 @@ def bodies(limit: int, templates) -> st.SearchStrategy:
         st.sampled_from(templates).flatmap(mutated).map(as_json),
         st.sampled_from(templates).flatmap(mutated).map(as_json),
         st.sampled_from(templates).map(as_json),
-        st.sampled_from([b"{", b"[]", b"null", b'"x"', b"{}" * 3, b"\xff\xfe{}", b"[" * 100000,
-                         b'{"a":' * 50000, b"\x00" * 100]),
+        st.sampled_from(
+            [
+                b"{",
+                b"[]",
+                b"null",
+                b'"x"',
+                b"{}" * 3,
+                b"\xff\xfe{}",
+                b"[" * 100000,
+                b'{"a":' * 50000,
+                b"\x00" * 100,
+            ]
+        ),
         st.integers(limit - 5, limit + 5).map(lambda n: b" " * n),
     )
 
@@ -313,19 +435,32 @@ def requests_(draw, limit: int) -> dict:
         path = draw(st.sampled_from(ROUTES))
         method = draw(st.sampled_from(ROUTE_METHODS.get(endpoint(path), ["GET"])))
         if draw(st.integers(0, 3)) == 0:
-            path = draw(st.sampled_from([path + "/", path.upper(), flip_case(path, 2**40 - 7),
-                                         path.replace("/v4/", "/v3/"), path + "//"]))
+            path = draw(
+                st.sampled_from(
+                    [
+                        path + "/",
+                        path.upper(),
+                        flip_case(path, 2**40 - 7),
+                        path.replace("/v4/", "/v3/"),
+                        path + "//",
+                    ]
+                )
+            )
     else:
         method, path = draw(st.sampled_from(METHODS)), draw(paths())
     name = endpoint(path)
-    return {"method": method, "path": path,
-            "query": draw(query_strings(ROUTE_PARAMS.get(name, []))),
-            "headers": draw(headers()),
-            "body": draw(bodies(limit, BODY_TEMPLATES.get(name))),
-            "content_length": draw(CONTENT_LENGTH_LIES)}
+    return {
+        "method": method,
+        "path": path,
+        "query": draw(query_strings(ROUTE_PARAMS.get(name, []))),
+        "headers": draw(headers()),
+        "body": draw(bodies(limit, BODY_TEMPLATES.get(name))),
+        "content_length": draw(CONTENT_LENGTH_LIES),
+    }
 
 
 # --- calling the app and checking the invariants --------------------------------------------
+
 
 class Unhandled(logging.Handler):
     """Collects the log records of exceptions the app did not expect."""
@@ -350,8 +485,12 @@ def unhandled():
 
 def call_app(app, request: dict) -> tuple[int, dict, bytes]:
     """One WSGI call, as a server would make it (a lying Content-Length included)."""
-    env = testing.create_environ(method=request["method"], path=request["path"],
-                                 headers=request["headers"], body=request["body"] or b"")
+    env = testing.create_environ(
+        method=request["method"],
+        path=request["path"],
+        headers=request["headers"],
+        body=request["body"] or b"",
+    )
     env["QUERY_STRING"] = request["query"]  # as sent, even "?x" (create_environ refuses it)
     lie = request["content_length"]
     sane = True
@@ -393,21 +532,22 @@ def check_request(app, request: dict, unhandled: Unhandled) -> int:
     if re.fullmatch(r"[A-Za-z0-9._-]{1,64}", sent):
         assert request_id == sent
     if not 200 <= status < 300:
-        assert snapshot(store) == before, ("a refused request changed the cache", status,
-                                           request)
+        assert snapshot(store) == before, ("a refused request changed the cache", status, request)
     return status
 
 
-FUZZ_SETTINGS = settings(max_examples=EXAMPLES, deadline=None, print_blob=True,
-                         suppress_health_check=list(HealthCheck))
+FUZZ_SETTINGS = settings(
+    max_examples=EXAMPLES, deadline=None, print_blob=True, suppress_health_check=list(HealthCheck)
+)
 
 
 def early_identities(fake) -> None:
     """PCS early identities (the recording has only standard ones): a copy of each."""
     for response in list(fake.responses):
         if response.path.endswith("/identity") and response.status == 200:
-            fake.add_response("GET", response.path, {"update": "early"}, 200, response.headers,
-                              response.body)
+            fake.add_response(
+                "GET", response.path, {"update": "early"}, 200, response.headers, response.body
+            )
 
 
 @pytest.fixture
@@ -419,12 +559,20 @@ def lazy_app(fake_pcs, make_client):
     client = make_client(fake, max_body_bytes=LAZY_BODY_LIMIT, **TOKENS)
     guard(client.app)
     # Warm: everything a registration prefetches, the platform, a crl?uri= answer.
-    assert client.simulate_post(PLATFORMS, params={"update": "all"}, headers={
-        "user-token": USER}, body=json.dumps(registration(CPUSVNS[0], PCESVNS[0]))
-    ).status_code == 200
-    for path, params in [("/sgx/certification/v4/tcb", {"fmspc": "00906ED50000"}),
-                         ("/sgx/certification/v4/crl", {"uri": INTEL_ROOT_CDP}),
-                         (PCKCERT, query(CPUSVNS[1], PCESVNS[1]))]:
+    assert (
+        client.simulate_post(
+            PLATFORMS,
+            params={"update": "all"},
+            headers={"user-token": USER},
+            body=json.dumps(registration(CPUSVNS[0], PCESVNS[0])),
+        ).status_code
+        == 200
+    )
+    for path, params in [
+        ("/sgx/certification/v4/tcb", {"fmspc": "00906ED50000"}),
+        ("/sgx/certification/v4/crl", {"uri": INTEL_ROOT_CDP}),
+        (PCKCERT, query(CPUSVNS[1], PCESVNS[1])),
+    ]:
         assert client.simulate_get(path, params=params).status_code == 200
     return client.app
 
@@ -433,8 +581,10 @@ def lazy_app(fake_pcs, make_client):
 def offline_app(make_client):
     client = make_client(cache_mode="OFFLINE", max_body_bytes=OFFLINE_BODY_LIMIT, **TOKENS)
     assert put(client, intel_upload()).status_code == 200
-    assert put(client, upload_for_test_platform(raw_tcbs=[(CPUSVNS[0], PCESVNS[0])])
-               ).status_code == 200
+    assert (
+        put(client, upload_for_test_platform(raw_tcbs=[(CPUSVNS[0], PCESVNS[0])])).status_code
+        == 200
+    )
     return client.app
 
 
@@ -456,25 +606,42 @@ def test_any_request_to_an_offline_dcapd(offline_app, unhandled):
     run()
 
 
-@pytest.mark.parametrize("body", [b"[" * 100000, b'{"a":' * 50000, b"[" * 2000 + b"]" * 2000],
-                         ids=["100000 [", "50000 {", "2000 [ and ]"])
-@pytest.mark.parametrize("method,path,header", [
-    ("POST", PLATFORMS, "user-token"),
-    ("PUT", "/sgx/certification/v4/platformcollateral", "admin-token"),
-    ("PUT", "/sgx/certification/v3/appraisalpolicy", "admin-token")])
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 100000, b'{"a":' * 50000, b"[" * 2000 + b"]" * 2000],
+    ids=["100000 [", "50000 {", "2000 [ and ]"],
+)
+@pytest.mark.parametrize(
+    "method,path,header",
+    [
+        ("POST", PLATFORMS, "user-token"),
+        ("PUT", "/sgx/certification/v4/platformcollateral", "admin-token"),
+        ("PUT", "/sgx/certification/v3/appraisalpolicy", "admin-token"),
+    ],
+)
 def test_deeply_nested_json_is_400(make_client, unhandled, body, method, path, header):
     client = make_client(cache_mode="OFFLINE", **TOKENS)
-    result = client.simulate_request(method, path, body=body,
-                                     headers={header: {"user-token": USER,
-                                                       "admin-token": ADMIN}[header]})
+    result = client.simulate_request(
+        method,
+        path,
+        body=body,
+        headers={header: {"user-token": USER, "admin-token": ADMIN}[header]},
+    )
     assert result.status_code == 400
     assert not unhandled.records
 
 
-@pytest.mark.parametrize("junk", ["\n", "\r\n ", "\t", " ", "\x00"],
-                         ids=["LF", "CRLF and space", "tab", "space", "NUL"])
-@pytest.mark.parametrize("chain", ["TCB-Info-Issuer-Chain", "SGX-Enclave-Identity-Issuer-Chain",
-                                   "SGX-PCK-Certificate-Issuer-Chain"])
+@pytest.mark.parametrize(
+    "junk", ["\n", "\r\n ", "\t", " ", "\x00"], ids=["LF", "CRLF and space", "tab", "space", "NUL"]
+)
+@pytest.mark.parametrize(
+    "chain",
+    [
+        "TCB-Info-Issuer-Chain",
+        "SGX-Enclave-Identity-Issuer-Chain",
+        "SGX-PCK-Certificate-Issuer-Chain",
+    ],
+)
 def test_upload_chain_that_is_not_url_encoded_is_400(make_client, unhandled, junk, chain):
     """A chain is stored and replayed as a response header: a raw line break (or any
     whitespace) in it is refused up front, never a 500 when the write fails."""
@@ -482,8 +649,9 @@ def test_upload_chain_that_is_not_url_encoded_is_400(make_client, unhandled, jun
     upload = intel_upload()
     chains = upload["collaterals"]["certificates"]
     if isinstance(chains[chain], dict):
-        chains[chain] = {ca: value[:-40] + junk + value[-40:]
-                         for ca, value in chains[chain].items()}
+        chains[chain] = {
+            ca: value[:-40] + junk + value[-40:] for ca, value in chains[chain].items()
+        }
     else:
         chains[chain] = chains[chain][:-40] + junk + chains[chain][-40:]
     result = put(client, upload)
@@ -493,6 +661,7 @@ def test_upload_chain_that_is_not_url_encoded_is_400(make_client, unhandled, jun
 
 
 # --- oversized bodies: 413 before the body is read ------------------------------------------
+
 
 class Unreadable(io.RawIOBase):
     """A wsgi.input that fails the test if more than ``allowed`` bytes are read from it."""
@@ -514,13 +683,15 @@ class Unreadable(io.RawIOBase):
 
     def readinto(self, buffer):  # pragma: no cover - falcon calls read()
         data = self.read(len(buffer))
-        buffer[:len(data)] = data
+        buffer[: len(data)] = data
         return len(data)
 
 
 BODY_ROUTES = [("POST", f"/sgx/certification/v{v}/platforms", "user-token") for v in (3, 4)] + [
     ("PUT", f"/sgx/certification/v{v}/{route}", "admin-token")
-    for v in (3, 4) for route in ("platformcollateral", "appraisalpolicy")]
+    for v in (3, 4)
+    for route in ("platformcollateral", "appraisalpolicy")
+]
 GOOD = {"user-token": USER, "admin-token": ADMIN}
 
 
@@ -543,8 +714,9 @@ def test_content_length_over_the_limit_is_413_unread(make_client, method, path, 
 
 
 @pytest.mark.parametrize("method,path,header", BODY_ROUTES[:2])
-def test_body_without_content_length_is_read_only_up_to_the_limit(make_client, method, path,
-                                                                  header):
+def test_body_without_content_length_is_read_only_up_to_the_limit(
+    make_client, method, path, header
+):
     """No Content-Length (waitress de-chunks a chunked body and sets one; another server
     might not): at most limit + 1 bytes are read."""
     limit = 1000
@@ -585,10 +757,12 @@ def test_running_server_refuses_an_oversized_body_before_it_is_sent(make_config,
             context.verify_mode = ssl.CERT_NONE
             raw = context.wrap_socket(raw)
         with raw as conn:
-            conn.sendall(b"PUT /sgx/certification/v4/platformcollateral HTTP/1.1\r\n"
-                         b"Host: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                         b"admin-token: " + ADMIN.encode() + b"\r\n"
-                         b"Content-Length: 10000000\r\n\r\n" + b"{" * 100)
+            conn.sendall(
+                b"PUT /sgx/certification/v4/platformcollateral HTTP/1.1\r\n"
+                b"Host: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"admin-token: " + ADMIN.encode() + b"\r\n"
+                b"Content-Length: 10000000\r\n\r\n" + b"{" * 100
+            )
             started = time.monotonic()
             reply = b""
             while b"\r\n\r\n" not in reply:
@@ -602,9 +776,13 @@ def test_running_server_refuses_an_oversized_body_before_it_is_sent(make_config,
 
         with requests.Session() as session:
             session.trust_env = False
-            result = session.put(f"{server.url}/sgx/certification/v4/platformcollateral",
-                                 data=b" " * (limit - 1), headers={"admin-token": ADMIN},
-                                 verify=False, timeout=10)
+            result = session.put(
+                f"{server.url}/sgx/certification/v4/platformcollateral",
+                data=b" " * (limit - 1),
+                headers={"admin-token": ADMIN},
+                verify=False,
+                timeout=10,
+            )
             assert result.status_code == 400, "under the limit: read, then judged (not JSON)"
 
 
@@ -615,6 +793,10 @@ def test_running_server_accepts_a_body_of_exactly_the_limit(make_config):
     config = make_config(cache_mode="OFFLINE", max_body_bytes=limit, **TOKENS)
     with running_dcapd(config) as server, requests.Session() as session:
         session.trust_env = False
-        result = session.put(f"{server.url}/sgx/certification/v4/platformcollateral",
-                             data=b" " * limit, headers={"admin-token": ADMIN}, timeout=10)
+        result = session.put(
+            f"{server.url}/sgx/certification/v4/platformcollateral",
+            data=b" " * limit,
+            headers={"admin-token": ADMIN},
+            timeout=10,
+        )
         assert result.status_code == 400, "at the limit: read, then judged (not JSON)"

@@ -18,8 +18,15 @@ from hypothesis import strategies as st
 
 from dcapd import integrity
 from dcapd.integrity import (
-    IntegrityError, extract_raw_json_value, load_trusted_roots, parse_issuer_chain,
-    raw_json_value_span, verify_chain, verify_crl, verify_pck_cert, verify_signed_json,
+    IntegrityError,
+    extract_raw_json_value,
+    load_trusted_roots,
+    parse_issuer_chain,
+    raw_json_value_span,
+    verify_chain,
+    verify_crl,
+    verify_pck_cert,
+    verify_signed_json,
 )
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
@@ -57,14 +64,30 @@ def _inventory() -> list[dict]:
             kind = resp.get("summary", {}).get("kind")
             header = _chain_header(resp["headers"])
             chains_by_kind.setdefault(kind, header)
-            items.append({"scenario": path.parent.name, "id": resp["id"], "kind": kind,
-                          "file": path.parent / resp["body_file"], "chain": header, "at": at,
-                          "summary": resp.get("summary", {})})
+            items.append(
+                {
+                    "scenario": path.parent.name,
+                    "id": resp["id"],
+                    "kind": kind,
+                    "file": path.parent / resp["body_file"],
+                    "chain": header,
+                    "at": at,
+                    "summary": resp.get("summary", {}),
+                }
+            )
         for rel, extra in (manifest.get("extra") or {}).items():
             kind = extra["summary"]["kind"]
-            items.append({"scenario": path.parent.name, "id": "extra:" + Path(rel).stem,
-                          "kind": kind, "file": path.parent / rel, "chain": chains_by_kind[kind],
-                          "at": at, "summary": extra["summary"]})
+            items.append(
+                {
+                    "scenario": path.parent.name,
+                    "id": "extra:" + Path(rel).stem,
+                    "kind": kind,
+                    "file": path.parent / rel,
+                    "chain": chains_by_kind[kind],
+                    "at": at,
+                    "summary": extra["summary"],
+                }
+            )
     return items
 
 
@@ -105,7 +128,7 @@ def _fresh_warnings():
 
 
 def _flip(data: bytes, index: int, mask: int = 0x01) -> bytes:
-    return data[:index] + bytes([data[index] ^ mask]) + data[index + 1:]
+    return data[:index] + bytes([data[index] ^ mask]) + data[index + 1 :]
 
 
 def _pem(cert: x509.Certificate) -> str:
@@ -116,35 +139,44 @@ def _header(*certs: x509.Certificate) -> str:
     return urllib.parse.quote("".join(_pem(c) for c in certs), safe="")
 
 
-INTEL_ROOT_NAME = x509.Name([
-    x509.NameAttribute(NameOID.COMMON_NAME, "Intel SGX Root CA"),
-    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Intel Corporation"),
-    x509.NameAttribute(NameOID.LOCALITY_NAME, "Santa Clara"),
-    x509.NameAttribute(NameOID.STATE_OR_PROVINCE_NAME, "CA"),
-    x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
-])
+INTEL_ROOT_NAME = x509.Name(
+    [
+        x509.NameAttribute(NameOID.COMMON_NAME, "Intel SGX Root CA"),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Intel Corporation"),
+        x509.NameAttribute(NameOID.LOCALITY_NAME, "Santa Clara"),
+        x509.NameAttribute(NameOID.STATE_OR_PROVINCE_NAME, "CA"),
+        x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
+    ]
+)
 
 
 def _cert(subject, issuer_name, public_key, signing_key, *, ca: bool, path_length=None):
     now = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
-    return (x509.CertificateBuilder()
-            .subject_name(subject).issuer_name(issuer_name).public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(now + dt.timedelta(days=3650))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
-            .sign(signing_key, hashes.SHA256()))
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
+        .sign(signing_key, hashes.SHA256())
+    )
 
 
 @pytest.fixture(scope="module")
 def foreign_root():
     """A self-signed root that impersonates Intel's name (same subject, different key)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    return _cert(INTEL_ROOT_NAME, INTEL_ROOT_NAME, key.public_key(), key, ca=True,
-                 path_length=1), key
+    return _cert(
+        INTEL_ROOT_NAME, INTEL_ROOT_NAME, key.public_key(), key, ca=True, path_length=1
+    ), key
 
 
 def _sign_json(key: ec.EllipticCurvePrivateKey, top_key: str, inner_text: str) -> bytes:
     from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
     r, s = decode_dss_signature(key.sign(inner_text.encode(), ec.ECDSA(hashes.SHA256())))
     sig = (r.to_bytes(32, "big") + s.to_bytes(32, "big")).hex()
     return f'{{"{top_key}":{inner_text},"signature":"{sig}"}}'.encode()
@@ -158,16 +190,19 @@ def _sign_json(key: ec.EllipticCurvePrivateKey, top_key: str, inner_text: str) -
 def test_inventory_covers_every_kind():
     tcb = [i for i in SIGNED if i["kind"] == "tcbInfo"]
     tees = {json.loads(i["file"].read_bytes())["tcbInfo"].get("id", "SGX") for i in tcb}
-    assert tees == {"SGX", "TDX"}                                   # v2 tcbInfo has no id
-    assert any("v3api" in i["id"] for i in tcb)                     # v3 API (tcbInfo v2)
-    assert any(i["id"].endswith("_early") for i in tcb)             # update=early
-    assert any(i["id"].endswith("_eval17") for i in tcb)            # by eval number
+    assert tees == {"SGX", "TDX"}  # v2 tcbInfo has no id
+    assert any("v3api" in i["id"] for i in tcb)  # v3 API (tcbInfo v2)
+    assert any(i["id"].endswith("_early") for i in tcb)  # update=early
+    assert any(i["id"].endswith("_eval17") for i in tcb)  # by eval number
     assert any(i["id"].startswith("extra:") for i in tcb)
-    ids = {json.loads(i["file"].read_bytes())["enclaveIdentity"]["id"]
-           for i in SIGNED if i["kind"] == "enclaveIdentity"}
+    ids = {
+        json.loads(i["file"].read_bytes())["enclaveIdentity"]["id"]
+        for i in SIGNED
+        if i["kind"] == "enclaveIdentity"
+    }
     assert ids == {"QE", "QVE", "QAE", "TD_QE"}
     assert len(PCK_CRLS_DER) >= 9 and len(PCK_CRLS_PEM) == 2 and len(ROOT_CRLS) == 7
-    assert len(SIGNED) + len(CRLS) >= 46                            # README: 46 signed items
+    assert len(SIGNED) + len(CRLS) >= 46  # README: 46 signed items
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,8 +232,8 @@ def test_genuine_pck_crl_pem_verifies_as_der(item, roots):
 @pytest.mark.parametrize("item", ROOT_CRLS, ids=_ids(ROOT_CRLS))
 def test_genuine_root_ca_crl_verifies(item, roots, root_cert):
     der = item["file"].read_bytes()
-    verify_crl(der, None, roots, issuer=root_cert)     # issuer given explicitly
-    verify_crl(der, None, roots)                       # "signed by one of the trusted roots"
+    verify_crl(der, None, roots, issuer=root_cert)  # issuer given explicitly
+    verify_crl(der, None, roots)  # "signed by one of the trusted roots"
 
 
 def test_chain_headers_parse_root_last(roots):
@@ -213,12 +248,13 @@ def test_chain_headers_parse_root_last(roots):
 
 def test_expired_tcb_signer_2023_still_passes_and_warns_once(roots, caplog):
     item = _item("2023", "tdx_tcb_50806F000000")
-    later = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)    # signer expired 2025-05-21
+    later = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)  # signer expired 2025-05-21
     with caplog.at_level(logging.WARNING, logger="dcapd.integrity"):
         verify_signed_json(item["file"].read_bytes(), "tcbInfo", item["chain"], roots, at=later)
-        identity = _item("2023", "tdx_qe_identity")             # same signer: no second line
-        verify_signed_json(identity["file"].read_bytes(), "enclaveIdentity", identity["chain"],
-                           roots, at=later)
+        identity = _item("2023", "tdx_qe_identity")  # same signer: no second line
+        verify_signed_json(
+            identity["file"].read_bytes(), "enclaveIdentity", identity["chain"], roots, at=later
+        )
     warnings = [r for r in caplog.records if r.name == "dcapd.integrity"]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
     message = warnings[0].getMessage()
@@ -229,10 +265,11 @@ def test_expired_tcb_signer_2023_still_passes_and_warns_once(roots, caplog):
 
 
 def test_not_yet_valid_is_logged_not_rejected(roots, caplog):
-    item = _item("2025-05-27", "sgx_tcb_00906ED50000")   # TCB Signing 2025 from 2025-05-06
+    item = _item("2025-05-27", "sgx_tcb_00906ED50000")  # TCB Signing 2025 from 2025-05-06
     with caplog.at_level(logging.WARNING, logger="dcapd.integrity"):
-        verify_signed_json(item["file"].read_bytes(), "tcbInfo", item["chain"], roots,
-                           at=dt.datetime(2020, 1, 1))
+        verify_signed_json(
+            item["file"].read_bytes(), "tcbInfo", item["chain"], roots, at=dt.datetime(2020, 1, 1)
+        )
     assert any("not yet valid" in r.getMessage() for r in caplog.records)
 
 
@@ -266,15 +303,18 @@ def test_sandbox_pck_certs_rejected_by_production_root_accepted_by_sandbox_root(
     assert len(entries) == 4
     sandbox_root = parse_issuer_chain(header)[-1]
     sandbox_roots = load_trusted_roots(sandbox_root.public_bytes(serialization.Encoding.PEM))
-    for entry in entries:                                  # certs are URL-encoded PEM here
+    for entry in entries:  # certs are URL-encoded PEM here
         with pytest.raises(IntegrityError, match="not a trusted root and not issued by one"):
             verify_pck_cert(entry["cert"], header, roots)
         verify_pck_cert(entry["cert"], header, sandbox_roots)
-        verify_pck_cert(entry["cert"], header, roots + sandbox_roots)   # several anchors
+        verify_pck_cert(entry["cert"], header, roots + sandbox_roots)  # several anchors
     prod_headers = json.loads((PROD_PCK / "manifest.json").read_text())["headers"]
     with pytest.raises(IntegrityError):
-        verify_pck_cert((PROD_PCK / "pckcert.pem").read_text(),
-                        prod_headers["SGX-PCK-Certificate-Issuer-Chain"], sandbox_roots)
+        verify_pck_cert(
+            (PROD_PCK / "pckcert.pem").read_text(),
+            prod_headers["SGX-PCK-Certificate-Issuer-Chain"],
+            sandbox_roots,
+        )
 
 
 def test_pck_cert_input_must_be_one_certificate(roots):
@@ -299,12 +339,15 @@ def _body_and_chain(ref):
     return item["file"].read_bytes(), item["chain"]
 
 
-@pytest.mark.parametrize("needle, replace", [
-    (b'"tcbEvaluationDataNumber":17', b'"tcbEvaluationDataNumber":18'),
-    (b'"issueDate":"2025-05-27T19:31:07Z"', b'"issueDate":"2025-05-27T19:31:08Z"'),
-    (b'"nextUpdate":"2025-06-26T19:31:07Z"', b'"nextUpdate":"2035-06-26T19:31:07Z"'),
-    (b'"tcbStatus":"OutOfDate"', b'"tcbStatus":"UpToDate"'),
-])
+@pytest.mark.parametrize(
+    "needle, replace",
+    [
+        (b'"tcbEvaluationDataNumber":17', b'"tcbEvaluationDataNumber":18'),
+        (b'"issueDate":"2025-05-27T19:31:07Z"', b'"issueDate":"2025-05-27T19:31:08Z"'),
+        (b'"nextUpdate":"2025-06-26T19:31:07Z"', b'"nextUpdate":"2035-06-26T19:31:07Z"'),
+        (b'"tcbStatus":"OutOfDate"', b'"tcbStatus":"UpToDate"'),
+    ],
+)
 def test_one_changed_value_inside_tcb_info_rejected(roots, needle, replace):
     body, chain = _body_and_chain(TCB)
     assert body.count(needle) >= 1
@@ -318,19 +361,22 @@ def test_one_hex_char_of_signature_changed_rejected(roots):
     body, chain = _body_and_chain(TCB)
     doc = json.loads(body)
     sig = doc["signature"]
-    for pos in (0, 63, 64, 127):                       # r and s, both ends
-        new = sig[:pos] + ("0" if sig[pos] != "0" else "1") + sig[pos + 1:]
+    for pos in (0, 63, 64, 127):  # r and s, both ends
+        new = sig[:pos] + ("0" if sig[pos] != "0" else "1") + sig[pos + 1 :]
         tampered = body.replace(sig.encode(), new.encode())
         with pytest.raises(IntegrityError, match="does not verify"):
             verify_signed_json(tampered, "tcbInfo", chain, roots)
 
 
-@pytest.mark.parametrize("bad_sig, match", [
-    ("zz" * 64, "not 128 hex digits"),
-    ("ab" * 63, "not 128 hex digits"),
-    ("ab " * 64, "not 128 hex digits"),
-    ("00" * 64, "does not verify"),
-])
+@pytest.mark.parametrize(
+    "bad_sig, match",
+    [
+        ("zz" * 64, "not 128 hex digits"),
+        ("ab" * 63, "not 128 hex digits"),
+        ("ab " * 64, "not 128 hex digits"),
+        ("00" * 64, "does not verify"),
+    ],
+)
 def test_malformed_signature_rejected(roots, bad_sig, match):
     body, chain = _body_and_chain(TCB)
     sig = json.loads(body)["signature"]
@@ -341,8 +387,11 @@ def test_malformed_signature_rejected(roots, bad_sig, match):
 @pytest.mark.parametrize("ref, top_key", [(TCB, "tcbInfo"), (QE, "enclaveIdentity")])
 def test_reserialised_body_rejected(roots, ref, top_key):
     body, chain = _body_and_chain(ref)
-    for dumped in (json.dumps(json.loads(body)), json.dumps(json.loads(body), sort_keys=True),
-                   json.dumps(json.loads(body), separators=(",", ":"), sort_keys=True)):
+    for dumped in (
+        json.dumps(json.loads(body)),
+        json.dumps(json.loads(body), sort_keys=True),
+        json.dumps(json.loads(body), separators=(",", ":"), sort_keys=True),
+    ):
         assert dumped.encode() != body
         with pytest.raises(IntegrityError, match="does not verify"):
             verify_signed_json(dumped.encode(), top_key, chain, roots)
@@ -363,13 +412,19 @@ def test_chain_to_foreign_root_rejected(roots, foreign_root):
     verify_signed_json(body, "tcbInfo", _header(copy, fake_root), [fake_root])
 
 
-@pytest.mark.parametrize("header, match", [
-    ("garbage", "no PEM certificate"),
-    ("", "no PEM certificate"),
-    ("-----BEGIN%20CERTIFICATE-----%0AAAAA%0A-----END%20CERTIFICATE-----%0A"
-     "-----BEGIN%20CERTIFICATE-----%0AAAAA%0A-----END%20CERTIFICATE-----%0A", "does not parse"),
-    ("%ff%fe", "invalid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "header, match",
+    [
+        ("garbage", "no PEM certificate"),
+        ("", "no PEM certificate"),
+        (
+            "-----BEGIN%20CERTIFICATE-----%0AAAAA%0A-----END%20CERTIFICATE-----%0A"
+            "-----BEGIN%20CERTIFICATE-----%0AAAAA%0A-----END%20CERTIFICATE-----%0A",
+            "does not parse",
+        ),
+        ("%ff%fe", "invalid UTF-8"),
+    ],
+)
 def test_garbage_chain_header_rejected(roots, header, match):
     body, _ = _body_and_chain(TCB)
     with pytest.raises(IntegrityError, match=match):
@@ -386,9 +441,9 @@ def test_chain_header_structure_rejected(roots):
     with pytest.raises(IntegrityError, match="stray or broken"):
         parse_issuer_chain(header + "garbage")
     with pytest.raises(IntegrityError, match="stray or broken"):
-        parse_issuer_chain(header[: len(header) // 2])                 # truncated
+        parse_issuer_chain(header[: len(header) // 2])  # truncated
     with pytest.raises(IntegrityError, match="Root CA' KeyUsage lacks digitalSignature"):
-        verify_signed_json(body, "tcbInfo", _header(root, signer), roots)   # reversed
+        verify_signed_json(body, "tcbInfo", _header(root, signer), roots)  # reversed
     assert parse_issuer_chain(urllib.parse.unquote(header)) == [signer, root]  # plain PEM too
 
 
@@ -408,8 +463,9 @@ def test_identity_against_wrong_chain_rejected(roots):
     verify_signed_json(body, "enclaveIdentity", old_chain, roots)
     # ... but the 2023 identity does not verify as the 2025 one (different bytes)
     old_body, _ = _body_and_chain(("2023", "tdx_qe_identity"))
-    tampered = old_body.replace(json.loads(old_body)["signature"].encode(),
-                                json.loads(body)["signature"].encode())
+    tampered = old_body.replace(
+        json.loads(old_body)["signature"].encode(), json.loads(body)["signature"].encode()
+    )
     with pytest.raises(IntegrityError, match="enclaveIdentity signature: does not verify"):
         verify_signed_json(tampered, "enclaveIdentity", old_chain, roots)
 
@@ -437,9 +493,9 @@ def test_signer_must_hang_directly_off_the_root(foreign_root):
     ca = _cert(ca_name, INTEL_ROOT_NAME, ca_key.public_key(), root_key, ca=True, path_length=0)
     leaf = _cert(leaf_name, ca_name, leaf_key.public_key(), ca_key, ca=False)
     body = _sign_json(leaf_key, "tcbInfo", '{"id":"SGX","version":3}')
-    verify_chain([leaf, ca, root], [root])                       # a valid path ...
+    verify_chain([leaf, ca, root], [root])  # a valid path ...
     with pytest.raises(IntegrityError, match="not issued directly by a trusted root"):
-        verify_signed_json(body, "tcbInfo", _header(leaf, ca, root), [root])   # ... not a signer
+        verify_signed_json(body, "tcbInfo", _header(leaf, ca, root), [root])  # ... not a signer
     direct = _cert(leaf_name, INTEL_ROOT_NAME, leaf_key.public_key(), root_key, ca=False)
     verify_signed_json(body, "tcbInfo", _header(direct, root), [root])
 
@@ -462,7 +518,7 @@ def test_non_ca_issuer_and_path_length_rejected(foreign_root):
 def test_verify_chain_edge_cases(roots, root_cert):
     signer, _ = parse_issuer_chain(_body_and_chain(TCB)[1])
     verify_chain([root_cert], roots)
-    verify_chain([signer], roots)                       # directly issued by a trusted root
+    verify_chain([signer], roots)  # directly issued by a trusted root
     with pytest.raises(IntegrityError, match="empty"):
         verify_chain([], roots)
     with pytest.raises(IntegrityError, match="no trusted roots"):
@@ -519,22 +575,23 @@ def test_crl_with_wrong_issuer_rejected(roots, root_cert, foreign_root):
     processor = _item("2025-05-27", "pckcrl_processor")
     root_crl = _item("2025-05-27", "root_ca_crl")["file"].read_bytes()
     with pytest.raises(IntegrityError, match="issuer name differs"):
-        verify_crl(platform_der, processor["chain"], roots)         # processor CA chain
+        verify_crl(platform_der, processor["chain"], roots)  # processor CA chain
     with pytest.raises(IntegrityError, match="issuer name differs"):
-        verify_crl(root_crl, processor["chain"], roots)             # root CRL with a CA chain
+        verify_crl(root_crl, processor["chain"], roots)  # root CRL with a CA chain
     platform_ca = parse_issuer_chain(processor["chain"])[0]
     with pytest.raises(IntegrityError, match="issuer name differs"):
         verify_crl(root_crl, None, roots, issuer=platform_ca)
     with pytest.raises(IntegrityError, match="issuer is none of"):
-        verify_crl(platform_der, None, roots)                       # PCK CRL without its chain
-    fake_root, _ = foreign_root                                     # same name, other key
+        verify_crl(platform_der, None, roots)  # PCK CRL without its chain
+    fake_root, _ = foreign_root  # same name, other key
     with pytest.raises(IntegrityError, match="does not verify with any trusted root"):
         verify_crl(root_crl, None, [fake_root])
     with pytest.raises(IntegrityError, match="does not verify"):
         verify_crl(root_crl, None, [fake_root], issuer=fake_root)
     with pytest.raises(IntegrityError, match="not the first certificate"):
-        verify_crl(platform_der, _item("2025-05-27", "pckcrl_platform")["chain"], roots,
-                   issuer=root_cert)
+        verify_crl(
+            platform_der, _item("2025-05-27", "pckcrl_platform")["chain"], roots, issuer=root_cert
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,54 +610,73 @@ def test_extractor_returns_the_signed_substring(item):
     assert body.startswith(b'{"' + item["kind"].encode() + b'":' + raw + b',"signature":"')
 
 
-@pytest.mark.parametrize("body, key, expected", [
-    # the key inside a nested string, and inside a nested object, is not a match
-    (b'{"note":"\\"tcbInfo\\":{\\"x\\":1}","tcbInfo":{"a":"}"}}', "tcbInfo", b'{"a":"}"}'),
-    (b'{"outer":{"tcbInfo":{"fake":1}},"tcbInfo":{"real":2}}', "tcbInfo", b'{"real":2}'),
-    # escapes, brackets and quotes inside strings, whitespace, a backslash at a string's end
-    (b' { "tcbInfo" : { "s" : "a\\\\" , "t":"[{\\"]}" , "u":[1,{"v":null}] } , "signature":"00" } ',
-     "tcbInfo", b'{ "s" : "a\\\\" , "t":"[{\\"]}" , "u":[1,{"v":null}] }'),
-    # non-ASCII before the key: spans are byte offsets
-    ('{"z":"\u00e9\u4e2d","tcbInfo":{"k":"\u00fc"}}'.encode(), "tcbInfo",
-     '{"k":"\u00fc"}'.encode()),
-    # a key spelled with an escape is the same key
-    (b'{"tcb\\u0049nfo":{"k":1}}', "tcbInfo", b'{"k":1}'),
-    (b'{"a":[],"tcbInfo":[1,2],"b":{}}', "tcbInfo", b"[1,2]"),
-    (b'{"a":-1.5e3,"tcbInfo":"x"}', "tcbInfo", b'"x"'),
-])
+@pytest.mark.parametrize(
+    "body, key, expected",
+    [
+        # the key inside a nested string, and inside a nested object, is not a match
+        (b'{"note":"\\"tcbInfo\\":{\\"x\\":1}","tcbInfo":{"a":"}"}}', "tcbInfo", b'{"a":"}"}'),
+        (b'{"outer":{"tcbInfo":{"fake":1}},"tcbInfo":{"real":2}}', "tcbInfo", b'{"real":2}'),
+        # escapes, brackets and quotes inside strings, whitespace, a backslash at a string's end
+        (
+            b' { "tcbInfo" : { "s" : "a\\\\" , "t":"[{\\"]}" , "u":[1,{"v":null}] } , '
+            b'"signature":"00" } ',
+            "tcbInfo",
+            b'{ "s" : "a\\\\" , "t":"[{\\"]}" , "u":[1,{"v":null}] }',
+        ),
+        # non-ASCII before the key: spans are byte offsets
+        (
+            '{"z":"\u00e9\u4e2d","tcbInfo":{"k":"\u00fc"}}'.encode(),
+            "tcbInfo",
+            '{"k":"\u00fc"}'.encode(),
+        ),
+        # a key spelled with an escape is the same key
+        (b'{"tcb\\u0049nfo":{"k":1}}', "tcbInfo", b'{"k":1}'),
+        (b'{"a":[],"tcbInfo":[1,2],"b":{}}', "tcbInfo", b"[1,2]"),
+        (b'{"a":-1.5e3,"tcbInfo":"x"}', "tcbInfo", b'"x"'),
+    ],
+)
 def test_extractor_edge_cases(body, key, expected):
     assert extract_raw_json_value(body, key) == expected
 
 
-@pytest.mark.parametrize("body, match", [
-    (b'{"tcbInfo":{}} x', "not valid JSON"),
-    (b'[{"tcbInfo":{}}]', "not a JSON object"),
-    (b'{"tcbInfo":{},"tcbInfo":{}}', "duplicate"),
-    (b'{"other":{"tcbInfo":{}}}', "no top-level"),
-    (b'{"tcbInfo":{"a":NaN}}', "not valid JSON"),
-    (b'{"tcbInfo":{"a":[1,-Infinity]}}', "not valid JSON"),
-    (b'{"tcbInfo":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        (b'{"tcbInfo":{}} x', "not valid JSON"),
+        (b'[{"tcbInfo":{}}]', "not a JSON object"),
+        (b'{"tcbInfo":{},"tcbInfo":{}}', "duplicate"),
+        (b'{"other":{"tcbInfo":{}}}', "no top-level"),
+        (b'{"tcbInfo":{"a":NaN}}', "not valid JSON"),
+        (b'{"tcbInfo":{"a":[1,-Infinity]}}', "not valid JSON"),
+        (b'{"tcbInfo":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "not valid JSON"),
+    ],
+)
 def test_extractor_rejects(body, match):
     with pytest.raises(IntegrityError, match=match):
         extract_raw_json_value(body, "tcbInfo")
 
 
-_json_scalars = st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.text(max_size=8)
+_json_scalars = st.none() | st.booleans() | st.integers(-(10**6), 10**6) | st.text(max_size=8)
 _json_values = st.recursive(
     _json_scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
-                                                                max_size=4),
-    max_leaves=12)
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
 
 
 @settings(max_examples=50, deadline=None)
-@given(inner=st.dictionaries(st.text(max_size=8), _json_values, max_size=5),
-       decoy=_json_values, ensure_ascii=st.booleans(), indent=st.sampled_from([None, 0, 2]))
+@given(
+    inner=st.dictionaries(st.text(max_size=8), _json_values, max_size=5),
+    decoy=_json_values,
+    ensure_ascii=st.booleans(),
+    indent=st.sampled_from([None, 0, 2]),
+)
 def test_extractor_returns_exact_text_for_generated_json(inner, decoy, ensure_ascii, indent):
     inner_text = json.dumps(inner, ensure_ascii=ensure_ascii, indent=indent)
     decoy_text = json.dumps({"tcbInfo": decoy, "s": '"tcbInfo":{}'}, ensure_ascii=ensure_ascii)
-    body = ('{"decoy":' + decoy_text + ', "tcbInfo" :' + inner_text + ',"signature":"ab"}\n')
+    body = '{"decoy":' + decoy_text + ', "tcbInfo" :' + inner_text + ',"signature":"ab"}\n'
     assert extract_raw_json_value(body.encode(), "tcbInfo") == inner_text.encode()
 
 
@@ -608,14 +684,21 @@ def test_extractor_returns_exact_text_for_generated_json(inner, decoy, ensure_as
 # Property: any single flipped byte inside the signed object breaks verification
 # ---------------------------------------------------------------------------------------------
 
-_FLIP_TARGETS = [(TCB, "tcbInfo"), (QE, "enclaveIdentity"),
-                 (("2026-02-18", "tdx_tcb_90C06F000000"), "tcbInfo")]
+_FLIP_TARGETS = [
+    (TCB, "tcbInfo"),
+    (QE, "enclaveIdentity"),
+    (("2026-02-18", "tdx_tcb_90C06F000000"), "tcbInfo"),
+]
 
 
-@settings(max_examples=50, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(target=st.sampled_from(_FLIP_TARGETS), where=st.floats(0, 1, exclude_max=True),
-       mask=st.integers(1, 255))
+@settings(
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    target=st.sampled_from(_FLIP_TARGETS),
+    where=st.floats(0, 1, exclude_max=True),
+    mask=st.integers(1, 255),
+)
 def test_any_flipped_byte_in_signed_object_rejected(roots, target, where, mask):
     ref, top_key = target
     body, chain = _body_and_chain(ref)

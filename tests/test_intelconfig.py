@@ -27,16 +27,33 @@ INTEL_DEFAULT_JSON = {
     "OPENSSL_FIPS_MODE": False,
     "LogLevel": "info",
     "DB_CONFIG": "sqlite",
-    "sqlite": {"database": "database", "username": "username", "password": "password",
-               "options": {"host": "localhost", "dialect": "sqlite",
-                           "pool": {"max": 5, "min": 0, "acquire": 30000, "idle": 10000},
-                           "define": {"freezeTableName": True}, "logging": False,
-                           "storage": "pckcache.db"}},
-    "mysql": {"database": "pckcache", "username": "root", "password": "mypass",
-              "options": {"host": "localhost", "port": "3306", "dialect": "mysql",
-                          "pool": {"max": 5, "min": 0, "acquire": 30000, "idle": 10000},
-                          "define": {"freezeTableName": True}, "logging": False},
-              "ssl": {"required": False, "ca": "/if_required/path/to/your_ssl_ca"}},
+    "sqlite": {
+        "database": "database",
+        "username": "username",
+        "password": "password",
+        "options": {
+            "host": "localhost",
+            "dialect": "sqlite",
+            "pool": {"max": 5, "min": 0, "acquire": 30000, "idle": 10000},
+            "define": {"freezeTableName": True},
+            "logging": False,
+            "storage": "pckcache.db",
+        },
+    },
+    "mysql": {
+        "database": "pckcache",
+        "username": "root",
+        "password": "mypass",
+        "options": {
+            "host": "localhost",
+            "port": "3306",
+            "dialect": "mysql",
+            "pool": {"max": 5, "min": 0, "acquire": 30000, "idle": 10000},
+            "define": {"freezeTableName": True},
+            "logging": False,
+        },
+        "ssl": {"required": False, "ca": "/if_required/path/to/your_ssl_ca"},
+    },
 }
 API_KEY = "0123456789abcdef0123456789abcdef"
 
@@ -48,10 +65,17 @@ def write(tmp_path, document, name="default.json") -> str:
 
 
 def operators_file(**changes) -> dict:
-    document = dict(INTEL_DEFAULT_JSON, hosts="0.0.0.0", HTTPS_PORT=9443, ApiKey=API_KEY,
-                    UserTokenHash=token_sha512("user"), AdminTokenHash=token_sha512("admin"),
-                    CachingFillMode="OFFLINE", LogLevel="debug",
-                    proxy="http://proxy.example:3128")
+    document = dict(
+        INTEL_DEFAULT_JSON,
+        hosts="0.0.0.0",
+        HTTPS_PORT=9443,
+        ApiKey=API_KEY,
+        UserTokenHash=token_sha512("user"),
+        AdminTokenHash=token_sha512("admin"),
+        CachingFillMode="OFFLINE",
+        LogLevel="debug",
+        proxy="http://proxy.example:3128",
+    )
     document.update(changes)
     return document
 
@@ -77,22 +101,37 @@ def dcapd_logging():
 def test_intels_default_json_gives_dcapds_defaults_on_intels_address(tmp_path):
     overrides, unknown = read_intel_config(write(tmp_path, INTEL_DEFAULT_JSON))
     assert unknown == []
-    assert overrides == {"listen": "127.0.0.1:8081", "pcs_url": INTEL_PCS_URL, "api_key": "",
-                         "proxy": "", "refresh_schedule": "0 0 1 * * *",
-                         "user_token_sha512": "", "admin_token_sha512": "",
-                         "cache_mode": "LAZY", "verbose": "0", "log_level": "info"}
+    assert overrides == {
+        "listen": "127.0.0.1:8081",
+        "pcs_url": INTEL_PCS_URL,
+        "api_key": "",
+        "proxy": "",
+        "refresh_schedule": "0 0 1 * * *",
+        "user_token_sha512": "",
+        "admin_token_sha512": "",
+        "cache_mode": "LAZY",
+        "verbose": "0",
+        "log_level": "info",
+    }
     config = load_config({"cache_dir": str(tmp_path)}, environ={}, base=overrides)
     assert config.listen == ("127.0.0.1", 8081)
-    assert (config.pcs_url, config.cache_mode, config.api_key, config.verbose) == \
-        (INTEL_PCS_URL, "LAZY", "", False)
+    assert (config.pcs_url, config.cache_mode, config.api_key, config.verbose) == (
+        INTEL_PCS_URL,
+        "LAZY",
+        "",
+        False,
+    )
     assert config.refresh_schedule == "0 0 1 * * *"
-    assert config == load_config({"cache_dir": str(tmp_path), "listen": "127.0.0.1:8081"},
-                                 environ={})
+    assert config == load_config(
+        {"cache_dir": str(tmp_path), "listen": "127.0.0.1:8081"}, environ={}
+    )
 
 
 def test_an_operators_file_gives_the_expected_config(tmp_path):
-    document = operators_file(uri="https://sbx.api.trustedservices.intel.com/sgx/certification/v3/",
-                              RefreshSchedule="0 30 2 * * *")
+    document = operators_file(
+        uri="https://sbx.api.trustedservices.intel.com/sgx/certification/v3/",
+        RefreshSchedule="0 30 2 * * *",
+    )
     overrides, unknown = read_intel_config(write(tmp_path, document))
     assert unknown == []
     config = load_config({"cache_dir": str(tmp_path)}, environ={}, base=overrides)
@@ -102,24 +141,44 @@ def test_an_operators_file_gives_the_expected_config(tmp_path):
     assert config.proxy == "http://proxy.example:3128"
     assert config.user_token_sha512 == token_sha512("user")
     assert config.admin_token_sha512 == token_sha512("admin")
-    assert (config.cache_mode, config.verbose, config.refresh_schedule) == \
-        ("OFFLINE", True, "0 30 2 * * *")
+    assert (config.cache_mode, config.verbose, config.refresh_schedule) == (
+        "OFFLINE",
+        True,
+        "0 30 2 * * *",
+    )
 
 
-@pytest.mark.parametrize("hosts,port,listen", [
-    ("::1", 8081, ("::1", 8081)), ("::", 443, ("::", 443)), ("[::1]", "9000", ("::1", 9000)),
-    ("localhost", None, ("localhost", 8081)), (None, 1234, ("127.0.0.1", 1234)),
-])
+@pytest.mark.parametrize(
+    "hosts,port,listen",
+    [
+        ("::1", 8081, ("::1", 8081)),
+        ("::", 443, ("::", 443)),
+        ("[::1]", "9000", ("::1", 9000)),
+        ("localhost", None, ("localhost", 8081)),
+        (None, 1234, ("127.0.0.1", 1234)),
+    ],
+)
 def test_hosts_and_port_become_listen(tmp_path, hosts, port, listen):
-    document = {key: value for key, value in (("hosts", hosts), ("HTTPS_PORT", port))
-                if value is not None}
+    document = {
+        key: value for key, value in (("hosts", hosts), ("HTTPS_PORT", port)) if value is not None
+    }
     overrides, _ = read_intel_config(write(tmp_path, document))
     assert load_config(environ={}, base=overrides).listen == listen
 
 
-@pytest.mark.parametrize("level,verbose", [("error", False), ("warn", False), ("info", False),
-                                           ("http", False), ("verbose", True), ("debug", True),
-                                           ("silly", True), ("DEBUG", True)])
+@pytest.mark.parametrize(
+    "level,verbose",
+    [
+        ("error", False),
+        ("warn", False),
+        ("info", False),
+        ("http", False),
+        ("verbose", True),
+        ("debug", True),
+        ("silly", True),
+        ("DEBUG", True),
+    ],
+)
 def test_log_level(tmp_path, level, verbose):
     overrides, _ = read_intel_config(write(tmp_path, {"LogLevel": level}))
     assert load_config(environ={}, base=overrides).verbose is verbose
@@ -130,15 +189,25 @@ def test_the_ini_file_environment_and_command_line_override_intels_file(tmp_path
     ini = tmp_path / "pccs.ini"
     ini.write_text("[cache]\nmode = REQ\n[server]\nlisten = 10.0.0.1:8443\n")
     config = load_config(environ={}, ini_path=str(ini), base=overrides)
-    assert (config.cache_mode, config.listen, config.api_key) == \
-        ("REQ", ("10.0.0.1", 8443), API_KEY)
+    assert (config.cache_mode, config.listen, config.api_key) == (
+        "REQ",
+        ("10.0.0.1", 8443),
+        API_KEY,
+    )
     environ = {"DCAPD_CACHE_MODE": "lazy", "INTEL_API_KEY": "k" * 32}
     config = load_config(environ=environ, ini_path=str(ini), base=overrides)
     assert (config.cache_mode, config.api_key, config.verbose) == ("LAZY", "k" * 32, True)
-    config = load_config({"cache_mode": "offline", "verbose": "0"}, environ=environ,
-                         ini_path=str(ini), base=overrides)
-    assert (config.cache_mode, config.verbose, config.listen) == \
-        ("OFFLINE", False, ("10.0.0.1", 8443))
+    config = load_config(
+        {"cache_mode": "offline", "verbose": "0"},
+        environ=environ,
+        ini_path=str(ini),
+        base=overrides,
+    )
+    assert (config.cache_mode, config.verbose, config.listen) == (
+        "OFFLINE",
+        False,
+        ("10.0.0.1", 8443),
+    )
 
 
 def test_unknown_keys_are_reported_once(tmp_path, caplog):
@@ -146,9 +215,18 @@ def test_unknown_keys_are_reported_once(tmp_path, caplog):
     path = write(tmp_path, document)
     overrides, unknown = read_intel_config(path)
     assert unknown == ["Foo", "bar", "OPENSSL_FIPS_MODE"]
-    assert set(overrides) == {"listen", "pcs_url", "api_key", "proxy", "refresh_schedule",
-                              "user_token_sha512", "admin_token_sha512", "cache_mode", "verbose",
-                              "log_level"}
+    assert set(overrides) == {
+        "listen",
+        "pcs_url",
+        "api_key",
+        "proxy",
+        "refresh_schedule",
+        "user_token_sha512",
+        "admin_token_sha512",
+        "cache_mode",
+        "verbose",
+        "log_level",
+    }
     with caplog.at_level(logging.INFO, logger="dcapd.intelconfig"):
         report_intel_config(path, overrides, unknown)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -158,7 +236,8 @@ def test_unknown_keys_are_reported_once(tmp_path, caplog):
 
 
 def test_dcapd_starts_from_intels_file_and_reports_unknown_keys_once(
-        tmp_path, monkeypatch, capsys, clean_environment, dcapd_logging):
+    tmp_path, monkeypatch, capsys, clean_environment, dcapd_logging
+):
     started = []
 
     class NoServer:
@@ -172,26 +251,34 @@ def test_dcapd_starts_from_intels_file_and_reports_unknown_keys_once(
     path = write(tmp_path, dict(operators_file(CachingFillMode="REQ"), Foo=1, Bar=2))
     assert cli.main(["--intel-config", path, "--listen", "127.0.0.1:0"]) == 0
     (config,) = started
-    assert (config.listen, config.cache_mode, config.api_key, config.verbose) == \
-        (("127.0.0.1", 0), "REQ", API_KEY, True)
+    assert (config.listen, config.cache_mode, config.api_key, config.verbose) == (
+        ("127.0.0.1", 0),
+        "REQ",
+        API_KEY,
+        True,
+    )
     err = capsys.readouterr().err
     reported = [line for line in err.splitlines() if "Foo" in line]
     assert len(reported) == 1 and "WARNING" in reported[0] and "Foo, Bar" in reported[0]
     assert API_KEY not in err
 
 
-@pytest.mark.parametrize("changes,names", [
-    ({"CachingFillMode": "EAGER"}, "CachingFillMode"),
-    ({"HTTPS_PORT": 70000}, "hosts / HTTPS_PORT"),
-    ({"HTTPS_PORT": "https"}, "HTTPS_PORT"),
-    ({"uri": "https://api.trustedservices.intel.com/sgx/certification/v4"}, "uri"),
-    ({"LogLevel": "loud"}, "LogLevel"),
-    ({"AdminTokenHash": "not-a-hash"}, "AdminTokenHash"),
-    ({"ApiKey": 12345}, "ApiKey"),
-    ({"RefreshSchedule": "every day"}, "RefreshSchedule"),
-])
-def test_a_value_dcapd_cannot_use_exits_2_before_serving(tmp_path, monkeypatch, capsys,
-                                                          clean_environment, changes, names):
+@pytest.mark.parametrize(
+    "changes,names",
+    [
+        ({"CachingFillMode": "EAGER"}, "CachingFillMode"),
+        ({"HTTPS_PORT": 70000}, "hosts / HTTPS_PORT"),
+        ({"HTTPS_PORT": "https"}, "HTTPS_PORT"),
+        ({"uri": "https://api.trustedservices.intel.com/sgx/certification/v4"}, "uri"),
+        ({"LogLevel": "loud"}, "LogLevel"),
+        ({"AdminTokenHash": "not-a-hash"}, "AdminTokenHash"),
+        ({"ApiKey": 12345}, "ApiKey"),
+        ({"RefreshSchedule": "every day"}, "RefreshSchedule"),
+    ],
+)
+def test_a_value_dcapd_cannot_use_exits_2_before_serving(
+    tmp_path, monkeypatch, capsys, clean_environment, changes, names
+):
     def no_server(*args, **kwargs):
         raise AssertionError("dcapd must stop at config time")
 
@@ -203,14 +290,18 @@ def test_a_value_dcapd_cannot_use_exits_2_before_serving(tmp_path, monkeypatch, 
     assert len(err) == 1 and err[0].startswith(f"dcapd: {names} in {path}: "), err
 
 
-@pytest.mark.parametrize("text,problem", [
-    ('{\n  // Intel ships plain JSON\n  "HTTPS_PORT": 8081\n}\n', "is not valid JSON"),
-    ('{"HTTPS_PORT": 8081,}', "is not valid JSON"),
-    ('["HTTPS_PORT"]', "is not a JSON object"),
-    (None, "cannot read"),
-])
-def test_a_file_that_does_not_parse_is_one_line_naming_it(tmp_path, capsys, clean_environment,
-                                                          text, problem):
+@pytest.mark.parametrize(
+    "text,problem",
+    [
+        ('{\n  // Intel ships plain JSON\n  "HTTPS_PORT": 8081\n}\n', "is not valid JSON"),
+        ('{"HTTPS_PORT": 8081,}', "is not valid JSON"),
+        ('["HTTPS_PORT"]', "is not a JSON object"),
+        (None, "cannot read"),
+    ],
+)
+def test_a_file_that_does_not_parse_is_one_line_naming_it(
+    tmp_path, capsys, clean_environment, text, problem
+):
     path = write(tmp_path, text) if text is not None else str(tmp_path / "missing.json")
     with pytest.raises(ConfigError) as caught:
         read_intel_config(path)

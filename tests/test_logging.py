@@ -10,8 +10,11 @@ from tests.test_pckcert import CASES, PCKCERT, query, raw_tcb, serve_platform
 
 
 def request_lines(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "dcapd.http"
-            and re.match(r"^[A-Z]+ /", r.getMessage())]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "dcapd.http" and re.match(r"^[A-Z]+ /", r.getMessage())
+    ]
 
 
 def test_request_lines_say_how_the_cache_answered(fake_pcs, make_client, caplog):
@@ -52,8 +55,9 @@ def test_log_format_and_level_are_configurable(capsys):
         assert "request_id" in record and record["logger"] == "dcapd.test"
         configure_logging("error", verbose=True)
         logger.debug("debug %s", "shown")
-        assert re.search(r"DEBUG dcapd\.test \[[-0-9a-f]+\] debug shown$",
-                         capsys.readouterr().err.strip())
+        assert re.search(
+            r"DEBUG dcapd\.test \[[-0-9a-f]+\] debug shown$", capsys.readouterr().err.strip()
+        )
     finally:
         root = logging.getLogger("dcapd")
         root.handlers[:] = []

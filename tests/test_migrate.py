@@ -81,8 +81,11 @@ def snapshot(cache_dir: Path) -> dict:
     """Every entry (body, headers, content type), without the times records carry."""
     store = Store(str(cache_dir))
     try:
-        entries = {key: (entry.body, entry.headers, entry.content_type)
-                   for key in store.keys() for entry in [store.get(key)]}
+        entries = {
+            key: (entry.body, entry.headers, entry.content_type)
+            for key in store.keys()
+            for entry in [store.get(key)]
+        }
     finally:
         store.close()
     for key, (body, headers, content_type) in entries.items():
@@ -100,25 +103,36 @@ def tcb_path(row: dict) -> str:
     return f"/{'tdx' if row['type'] == 1 else 'sgx'}/certification/v{row['version']}/tcb"
 
 
-IDENTITY_PATHS = {1: "/sgx/certification/v{}/qe/identity",
-                  2: "/sgx/certification/v{}/qve/identity",
-                  3: "/tdx/certification/v{}/qe/identity"}
+IDENTITY_PATHS = {
+    1: "/sgx/certification/v{}/qe/identity",
+    2: "/sgx/certification/v{}/qve/identity",
+    3: "/tdx/certification/v{}/qe/identity",
+}
 
 
 # --- the fixture database, as Intel's PCCS left it
 
 
 def test_offline_dcapd_answers_every_request_intel_answered_with_the_same_bytes(
-        make_config, make_client, tmp_path):
+    make_config, make_client, tmp_path
+):
     intel_dir_before = sorted(p.name for p in INTEL_DB.parent.iterdir())
     db_hash = sha256(INTEL_DB)
     summary = import_into(make_config, tmp_path / "imported")
     assert sha256(INTEL_DB) == db_hash, "the database must never be written"
     assert sorted(p.name for p in INTEL_DB.parent.iterdir()) == intel_dir_before
     assert summary.skipped == []
-    assert (summary.platforms, summary.pck_certs, summary.raw_tcbs, summary.tcb_infos,
-            summary.identities, summary.pck_crls, summary.root_ca_crl, summary.crls,
-            summary.queued_new) == (1, 1, 1, 8, 3, 2, 1, 1, 1)
+    assert (
+        summary.platforms,
+        summary.pck_certs,
+        summary.raw_tcbs,
+        summary.tcb_infos,
+        summary.identities,
+        summary.pck_crls,
+        summary.root_ca_crl,
+        summary.crls,
+        summary.queued_new,
+    ) == (1, 1, 1, 8, 3, 2, 1, 1, 1)
 
     client = make_client(cache_dir=str(tmp_path / "imported"), cache_mode="OFFLINE", **TOKENS)
     recorded = recorded_pcs_headers()
@@ -138,23 +152,31 @@ def test_offline_dcapd_answers_every_request_intel_answered_with_the_same_bytes(
     identity_rows = rows(INTEL_DB, "enclave_identities")
     assert len(identity_rows) == 3
     for row in identity_rows:
-        got = served(client, IDENTITY_PATHS[row["id"]].format(row["version"]),
-                     update=row["update_type"].lower())
+        got = served(
+            client,
+            IDENTITY_PATHS[row["id"]].format(row["version"]),
+            update=row["update_type"].lower(),
+        )
         assert got.status_code == 200, row
         assert got.content == row["identity"]
         assert got.content in recorded
         chain = intel_chain(INTEL_DB, row["signing_cert_id"], row["root_cert_id"])
-        assert got.headers["SGX-Enclave-Identity-Issuer-Chain"] == chain == \
-            recorded[got.content]["SGX-Enclave-Identity-Issuer-Chain"]
+        assert (
+            got.headers["SGX-Enclave-Identity-Issuer-Chain"]
+            == chain
+            == recorded[got.content]["SGX-Enclave-Identity-Issuer-Chain"]
+        )
 
     for row in rows(INTEL_DB, "pck_crl"):
         chain = intel_chain(INTEL_DB, row["intmd_cert_id"], row["root_cert_id"])
-        der = served(client, "/sgx/certification/v4/pckcrl", ca=row["ca"].lower(),
-                     encoding="der")
+        der = served(client, "/sgx/certification/v4/pckcrl", ca=row["ca"].lower(), encoding="der")
         assert der.content == row["pck_crl"]
         assert der.headers["Content-Type"] == "application/pkix-crl"
-        assert der.headers["SGX-PCK-CRL-Issuer-Chain"] == chain == \
-            recorded[row["pck_crl"]]["SGX-PCK-CRL-Issuer-Chain"]
+        assert (
+            der.headers["SGX-PCK-CRL-Issuer-Chain"]
+            == chain
+            == recorded[row["pck_crl"]]["SGX-PCK-CRL-Issuer-Chain"]
+        )
         text = served(client, "/sgx/certification/v4/pckcrl", ca=row["ca"].lower())
         assert text.text == row["pck_crl"].hex()
         assert text.headers["SGX-PCK-CRL-Issuer-Chain"] == chain
@@ -177,36 +199,61 @@ def test_offline_dcapd_answers_every_request_intel_answered_with_the_same_bytes(
     certs = {(r["qe_id"], r["tcbm"]): r["pck_cert"] for r in rows(INTEL_DB, "pck_cert")}
     pck_manifest = json.loads((PCK_FIXTURE / "manifest.json").read_text())
     for mapping in rows(INTEL_DB, "platform_tcbs"):
-        got = served(client, PCKCERT, qeid=mapping["qe_id"], pceid=mapping["pce_id"],
-                     cpusvn=mapping["cpu_svn"], pcesvn=mapping["pce_svn"])
+        got = served(
+            client,
+            PCKCERT,
+            qeid=mapping["qe_id"],
+            pceid=mapping["pce_id"],
+            cpusvn=mapping["cpu_svn"],
+            pcesvn=mapping["pce_svn"],
+        )
         assert got.status_code == 200, got.text
-        assert got.content == certs[(mapping["qe_id"], mapping["tcbm"])] == \
-            (PCK_FIXTURE / "pckcert.pem").read_bytes()
+        assert (
+            got.content
+            == certs[(mapping["qe_id"], mapping["tcbm"])]
+            == (PCK_FIXTURE / "pckcert.pem").read_bytes()
+        )
         assert got.headers["SGX-TCBm"] == mapping["tcbm"] == pck_manifest["headers"]["SGX-TCBm"]
-        assert got.headers["SGX-PCK-Certificate-Issuer-Chain"] == \
-            intel_chain(INTEL_DB, chain_row["intmd_cert_id"], chain_row["root_cert_id"]) == \
-            pck_manifest["headers"]["SGX-PCK-Certificate-Issuer-Chain"]
+        assert (
+            got.headers["SGX-PCK-Certificate-Issuer-Chain"]
+            == intel_chain(INTEL_DB, chain_row["intmd_cert_id"], chain_row["root_cert_id"])
+            == pck_manifest["headers"]["SGX-PCK-Certificate-Issuer-Chain"]
+        )
         assert got.headers["SGX-FMSPC"] == platform["fmspc"]
         assert got.headers["SGX-PCK-Certificate-CA-Type"] == platform["ca"]
 
     # The cached platform list (platforms x platform_tcbs), as Intel lists it.
-    expected_cached = [{"qe_id": m["qe_id"], "pce_id": m["pce_id"], "cpu_svn": m["cpu_svn"],
-                        "pce_svn": m["pce_svn"],
-                        "enc_ppid": (platform["enc_ppid"] or b"").hex().upper(),
-                        "platform_manifest": (platform["platform_manifest"] or b"").hex().upper()}
-                       for m in rows(INTEL_DB, "platform_tcbs")]
+    expected_cached = [
+        {
+            "qe_id": m["qe_id"],
+            "pce_id": m["pce_id"],
+            "cpu_svn": m["cpu_svn"],
+            "pce_svn": m["pce_svn"],
+            "enc_ppid": (platform["enc_ppid"] or b"").hex().upper(),
+            "platform_manifest": (platform["platform_manifest"] or b"").hex().upper(),
+        }
+        for m in rows(INTEL_DB, "platform_tcbs")
+    ]
     for source in ("[]", f"[{platform['fmspc']}]"):
-        listed = client.simulate_get(PLATFORMS, params={"source": source},
-                                     headers={"admin-token": ADMIN})
+        listed = client.simulate_get(
+            PLATFORMS, params={"source": source}, headers={"admin-token": ADMIN}
+        )
         assert listed.status_code == 200 and listed.json == expected_cached
         assert [list(item) for item in listed.json] == [list(item) for item in expected_cached]
 
     # The registration queue: Intel's NEW rows, once (reading it empties it, as in Intel's).
-    expected_queue = [{"qe_id": r["qe_id"], "pce_id": r["pce_id"], "cpu_svn": r["cpu_svn"],
-                       "pce_svn": r["pce_svn"],
-                       "platform_manifest": (r["platform_manifest"] or b"").hex(),
-                       "enc_ppid": (r["enc_ppid"] or b"").hex()}
-                      for r in rows(INTEL_DB, "platforms_registered") if r["state"] == 0]
+    expected_queue = [
+        {
+            "qe_id": r["qe_id"],
+            "pce_id": r["pce_id"],
+            "cpu_svn": r["cpu_svn"],
+            "pce_svn": r["pce_svn"],
+            "platform_manifest": (r["platform_manifest"] or b"").hex(),
+            "enc_ppid": (r["enc_ppid"] or b"").hex(),
+        }
+        for r in rows(INTEL_DB, "platforms_registered")
+        if r["state"] == 0
+    ]
     assert len(expected_queue) == 1
     queue = client.simulate_get(PLATFORMS, headers={"admin-token": ADMIN})
     assert queue.status_code == 200 and queue.json == expected_queue
@@ -216,10 +263,21 @@ def test_offline_dcapd_answers_every_request_intel_answered_with_the_same_bytes(
 
     # What Intel's OFFLINE PCCS did not answer from this database, dcapd does not either.
     queued = expected_queue[0]
-    assert served(client, PCKCERT, qeid=queued["qe_id"], pceid=queued["pce_id"],
-                  cpusvn=queued["cpu_svn"], pcesvn=queued["pce_svn"]).status_code == 461
-    assert served(client, "/sgx/certification/v4/appraisalpolicy",
-                  fmspc=platform["fmspc"]).status_code == 404
+    assert (
+        served(
+            client,
+            PCKCERT,
+            qeid=queued["qe_id"],
+            pceid=queued["pce_id"],
+            cpusvn=queued["cpu_svn"],
+            pcesvn=queued["pce_svn"],
+        ).status_code
+        == 461
+    )
+    assert (
+        served(client, "/sgx/certification/v4/appraisalpolicy", fmspc=platform["fmspc"]).status_code
+        == 404
+    )
     assert served(client, "/sgx/certification/v3/tcb", fmspc=platform["fmspc"]).status_code == 404
     assert sha256(INTEL_DB) == db_hash
 
@@ -232,8 +290,9 @@ def test_importing_twice_changes_nothing(make_config, tmp_path):
     assert once == twice_first == twice_second
 
 
-@pytest.mark.parametrize("kind", ["other schema", "not sqlite", "empty file", "missing",
-                                  "missing column"])
+@pytest.mark.parametrize(
+    "kind", ["other schema", "not sqlite", "empty file", "missing", "missing column"]
+)
 def test_a_database_that_is_not_intels_is_refused_clearly(make_config, tmp_path, kind):
     path = tmp_path / "other.db"
     if kind == "other schema":
@@ -284,8 +343,10 @@ def test_command_line(tmp_path, monkeypatch, capsys, make_client, dcapd_logging)
     assert migrate.main([str(tmp_path / "nothing.db"), "--cache-dir", str(tmp_path / "d")]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.strip().splitlines()[-1] == \
-        f"python -m dcapd.migrate: {tmp_path / 'nothing.db'}: no such file"
+    assert (
+        captured.err.strip().splitlines()[-1]
+        == f"python -m dcapd.migrate: {tmp_path / 'nothing.db'}: no such file"
+    )
 
 
 # --- a database with what the fixture lacks: v3 rows, policies, queue states, odd rows
@@ -299,15 +360,23 @@ def jwt(payload: dict) -> str:
 
 
 def policy(name: str) -> str:
-    return jwt({"name": name, "policy_payload": json.dumps(
-        {"policy_array": [{"environment": {"class_id": SGX_POLICY_CLASS}}]})})
+    return jwt(
+        {
+            "name": name,
+            "policy_payload": json.dumps(
+                {"policy_array": [{"environment": {"class_id": SGX_POLICY_CLASS}}]}
+            ),
+        }
+    )
 
 
 def insert(connection, table: str, **values) -> None:
     values.setdefault("created_time", NOW)
     values.setdefault("updated_time", NOW)
-    connection.execute(f"INSERT INTO {table} ({', '.join(values)}) VALUES "
-                       f"({', '.join('?' * len(values))})", tuple(values.values()))
+    connection.execute(
+        f"INSERT INTO {table} ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
+        tuple(values.values()),
+    )
 
 
 @pytest.fixture
@@ -316,47 +385,117 @@ def richer_db(tmp_path) -> Path:
     path = tmp_path / "richer.db"
     shutil.copy(INTEL_DB, path)
     recording = PCS / "2025-05-27_intel-pcs-recording"
-    tampered = json.loads((PCS / "2025-06-19_sgx-00A067110000_tdx-B0C06F000000" /
-                           "sgx_tcb_00A067110000.json").read_bytes())
+    tampered = json.loads(
+        (
+            PCS / "2025-06-19_sgx-00A067110000_tdx-B0C06F000000" / "sgx_tcb_00A067110000.json"
+        ).read_bytes()
+    )
     tampered["signature"] = "00" + tampered["signature"][2:]
     with sqlite3.connect(path) as connection:
         # A PCS v3 TCB info and QE identity (served on the v3 routes only).
-        insert(connection, "fmspc_tcbs", fmspc="00906ED50000", type=0, version=3,
-               update_type="STANDARD", root_cert_id=1, signing_cert_id=3,
-               tcbinfo=(recording / "sgx_tcb_00906ED50000_v3api.json").read_bytes())
-        insert(connection, "enclave_identities", id=1, version=3, update_type="STANDARD",
-               root_cert_id=1, signing_cert_id=3,
-               identity=(recording / "sgx_qe_identity_v3api.json").read_bytes())
+        insert(
+            connection,
+            "fmspc_tcbs",
+            fmspc="00906ED50000",
+            type=0,
+            version=3,
+            update_type="STANDARD",
+            root_cert_id=1,
+            signing_cert_id=3,
+            tcbinfo=(recording / "sgx_tcb_00906ED50000_v3api.json").read_bytes(),
+        )
+        insert(
+            connection,
+            "enclave_identities",
+            id=1,
+            version=3,
+            update_type="STANDARD",
+            root_cert_id=1,
+            signing_cert_id=3,
+            identity=(recording / "sgx_qe_identity_v3api.json").read_bytes(),
+        )
         # A TCB info whose signature no longer verifies: skipped, the rest imported.
-        connection.execute("UPDATE fmspc_tcbs SET tcbinfo = ? WHERE fmspc = '00A067110000'",
-                           (json.dumps(tampered, separators=(",", ":")).encode(),))
+        connection.execute(
+            "UPDATE fmspc_tcbs SET tcbinfo = ? WHERE fmspc = '00A067110000'",
+            (json.dumps(tampered, separators=(",", ":")).encode(),),
+        )
         # A raw TCB Intel mapped to the certificate that today's selection would not pick.
-        insert(connection, "platform_tcbs", qe_id=CACHED_QEID, pce_id="0000",
-               cpu_svn="00000000000000000000000000000000", pce_svn="0000",
-               tcbm="0B0B0303FFFF000000000000000000000D00")
+        insert(
+            connection,
+            "platform_tcbs",
+            qe_id=CACHED_QEID,
+            pce_id="0000",
+            cpu_svn="00000000000000000000000000000000",
+            pce_svn="0000",
+            tcbm="0B0B0303FFFF000000000000000000000D00",
+        )
         # A platform row dcapd cannot serve (Intel checks lengths only).
-        insert(connection, "platforms", qe_id="NOT-HEX", pce_id="0000", fmspc="00606A000000",
-               ca="PLATFORM")
+        insert(
+            connection,
+            "platforms",
+            qe_id="NOT-HEX",
+            pce_id="0000",
+            fmspc="00606A000000",
+            ca="PLATFORM",
+        )
         # Appraisal policies: a default and an older non-default for one FMSPC, one invalid.
-        for name, is_default, fmspc in [("old", 0, "00606A000000"), ("current", 1, "00606A000000"),
-                                        ("other", 1, "00906ED50000")]:
+        for name, is_default, fmspc in [
+            ("old", 0, "00606A000000"),
+            ("current", 1, "00606A000000"),
+            ("other", 1, "00906ED50000"),
+        ]:
             text = policy(name)
-            insert(connection, "appraisal_policies", id=hashlib.sha384(text.encode()).hexdigest(),
-                   type=0, policy=text, is_default=is_default, fmspc=fmspc)
-        insert(connection, "appraisal_policies", id="bad", type=0, policy="not a jwt",
-               is_default=1, fmspc="00A067110000")
+            insert(
+                connection,
+                "appraisal_policies",
+                id=hashlib.sha384(text.encode()).hexdigest(),
+                type=0,
+                policy=text,
+                is_default=is_default,
+                fmspc=fmspc,
+            )
+        insert(
+            connection,
+            "appraisal_policies",
+            id="bad",
+            type=0,
+            policy="not a jwt",
+            is_default=1,
+            fmspc="00A067110000",
+        )
         # Queue rows: REQ's "not available" row (Intel's decimal pce_svn), a manifest
         # registration, and one the admin already read (state 9, not imported).
-        insert(connection, "platforms_registered", qe_id="AA" * 16, pce_id="0000",
-               cpu_svn="0c0c0303ffff00000000000000000000", pce_svn="13", state=1,
-               enc_ppid=bytes(range(256)) + bytes(128))
-        insert(connection, "platforms_registered", qe_id="BB" * 16, pce_id="0000",
-               cpu_svn="", pce_svn="", state=0, platform_manifest=bytes.fromhex("abcdef01"))
-        insert(connection, "platforms_registered", qe_id="CC" * 16, pce_id="0000",
-               cpu_svn="0B0B0303FFFF00000000000000000000", pce_svn="0D00", state=9)
+        insert(
+            connection,
+            "platforms_registered",
+            qe_id="AA" * 16,
+            pce_id="0000",
+            cpu_svn="0c0c0303ffff00000000000000000000",
+            pce_svn="13",
+            state=1,
+            enc_ppid=bytes(range(256)) + bytes(128),
+        )
+        insert(
+            connection,
+            "platforms_registered",
+            qe_id="BB" * 16,
+            pce_id="0000",
+            cpu_svn="",
+            pce_svn="",
+            state=0,
+            platform_manifest=bytes.fromhex("abcdef01"),
+        )
+        insert(
+            connection,
+            "platforms_registered",
+            qe_id="CC" * 16,
+            pce_id="0000",
+            cpu_svn="0B0B0303FFFF00000000000000000000",
+            pce_svn="0D00",
+            state=9,
+        )
         # A CRL cached for a URL dcapd never serves.
-        insert(connection, "crl_cache", cdp_url="https://example.com/IntelSGXRootCA.der",
-               crl=b"0")
+        insert(connection, "crl_cache", cdp_url="https://example.com/IntelSGXRootCA.der", crl=b"0")
     return path
 
 
@@ -369,47 +508,65 @@ def test_rows_beyond_the_fixture(make_config, make_client, tmp_path, richer_db):
     assert "fmspc_tcbs 00A067110000 SGX v4 STANDARD: not what Intel signed" in skipped
     assert "platform NOT-HEX/0000: has an invalid qe_id" in skipped
     assert "appraisal_policies bad" in skipped
-    assert "crl_cache https://example.com/IntelSGXRootCA.der: dcapd serves crl?uri= only" \
-        in skipped
-    assert (summary.tcb_infos, summary.identities, summary.raw_tcbs,
-            summary.raw_tcbs_kept_as_mapped, summary.appraisal_policies, summary.queued_new,
-            summary.queued_not_available) == (8, 4, 2, 1, 3, 2, 1)
+    assert "crl_cache https://example.com/IntelSGXRootCA.der: dcapd serves crl?uri= only" in skipped
+    assert (
+        summary.tcb_infos,
+        summary.identities,
+        summary.raw_tcbs,
+        summary.raw_tcbs_kept_as_mapped,
+        summary.appraisal_policies,
+        summary.queued_new,
+        summary.queued_not_available,
+    ) == (8, 4, 2, 1, 3, 2, 1)
     client = make_client(cache_dir=str(tmp_path / "c"), cache_mode="OFFLINE", **TOKENS)
     recorded = recorded_pcs_headers()
 
-    for path, header in [("/sgx/certification/v3/tcb", "SGX-TCB-Info-Issuer-Chain"),
-                         ("/sgx/certification/v3/qe/identity",
-                          "SGX-Enclave-Identity-Issuer-Chain")]:
+    for path, header in [
+        ("/sgx/certification/v3/tcb", "SGX-TCB-Info-Issuer-Chain"),
+        ("/sgx/certification/v3/qe/identity", "SGX-Enclave-Identity-Issuer-Chain"),
+    ]:
         got = served(client, path, **({"fmspc": "00906ED50000"} if "tcb" in path else {}))
         assert got.status_code == 200
-        assert got.headers[header] == recorded[got.content][header] == \
-            intel_chain(richer_db, 3, 1)
+        assert got.headers[header] == recorded[got.content][header] == intel_chain(richer_db, 3, 1)
     assert served(client, "/sgx/certification/v4/tcb", fmspc="00A067110000").status_code == 404
 
     # Intel's mapping is kept even where today's selection finds no certificate.
-    got = served(client, PCKCERT, qeid=CACHED_QEID, pceid="0000",
-                 cpusvn="00000000000000000000000000000000", pcesvn="0000")
+    got = served(
+        client,
+        PCKCERT,
+        qeid=CACHED_QEID,
+        pceid="0000",
+        cpusvn="00000000000000000000000000000000",
+        pcesvn="0000",
+    )
     assert got.status_code == 200, got.text
     assert got.content == (PCK_FIXTURE / "pckcert.pem").read_bytes()
     assert got.headers["SGX-TCBm"] == "0B0B0303FFFF000000000000000000000D00"
 
     got = served(client, "/sgx/certification/v4/appraisalpolicy", fmspc="00606A000000")
     assert got.status_code == 200 and got.text == policy("current")
-    assert served(client, "/sgx/certification/v4/appraisalpolicy",
-                  fmspc="00906ED50000").text == policy("other")
+    assert served(
+        client, "/sgx/certification/v4/appraisalpolicy", fmspc="00906ED50000"
+    ).text == policy("other")
     store = client.app.services.store
     assert len(store.keys(store.policy_prefix("00606A000000"))) == 2, "non-defaults are kept"
 
-    not_available = client.simulate_get(PLATFORMS, params={"source": "reg_na"},
-                                         headers={"admin-token": ADMIN}).json
-    assert not_available == [{"qe_id": "AA" * 16, "pce_id": "0000",
-                              "cpu_svn": "0c0c0303ffff00000000000000000000", "pce_svn": "0d00",
-                              "platform_manifest": "",
-                              "enc_ppid": (bytes(range(256)) + bytes(128)).hex()}]
+    not_available = client.simulate_get(
+        PLATFORMS, params={"source": "reg_na"}, headers={"admin-token": ADMIN}
+    ).json
+    assert not_available == [
+        {
+            "qe_id": "AA" * 16,
+            "pce_id": "0000",
+            "cpu_svn": "0c0c0303ffff00000000000000000000",
+            "pce_svn": "0d00",
+            "platform_manifest": "",
+            "enc_ppid": (bytes(range(256)) + bytes(128)).hex(),
+        }
+    ]
     new = client.simulate_get(PLATFORMS, headers={"admin-token": ADMIN}).json
     assert sorted(row["qe_id"] for row in new) == ["7BEA0618905862C11F8AE8DA381084D6", "BB" * 16]
-    assert next(row for row in new if row["qe_id"] == "BB" * 16)["platform_manifest"] == \
-        "abcdef01"
+    assert next(row for row in new if row["qe_id"] == "BB" * 16)["platform_manifest"] == "abcdef01"
 
     # Again, with the pinned raw TCB and the policies already in the cache: nothing changes.
     import_into(make_config, tmp_path / "twice", richer_db)

@@ -16,19 +16,33 @@ PCKCERT = "/sgx/certification/v4/pckcert"
 def serve_platform(fake, platform=PLATFORM, versions=(4,), not_available=False, headers=None):
     """Teach the fake PCS the platform's pckcerts answer and its FMSPC's SGX TCB info."""
     for version in versions:
-        fake.add_response("GET", f"/sgx/certification/v{version}/pckcerts", None, 200,
-                          headers or pki.pckcerts_response_headers(platform),
-                          pki.pckcerts_response_body(platform, not_available=not_available))
+        fake.add_response(
+            "GET",
+            f"/sgx/certification/v{version}/pckcerts",
+            None,
+            200,
+            headers or pki.pckcerts_response_headers(platform),
+            pki.pckcerts_response_body(platform, not_available=not_available),
+        )
         chain_header = "TCB-Info-Issuer-Chain" if version == 4 else "SGX-TCB-Info-Issuer-Chain"
-        fake.add_response("GET", f"/sgx/certification/v{version}/tcb",
-                          {"fmspc": platform.fmspc, "update": "standard"}, 200,
-                          {"Content-Type": "application/json", chain_header: TCB_CHAIN},
-                          platform.tcb_info if version == 4 else platform.tcb_info_v2)
+        fake.add_response(
+            "GET",
+            f"/sgx/certification/v{version}/tcb",
+            {"fmspc": platform.fmspc, "update": "standard"},
+            200,
+            {"Content-Type": "application/json", chain_header: TCB_CHAIN},
+            platform.tcb_info if version == 4 else platform.tcb_info_v2,
+        )
 
 
 def query(cpusvn: str, pcesvn: str, platform=PLATFORM, **extra) -> dict:
-    params = {"qeid": platform.qeid, "encrypted_ppid": platform.encrypted_ppid,
-              "cpusvn": cpusvn, "pcesvn": pcesvn, "pceid": platform.pceid}
+    params = {
+        "qeid": platform.qeid,
+        "encrypted_ppid": platform.encrypted_ppid,
+        "cpusvn": cpusvn,
+        "pcesvn": pcesvn,
+        "pceid": platform.pceid,
+    }
     params.update(extra)
     return params
 
@@ -54,16 +68,16 @@ def pckcerts_calls(fake) -> int:
 # Raw TCBs and the cert Intel's algorithm must pick (index into PLATFORM.pck_certs), worked out
 # by hand from the levels in tests/pki.py: each level's own TCB picks its own cert; a TCB just
 # below level 1 (pcesvn 12) falls to level 2; above everything picks level 0.
-CASES = [(entry.components, entry.pcesvn, index) for index, entry in
-         enumerate(PLATFORM.pck_certs)] + [
+CASES = [
+    (entry.components, entry.pcesvn, index) for index, entry in enumerate(PLATFORM.pck_certs)
+] + [
     (PLATFORM.pck_certs[1].components, 12, 2),
     ((9, 9, 9, 9, 255, 255, 9) + (0,) * 9, 20, 0),
     ((8, 8, 3, 3, 255, 255, 1) + (0,) * 9, 11, 2),
 ]
 
 
-def test_lazy_each_level_after_one_pckcerts_call_and_identical_after_restart(
-        fake_pcs, make_client):
+def test_lazy_each_level_after_one_pckcerts_call_and_identical_after_restart(fake_pcs, make_client):
     fake = fake_pcs()
     serve_platform(fake)
     client = make_client(fake, api_key="k" * 32)
@@ -106,8 +120,7 @@ def test_unknown_platform_is_461_without_upstream(fake_pcs, make_client, mode):
 
 
 @pytest.mark.parametrize("mode", ["REQ", "OFFLINE"])
-def test_known_platform_new_raw_tcb_is_selected_locally_in_every_mode(
-        fake_pcs, make_client, mode):
+def test_known_platform_new_raw_tcb_is_selected_locally_in_every_mode(fake_pcs, make_client, mode):
     fake = fake_pcs()
     serve_platform(fake)
     lazy = make_client(fake)
@@ -133,11 +146,21 @@ def test_no_ppid_is_400_and_zero_ppid_is_404_without_upstream(fake_pcs, make_cli
     assert fake.calls == []
 
 
-@pytest.mark.parametrize("change", [
-    {"qeid": "A" * 261}, {"qeid": ""}, {"qeid": "XYZ"}, {"cpusvn": "0" * 31},
-    {"cpusvn": "G" * 32}, {"pcesvn": "0D0"}, {"pceid": "00000"}, {"encrypted_ppid": ""},
-    {"encrypted_ppid": "0" * 767}, {"encrypted_ppid": "Z" * 768},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"qeid": "A" * 261},
+        {"qeid": ""},
+        {"qeid": "XYZ"},
+        {"cpusvn": "0" * 31},
+        {"cpusvn": "G" * 32},
+        {"pcesvn": "0D0"},
+        {"pceid": "00000"},
+        {"encrypted_ppid": ""},
+        {"encrypted_ppid": "0" * 767},
+        {"encrypted_ppid": "Z" * 768},
+    ],
+)
 def test_invalid_queries_are_400(fake_pcs, make_client, change):
     fake = fake_pcs()
     client = make_client(fake)
@@ -162,8 +185,10 @@ def test_not_available_entries_in_lazy_mode(fake_pcs, make_client):
     assert_pck_answer(client.simulate_get(PCKCERT, params=params), PLATFORM.pck_certs[0])
     store = client.app.services.store
     # Intel (LAZY): with "Not available" entries the raw TCB's answer is not kept...
-    assert store.get(store.pckcert_key(PLATFORM.qeid, "0000", params["cpusvn"],
-                                       params["pcesvn"])) is None
+    assert (
+        store.get(store.pckcert_key(PLATFORM.qeid, "0000", params["cpusvn"], params["pcesvn"]))
+        is None
+    )
     certs = store.get_json(store.certs_key(PLATFORM.qeid, "0000"))["certs"]
     assert len(certs) == len(PLATFORM.pck_certs), "'Not available' entries are filtered"
     # ...but the platform is known, so the next request selects locally.
@@ -204,8 +229,9 @@ def test_v3_route_uses_v3_upstream(fake_pcs, make_client):
     fake = fake_pcs()
     serve_platform(fake, versions=(3,))
     client = make_client(fake)
-    result = client.simulate_get("/sgx/certification/v3/pckcert",
-                                 params=query(*raw_tcb(*CASES[0][:2])))
+    result = client.simulate_get(
+        "/sgx/certification/v3/pckcert", params=query(*raw_tcb(*CASES[0][:2]))
+    )
     assert_pck_answer(result, PLATFORM.pck_certs[0])
     assert all("/v3/" in call.path for call in fake.calls)
 

@@ -19,45 +19,65 @@ SCENARIO = "2025-05-27_intel-pcs-recording"
 
 def registration(cpusvn: str, pcesvn: str, platform=PLATFORM, **changes) -> dict:
     """The body Intel's PCK ID retrieval tool sends (lower-case hex, its key order)."""
-    body = {"enc_ppid": platform.encrypted_ppid.lower(), "pce_id": platform.pceid,
-            "cpu_svn": cpusvn.lower(), "pce_svn": pcesvn.lower(),
-            "qe_id": platform.qeid.lower(), "platform_manifest": ""}
+    body = {
+        "enc_ppid": platform.encrypted_ppid.lower(),
+        "pce_id": platform.pceid,
+        "cpu_svn": cpusvn.lower(),
+        "pce_svn": pcesvn.lower(),
+        "qe_id": platform.qeid.lower(),
+        "platform_manifest": "",
+    }
     body.update(changes)
     return body
 
 
 def register(client, body, update=None, token=USER):
     params = {"update": update} if update else None
-    return client.simulate_post(PLATFORMS, params=params, body=json.dumps(body),
-                                headers={"Content-Type": "application/json",
-                                         "user-token": token})
+    return client.simulate_post(
+        PLATFORMS,
+        params=params,
+        body=json.dumps(body),
+        headers={"Content-Type": "application/json", "user-token": token},
+    )
 
 
 def read_platforms(client, source=None, token=ADMIN):
-    return client.simulate_get(PLATFORMS, params={"source": source} if source else None,
-                               headers={"admin-token": token})
+    return client.simulate_get(
+        PLATFORMS, params={"source": source} if source else None, headers={"admin-token": token}
+    )
 
 
 def fill_prefetch_gap(fake):
     """The recording has no v3 QvE identity: serve the v4 one there (the prefetch asks)."""
     qve = next(r for r in fake.responses if r.path == "/sgx/certification/v4/qve/identity")
-    fake.add_response("GET", "/sgx/certification/v3/qve/identity", None, 200, qve.headers,
-                      qve.body)
+    fake.add_response("GET", "/sgx/certification/v3/qve/identity", None, 200, qve.headers, qve.body)
 
 
-ADMIN_ROUTES = [("GET", PLATFORMS), ("PUT", "/sgx/certification/v4/platformcollateral"),
-                ("GET", "/sgx/certification/v3/platforms"),
-                ("PUT", "/sgx/certification/v3/platformcollateral"),
-                ("GET", "/sgx/certification/v4/refresh"), ("POST", "/sgx/certification/v4/refresh"),
-                ("POST", "/sgx/certification/v3/refresh"),
-                ("PUT", "/sgx/certification/v4/appraisalpolicy"), ("GET", "/dcapd/status")]
+ADMIN_ROUTES = [
+    ("GET", PLATFORMS),
+    ("PUT", "/sgx/certification/v4/platformcollateral"),
+    ("GET", "/sgx/certification/v3/platforms"),
+    ("PUT", "/sgx/certification/v3/platformcollateral"),
+    ("GET", "/sgx/certification/v4/refresh"),
+    ("POST", "/sgx/certification/v4/refresh"),
+    ("POST", "/sgx/certification/v3/refresh"),
+    ("PUT", "/sgx/certification/v4/appraisalpolicy"),
+    ("GET", "/dcapd/status"),
+]
 
 
 @pytest.mark.parametrize("method,path", ADMIN_ROUTES + [("POST", PLATFORMS)])
-@pytest.mark.parametrize("headers", [{}, {"admin-token": ""}, {"admin-token": "wrong"},
-                                     {"user-token": USER}, {"admin-token": USER}])
-def test_token_routes_refuse_missing_wrong_and_empty_tokens(make_client, method, path,
-                                                            headers):
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"admin-token": ""},
+        {"admin-token": "wrong"},
+        {"user-token": USER},
+        {"admin-token": USER},
+    ],
+)
+def test_token_routes_refuse_missing_wrong_and_empty_tokens(make_client, method, path, headers):
     client = make_client(cache_mode="OFFLINE", **TOKENS)
     if method == "POST" and headers.get("user-token") == USER:
         headers = {"user-token": "wrong"}
@@ -85,13 +105,25 @@ def test_tokens_never_reach_the_log(make_client, caplog):
     assert PLATFORM.encrypted_ppid.lower() not in caplog.text.lower()
 
 
-@pytest.mark.parametrize("body", [
-    [], "x", {"pce_id": "0000"}, {"qe_id": "AB", "pce_id": "000"},
-    {"qe_id": "AB", "pce_id": "0000", "cpu_svn": "00" * 16, "pce_svn": "0000"},
-    {"qe_id": "AB", "pce_id": "0000", "cpu_svn": "0" * 31, "pce_svn": "0000", "enc_ppid": "0" * 768},
-    {"qe_id": "AB", "pce_id": "0000", "platform_manifest": 7},
-    {"qe_id": 5, "pce_id": "0000", "platform_manifest": "ab"},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        [],
+        "x",
+        {"pce_id": "0000"},
+        {"qe_id": "AB", "pce_id": "000"},
+        {"qe_id": "AB", "pce_id": "0000", "cpu_svn": "00" * 16, "pce_svn": "0000"},
+        {
+            "qe_id": "AB",
+            "pce_id": "0000",
+            "cpu_svn": "0" * 31,
+            "pce_svn": "0000",
+            "enc_ppid": "0" * 768,
+        },
+        {"qe_id": "AB", "pce_id": "0000", "platform_manifest": 7},
+        {"qe_id": 5, "pce_id": "0000", "platform_manifest": "ab"},
+    ],
+)
 def test_schema_violations_are_400_not_intels_500(make_client, body):
     client = make_client(cache_mode="OFFLINE", **TOKENS)
     result = register(client, body)
@@ -119,11 +151,24 @@ def test_offline_registration_queues_and_get_drains(make_client):
     result = read_platforms(client)
     assert result.status_code == 200
     assert result.headers["platform-count"] == "1"
-    assert result.json == [{"qe_id": PLATFORM.qeid, "pce_id": "0000", "cpu_svn": cpusvn,
-                            "pce_svn": pcesvn, "platform_manifest": "",
-                            "enc_ppid": PLATFORM.encrypted_ppid.lower()}]
-    assert list(result.json[0]) == ["qe_id", "pce_id", "cpu_svn", "pce_svn",
-                                    "platform_manifest", "enc_ppid"]
+    assert result.json == [
+        {
+            "qe_id": PLATFORM.qeid,
+            "pce_id": "0000",
+            "cpu_svn": cpusvn,
+            "pce_svn": pcesvn,
+            "platform_manifest": "",
+            "enc_ppid": PLATFORM.encrypted_ppid.lower(),
+        }
+    ]
+    assert list(result.json[0]) == [
+        "qe_id",
+        "pce_id",
+        "cpu_svn",
+        "pce_svn",
+        "platform_manifest",
+        "enc_ppid",
+    ]
     again = read_platforms(client, "reg")
     assert again.json == [] and again.headers["platform-count"] == "0"
 
@@ -133,8 +178,14 @@ def test_registration_with_manifest_ignores_raw_tcb(make_client):
     body = {"pce_id": "0000", "qe_id": "abcdef", "platform_manifest": "AB" * 100}
     assert register(client, body).status_code == 200
     [row] = read_platforms(client).json
-    assert row == {"qe_id": "ABCDEF", "pce_id": "0000", "cpu_svn": "", "pce_svn": "",
-                   "platform_manifest": "ab" * 100, "enc_ppid": ""}
+    assert row == {
+        "qe_id": "ABCDEF",
+        "pce_id": "0000",
+        "cpu_svn": "",
+        "pce_svn": "",
+        "platform_manifest": "ab" * 100,
+        "enc_ppid": "",
+    }
 
 
 def test_lazy_registration_fetches_platform_and_prefetches_collateral(fake_pcs, make_client):
@@ -148,12 +199,14 @@ def test_lazy_registration_fetches_platform_and_prefetches_collateral(fake_pcs, 
     assert register(client, registration(cpusvn, pcesvn), update="standard").status_code == 200
     assert pckcerts_calls(fake) == 1
     paths = {(c.path, c.query.get("update", [""])[0]) for c in fake.calls}
-    for expected in [("/sgx/certification/v3/qe/identity", "early"),
-                     ("/sgx/certification/v4/qe/identity", "standard"),
-                     ("/sgx/certification/v3/qe/identity", "standard"),
-                     ("/sgx/certification/v4/qve/identity", "standard"),
-                     ("/tdx/certification/v4/qe/identity", "standard"),
-                     ("/IntelSGXRootCA.der", "")]:
+    for expected in [
+        ("/sgx/certification/v3/qe/identity", "early"),
+        ("/sgx/certification/v4/qe/identity", "standard"),
+        ("/sgx/certification/v3/qe/identity", "standard"),
+        ("/sgx/certification/v4/qve/identity", "standard"),
+        ("/tdx/certification/v4/qe/identity", "standard"),
+        ("/IntelSGXRootCA.der", ""),
+    ]:
         assert expected in paths
     assert fake.count("/pckcrl") == 2
     calls = len(fake.calls)
@@ -166,9 +219,14 @@ def test_lazy_registration_fetches_platform_and_prefetches_collateral(fake_pcs, 
 
 def test_lazy_registration_with_manifest_posts_pckcerts(fake_pcs, make_client):
     fake = fake_pcs(SCENARIO)
-    fake.add_response("POST", "/sgx/certification/v4/pckcerts", None, 200,
-                      pki.pckcerts_response_headers(PLATFORM),
-                      pki.pckcerts_response_body(PLATFORM))
+    fake.add_response(
+        "POST",
+        "/sgx/certification/v4/pckcerts",
+        None,
+        200,
+        pki.pckcerts_response_headers(PLATFORM),
+        pki.pckcerts_response_body(PLATFORM),
+    )
     serve_platform(fake)
     fill_prefetch_gap(fake)
     client = make_client(fake, **TOKENS)
@@ -215,15 +273,24 @@ def test_cached_platform_list_by_fmspc(fake_pcs, make_client):
     serve_platform(fake)
     client = make_client(fake, **TOKENS)
     for components, pcesvn, _ in CASES[:2]:
-        assert client.simulate_get(PCKCERT, params=query(*raw_tcb(components, pcesvn))) \
-            .status_code == 200
+        assert (
+            client.simulate_get(PCKCERT, params=query(*raw_tcb(components, pcesvn))).status_code
+            == 200
+        )
     everything = read_platforms(client, "[]")
     assert everything.headers["platform-count"] == "2"
-    assert list(everything.json[0]) == ["qe_id", "pce_id", "cpu_svn", "pce_svn", "enc_ppid",
-                                        "platform_manifest"]
+    assert list(everything.json[0]) == [
+        "qe_id",
+        "pce_id",
+        "cpu_svn",
+        "pce_svn",
+        "enc_ppid",
+        "platform_manifest",
+    ]
     assert everything.json[0]["enc_ppid"] == PLATFORM.encrypted_ppid.upper()
-    assert read_platforms(client, f"[{PLATFORM.fmspc.lower()},00606A000000]").json == \
-        everything.json
+    assert (
+        read_platforms(client, f"[{PLATFORM.fmspc.lower()},00606A000000]").json == everything.json
+    )
     assert read_platforms(client, "[00606A000000]").json == []
     assert read_platforms(client, "00606A000000").status_code == 400
     assert read_platforms(client, "[]").json == everything.json, "listing is not destructive"

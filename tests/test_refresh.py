@@ -40,25 +40,36 @@ def older_world(fake):
     tcb, _ = recorded(NEW, "tdx_tcb_90C06F000000")
     fake.add_response("GET", TDX_TCB[0], TDX_TCB[1], 200, tcb["headers"], OLD_TCB.read_bytes())
     crl, crl_body = recorded("2025-10-19_tdx-00806F050000", "pckcrl_platform")
-    fake.add_response("GET", "/sgx/certification/v4/pckcrl", {"ca": "platform", "encoding": "der"},
-                      200, crl["headers"], crl_body)
+    fake.add_response(
+        "GET",
+        "/sgx/certification/v4/pckcrl",
+        {"ca": "platform", "encoding": "der"},
+        200,
+        crl["headers"],
+        crl_body,
+    )
 
 
 def warm(client):
-    for path, params in [TDX_TCB, ("/sgx/certification/v4/pckcrl", {"ca": "platform"}),
-                         ("/tdx/certification/v4/qe/identity", {}),
-                         ("/sgx/certification/v4/rootcacrl", {})]:
+    for path, params in [
+        TDX_TCB,
+        ("/sgx/certification/v4/pckcrl", {"ca": "platform"}),
+        ("/tdx/certification/v4/qe/identity", {}),
+        ("/sgx/certification/v4/rootcacrl", {}),
+    ]:
         assert client.simulate_get(path, params=params).status_code == 200
 
 
 def refresh(client, method="GET", **params):
-    return client.simulate_request(method, "/sgx/certification/v4/refresh", params=params,
-                                   headers=ADMIN_HEADERS)
+    return client.simulate_request(
+        method, "/sgx/certification/v4/refresh", params=params, headers=ADMIN_HEADERS
+    )
 
 
 @pytest.mark.parametrize("method", ["GET", "POST"])
-def test_refresh_replaces_older_entries_and_logs_what_changed(fake_pcs, make_client, caplog,
-                                                              method):
+def test_refresh_replaces_older_entries_and_logs_what_changed(
+    fake_pcs, make_client, caplog, method
+):
     fake = fake_pcs(NEW)
     older_world(fake)
     client = make_client(fake, **TOKENS)
@@ -70,10 +81,13 @@ def test_refresh_replaces_older_entries_and_logs_what_changed(fake_pcs, make_cli
     assert result.status_code == 200 and result.text == "Operation successful."
     new_tcb = load_body(NEW, "tdx_tcb_90C06F000000")
     assert client.simulate_get(TDX_TCB[0], params=TDX_TCB[1]).content == new_tcb
-    assert client.simulate_get("/sgx/certification/v4/pckcrl", params={
-        "ca": "platform", "encoding": "der"}).content == load_body(NEW, "pckcrl_platform")
-    assert "tcb/tdx/4/90C06F000000/STANDARD: 2026-02-01T14:49:26Z (TCB eval 18) -> " \
-           "2026-02-18T10:58:51Z (TCB eval 18)" in caplog.text
+    assert client.simulate_get(
+        "/sgx/certification/v4/pckcrl", params={"ca": "platform", "encoding": "der"}
+    ).content == load_body(NEW, "pckcrl_platform")
+    assert (
+        "tcb/tdx/4/90C06F000000/STANDARD: 2026-02-01T14:49:26Z (TCB eval 18) -> "
+        "2026-02-18T10:58:51Z (TCB eval 18)" in caplog.text
+    )
     assert "pckcrl/PLATFORM: 2025-10-13T10:45:32Z -> 2026-02-18T10:41:15Z" in caplog.text
     status = client.simulate_get("/dcapd/status", headers=ADMIN_HEADERS).json
     assert status["last_collateral_refresh"] is not None
@@ -82,10 +96,15 @@ def test_refresh_replaces_older_entries_and_logs_what_changed(fake_pcs, make_cli
     assert by_key["tcb/tdx/4/90C06F000000/STANDARD"]["next_update"] == "2026-03-20T10:58:51Z"
 
 
-@pytest.mark.parametrize("fault", [
-    {"status": 500, "paths": "/tcb"}, {"status": 404, "paths": "/pckcrl"},
-    {"close": True, "paths": "/IntelSGXRootCA.der"}, {"status": 503, "paths": "/tcb"},
-])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"status": 500, "paths": "/tcb"},
+        {"status": 404, "paths": "/pckcrl"},
+        {"close": True, "paths": "/IntelSGXRootCA.der"},
+        {"status": 503, "paths": "/tcb"},
+    ],
+)
 def test_failing_refresh_leaves_cache_byte_identical(fake_pcs, make_client, fault):
     fake = fake_pcs(NEW)
     older_world(fake)
@@ -172,19 +191,26 @@ def test_scheduler_fires_on_schedule_and_before_expiry(fake_pcs, make_client):
     services = client.app.services
     services.refresher.clock = clock
     # A fresh TCB info: nextUpdate 30 days after now.
-    tcb = pki.make_tcb_info(pki.default_platform().fmspc, pki.default_platform().levels,
-                            issue_date=dt.datetime.fromtimestamp(start, dt.timezone.utc),
-                            next_update=dt.datetime.fromtimestamp(start + 30 * 86400,
-                                                                  dt.timezone.utc))
+    tcb = pki.make_tcb_info(
+        pki.default_platform().fmspc,
+        pki.default_platform().levels,
+        issue_date=dt.datetime.fromtimestamp(start, dt.timezone.utc),
+        next_update=dt.datetime.fromtimestamp(start + 30 * 86400, dt.timezone.utc),
+    )
     chain = pki.url_encoded_chain(pki.tcb_signing().pem, pki.root_ca().pem)
-    fake.add_response("GET", "/sgx/certification/v4/tcb", None, 200,
-                      {"TCB-Info-Issuer-Chain": chain}, tcb)
-    fake.add_response("GET", "/IntelSGXRootCA.der", None, 200, {},
-                      pki.make_crl(pki.root_ca()))
-    assert client.simulate_get("/sgx/certification/v4/tcb", params={
-        "fmspc": pki.default_platform().fmspc}).status_code == 200
-    scheduler = RefreshScheduler(services.refresher, services.store,
-                                 CronSchedule("0 0 1 * * *"), 24 * 3600, clock=clock)
+    fake.add_response(
+        "GET", "/sgx/certification/v4/tcb", None, 200, {"TCB-Info-Issuer-Chain": chain}, tcb
+    )
+    fake.add_response("GET", "/IntelSGXRootCA.der", None, 200, {}, pki.make_crl(pki.root_ca()))
+    assert (
+        client.simulate_get(
+            "/sgx/certification/v4/tcb", params={"fmspc": pki.default_platform().fmspc}
+        ).status_code
+        == 200
+    )
+    scheduler = RefreshScheduler(
+        services.refresher, services.store, CronSchedule("0 0 1 * * *"), 24 * 3600, clock=clock
+    )
     assert scheduler.tick() is None, "nothing due: fresh data, schedule tomorrow 01:00"
     clock.now = start + 29 * 86400 - 3600  # 25 h before nextUpdate: still nothing ...
     scheduler.next_scheduled = float("inf")
@@ -211,19 +237,23 @@ def test_scheduler_fires_on_schedule_and_before_expiry(fake_pcs, make_client):
 def test_scheduler_does_nothing_offline(make_client):
     client = make_client(cache_mode="OFFLINE", **TOKENS)
     services = client.app.services
-    scheduler = RefreshScheduler(services.refresher, services.store,
-                                 CronSchedule("* * * * * *"), 1e9)
+    scheduler = RefreshScheduler(
+        services.refresher, services.store, CronSchedule("* * * * * *"), 1e9
+    )
     assert scheduler.tick() is None
 
 
-@pytest.mark.parametrize("text,now,expected", [
-    ("0 0 1 * * *", (2026, 11, 27, 3, 0, 0), (2026, 11, 28, 1, 0, 0)),
-    ("0 0 1 * * *", (2026, 11, 27, 0, 59, 59), (2026, 11, 27, 1, 0, 0)),
-    ("*/15 * * * *", (2026, 11, 27, 3, 7, 30), (2026, 11, 27, 3, 15, 0)),
-    ("30 5 * * 1", (2026, 11, 27, 3, 0, 0), (2026, 11, 30, 5, 30, 0)),  # Mondays
-    ("0 0 12 1,15 * *", (2026, 11, 27, 3, 0, 0), (2026, 12, 1, 12, 0, 0)),
-    ("0 0 0 29 2 *", (2026, 11, 27, 3, 0, 0), (2028, 2, 29, 0, 0, 0)),
-])
+@pytest.mark.parametrize(
+    "text,now,expected",
+    [
+        ("0 0 1 * * *", (2026, 11, 27, 3, 0, 0), (2026, 11, 28, 1, 0, 0)),
+        ("0 0 1 * * *", (2026, 11, 27, 0, 59, 59), (2026, 11, 27, 1, 0, 0)),
+        ("*/15 * * * *", (2026, 11, 27, 3, 7, 30), (2026, 11, 27, 3, 15, 0)),
+        ("30 5 * * 1", (2026, 11, 27, 3, 0, 0), (2026, 11, 30, 5, 30, 0)),  # Mondays
+        ("0 0 12 1,15 * *", (2026, 11, 27, 3, 0, 0), (2026, 12, 1, 12, 0, 0)),
+        ("0 0 0 29 2 *", (2026, 11, 27, 3, 0, 0), (2028, 2, 29, 0, 0, 0)),
+    ],
+)
 def test_cron_schedule(text, now, expected):
     assert CronSchedule(text).next_after(dt.datetime(*now)) == dt.datetime(*expected)
 
@@ -255,8 +285,10 @@ def test_two_processes_on_one_cache_never_refresh_at_once(tmp_path, fake_pcs, ma
     fake = fake_pcs(NEW)
     fake.fail_with(delay=0.15, paths="/IntelSGXRootCA.der")
     config = make_config(pcs_url=fake.pcs_url, url_map=fake.url_map)
-    settings = {name: getattr(config, name) for name in (
-        "cache_dir", "pcs_url", "rootca_crl_url", "trusted_roots", "upstream_retries")}
+    settings = {
+        name: getattr(config, name)
+        for name in ("cache_dir", "pcs_url", "rootca_crl_url", "trusted_roots", "upstream_retries")
+    }
     settings["url_map"] = fake.url_map
     settings["listen"] = "127.0.0.1:0"
     windows = tmp_path / "windows.jsonl"
@@ -279,9 +311,13 @@ refresh.Refresher._refresh_collateral = recorded
 for _ in range(3):
     app.services.refresher.refresh_collateral(wait=60)
 """
-    processes = [subprocess.Popen([sys.executable, "-c", script, json.dumps(settings),
-                                   str(windows)], cwd=str(Path(__file__).resolve().parents[1]))
-                 for _ in range(2)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, json.dumps(settings), str(windows)],
+            cwd=str(Path(__file__).resolve().parents[1]),
+        )
+        for _ in range(2)
+    ]
     for process in processes:
         assert process.wait(timeout=120) == 0
     spans = sorted(json.loads(line) for line in windows.read_text().splitlines())
@@ -294,8 +330,11 @@ def make_policy(class_ids) -> str:
     def b64(data: bytes) -> str:
         return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
-    payload = {"policy_payload": json.dumps({"policy_array": [
-        {"environment": {"class_id": c}, "reference": {}} for c in class_ids]})}
+    payload = {
+        "policy_payload": json.dumps(
+            {"policy_array": [{"environment": {"class_id": c}, "reference": {}} for c in class_ids]}
+        )
+    }
     return f"{b64(b'{}')}.{b64(json.dumps(payload).encode())}.c2ln"
 
 
@@ -305,9 +344,11 @@ TDQE_CLASS = "3769258c-75e6-4bc7-8d72-d2b0e224cad2"
 
 
 def put_policy(client, policy, is_default, fmspc="00906ED50000", token=ADMIN):
-    return client.simulate_put("/sgx/certification/v4/appraisalpolicy",
-                               json={"policy": policy, "is_default": is_default, "fmspc": fmspc},
-                               headers={"admin-token": token})
+    return client.simulate_put(
+        "/sgx/certification/v4/appraisalpolicy",
+        json={"policy": policy, "is_default": is_default, "fmspc": fmspc},
+        headers={"admin-token": token},
+    )
 
 
 def test_appraisal_policies(make_client):
@@ -316,30 +357,46 @@ def test_appraisal_policies(make_client):
     result = put_policy(client, first, True)
     assert result.status_code == 200
     assert result.text == hashlib.sha384(first.encode()).hexdigest()
-    get = client.simulate_get("/sgx/certification/v4/appraisalpolicy",
-                              params={"fmspc": "00906ed50000"})
+    get = client.simulate_get(
+        "/sgx/certification/v4/appraisalpolicy", params={"fmspc": "00906ed50000"}
+    )
     assert get.status_code == 200 and get.text == first
     assert put_policy(client, second, False).status_code == 200
-    assert client.simulate_get("/sgx/certification/v4/appraisalpolicy",
-                               params={"fmspc": "00906ED50000"}).text == first
+    assert (
+        client.simulate_get(
+            "/sgx/certification/v4/appraisalpolicy", params={"fmspc": "00906ED50000"}
+        ).text
+        == first
+    )
     assert put_policy(client, second, True).status_code == 200, "a new default replaces it"
-    assert client.simulate_get("/sgx/certification/v4/appraisalpolicy",
-                               params={"fmspc": "00906ED50000"}).text == second
+    assert (
+        client.simulate_get(
+            "/sgx/certification/v4/appraisalpolicy", params={"fmspc": "00906ED50000"}
+        ).text
+        == second
+    )
     store = client.app.services.store
     records = [store.get_json(k) for k in store.keys("policy/00906ED50000/")]
     assert sorted((r["type"], r["is_default"]) for r in records) == [(0, False), (1, True)]
-    assert client.simulate_get("/sgx/certification/v4/appraisalpolicy",
-                               params={"fmspc": "00606A000000"}).status_code == 404
+    assert (
+        client.simulate_get(
+            "/sgx/certification/v4/appraisalpolicy", params={"fmspc": "00606A000000"}
+        ).status_code
+        == 404
+    )
 
 
-@pytest.mark.parametrize("policy,is_default,fmspc", [
-    (make_policy(["00000000-0000-0000-0000-000000000000"]), True, "00906ED50000"),
-    (make_policy([TDQE_CLASS]), True, "00906ED50000"),
-    ("no-dots", True, "00906ED50000"),
-    ("a.!!!.c", True, "00906ED50000"),
-    (make_policy([SGX_CLASS]), "yes", "00906ED50000"),
-    (make_policy([SGX_CLASS]), True, "00906ED5000"),
-])
+@pytest.mark.parametrize(
+    "policy,is_default,fmspc",
+    [
+        (make_policy(["00000000-0000-0000-0000-000000000000"]), True, "00906ED50000"),
+        (make_policy([TDQE_CLASS]), True, "00906ED50000"),
+        ("no-dots", True, "00906ED50000"),
+        ("a.!!!.c", True, "00906ED50000"),
+        (make_policy([SGX_CLASS]), "yes", "00906ED50000"),
+        (make_policy([SGX_CLASS]), True, "00906ED5000"),
+    ],
+)
 def test_bad_appraisal_policies_are_400(make_client, policy, is_default, fmspc):
     client = make_client(cache_mode="OFFLINE", **TOKENS)
     assert put_policy(client, policy, is_default, fmspc).status_code == 400
@@ -354,13 +411,15 @@ def test_old_cache_serves_newer_collateral_after_the_schedule_fires(fake_pcs, ma
     fake.clear_added()  # PCS now has the newer data
     services = client.app.services
     clock = FakeClock(dt.datetime(2026, 11, 27, 12, 0).timestamp())
-    scheduler = RefreshScheduler(services.refresher, services.store,
-                                 CronSchedule("0 0 1 * * *"), 60.0, clock=clock)
+    scheduler = RefreshScheduler(
+        services.refresher, services.store, CronSchedule("0 0 1 * * *"), 60.0, clock=clock
+    )
     scheduler.last_early = clock.now  # only the schedule may fire here
     assert scheduler.tick() is None
     assert client.simulate_get(TDX_TCB[0], params=TDX_TCB[1]).content == OLD_TCB.read_bytes()
     clock.now = dt.datetime(2026, 11, 28, 1, 0, 1).timestamp()  # just past 01:00
     assert scheduler.tick() is True
-    assert client.simulate_get(TDX_TCB[0], params=TDX_TCB[1]).content == \
-        load_body(NEW, "tdx_tcb_90C06F000000")
+    assert client.simulate_get(TDX_TCB[0], params=TDX_TCB[1]).content == load_body(
+        NEW, "tdx_tcb_90C06F000000"
+    )
     assert scheduler.next_scheduled == dt.datetime(2026, 11, 29, 1, 0).timestamp()

@@ -1,12 +1,12 @@
-"""PCK certificate selection (dcapd.selection) against Intel's vectors, real certs and properties."""
+"""PCK certificate selection (dcapd.selection): Intel's vectors, real certs and properties."""
 
 from __future__ import annotations
 
 import json
 import re
 import urllib.parse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Sequence, Tuple
 
 import pytest
 from cryptography import x509
@@ -17,9 +17,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dcapd.selection import (
-    FmspcMismatchError, InvalidArgumentError, InvalidCertError, InvalidTcbInfoError,
-    PceIdMismatchError, PckNotFoundError, PpidMismatchError, SelectionError, Tcb,
-    parse_pck_cert, parse_tcb_info, select_pck_cert)
+    FmspcMismatchError,
+    InvalidArgumentError,
+    InvalidCertError,
+    InvalidTcbInfoError,
+    PceIdMismatchError,
+    PckNotFoundError,
+    PpidMismatchError,
+    SelectionError,
+    Tcb,
+    parse_pck_cert,
+    parse_tcb_info,
+    select_pck_cert,
+)
 from tests import pki
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -28,7 +38,9 @@ INTEL_SAMPLE = FIXTURES / "pck_selection" / "intel_sample"
 PCKCERTS = FIXTURES / "pckcerts"
 QUOTES = FIXTURES / "quotes"
 
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason="shared/fixtures not beside the repo")
+needs_fixtures = pytest.mark.skipif(
+    not FIXTURES.is_dir(), reason="shared/fixtures not beside the repo"
+)
 
 
 def le_hex(value: int) -> str:
@@ -36,7 +48,7 @@ def le_hex(value: int) -> str:
     return value.to_bytes(2, "little").hex().upper()
 
 
-def components(*head: int) -> Tuple[int, ...]:
+def components(*head: int) -> tuple[int, ...]:
     return tuple(head) + (0,) * (16 - len(head))
 
 
@@ -52,12 +64,20 @@ def _intel_cases():
 
 
 @needs_fixtures
-@pytest.mark.parametrize("case", _intel_cases(), ids=lambda c: f"cpusvn{c['cpusvn']}-pcesvn{c['pcesvn']}")
+@pytest.mark.parametrize(
+    "case", _intel_cases(), ids=lambda c: f"cpusvn{c['cpusvn']}-pcesvn{c['pcesvn']}"
+)
 def test_intel_sample_cases(case):
     sample = json.loads((INTEL_SAMPLE / "cases.json").read_text())
     pems = [(INTEL_SAMPLE / name).read_text() for name in sample["cert_order"]]
     tcb_info = (INTEL_SAMPLE / sample["tcb_info"]).read_text()
-    args = (bytes(case["cpusvn"]).hex(), le_hex(case["pcesvn"]), le_hex(case["pceid"]), tcb_info, pems)
+    args = (
+        bytes(case["cpusvn"]).hex(),
+        le_hex(case["pcesvn"]),
+        le_hex(case["pceid"]),
+        tcb_info,
+        pems,
+    )
     if "expected_index" in case:
         assert select_pck_cert(*args) == case["expected_index"]
         assert sample["cert_order"][case["expected_index"]] == case["expected_file"]
@@ -68,8 +88,10 @@ def test_intel_sample_cases(case):
         assert info.value.code == 12
 
 
-@pytest.mark.skip(reason="platform_sgx_hw_config is a separate Intel API (configuration id from "
-                         "CPUSVN byte 6) that a PCCS never calls")
+@pytest.mark.skip(
+    reason="platform_sgx_hw_config is a separate Intel API (configuration id from "
+    "CPUSVN byte 6) that a PCCS never calls"
+)
 def test_intel_sample_hw_config_case():
     pass
 
@@ -138,21 +160,26 @@ def test_sandbox_pckcerts_entries_parse_to_their_tcb():
 
 
 @needs_fixtures
-@pytest.mark.parametrize("cpusvn, pcesvn, expected", [
-    ("03030000000000000000000000000000", 10, 0),
-    ("FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF", 0xFFFF, 0),
-    ("02020000000000000000000000000000", 10, 1),
-    ("02030000000000000000000000000000", 10, 1),
-    ("01010000000000000000000000000000", 10, 2),   # pcesvn 10 ≥ 9: the 0101/9 cert
-    ("01010000000000000000000000000000", 5, 3),    # only the pcesvn 0 cert is ≤
-    ("03030000000000000000000000000000", 9, 2),    # 0303/9 is below both pcesvn-10 certs
-    ("00000000000000000000000000000000", 10, None),
-])
+@pytest.mark.parametrize(
+    "cpusvn, pcesvn, expected",
+    [
+        ("03030000000000000000000000000000", 10, 0),
+        ("FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF", 0xFFFF, 0),
+        ("02020000000000000000000000000000", 10, 1),
+        ("02030000000000000000000000000000", 10, 1),
+        ("01010000000000000000000000000000", 10, 2),  # pcesvn 10 ≥ 9: the 0101/9 cert
+        ("01010000000000000000000000000000", 5, 3),  # only the pcesvn 0 cert is ≤
+        ("03030000000000000000000000000000", 9, 2),  # 0303/9 is below both pcesvn-10 certs
+        ("00000000000000000000000000000000", 10, None),
+    ],
+)
 def test_selection_over_sandbox_certs(cpusvn, pcesvn, expected):
     manifest, entries = _sandbox_pckcerts()
     pems = [urllib.parse.unquote(entry["cert"]) for entry in entries]
-    levels = [(tuple(e["tcb"][f"sgxtcbcomp{n:02d}svn"] for n in range(1, 17)), e["tcb"]["pcesvn"])
-              for e in entries]
+    levels = [
+        (tuple(e["tcb"][f"sgxtcbcomp{n:02d}svn"] for n in range(1, 17)), e["tcb"]["pcesvn"])
+        for e in entries
+    ]
     tcb_info = pki.make_tcb_info(manifest["headers"]["SGX-FMSPC"], levels)
     if expected is None:
         with pytest.raises(PckNotFoundError):
@@ -196,7 +223,9 @@ def test_pck_leaf_embedded_in_quote(quote):
 
 
 def _tcb_info_files():
-    return sorted(p for p in (FIXTURES / "pcs").glob("*/**/*tcb_*.json")) if FIXTURES.is_dir() else []
+    return (
+        sorted(p for p in (FIXTURES / "pcs").glob("*/**/*tcb_*.json")) if FIXTURES.is_dir() else []
+    )
 
 
 @needs_fixtures
@@ -220,17 +249,24 @@ def test_tcb_info_v2_and_v3_of_the_same_data_agree():
     v3 = parse_tcb_info((folder / "sgx_tcb_00906ED50000.json").read_bytes())
     v2 = parse_tcb_info((folder / "sgx_tcb_00906ED50000_v3api.json").read_bytes())
     assert (v2.version, v3.version) == (2, 3)
-    assert [(l.tcb, l.status) for l in v2.levels] == [(l.tcb, l.status) for l in v3.levels]
+    assert [(lv.tcb, lv.status) for lv in v2.levels] == [(lv.tcb, lv.status) for lv in v3.levels]
 
 
 def test_level_order_comes_from_values_not_json_order():
-    levels = [pki.Level(components(1, 1), 2), pki.Level(components(2, 0), 0),
-              pki.Level(components(1, 1), 3), pki.Level(components(0, 9), 9)]
+    levels = [
+        pki.Level(components(1, 1), 2),
+        pki.Level(components(2, 0), 0),
+        pki.Level(components(1, 1), 3),
+        pki.Level(components(0, 9), 9),
+    ]
     info = parse_tcb_info(pki.make_tcb_info("00D0C0DE0000", levels))
     # lexicographic on the component vector, then pcesvn; descending
     assert [level.tcb for level in info.levels] == [
-        Tcb(components(2, 0), 0), Tcb(components(1, 1), 3), Tcb(components(1, 1), 2),
-        Tcb(components(0, 9), 9)]
+        Tcb(components(2, 0), 0),
+        Tcb(components(1, 1), 3),
+        Tcb(components(1, 1), 2),
+        Tcb(components(0, 9), 9),
+    ]
 
 
 def _v3_body() -> dict:
@@ -239,6 +275,7 @@ def _v3_body() -> dict:
 
 def _mutate(path: str, value, *, delete: bool = False):
     """A mutation of the v3 TCB info body: set (or delete) the item at a dotted path."""
+
     def apply(body: dict) -> dict:
         target = body
         keys = [int(k) if k.isdigit() else k for k in path.split(".")]
@@ -249,6 +286,7 @@ def _mutate(path: str, value, *, delete: bool = False):
         else:
             target[keys[-1]] = value
         return body
+
     return apply
 
 
@@ -292,9 +330,13 @@ INVALID_TCB_INFOS = {
     "component category not string": _mutate(f"{_LEVEL0}.tcb.sgxtcbcomponents.3.category", 1),
     "no pcesvn": _mutate(f"{_LEVEL0}.tcb.pcesvn", None, delete=True),
     "pcesvn bool": _mutate(f"{_LEVEL0}.tcb.pcesvn", True),
-    "duplicate level": _mutate("tcbInfo.tcbLevels.1.tcb",
-                               {"sgxtcbcomponents": [{"svn": s} for s in pki.DEFAULT_LEVELS[0].components],
-                                "pcesvn": pki.DEFAULT_LEVELS[0].pcesvn}),
+    "duplicate level": _mutate(
+        "tcbInfo.tcbLevels.1.tcb",
+        {
+            "sgxtcbcomponents": [{"svn": s} for s in pki.DEFAULT_LEVELS[0].components],
+            "pcesvn": pki.DEFAULT_LEVELS[0].pcesvn,
+        },
+    ),
 }
 
 
@@ -306,8 +348,13 @@ def test_invalid_tcb_info_variants(mutation):
     assert info.value.code == 9
     platform = pki.default_platform()
     with pytest.raises(InvalidTcbInfoError):  # selection reports it as INVALID_TCB too
-        select_pck_cert(platform.pck_certs[0].cpusvn_hex, "0D00", "0000", body,
-                        [entry.pem for entry in platform.pck_certs])
+        select_pck_cert(
+            platform.pck_certs[0].cpusvn_hex,
+            "0D00",
+            "0000",
+            body,
+            [entry.pem for entry in platform.pck_certs],
+        )
 
 
 @pytest.mark.parametrize("text", [b"", b"not json", b"[]", b'"tcbInfo"', b"\xff\xfe"])
@@ -325,8 +372,10 @@ def test_v2_tcb_info_needs_every_named_component():
 
 
 def test_tdx_tcb_info_made_by_pki_parses_and_orders_by_tdx_components():
-    levels = [pki.Level(components(2, 2), 5, tdx_components=components(1)),
-              pki.Level(components(2, 2), 5, tdx_components=components(3))]
+    levels = [
+        pki.Level(components(2, 2), 5, tdx_components=components(1)),
+        pki.Level(components(2, 2), 5, tdx_components=components(3)),
+    ]
     info = parse_tcb_info(pki.make_tcb_info("00D0C0DE0000", levels, tee="TDX"))
     assert info.id == "TDX"
     assert [level.tdx_components for level in info.levels] == [components(3), components(1)]
@@ -344,10 +393,12 @@ def test_pki_tcb_info_signature_verifies_over_exact_inner_bytes():
     body = pki.make_tcb_info("00D0C0DE0000", pki.DEFAULT_LEVELS)
     prefix, suffix = b'{"tcbInfo":', b',"signature":"'
     assert body.startswith(prefix)
-    inner = body[len(prefix):body.rindex(suffix)]
+    inner = body[len(prefix) : body.rindex(suffix)]
     signature = bytes.fromhex(json.loads(body)["signature"])
     assert len(signature) == 64
-    der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
+    der = encode_dss_signature(
+        int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+    )
     pki.tcb_signing().key.public_key().verify(der, inner, ec.ECDSA(hashes.SHA256()))
     assert json.loads(inner) == json.loads(body)["tcbInfo"]
 
@@ -383,7 +434,9 @@ def test_pki_pckcerts_response_body_and_headers():
         assert "%0A" in entry["cert"] and "\n" not in entry["cert"]
         info = parse_pck_cert(urllib.parse.unquote(entry["cert"]))
         assert info.tcbm == entry["tcbm"] and len(entry["tcbm"]) == 36
-        assert info.tcb_components == tuple(entry["tcb"][f"sgxtcbcomp{n:02d}svn"] for n in range(1, 17))
+        assert info.tcb_components == tuple(
+            entry["tcb"][f"sgxtcbcomp{n:02d}svn"] for n in range(1, 17)
+        )
         assert info.pcesvn == entry["tcb"]["pcesvn"]
     headers = pki.pckcerts_response_headers(platform)
     assert headers["SGX-PCK-Certificate-CA-Type"] == "platform"
@@ -402,14 +455,19 @@ def test_each_level_selects_its_own_cert(tcb_info_attr):
     tcb_info = getattr(platform, tcb_info_attr)
     pems = [entry.pem for entry in platform.pck_certs]
     for index, entry in enumerate(platform.pck_certs):
-        assert select_pck_cert(entry.cpusvn_hex, entry.pcesvn_hex, platform.pceid, tcb_info, pems) == index
+        assert (
+            select_pck_cert(entry.cpusvn_hex, entry.pcesvn_hex, platform.pceid, tcb_info, pems)
+            == index
+        )
     # A raw TCB between levels gets the best cert it dominates; lower-case hex is fine too.
     between = bytes(components(7, 8, 3, 3, 255, 255, 1)).hex()
     assert select_pck_cert(between, "0e00", "0000", tcb_info, pems) == 1
     # Input order does not matter when the certs are totally ordered.
     assert select_pck_cert(between, "0E00", "0000", tcb_info, pems[::-1]) == 2
     # Bytes inputs work as well.
-    assert select_pck_cert(between, "0E00", "0000", tcb_info.decode(), [p.encode() for p in pems]) == 1
+    assert (
+        select_pck_cert(between, "0E00", "0000", tcb_info.decode(), [p.encode() for p in pems]) == 1
+    )
 
 
 def test_pcesvn_is_little_endian():
@@ -442,13 +500,16 @@ PPID = bytes(range(16))
 FMSPC = bytes.fromhex("00D0C0DE0000")
 
 
-def _cert(tcb=components(2, 2), pcesvn=5, **kwargs) -> str:
+def _cert(tcb=None, pcesvn=5, **kwargs) -> str:
+    tcb = components(2, 2) if tcb is None else tcb
     kwargs.setdefault("fmspc", FMSPC)
     return pki.make_pck_cert(pki.platform_ca(), kwargs.pop("ppid", PPID), tcb, pcesvn, **kwargs)
 
 
 def _tcb_info(pce_id="0000", fmspc_hex="00D0C0DE0000") -> bytes:
-    return pki.make_tcb_info(fmspc_hex, [(components(2, 2), 5), (components(1, 1), 1)], pce_id=pce_id)
+    return pki.make_tcb_info(
+        fmspc_hex, [(components(2, 2), 5), (components(1, 1), 1)], pce_id=pce_id
+    )
 
 
 RAW = bytes(components(2, 2)).hex()
@@ -495,7 +556,9 @@ def test_not_available_cert_is_invalid():
 def test_first_failing_cert_decides_the_error():
     # Intel validates cert by cert: an FMSPC mismatch in cert 0 wins over a bad cert 1.
     with pytest.raises(FmspcMismatchError):
-        select_pck_cert(RAW, "0500", "0000", _tcb_info(), [_cert(fmspc=b"\x01" * 6), "Not available"])
+        select_pck_cert(
+            RAW, "0500", "0000", _tcb_info(), [_cert(fmspc=b"\x01" * 6), "Not available"]
+        )
 
 
 @pytest.mark.parametrize("omit", ["aki", "crl_dp", "ski", "key_usage", "basic_constraints", "sgx"])
@@ -505,8 +568,16 @@ def test_cert_missing_a_required_extension(omit):
 
 
 def _sgx_ext(**overrides) -> bytes:
-    args = dict(ppid=PPID, tcb_components=components(2, 2), pcesvn=5, cpusvn=bytes(components(2, 2)),
-                pceid=b"\x00\x00", fmspc=FMSPC, sgx_type=0, platform=True)
+    args = dict(
+        ppid=PPID,
+        tcb_components=components(2, 2),
+        pcesvn=5,
+        cpusvn=bytes(components(2, 2)),
+        pceid=b"\x00\x00",
+        fmspc=FMSPC,
+        sgx_type=0,
+        platform=True,
+    )
     args.update(overrides)
     return pki.sgx_extension_der(**args)
 
@@ -517,10 +588,13 @@ BAD_SGX_EXTENSIONS = {
     "6 entries": lambda: _sgx_ext(drop=[7]),
     "4 entries": lambda: _sgx_ext(platform=False, drop=[5]),
     "5 entries + unknown oid": lambda: _sgx_ext(platform=False, extra=[UNKNOWN_ENTRY]),
-    "fmspc replaced by unknown oid": lambda: _sgx_ext(platform=False, drop=[4], extra=[UNKNOWN_ENTRY]),
+    "fmspc replaced by unknown oid": lambda: _sgx_ext(
+        platform=False, drop=[4], extra=[UNKNOWN_ENTRY]
+    ),
     "ppid replaced by unknown oid": lambda: _sgx_ext(drop=[1], extra=[UNKNOWN_ENTRY]),
-    "tcb as octet string": lambda: _sgx_ext(drop=[2], extra=[pki.der_entry(
-        f"{pki.SGX_EXTENSION_OID}.2", pki.der(0x04, b"\x00"))]),
+    "tcb as octet string": lambda: _sgx_ext(
+        drop=[2], extra=[pki.der_entry(f"{pki.SGX_EXTENSION_OID}.2", pki.der(0x04, b"\x00"))]
+    ),
     "ppid 15 bytes": lambda: _sgx_ext(ppid=PPID[:15]),
     "fmspc 5 bytes": lambda: _sgx_ext(fmspc=FMSPC[:5]),
     "pceid 3 bytes": lambda: _sgx_ext(pceid=b"\x00\x00\x00"),
@@ -564,11 +638,20 @@ def test_ca_certificate_is_not_a_pck_cert():
         parse_pck_cert(pki.platform_ca().pem)
 
 
-@pytest.mark.parametrize("cpusvn, pcesvn, pceid", [
-    ("00" * 15, "0500", "0000"), ("00" * 17, "0500", "0000"), ("ZZ" * 16, "0500", "0000"),
-    (RAW, "500", "0000"), (RAW, "05000", "0000"), (RAW, "0500", "00"), (RAW, "0500", "00G0"),
-    (None, "0500", "0000"), (RAW, 5, "0000"),
-])
+@pytest.mark.parametrize(
+    "cpusvn, pcesvn, pceid",
+    [
+        ("00" * 15, "0500", "0000"),
+        ("00" * 17, "0500", "0000"),
+        ("ZZ" * 16, "0500", "0000"),
+        (RAW, "500", "0000"),
+        (RAW, "05000", "0000"),
+        (RAW, "0500", "00"),
+        (RAW, "0500", "00G0"),
+        (None, "0500", "0000"),
+        (RAW, 5, "0000"),
+    ],
+)
 def test_invalid_arguments(cpusvn, pcesvn, pceid):
     with pytest.raises(InvalidArgumentError) as info:
         select_pck_cert(cpusvn, pcesvn, pceid, _tcb_info(), [_cert()])
@@ -583,8 +666,15 @@ def test_no_certs_or_none_cert_is_invalid_argument():
 
 
 def test_every_error_is_a_selection_error():
-    for error in (InvalidArgumentError, InvalidCertError, InvalidTcbInfoError, PceIdMismatchError,
-                  FmspcMismatchError, PpidMismatchError, PckNotFoundError):
+    for error in (
+        InvalidArgumentError,
+        InvalidCertError,
+        InvalidTcbInfoError,
+        PceIdMismatchError,
+        FmspcMismatchError,
+        PpidMismatchError,
+        PckNotFoundError,
+    ):
         assert issubclass(error, SelectionError)
 
 
@@ -605,9 +695,11 @@ def tcbs(draw, max_svn: int = 3, min_pcesvn: int = 0, max_pcesvn: int = 3) -> Tc
     return Tcb(tuple(values), draw(st.integers(min_pcesvn, max_pcesvn)))
 
 
-def _pems(cert_tcbs: Sequence[Tcb]) -> List[str]:
-    return [pki.make_pck_cert(pki.platform_ca(), PPID, t.components, t.pcesvn, fmspc=FMSPC)
-            for t in cert_tcbs]
+def _pems(cert_tcbs: Sequence[Tcb]) -> list[str]:
+    return [
+        pki.make_pck_cert(pki.platform_ca(), PPID, t.components, t.pcesvn, fmspc=FMSPC)
+        for t in cert_tcbs
+    ]
 
 
 def _tcb_info_for(levels: Sequence[Tcb]) -> bytes:
@@ -622,14 +714,17 @@ def _select(raw: Tcb, tcb_info: bytes, pems: Sequence[str]) -> int:
     return select_pck_cert(bytes(raw.components).hex(), le_hex(raw.pcesvn), "0000", tcb_info, pems)
 
 
-PROPERTY_SETTINGS = settings(max_examples=100, deadline=None,
-                             suppress_health_check=[HealthCheck.too_slow])
+PROPERTY_SETTINGS = settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @PROPERTY_SETTINGS
-@given(levels=st.lists(tcbs(), min_size=1, max_size=5, unique=True),
-       cert_tcbs=st.lists(tcbs(), min_size=1, max_size=8),
-       raw=tcbs())
+@given(
+    levels=st.lists(tcbs(), min_size=1, max_size=5, unique=True),
+    cert_tcbs=st.lists(tcbs(), min_size=1, max_size=8),
+    raw=tcbs(),
+)
 def test_property_choice_is_dominated_and_from_the_best_bucket(levels, cert_tcbs, raw):
     tcb_info = _tcb_info_for(levels)
     sorted_levels = [level.tcb for level in parse_tcb_info(tcb_info).levels]
@@ -654,9 +749,12 @@ def test_property_choice_is_dominated_and_from_the_best_bucket(levels, cert_tcbs
 
 
 @PROPERTY_SETTINGS
-@given(levels=st.lists(tcbs(), min_size=1, max_size=5, unique=True),
-       cert_tcbs=st.lists(tcbs(), min_size=1, max_size=6),
-       raw=tcbs(), data=st.data())
+@given(
+    levels=st.lists(tcbs(), min_size=1, max_size=5, unique=True),
+    cert_tcbs=st.lists(tcbs(), min_size=1, max_size=6),
+    raw=tcbs(),
+    data=st.data(),
+)
 def test_property_json_order_of_levels_does_not_matter(levels, cert_tcbs, raw, data):
     shuffled = data.draw(st.permutations(levels))
     pems = _pems(cert_tcbs)
@@ -666,13 +764,16 @@ def test_property_json_order_of_levels_does_not_matter(levels, cert_tcbs, raw, d
             return _select(raw, tcb_info, pems)
         except PckNotFoundError:
             return None
+
     assert outcome(_tcb_info_for(levels)) == outcome(_tcb_info_for(shuffled))
 
 
 @PROPERTY_SETTINGS
-@given(cert_tcbs=st.lists(tcbs(min_pcesvn=1), min_size=1, max_size=6),
-       levels=st.lists(tcbs(), min_size=1, max_size=3, unique=True),
-       raw_components=tcbs(max_svn=255))
+@given(
+    cert_tcbs=st.lists(tcbs(min_pcesvn=1), min_size=1, max_size=6),
+    levels=st.lists(tcbs(), min_size=1, max_size=3, unique=True),
+    raw_components=tcbs(max_svn=255),
+)
 def test_property_not_found_when_no_cert_is_dominated(cert_tcbs, levels, raw_components):
     raw = Tcb(raw_components.components, 0)  # every cert needs PCESVN ≥ 1
     with pytest.raises(PckNotFoundError):
@@ -706,9 +807,16 @@ def test_property_exact_match_is_chosen(cert_tcbs, data):
 # Robustness: malformed input only ever raises the typed errors.
 
 _JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-3, 300) | st.floats(allow_nan=False) | st.text(max_size=4),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=3), children, max_size=3),
-    max_leaves=5)
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 300)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=4),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=3), children, max_size=3)
+    ),
+    max_leaves=5,
+)
 
 
 def _json_paths(node, prefix=()):

@@ -17,11 +17,13 @@ from tests.fakepcs import load_body
 from tests.servers import free_port, issue_server_cert, running_dcapd
 
 SCENARIO = "2025-05-27_intel-pcs-recording"
-PATHS = ["/sgx/certification/v4/tcb?fmspc=00906ED50000&update=standard",
-         "/sgx/certification/v3/qe/identity",
-         "/tdx/certification/v4/qe/identity?update=standard",
-         "/sgx/certification/v4/pckcrl?ca=processor&encoding=der",
-         "/sgx/certification/v4/rootcacrl"]
+PATHS = [
+    "/sgx/certification/v4/tcb?fmspc=00906ED50000&update=standard",
+    "/sgx/certification/v3/qe/identity",
+    "/tdx/certification/v4/qe/identity?update=standard",
+    "/sgx/certification/v4/pckcrl?ca=processor&encoding=der",
+    "/sgx/certification/v4/rootcacrl",
+]
 
 
 @pytest.fixture
@@ -34,8 +36,9 @@ def session():
 def test_https_with_own_certificate_and_restart(tmp_path, fake_pcs, make_config, session):
     ca_file, cert_file, key_file = issue_server_cert(tmp_path)
     fake = fake_pcs(SCENARIO)
-    config = make_config(tls="auto", cert_file=str(cert_file), key_file=str(key_file),
-                         **upstream_settings(fake))
+    config = make_config(
+        tls="auto", cert_file=str(cert_file), key_file=str(key_file), **upstream_settings(fake)
+    )
     with running_dcapd(config) as server:
         base = f"https://127.0.0.1:{server.port}"
         first = [session.get(base + p, verify=str(ca_file), timeout=10) for p in PATHS]
@@ -49,8 +52,9 @@ def test_https_with_own_certificate_and_restart(tmp_path, fake_pcs, make_config,
     assert len(fake.calls) == len(PATHS), "nothing is fetched again after a restart"
     for a, b, c in zip(first, second, third):
         assert a.content == b.content == c.content
-        assert a.headers.get("SGX-Enclave-Identity-Issuer-Chain") == \
-            c.headers.get("SGX-Enclave-Identity-Issuer-Chain")
+        assert a.headers.get("SGX-Enclave-Identity-Issuer-Chain") == c.headers.get(
+            "SGX-Enclave-Identity-Issuer-Chain"
+        )
     assert first[0].content == load_body(SCENARIO, "sgx_tcb_00906ED50000")
     assert first[4].content == load_body(SCENARIO, "root_ca_crl").hex().encode()
 
@@ -69,18 +73,26 @@ def test_dcapd_command_serves_https_with_generated_certificate(tmp_path, fake_pc
     fake = fake_pcs(SCENARIO)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DCAPD_")}
-    env.update(DCAPD_LISTEN=f"127.0.0.1:{port}", DCAPD_CACHE_DIR=str(tmp_path / "cache"),
-               DCAPD_PCS_URL=fake.pcs_url, DCAPD_URL_MAP=fake.url_map)
+    env.update(
+        DCAPD_LISTEN=f"127.0.0.1:{port}",
+        DCAPD_CACHE_DIR=str(tmp_path / "cache"),
+        DCAPD_PCS_URL=fake.pcs_url,
+        DCAPD_URL_MAP=fake.url_map,
+    )
     env.pop("INTEL_API_KEY", None)
-    process = subprocess.Popen([sys.executable, "-m", "dcapd"], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dcapd"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
         deadline = time.monotonic() + 30
         while True:
             try:
-                reply = session.get(f"https://127.0.0.1:{port}/sgx/certification/v4/rootcacrl",
-                                    verify=False, timeout=5)
+                reply = session.get(
+                    f"https://127.0.0.1:{port}/sgx/certification/v4/rootcacrl",
+                    verify=False,
+                    timeout=5,
+                )
                 break
             except requests.ConnectionError:
                 assert process.poll() is None, process.stderr.read().decode()

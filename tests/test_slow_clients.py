@@ -48,8 +48,12 @@ def serving(make_config, **overrides):
     with running_dcapd(make_config(**settings)) as server, requests.Session() as session:
         session.trust_env = False
         session.verify = False
-        reply = session.put(f"{server.url}/sgx/certification/v4/platformcollateral",
-                            data=json.dumps(UPLOAD), headers={"admin-token": ADMIN}, timeout=30)
+        reply = session.put(
+            f"{server.url}/sgx/certification/v4/platformcollateral",
+            data=json.dumps(UPLOAD),
+            headers={"admin-token": ADMIN},
+            timeout=30,
+        )
         assert reply.status_code == 200
         yield server, session
 
@@ -97,7 +101,7 @@ class Hostile:
         if tls:
             sock = client_context().wrap_socket(sock)
             self.sockets.append(sock)
-        request = (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"p" * 4096)
+        request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"p" * 4096
 
         def hung_up() -> bool:
             """Did the server close? (A TLS 1.3 session ticket also makes it readable.)"""
@@ -237,7 +241,9 @@ def test_connection_limit_holds_and_frees_when_idle_clients_time_out(make_config
     pipe count too); one more waits in the backlog until an idle one is dropped."""
     limit = 5
     with serving(make_config, tls="off", connection_limit=limit, channel_timeout=2) as (
-            server, session):
+        server,
+        session,
+    ):
         session.close()  # no keep-alive connection of our own
         idle = []
         try:

@@ -27,8 +27,15 @@ from dcapd.upstream import is_allowed_crl_url
 from tests import pki
 from tests.conftest import INTEL_ROOT_CDP
 from tests.test_pckcert import CASES, PCKCERT, query, raw_tcb, serve_platform
-from tests.test_platforms import (ADMIN, PLATFORMS, SCENARIO, TOKENS, USER, fill_prefetch_gap,
-                                  registration)
+from tests.test_platforms import (
+    ADMIN,
+    PLATFORMS,
+    SCENARIO,
+    TOKENS,
+    USER,
+    fill_prefetch_gap,
+    registration,
+)
 from tests.uploads import upload_for_test_platform
 
 PLATFORM = pki.default_platform()
@@ -86,8 +93,10 @@ HOSTILE_URIS = [
     ("user and password", f"https://u:p@{ROOT_HOST}/IntelSGXRootCA.der"),
     ("empty userinfo", f"https://@{ROOT_HOST}/IntelSGXRootCA.der"),
     ("Intel's host as a prefix", f"https://{ROOT_HOST}.evil.example/IntelSGXRootCA.der"),
-    ("Intel's host as a suffix",
-     "https://evil-trustedservices.intel.com.evil.example/IntelSGXRootCA.der"),
+    (
+        "Intel's host as a suffix",
+        "https://evil-trustedservices.intel.com.evil.example/IntelSGXRootCA.der",
+    ),
     ("trailing dot", f"https://{ROOT_HOST}./IntelSGXRootCA.der"),
     ("IPv4 literal", "https://127.0.0.1/IntelSGXRootCA.der"),
     ("IPv4 as one number", "https://2130706433/IntelSGXRootCA.der"),
@@ -102,16 +111,24 @@ HOSTILE_URIS = [
     ("%2e%2e segment", f"https://{ROOT_HOST}/%2e%2e/IntelSGXRootCA.der"),
     ("dot-dot segment", f"https://{ROOT_HOST}/x/../IntelSGXRootCA.der"),
     ("dot-dot after the file", f"https://{ROOT_HOST}/IntelSGXRootCA.der/../../admin"),
-    ("ideographic full stops", "https://certificates\u3002trustedservices\u3002intel\u3002com"
-                               "/IntelSGXRootCA.der"),
-    ("fullwidth full stops", "https://certificates\uff0etrustedservices\uff0eintel\uff0ecom"
-                             "/IntelSGXRootCA.der"),
+    (
+        "ideographic full stops",
+        "https://certificates\u3002trustedservices\u3002intel\u3002com/IntelSGXRootCA.der",
+    ),
+    (
+        "fullwidth full stops",
+        "https://certificates\uff0etrustedservices\uff0eintel\uff0ecom/IntelSGXRootCA.der",
+    ),
     ("fullwidth letters", "https://\uff43ertificates.trustedservices.intel.com/IntelSGXRootCA.der"),
-    ("Kelvin sign (lower-cases to k)", "https://\u212acertificates.trustedservices.intel.com"
-                                       "/IntelSGXRootCA.der"),
+    (
+        "Kelvin sign (lower-cases to k)",
+        "https://\u212acertificates.trustedservices.intel.com/IntelSGXRootCA.der",
+    ),
     ("dotless i", "https://certif\u0131cates.trustedservices.intel.com/IntelSGXRootCA.der"),
-    ("punycode look-alike", "https://xn--certificates-abc.trustedservices.intel.com.evil.example"
-                            "/IntelSGXRootCA.der"),
+    (
+        "punycode look-alike",
+        "https://xn--certificates-abc.trustedservices.intel.com.evil.example/IntelSGXRootCA.der",
+    ),
     ("port 8443", f"https://{ROOT_HOST}:8443/IntelSGXRootCA.der"),
     ("port 80", f"https://{ROOT_HOST}:80/IntelSGXRootCA.der"),
     ("port 0", f"https://{ROOT_HOST}:0/IntelSGXRootCA.der"),
@@ -130,25 +147,36 @@ HOSTILE_URIS = [
     ("NUL byte", f"https://{ROOT_HOST}/IntelSGXRootCA.der\x00.evil.example"),
     ("very long", f"https://{ROOT_HOST}/IntelSGXRootCA." + "a" * 3000),
     # Intel's check is an unanchored search: these pass Intel's PCCS ([ref-bug]).
-    ("allowed URL inside another's query", f"https://evil.example/?x=https://{ROOT_HOST}"
-                                           "/IntelSGXRootCA.der"),
-    ("allowed URL inside another's path", f"https://evil.example/https://{ROOT_HOST}"
-                                          "/IntelSGXRootCA.der"),
-    ("allowed PCK CRL URL inside another's query",
-     "https://evil.example/x?https://api.trustedservices.intel.com/sgx/certification/v4/pckcrl"
-     "?ca=processor"),
+    (
+        "allowed URL inside another's query",
+        f"https://evil.example/?x=https://{ROOT_HOST}/IntelSGXRootCA.der",
+    ),
+    (
+        "allowed URL inside another's path",
+        f"https://evil.example/https://{ROOT_HOST}/IntelSGXRootCA.der",
+    ),
+    (
+        "allowed PCK CRL URL inside another's query",
+        "https://evil.example/x?https://api.trustedservices.intel.com/sgx/certification/v4/pckcrl"
+        "?ca=processor",
+    ),
     ("other path on Intel's host", f"https://{ROOT_HOST}/secret"),
     ("root CRL name in a directory", f"https://{ROOT_HOST}/x/IntelSGXRootCA.der"),
     ("PCK CRL path on the root CRL host", f"https://{ROOT_HOST}/sgx/certification/v4/pckcrl"),
-    ("PCK CRL path on another host",
-     "https://evil.example/sgx/certification/v4/pckcrl?ca=processor"),
-    ("PCK CRL, API version 0",
-     "https://api.trustedservices.intel.com/sgx/certification/v0/pckcrl"),
-    ("PCK CRL host, two labels",
-     "https://a.b.api.trustedservices.intel.com/sgx/certification/v4/pckcrl"),
+    (
+        "PCK CRL path on another host",
+        "https://evil.example/sgx/certification/v4/pckcrl?ca=processor",
+    ),
+    ("PCK CRL, API version 0", "https://api.trustedservices.intel.com/sgx/certification/v0/pckcrl"),
+    (
+        "PCK CRL host, two labels",
+        "https://a.b.api.trustedservices.intel.com/sgx/certification/v4/pckcrl",
+    ),
     ("Azure host, two labels", "https://a.b.az.sgxprod.adsdcsp.com/sgx/certification/v4/pckcrl"),
-    ("Azure host, other environment",
-     "https://a.az.sgxdev.adsdcsp.com/sgx/certification/v4/pckcrl"),
+    (
+        "Azure host, other environment",
+        "https://a.az.sgxdev.adsdcsp.com/sgx/certification/v4/pckcrl",
+    ),
     ("empty", ""),
     ("host only", f"https://{ROOT_HOST}"),
     ("path only", "/IntelSGXRootCA.der"),
@@ -166,9 +194,11 @@ INTEL_SPELLINGS = [
     "https://sbx.api.trustedservices.intel.com/sgx/certification/v4/pckcrl?ca=processor",
     "https://x1.az.sgxprod.adsdcsp.com/sgx/certification/v4/pckcrl?ca=processor",
 ]
-INTEL_HOST = re.compile(r"([a-z0-9-]*certificates\.trustedservices\.intel\.com"
-                        r"|certprx\.adsdcsp\.com|([a-z0-9-]+\.)?api\.trustedservices\.intel\.com"
-                        r"|[a-z0-9-]+\.az\.sgx(prod|np)\.adsdcsp\.com)")
+INTEL_HOST = re.compile(
+    r"([a-z0-9-]*certificates\.trustedservices\.intel\.com"
+    r"|certprx\.adsdcsp\.com|([a-z0-9-]+\.)?api\.trustedservices\.intel\.com"
+    r"|[a-z0-9-]+\.az\.sgx(prod|np)\.adsdcsp\.com)"
+)
 
 
 @pytest.fixture
@@ -188,8 +218,9 @@ def test_hostile_crl_uris_are_400_and_nothing_is_fetched(crl_client):
             assert result.status_code == 400, (name, result.status_code)
             assert result.text == "Invalid request parameters."
         # Percent-encoded once more, it arrives as a different (also refused) string.
-        result = client.simulate_get(CRL, query_string="uri=" + urllib.parse.quote(
-            urllib.parse.quote(uri, safe=""), safe=""))
+        result = client.simulate_get(
+            CRL, query_string="uri=" + urllib.parse.quote(urllib.parse.quote(uri, safe=""), safe="")
+        )
         assert result.status_code == 400, name
         assert adapter.attempts == [] and fake.calls == [], name
     assert client.app.services.store.keys() == []
@@ -240,10 +271,10 @@ REDIRECTED = [  # (route, query, the upstream path that answers with a redirect)
 ]
 
 
-@pytest.mark.parametrize("route,params,upstream_path", REDIRECTED,
-                         ids=[r[0].rsplit("/", 1)[-1] for r in REDIRECTED])
-def test_upstream_redirect_is_not_followed(fake_pcs, make_client, route, params,
-                                           upstream_path):
+@pytest.mark.parametrize(
+    "route,params,upstream_path", REDIRECTED, ids=[r[0].rsplit("/", 1)[-1] for r in REDIRECTED]
+)
+def test_upstream_redirect_is_not_followed(fake_pcs, make_client, route, params, upstream_path):
     """An allowed host answering with a redirect to another host: dcapd does not follow it,
     the other host sees no request, the client gets Intel's 404, nothing is cached."""
     fake, elsewhere = fake_pcs(SCENARIO), fake_pcs(SCENARIO)
@@ -253,8 +284,9 @@ def test_upstream_redirect_is_not_followed(fake_pcs, make_client, route, params,
     for status in (301, 302, 303, 307, 308):
         fake.clear_added()
         fake.reset_calls()
-        fake.add_response("GET", upstream_path, None, status,
-                          {"Location": elsewhere.url(upstream_path)}, b"")
+        fake.add_response(
+            "GET", upstream_path, None, status, {"Location": elsewhere.url(upstream_path)}, b""
+        )
         result = client.simulate_get(route, params=params)
         assert result.status_code == 404, (status, result.text)
         assert fake.count(upstream_path) == 1, "a redirect is an answer: not retried either"
@@ -266,16 +298,21 @@ def test_upstream_redirect_is_not_followed(fake_pcs, make_client, route, params,
 
 # --- every token route refuses missing, wrong and empty tokens ------------------------------
 
+
 def _token_routes() -> dict[tuple[str, str], str]:
     routes = {("GET", STATUS_PATH): "admin-token"}
     for version in (3, 4):
         base = f"/sgx/certification/v{version}"
-        routes.update({("POST", f"{base}/platforms"): "user-token",
-                       ("GET", f"{base}/platforms"): "admin-token",
-                       ("PUT", f"{base}/platformcollateral"): "admin-token",
-                       ("GET", f"{base}/refresh"): "admin-token",
-                       ("POST", f"{base}/refresh"): "admin-token",
-                       ("PUT", f"{base}/appraisalpolicy"): "admin-token"})
+        routes.update(
+            {
+                ("POST", f"{base}/platforms"): "user-token",
+                ("GET", f"{base}/platforms"): "admin-token",
+                ("PUT", f"{base}/platformcollateral"): "admin-token",
+                ("GET", f"{base}/refresh"): "admin-token",
+                ("POST", f"{base}/refresh"): "admin-token",
+                ("PUT", f"{base}/appraisalpolicy"): "admin-token",
+            }
+        )
     return routes
 
 
@@ -306,16 +343,20 @@ def bad_credentials(header: str) -> list[tuple[str, dict, str]]:
     ]
 
 
-@pytest.mark.parametrize("method,path", sorted(TOKEN_ROUTES),
-                         ids=[f"{method} {path}" for method, path in sorted(TOKEN_ROUTES)])
+@pytest.mark.parametrize(
+    "method,path",
+    sorted(TOKEN_ROUTES),
+    ids=[f"{method} {path}" for method, path in sorted(TOKEN_ROUTES)],
+)
 def test_token_route_refuses_anything_but_the_right_token(make_client, method, path):
     client = make_client(cache_mode="OFFLINE", **TOKENS)
     store = client.app.services.store
     before = snapshot(store)
     for name, headers, qs in bad_credentials(TOKEN_ROUTES[method, path]):
         for variant in (path, path + "/", path.upper()):
-            result = client.simulate_request(method, variant, headers=headers,
-                                             query_string=qs or None, body="{}")
+            result = client.simulate_request(
+                method, variant, headers=headers, query_string=qs or None, body="{}"
+            )
             assert result.status_code == 401, (name, variant, result.status_code)
             assert result.text == "Authentication failed."
     assert snapshot(store) == before
@@ -346,15 +387,18 @@ def test_the_right_tokens_are_accepted(make_client):
     """The control for the refusals above: each route with its right token is not 401."""
     client = make_client(cache_mode="OFFLINE", **TOKENS)
     for (method, path), header in TOKEN_ROUTES.items():
-        result = client.simulate_request(method, path, headers={header: GOOD[header]},
-                                         body="{}")
+        result = client.simulate_request(method, path, headers={header: GOOD[header]}, body="{}")
         assert result.status_code != 401, (method, path)
 
 
 # --- logs ------------------------------------------------------------------------------------
 
-SECRETS = {"user token": USER, "admin token": ADMIN, "API key": API_KEY,
-           "encrypted PPID": PLATFORM.encrypted_ppid}
+SECRETS = {
+    "user token": USER,
+    "admin token": ADMIN,
+    "API key": API_KEY,
+    "encrypted PPID": PLATFORM.encrypted_ppid,
+}
 
 
 def leaked(text: str) -> list[str]:
@@ -369,18 +413,34 @@ def run_flow(call) -> None:
     user, admin = {"user-token": USER}, {"admin-token": ADMIN}
     v4 = "/sgx/certification/v4"
     steps = [
-        ("POST", PLATFORMS, None, {"user-token": "not-" + USER}, registration(cpusvn, pcesvn),
-         401),
+        ("POST", PLATFORMS, None, {"user-token": "not-" + USER}, registration(cpusvn, pcesvn), 401),
         ("POST", PLATFORMS, {"update": "standard"}, user, registration(cpusvn, pcesvn), 200),
         ("GET", PCKCERT, query(*raw_tcb(*CASES[1][:2])), {}, None, 200),
-        ("GET", PCKCERT, query(*raw_tcb(*CASES[2][:2]), encrypted_ppid="0" * 768), {}, None,
-         200),
-        ("GET", PCKCERT, dict(query(cpusvn, pcesvn), qeid="AB" * 16, encrypted_ppid="0" * 768),
-         {}, None, 404),
-        ("PUT", f"{v4}/platformcollateral", None, {"admin-token": ADMIN + "!"},
-         upload_for_test_platform(raw_tcbs=[(cpusvn, pcesvn)]), 401),
-        ("PUT", f"{v4}/platformcollateral", None, admin,
-         upload_for_test_platform(raw_tcbs=[(cpusvn, pcesvn)]), 200),
+        ("GET", PCKCERT, query(*raw_tcb(*CASES[2][:2]), encrypted_ppid="0" * 768), {}, None, 200),
+        (
+            "GET",
+            PCKCERT,
+            dict(query(cpusvn, pcesvn), qeid="AB" * 16, encrypted_ppid="0" * 768),
+            {},
+            None,
+            404,
+        ),
+        (
+            "PUT",
+            f"{v4}/platformcollateral",
+            None,
+            {"admin-token": ADMIN + "!"},
+            upload_for_test_platform(raw_tcbs=[(cpusvn, pcesvn)]),
+            401,
+        ),
+        (
+            "PUT",
+            f"{v4}/platformcollateral",
+            None,
+            admin,
+            upload_for_test_platform(raw_tcbs=[(cpusvn, pcesvn)]),
+            200,
+        ),
         ("GET", PLATFORMS, {"source": "[]"}, admin, None, 200),
         ("GET", f"{v4}/refresh", {"type": "certs"}, admin, None, 200),
         ("GET", STATUS_PATH, None, {"admin-token": USER}, None, 401),
@@ -405,9 +465,13 @@ def test_app_log_at_debug_never_holds_secrets(fake_pcs, make_client, caplog):
     caplog.set_level("DEBUG", logger="dcapd")
 
     def call(method, path, params, headers, body):
-        return client.simulate_request(method, path, params=params, headers=headers,
-                                       body=None if body is None else json.dumps(body)
-                                       ).status_code
+        return client.simulate_request(
+            method,
+            path,
+            params=params,
+            headers=headers,
+            body=None if body is None else json.dumps(body),
+        ).status_code
 
     run_flow(call)
     assert fake.count("/pckcerts") == 2, "the flow reached PCS with the encrypted PPID"
@@ -420,28 +484,43 @@ def test_running_dcapd_log_at_debug_never_holds_secrets(tmp_path, fake_pcs, make
     """The real process with DCAPD_VERBOSE: everything it writes, through the whole flow."""
     fake = flow_fake(fake_pcs)
     roots = Path(make_config().trusted_roots)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("DCAPD_") and k != "INTEL_API_KEY"}
-    env.update(DCAPD_LISTEN="127.0.0.1:0", DCAPD_TLS="off", DCAPD_VERBOSE="1",
-               DCAPD_CACHE_DIR=str(tmp_path / "cache"), DCAPD_TRUSTED_ROOTS=str(roots),
-               DCAPD_PCS_URL=fake.pcs_url, DCAPD_URL_MAP=fake.url_map,
-               DCAPD_UPSTREAM_RETRIES="0", INTEL_API_KEY=API_KEY,
-               DCAPD_USER_TOKEN_SHA512=TOKENS["user_token_sha512"],
-               DCAPD_ADMIN_TOKEN_SHA512=TOKENS["admin_token_sha512"],
-               NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("DCAPD_") and k != "INTEL_API_KEY"
+    }
+    env.update(
+        DCAPD_LISTEN="127.0.0.1:0",
+        DCAPD_TLS="off",
+        DCAPD_VERBOSE="1",
+        DCAPD_CACHE_DIR=str(tmp_path / "cache"),
+        DCAPD_TRUSTED_ROOTS=str(roots),
+        DCAPD_PCS_URL=fake.pcs_url,
+        DCAPD_URL_MAP=fake.url_map,
+        DCAPD_UPSTREAM_RETRIES="0",
+        INTEL_API_KEY=API_KEY,
+        DCAPD_USER_TOKEN_SHA512=TOKENS["user_token_sha512"],
+        DCAPD_ADMIN_TOKEN_SHA512=TOKENS["admin_token_sha512"],
+        NO_PROXY="127.0.0.1",
+        no_proxy="127.0.0.1",
+    )
     log_file = tmp_path / "dcapd.log"
     with open(log_file, "wb") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "dcapd"], env=env, stdout=sink,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dcapd"], env=env, stdout=sink, stderr=subprocess.STDOUT
+        )
     try:
         base = wait_listening(process, log_file)
         with requests.Session() as session:
             session.trust_env = False
 
             def call(method, path, params, headers, body):
-                return session.request(method, base + path, params=params, headers=headers,
-                                       data=None if body is None else json.dumps(body),
-                                       timeout=30).status_code
+                return session.request(
+                    method,
+                    base + path,
+                    params=params,
+                    headers=headers,
+                    data=None if body is None else json.dumps(body),
+                    timeout=30,
+                ).status_code
 
             run_flow(call)
     finally:
@@ -456,8 +535,9 @@ def wait_listening(process: subprocess.Popen, log_file: Path, timeout: float = 3
     """The base URL of a ``dcapd`` started with DCAPD_LISTEN=127.0.0.1:0, from its log."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        match = re.search(r"dcapd listening on 127\.0\.0\.1:(\d+)", log_file.read_text(
-            errors="replace"))
+        match = re.search(
+            r"dcapd listening on 127\.0\.0\.1:(\d+)", log_file.read_text(errors="replace")
+        )
         if match:
             return f"http://127.0.0.1:{match.group(1)}"
         if process.poll() is not None:

@@ -52,7 +52,15 @@ def echo_app(environ, start_response):
 
 def parse(text):
     addr, port, scheme, method, path, size, xff = text.split(" ")
-    return {"addr": addr, "port": int(port), "scheme": scheme, "method": method, "path": path, "size": int(size), "xff": xff}
+    return {
+        "addr": addr,
+        "port": int(port),
+        "scheme": scheme,
+        "method": method,
+        "path": path,
+        "size": int(size),
+        "xff": xff,
+    }
 
 
 def make_config(**kw):
@@ -89,7 +97,7 @@ def https_server():
 
 def test_https_get_and_large_post_with_real_client_address(https_server, session):
     srv = https_server
-    assert srv.url == "https://127.0.0.1:%d" % srv.port
+    assert srv.url == f"https://127.0.0.1:{srv.port}"
     assert srv.backend_port and srv.backend_port != srv.port
 
     r = session.get(srv.url + "/hello", headers={"X-Forwarded-For": "6.6.6.6"}, timeout=5)
@@ -122,7 +130,9 @@ def test_https_get_and_large_post_with_real_client_address(https_server, session
 
 def test_concurrent_connections_each_see_their_own_port(https_server):
     def one(_):
-        conn = http.client.HTTPSConnection(LOOPBACK, https_server.port, timeout=10, context=client_context())
+        conn = http.client.HTTPSConnection(
+            LOOPBACK, https_server.port, timeout=10, context=client_context()
+        )
         try:
             conn.connect()
             mine = conn.sock.getsockname()[1]
@@ -142,7 +152,9 @@ def test_concurrent_connections_each_see_their_own_port(https_server):
 
 
 def test_generated_certificate():
-    cert_pem, key_pem = tls.generate_self_signed(["pccs.example.test", "10.1.2.3", "[fd00::7]", "0.0.0.0", "localhost"])
+    cert_pem, key_pem = tls.generate_self_signed(
+        ["pccs.example.test", "10.1.2.3", "[fd00::7]", "0.0.0.0", "localhost"]
+    )
     assert b"BEGIN PRIVATE KEY" in key_pem
     cert = x509.load_pem_x509_certificate(cert_pem)
     key = cert.public_key()
@@ -151,7 +163,9 @@ def test_generated_certificate():
     dns = san.get_values_for_type(x509.DNSName)
     ips = san.get_values_for_type(x509.IPAddress)
     assert sorted(dns) == ["localhost", "pccs.example.test"]
-    assert set(ips) == {ipaddress.ip_address(a) for a in ("127.0.0.1", "::1", "10.1.2.3", "fd00::7")}
+    assert set(ips) == {
+        ipaddress.ip_address(a) for a in ("127.0.0.1", "::1", "10.1.2.3", "fd00::7")
+    }
     assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
@@ -161,11 +175,15 @@ def test_generated_certificate():
 
 
 def test_served_certificate_matches_logged_fingerprint(https_server, caplog):
-    der = ssl.PEM_cert_to_DER_cert(ssl.get_server_certificate((LOOPBACK, https_server.port), timeout=5))
+    der = ssl.PEM_cert_to_DER_cert(
+        ssl.get_server_certificate((LOOPBACK, https_server.port), timeout=5)
+    )
     fp = hashlib.sha256(der).hexdigest()
     assert https_server.fingerprint.replace(":", "").lower() == fp
     cert = x509.load_der_x509_certificate(der)
-    ips = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.IPAddress)
+    ips = cert.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    ).value.get_values_for_type(x509.IPAddress)
     assert ipaddress.ip_address("127.0.0.1") in ips
 
     with caplog.at_level("INFO", logger="dcapd.tls"):
@@ -208,8 +226,15 @@ def test_generated_key_never_written_in_clear(tmp_path, monkeypatch, force_fallb
         for path in {certfile, keyfile or certfile}:
             with open(path, "rb") as fh:
                 files[path] = fh.read()
-        calls.append({"certfile": certfile, "keyfile": keyfile, "password": password, "files": files,
-                      "clear": _clear_keys_under(tmp_root) + _clear_keys_under(work)})
+        calls.append(
+            {
+                "certfile": certfile,
+                "keyfile": keyfile,
+                "password": password,
+                "files": files,
+                "clear": _clear_keys_under(tmp_root) + _clear_keys_under(work),
+            }
+        )
         return real_load(ctx, certfile, keyfile, password)
 
     monkeypatch.setattr(ssl.SSLContext, "load_cert_chain", spy)
@@ -242,7 +267,9 @@ def test_given_certificate_files_are_served(tmp_path, session):
 
     for cert, key in ((str(cert_file), str(key_file)), (str(combined), "")):
         with Server(echo_app, make_config(cert_file=cert, key_file=key)) as srv:
-            served = ssl.PEM_cert_to_DER_cert(ssl.get_server_certificate((LOOPBACK, srv.port), timeout=5))
+            served = ssl.PEM_cert_to_DER_cert(
+                ssl.get_server_certificate((LOOPBACK, srv.port), timeout=5)
+            )
             assert served == want
             assert srv.fingerprint.replace(":", "").lower() == hashlib.sha256(want).hexdigest()
             # Verifying against the given certificate works too (IP SAN 127.0.0.1).
@@ -252,7 +279,7 @@ def test_given_certificate_files_are_served(tmp_path, session):
 
 def test_tls_off_serves_plain_http(session):
     with Server(echo_app, make_config(tls="off")) as srv:
-        assert srv.url == "http://127.0.0.1:%d" % srv.port
+        assert srv.url == f"http://127.0.0.1:{srv.port}"
         assert srv.backend_port is None and srv.fingerprint is None
         r = session.get(srv.url + "/plain", timeout=5)
         assert r.status_code == 200
@@ -423,7 +450,9 @@ def test_unusable_certificate_fails_start_and_frees_port(tmp_path):
 
 
 def test_waitress_options_from_config():
-    minimal = types.SimpleNamespace(listen_host=LOOPBACK, listen_port=0, tls="off", cert_file="", key_file="")
+    minimal = types.SimpleNamespace(
+        listen_host=LOOPBACK, listen_port=0, tls="off", cert_file="", key_file=""
+    )
     opts = waitress_options(minimal)
     assert opts["threads"] == 8
     assert opts["connection_limit"] == 200

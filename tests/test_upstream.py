@@ -65,12 +65,22 @@ def test_burst_across_processes_on_one_cache_makes_one_call(fake_pcs, make_confi
     fake = fake_pcs(SCENARIO)
     fake.fail_with(delay=0.5, paths="/qe/identity")
     config = make_config(pcs_url=fake.pcs_url)
-    settings = {"cache_dir": config.cache_dir, "pcs_url": fake.pcs_url,
-                "trusted_roots": config.trusted_roots, "upstream_retries": 0}
+    settings = {
+        "cache_dir": config.cache_dir,
+        "pcs_url": fake.pcs_url,
+        "trusted_roots": config.trusted_roots,
+        "upstream_retries": 0,
+    }
     start_at = time.time() + 2.0  # both processes start their burst together
-    processes = [subprocess.Popen([sys.executable, "-c", BURST_SCRIPT, json.dumps(settings),
-                                   str(start_at)], cwd=str(REPO), stdout=subprocess.PIPE,
-                                  text=True) for _ in range(3)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", BURST_SCRIPT, json.dumps(settings), str(start_at)],
+            cwd=str(REPO),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     outputs = [p.communicate(timeout=60)[0] for p in processes]
     assert all(p.returncode == 0 for p in processes)
     assert [json.loads(o) for o in outputs] == [[200] * 10] * 3
@@ -152,13 +162,16 @@ def test_proxy_from_configuration(make_config):
     thread.start()
     try:
         RecordingProxy.seen = []
-        config = make_config(pcs_url="http://pcs.invalid/sgx/certification/v4/",
-                             proxy=f"http://127.0.0.1:{server.server_address[1]}")
+        config = make_config(
+            pcs_url="http://pcs.invalid/sgx/certification/v4/",
+            proxy=f"http://127.0.0.1:{server.server_address[1]}",
+        )
         upstream = Upstream(config)
         reply = upstream.get_enclave_identity("qe", 4, "STANDARD")
         assert reply.status == 404
         assert RecordingProxy.seen == [
-            "http://pcs.invalid/sgx/certification/v4/qe/identity?update=standard"]
+            "http://pcs.invalid/sgx/certification/v4/qe/identity?update=standard"
+        ]
     finally:
         server.shutdown()
         server.server_close()
@@ -174,13 +187,18 @@ def test_api_key_only_on_pckcerts(fake_pcs, make_config):
     assert pckcerts_call.headers["Ocp-Apim-Subscription-Key"] == "secret-key"
 
 
-@pytest.mark.parametrize("version,tee,expected", [
-    (3, "sgx", "/sgx/certification/v3/tcb"), (4, "tdx", "/tdx/certification/v4/tcb")])
+@pytest.mark.parametrize(
+    "version,tee,expected",
+    [(3, "sgx", "/sgx/certification/v3/tcb"), (4, "tdx", "/tdx/certification/v4/tcb")],
+)
 def test_request_version_replaces_the_one_in_pcs_url(make_config, version, tee, expected):
-    upstream = Upstream(make_config(
-        pcs_url="https://api.trustedservices.intel.com/sgx/certification/v4/"))
-    assert upstream.endpoint_url(tee, version, "tcb") == \
-        "https://api.trustedservices.intel.com" + expected
+    upstream = Upstream(
+        make_config(pcs_url="https://api.trustedservices.intel.com/sgx/certification/v4/")
+    )
+    assert (
+        upstream.endpoint_url(tee, version, "tcb")
+        == "https://api.trustedservices.intel.com" + expected
+    )
 
 
 def test_retry_policy_delays():
@@ -205,12 +223,16 @@ def test_retry_policy_delays():
     assert 55 <= patient.delay(0, reply) <= 60
 
 
-@pytest.mark.parametrize("spelling", [
-    "https://certificates.trustedservices.intel.com/IntelSGXRootCA.der",
-    "HTTPS://CERTIFICATES.trustedservices.intel.com/IntelSGXRootCA.der",
-    "https://certificates.trustedservices.intel.com:443/IntelSGXRootCA.der",
-])
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "https://certificates.trustedservices.intel.com/IntelSGXRootCA.der",
+        "HTTPS://CERTIFICATES.trustedservices.intel.com/IntelSGXRootCA.der",
+        "https://certificates.trustedservices.intel.com:443/IntelSGXRootCA.der",
+    ],
+)
 def test_url_map_matches_every_spelling_of_an_origin(make_config, spelling):
-    upstream = Upstream(make_config(
-        url_map="https://certificates.trustedservices.intel.com=http://127.0.0.1:9"))
+    upstream = Upstream(
+        make_config(url_map="https://certificates.trustedservices.intel.com=http://127.0.0.1:9")
+    )
     assert upstream.mapped_url(spelling) == "http://127.0.0.1:9/IntelSGXRootCA.der"
