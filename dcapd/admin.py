@@ -51,9 +51,12 @@ from .collateral import (
     TCB_INFO_CHAIN_V4,
     tcb_info_chain_header,
 )
-from .config import INTEL_PCS_URL, INTEL_ROOTCA_CRL_URL, SETTINGS, ConfigError, load_config
+from .config import SETTINGS, ConfigError, load_config
 from .hexstr import ANY_LENGTH, is_hex
 from .pckcerts import NOT_AVAILABLE
+from .pcsurls import INTEL_PCS_URL, INTEL_ROOTCA_CRL_URL
+from .services import build_services
+from .store import Store
 from .upload import chain_halves, tcb_info_body, upload_certs
 from .upstream import (
     ENCLAVE_IDENTITY_PATHS,
@@ -877,11 +880,8 @@ class Fetcher:
 
 
 def open_services(cache_dir: str, trusted_roots: str | None, config_file: str | None):
-    """dcapd's collaborators for a cache directory, as the server builds them (app.Services),
-    with an Upstream that is never used (OFFLINE)."""
-    from .app import Services
-    from .store import Store
-
+    """dcapd's collaborators for a cache directory, as the server builds them, with an
+    Upstream that is never used (OFFLINE)."""
     try:
         config = load_config(
             {"cache_dir": cache_dir, "cache_mode": "OFFLINE", "trusted_roots": trusted_roots},
@@ -891,7 +891,7 @@ def open_services(cache_dir: str, trusted_roots: str | None, config_file: str | 
         raise AdminError(str(exc)) from None
     store = Store(config.cache_dir)
     try:
-        return Services(config, store, Upstream(config))
+        return build_services(config, store)
     except OSError as exc:
         store.close()
         raise AdminError(f"cannot read the trusted roots: {exc}") from None

@@ -8,42 +8,14 @@ from typing import Callable
 import falcon
 
 from . import resources
-from .auth import Auth
-from .collateral import Collateral
 from .config import Config, load_config
-from .integrity import Integrity
 from .middleware import PccsRequestRules, handle_http_error, handle_unexpected, serialize_error
-from .pckcerts import PckCerts
-from .platforms import Registrations
-from .policies import Policies
-from .refresh import Refresher
+from .services import Services, build_services
 from .store import Store
-from .upload import CollateralUpload
 from .upstream import Upstream
 
 API_VERSIONS = (3, 4)
 STATUS_PATH = "/dcapd/status"  # dcapd's own admin view, outside Intel's API
-
-
-class Services:
-    """The collaborators a resource may be built from."""
-
-    def __init__(self, config: Config, store: Store, upstream: Upstream):
-        self.config = config
-        self.store = store
-        self.upstream = upstream
-        self.integrity = Integrity.from_file(config.trusted_roots)
-        self.collateral = Collateral(store, upstream, config.cache_mode, self.integrity)
-        self.pck_certs = PckCerts(store, upstream, self.collateral, config.cache_mode)
-        self.auth = Auth(config.user_token_sha512, config.admin_token_sha512)
-        self.registrations = Registrations(
-            store, self.pck_certs, self.collateral, config.cache_mode
-        )
-        self.upload = CollateralUpload(store, self.pck_certs, self.integrity)
-        self.policies = Policies(store)
-        self.refresher = Refresher(
-            store, self.collateral, self.pck_certs, config.cache_mode, upstream.version
-        )
 
 
 # The route table: (TEE, API versions, path under /<tee>/certification/v<N>/, resource factory).
@@ -107,12 +79,12 @@ class DcapdApp(falcon.App):
 def create_app(
     config: Config | None = None, store: Store | None = None, upstream: Upstream | None = None
 ) -> DcapdApp:
-    """Build the app; collaborators not given are built from the config."""
-    config = config or load_config()
-    store = store or Store(config.cache_dir)
-    upstream = upstream or Upstream(config)
-    services = Services(config, store, upstream)
+    """Build the app and its services; collaborators not given are built from the config."""
+    return app_for(build_services(config or load_config(), store, upstream))
 
+
+def app_for(services: Services) -> DcapdApp:
+    """The falcon app serving Intel's routes (and dcapd's own) from ``services``."""
     app = DcapdApp(middleware=[PccsRequestRules()], cors_enable=False)
     app.req_options.strip_url_path_trailing_slash = True
     app.req_options.keep_blank_qs_values = True
@@ -125,6 +97,9 @@ def create_app(
         app.add_route(path, factory(services, version))
     app.add_route(STATUS_PATH, resources.Status(services.auth, services.refresher))
     app.add_route("/healthz", resources.Health())
-    app.add_route("/readyz", resources.Ready(store, upstream, config.cache_mode))
+    app.add_route(
+        "/readyz",
+        resources.Ready(services.store, services.upstream, services.config.cache_mode),
+    )
     app.services = services
     return app

@@ -9,9 +9,13 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .app import app_for
 from .config import SETTINGS, ConfigError, load_config
 from .intelconfig import read_intel_config, report_intel_config
 from .logs import configure_from
+from .schedule import scheduler_for
+from .server import Server
+from .services import build_services
 
 log = logging.getLogger("dcapd")
 
@@ -68,11 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.intel_config:
         report_intel_config(args.intel_config, intel_values, intel_unknown)
 
-    from .app import create_app
-    from .schedule import scheduler_for
-    from .server import Server
-
-    app = create_app(config)
+    services = build_services(config)
+    app = app_for(services)
     if not config.api_key:
         log.warning(
             "no Intel API key configured (INTEL_API_KEY): PCK certificates of new "
@@ -82,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cache %s in %s mode; upstream %s", config.cache_dir, config.cache_mode, config.pcs_url
     )
     pin_to_cpus(config.cpu_affinity)
-    scheduler = scheduler_for(app.services)
+    scheduler = scheduler_for(services)
     scheduler.start()
     try:
         Server(app, config).serve_forever()
@@ -94,5 +95,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         scheduler.stop()
-        app.services.store.close()
+        services.close()
     return 0

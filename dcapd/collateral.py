@@ -19,7 +19,7 @@ from cryptography import x509
 
 from .errors import PccsError
 from .integrity import Integrity, IntegrityError
-from .middleware import note_cache_outcome
+from .logs import note_cache_outcome
 from .store import Entry, Store, lock_owner, owner_is_gone
 from .upstream import Upstream, UpstreamError, UpstreamResponse
 
@@ -197,12 +197,21 @@ def _date(value) -> str | None:
 class Collateral:
     """Answers for pckcrl, tcb, identities, rootcacrl and crl?uri=."""
 
-    def __init__(self, store: Store, upstream: Upstream, mode: str, integrity: Integrity):
+    def __init__(
+        self,
+        store: Store,
+        upstream: Upstream,
+        mode: str,
+        integrity: Integrity,
+        fill_lock_ttl: float,
+    ):
+        """``fill_lock_ttl``: how long another process's fill lock is honoured (a little more
+        than one upstream deadline)."""
         self.store = store
         self.upstream = upstream
         self.mode = mode
         self.integrity = integrity
-        self._flight = SingleFlight(store, upstream.config.upstream_timeout + 5)
+        self._flight = SingleFlight(store, fill_lock_ttl)
 
     # --- the one miss path
 

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .cron import CronSchedule
+from .pcsurls import INTEL_PCS_URL, INTEL_ROOTCA_CRL_URL, canonical_origin
+
 CACHE_MODES = ("LAZY", "REQ", "OFFLINE")
 TLS_MODES = ("auto", "off")
-INTEL_PCS_URL = "https://api.trustedservices.intel.com/sgx/certification/v4/"
-INTEL_ROOTCA_CRL_URL = "https://certificates.trustedservices.intel.com/IntelSGXRootCA.der"
 
 
 class ConfigError(ValueError):
@@ -96,8 +97,6 @@ def _url_map(value: str) -> dict[str, str]:
             or not re.match(r"^https?://[^/]+", replacement.strip())
         ):
             raise ValueError(f"expected ORIGIN=REPLACEMENT URL pairs, got {pair!r}")
-        from .upstream import canonical_origin
-
         mapping[canonical_origin(original.strip().rstrip("/"))] = replacement.strip().rstrip("/")
     return mapping
 
@@ -136,8 +135,6 @@ def _non_negative_int(value: str) -> int:
 
 
 def _cron(value: str) -> str:
-    from .schedule import CronSchedule
-
     CronSchedule(value)  # raises ValueError with the problem
     return value.strip()
 

@@ -4,10 +4,36 @@ pass them to a logger."""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
+import os
 
-from .middleware import RequestIdFilter
+# The request behind the current thread's work, set by the HTTP layer; service modules
+# (collateral, pckcerts) note how they answered without importing the HTTP layer.
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+# How the request was answered from the cache: hit, selected (local PCK selection), upstream.
+cache_outcome_var: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "cache_outcome", default="-"
+)
+
+
+def note_cache_outcome(outcome: str) -> None:
+    cache_outcome_var.set(outcome)
+
+
+def new_request_id() -> str:
+    """32 lower-case hex characters, like Intel's dash-less UUIDv4 (4x cheaper than uuid4)."""
+    return os.urandom(16).hex()
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds ``request_id`` to every log record so one line ties to one request."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get()
+        return True
+
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 

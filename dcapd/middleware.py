@@ -2,44 +2,19 @@
 
 from __future__ import annotations
 
-import contextvars
 import logging
-import os
 import re
 import time
 
 import falcon
 
 from .errors import STATUS_TEXTS, PccsError
+from .logs import cache_outcome_var, new_request_id, request_id_var
 
 log = logging.getLogger("dcapd.http")
 
 REQUEST_ID_HEADER = "Request-ID"
-request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
-# How the request was answered from the cache: hit, selected (local PCK selection), upstream.
-cache_outcome_var: contextvars.ContextVar[str] = contextvars.ContextVar(
-    "cache_outcome", default="-"
-)
-
-
-def note_cache_outcome(outcome: str) -> None:
-    cache_outcome_var.set(outcome)
-
-
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-
-
-def new_request_id() -> str:
-    """32 lower-case hex characters, like Intel's dash-less UUIDv4 (4x cheaper than uuid4)."""
-    return os.urandom(16).hex()
-
-
-class RequestIdFilter(logging.Filter):
-    """Adds ``request_id`` to every log record so one line ties to one request."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id_var.get()
-        return True
 
 
 class PccsRequestRules:

@@ -61,14 +61,17 @@ from .collateral import (
     crl_meta,
     tcb_info_chain_header,
 )
+from .config import ConfigError, load_config
 from .errors import PccsError
 from .hexstr import is_hex
 from .integrity import IntegrityError
+from .logs import configure_logging
 from .pckcerts import RawTcb
+from .pcsurls import is_allowed_crl_url
 from .selection import SelectionError, parse_pck_cert
+from .services import build_services
 from .store import Entry
 from .upload import PCK_CHAINS, upload_certs
-from .upstream import is_allowed_crl_url
 
 log = logging.getLogger("dcapd.migrate")
 
@@ -340,7 +343,7 @@ def _int(value, default: int | None = None) -> int | None:
 
 def import_intel_db(db_path, services) -> ImportSummary:
     """Import Intel PCCS's SQLite database ``db_path`` (opened read-only) into the cache of
-    ``services`` (a :class:`dcapd.app.Services`: its store, upload, pck_certs, policies and
+    ``services`` (a :class:`dcapd.services.Services`: its store, upload, pck_certs, policies and
     integrity are used). Raises MigrationError, leaving the cache unchanged, when the file is
     not Intel's database or dcapd refuses the converted data."""
     tables = read_intel_db(db_path)
@@ -883,10 +886,6 @@ def build_parser(prog: str = "python -m dcapd.migrate") -> argparse.ArgumentPars
 def main(argv: Sequence[str] | None = None, prog: str = "python -m dcapd.migrate") -> int:
     """0 imported (rows dcapd cannot serve are listed as skipped), 1 not imported, 2 bad
     configuration."""
-    from .app import create_app
-    from .config import ConfigError, load_config
-    from .logs import configure_logging
-
     args = build_parser(prog).parse_args(argv)
     try:
         config = load_config(
@@ -896,15 +895,14 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m dcapd.migrate
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, args.verbose or config.verbose, config.log_format)
-    app = create_app(config)
+    services = build_services(config)
     try:
-        summary = import_intel_db(args.path, app.services)
+        summary = import_intel_db(args.path, services)
     except MigrationError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     finally:
-        app.services.store.close()
-        app.services.upstream.close()
+        services.close()
     print(f"imported into {config.cache_dir}")
     for line in summary.lines():
         print(line)

@@ -28,8 +28,8 @@ from .collateral import (
 )
 from .errors import PccsError
 from .hexstr import is_hex
-from .integrity import IntegrityError
-from .middleware import note_cache_outcome
+from .integrity import Integrity, IntegrityError
+from .logs import note_cache_outcome
 from .selection import SelectionError, select_pck_cert
 from .store import Entry, Store
 from .upstream import Upstream, UpstreamError
@@ -71,12 +71,23 @@ def pem_with_newline(pem: str) -> str:
 class PckCerts:
     """GET /pckcert: cached answer, else local selection, else (LAZY) the platform from PCS."""
 
-    def __init__(self, store: Store, upstream: Upstream, collateral: Collateral, mode: str):
+    def __init__(
+        self,
+        store: Store,
+        upstream: Upstream,
+        collateral: Collateral,
+        integrity: Integrity,
+        mode: str,
+        fill_lock_ttl: float,
+    ):
+        """``fill_lock_ttl``: how long another process's fill lock is honoured (a platform's
+        fill makes up to three upstream calls)."""
         self.store = store
         self.upstream = upstream
         self.collateral = collateral
+        self.integrity = integrity
         self.mode = mode
-        self._flight = SingleFlight(store, 3 * upstream.config.upstream_timeout + 5)
+        self._flight = SingleFlight(store, fill_lock_ttl)
 
     def pck_cert(self, version: int, raw: RawTcb, encrypted_ppid: str | None) -> Entry:
         key = self.store.pckcert_key(raw.qeid, raw.pceid, raw.cpusvn, raw.pcesvn)
@@ -237,7 +248,7 @@ class PckCerts:
             if not re.fullmatch(r"[0-9A-F]{12}", fmspc) or ca not in ("PROCESSOR", "PLATFORM"):
                 raise BadUpstreamData(f"bad {FMSPC} or {PCK_CA_TYPE} header")
             for cert in certs:
-                self.collateral.integrity.check_pck_cert(cert["pem"], chain)
+                self.integrity.check_pck_cert(cert["pem"], chain)
         except (BadUpstreamData, IntegrityError) as exc:
             raise PccsError(502, f"pckcerts: upstream sent bad data: {exc}") from None
         if not certs:

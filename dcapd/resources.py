@@ -11,12 +11,12 @@ from .collateral import CT_CRL, CT_PEM, Collateral
 from .errors import STATUS_TEXTS, PccsError
 from .hexstr import is_hex
 from .pckcerts import PckCerts, RawTcb
+from .pcsurls import is_allowed_crl_url
 from .platforms import Registrations, validate_registration
 from .policies import Policies
 from .refresh import Refresher
 from .store import Entry, Store
 from .upload import CollateralUpload
-from .upstream import is_allowed_crl_url
 
 UPDATE_TYPES = ("STANDARD", "EARLY")
 

@@ -10,8 +10,9 @@ import pytest
 
 from dcapd import cli
 from dcapd.auth import token_sha512
-from dcapd.config import INTEL_PCS_URL, ConfigError, load_config
+from dcapd.config import ConfigError, load_config
 from dcapd.intelconfig import read_intel_config, report_intel_config
+from dcapd.pcsurls import INTEL_PCS_URL
 
 # Intel's shipped config/default.json, with the defaults of pccs-reference.md §6.
 INTEL_DEFAULT_JSON = {
@@ -247,7 +248,7 @@ def test_dcapd_starts_from_intels_file_and_reports_unknown_keys_once(
         def serve_forever(self):
             pass
 
-    monkeypatch.setattr("dcapd.server.Server", NoServer)
+    monkeypatch.setattr("dcapd.cli.Server", NoServer)
     path = write(tmp_path, dict(operators_file(CachingFillMode="REQ"), Foo=1, Bar=2))
     assert cli.main(["--intel-config", path, "--listen", "127.0.0.1:0"]) == 0
     (config,) = started
@@ -282,8 +283,8 @@ def test_a_value_dcapd_cannot_use_exits_2_before_serving(
     def no_server(*args, **kwargs):
         raise AssertionError("dcapd must stop at config time")
 
-    monkeypatch.setattr("dcapd.server.Server", no_server)
-    monkeypatch.setattr("dcapd.app.create_app", no_server)
+    monkeypatch.setattr("dcapd.cli.Server", no_server)
+    monkeypatch.setattr("dcapd.cli.build_services", no_server)
     path = write(tmp_path, dict(INTEL_DEFAULT_JSON, **changes))
     assert cli.main(["--intel-config", path]) == 2
     err = capsys.readouterr().err.strip().splitlines()

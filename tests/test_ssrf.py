@@ -23,7 +23,7 @@ import pytest
 import requests
 
 from dcapd.app import STATUS_PATH, route_paths
-from dcapd.upstream import is_allowed_crl_url
+from dcapd.pcsurls import is_allowed_crl_url
 from tests import pki
 from tests.conftest import INTEL_ROOT_CDP
 from tests.test_pckcert import CASES, PCKCERT, query, raw_tcb, serve_platform

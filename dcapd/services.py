@@ -1,0 +1,82 @@
+"""The one place dcapd's collaborators are built and wired together.
+
+``build_services(config)`` is what the server (``dcapd``), the WSGI entry point, the Intel
+database migration and ``dcapd-admin`` use; ``create_app`` only routes requests to them.
+Each part gets what it needs here, so no part reaches through another for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .auth import Auth
+from .collateral import Collateral
+from .config import Config
+from .integrity import Integrity
+from .pckcerts import PckCerts
+from .platforms import Registrations
+from .policies import Policies
+from .refresh import Refresher
+from .store import Store
+from .upload import CollateralUpload
+from .upstream import Upstream
+
+# How much longer than one upstream deadline another process's fill lock is honoured.
+_FILL_LOCK_SLACK = 5.0
+# A platform's fill makes up to three upstream calls (pckcerts, then its TCB info and CRL).
+_PLATFORM_FILL_CALLS = 3
+
+
+@dataclass(frozen=True)
+class Services:
+    """The collaborators a resource, a command or a scheduler may be built from."""
+
+    config: Config
+    store: Store
+    upstream: Upstream
+    integrity: Integrity
+    collateral: Collateral
+    pck_certs: PckCerts
+    auth: Auth
+    registrations: Registrations
+    upload: CollateralUpload
+    policies: Policies
+    refresher: Refresher
+
+    def close(self) -> None:
+        """Release the cache and the upstream connections (the process is done with them)."""
+        self.store.close()
+        self.upstream.close()
+
+
+def build_services(
+    config: Config, store: Store | None = None, upstream: Upstream | None = None
+) -> Services:
+    """Wire dcapd's parts from the configuration; ``store`` and ``upstream`` may be given
+    (tests, tools that open their own cache or talk to PCS with their own retry policy)."""
+    store = store if store is not None else Store(config.cache_dir)
+    upstream = upstream if upstream is not None else Upstream(config)
+    integrity = Integrity.from_file(config.trusted_roots)
+    fill_lock_ttl = config.upstream_timeout + _FILL_LOCK_SLACK
+    collateral = Collateral(store, upstream, config.cache_mode, integrity, fill_lock_ttl)
+    pck_certs = PckCerts(
+        store,
+        upstream,
+        collateral,
+        integrity,
+        config.cache_mode,
+        _PLATFORM_FILL_CALLS * config.upstream_timeout + _FILL_LOCK_SLACK,
+    )
+    return Services(
+        config=config,
+        store=store,
+        upstream=upstream,
+        integrity=integrity,
+        collateral=collateral,
+        pck_certs=pck_certs,
+        auth=Auth(config.user_token_sha512, config.admin_token_sha512),
+        registrations=Registrations(store, pck_certs, collateral, config.cache_mode),
+        upload=CollateralUpload(store, pck_certs, integrity),
+        policies=Policies(store),
+        refresher=Refresher(store, collateral, pck_certs, config.cache_mode, upstream.version),
+    )
