@@ -60,7 +60,8 @@ def pin_to_cpus(cpu_list: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {s.name: getattr(args, s.name) for s in SETTINGS}
-    intel_values, intel_unknown = {}, []
+    intel_values: dict[str, str] = {}
+    intel_unknown: list[str] = []
     try:
         if args.intel_config:
             intel_values, intel_unknown = read_intel_config(args.intel_config)

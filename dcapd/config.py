@@ -15,7 +15,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .cron import CronSchedule
 from .pcsurls import INTEL_PCS_URL, INTEL_ROOTCA_CRL_URL, canonical_origin
@@ -322,7 +322,7 @@ def load_config(
     overrides = dict(overrides or {})
     ini_path = ini_path or environ.get("DCAPD_CONFIG") or None
     ini_values = read_ini(ini_path) if ini_path else {}
-    values: dict[str, object] = {}
+    values: dict[str, Any] = {}
     for setting in SETTINGS:
         label = f"[{setting.section}] {setting.key} / {setting.env}"
         if setting.name in overrides and overrides[setting.name] is not None:

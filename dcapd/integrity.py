@@ -36,12 +36,13 @@ import re
 import threading
 import urllib.parse
 from collections.abc import Iterable, Sequence
-from typing import Union
+from typing import Any, NoReturn, Union, cast
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 __all__ = [
@@ -147,7 +148,7 @@ def parse_issuer_chain(header_value: str) -> list[x509.Certificate]:
 
 def _as_chain(chain_header: ChainLike) -> list[x509.Certificate]:
     if isinstance(chain_header, (str, bytes, bytearray)):
-        return parse_issuer_chain(chain_header)  # type: ignore[arg-type]
+        return parse_issuer_chain(chain_header)
     chain = list(chain_header)
     if not chain or not all(isinstance(c, x509.Certificate) for c in chain):
         raise IntegrityError("issuer chain: expected a header string or a list of certificates")
@@ -226,7 +227,7 @@ def _utc(at: dt.datetime | None) -> dt.datetime:
     return at.astimezone(dt.timezone.utc)
 
 
-_warned: set = set()
+_warned: set[tuple[bytes, str]] = set()
 _warned_lock = threading.Lock()
 _WARNED_MAX = 4096
 
@@ -312,17 +313,19 @@ class _Malformed(Exception):
     pass
 
 
-def _reject_constant(name: str):
+def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 
-def _loads_strict(text: str):
+def _loads_strict(text: str) -> Any:
     """json.loads without Python's NaN / Infinity extensions."""
     return json.loads(text, parse_constant=_reject_constant)
 
 
 def _skip_ws(body: bytes, i: int) -> int:
-    return _WS.match(body, i).end()
+    m = _WS.match(body, i)
+    assert m is not None  # [ \t\n\r]* matches the empty string
+    return m.end()
 
 
 def _scan_string(body: bytes, i: int) -> int:
@@ -337,6 +340,7 @@ def _scan_value(body: bytes, i: int) -> int:
     if i >= len(body):
         raise _Malformed("value expected at end of input")
     c = body[i]
+    m: re.Match[bytes] | None
     if c == 0x22:  # "
         return _scan_string(body, i)
     if c in _CLOSE:
@@ -413,7 +417,7 @@ def raw_json_value_span(body: bytes, key: str) -> tuple[int, int]:
     return spans[key]
 
 
-def _parse_with_spans(body: bytes, what: str) -> tuple[object, dict[str, tuple[int, int]]]:
+def _parse_with_spans(body: bytes, what: str) -> tuple[dict[str, Any], dict[str, tuple[int, int]]]:
     """The parsed document and the byte spans of its top-level values; IntegrityError (with
     ``what`` before the reason) when the body is not strict UTF-8 JSON."""
     prefix = f"{what}: " if what else ""
@@ -575,7 +579,9 @@ def verify_crl(
                 f"{what}: issuer name differs from the signing certificate '{_name(cand)}'"
             )
         try:
-            ok = crl.is_signature_valid(cand.public_key())
+            # a key type that cannot sign (X25519, X448) raises TypeError, caught below
+            key = cast(CertificateIssuerPublicKeyTypes, cand.public_key())
+            ok = crl.is_signature_valid(key)
         except (TypeError, ValueError, UnsupportedAlgorithm) as exc:
             raise IntegrityError(
                 f"{what}: cannot check signature with '{_name(cand)}': {exc}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from typing import Any, cast
 
 import falcon
 
@@ -31,7 +32,7 @@ class PccsRequestRules:
         # Express matches paths case-insensitively (trailing slash: req_options).
         req.path = req.path.lower()
         # Intel: the first of duplicate query parameters wins (falcon keeps the last).
-        params = req.params
+        params = cast("dict[str, Any]", req.params)  # a dict; falcon types it as a Mapping
         for name, value in params.items():
             if value.__class__ is list:
                 params[name] = value[0]

@@ -189,6 +189,7 @@ class PckCerts:
 
     def _fetch_platform(self, version: int, raw: RawTcb, encrypted_ppid: str) -> Entry:
         fetched = self.fetch_platform(version, raw.qeid, raw.pceid, encrypted_ppid, "", raw)
+        assert fetched.entry is not None  # selected for raw
         return fetched.entry
 
     def fetch_platform(
@@ -315,6 +316,7 @@ class PckCerts:
                 self.store.put(self.store.pckcert_key(qeid, pceid, old.cpusvn, old.pcesvn), entry)
                 self.remember_raw_tcb(old)
             if raw is not None and remember_requested:
+                assert requested is not None  # selected for raw above
                 self.store.put(
                     self.store.pckcert_key(qeid, pceid, raw.cpusvn, raw.pcesvn), requested
                 )

@@ -215,7 +215,10 @@ class Refresher:
             what = self.store.parse_collateral_key(key)
             if what is None:
                 continue
-            meta = self.store.get(key).meta
+            entry = self.store.get(key)
+            if entry is None:  # deleted since keys() listed it
+                continue
+            meta = entry.meta
             entries.append(
                 dict(
                     what,

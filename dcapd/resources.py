@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Literal, overload
 
 import falcon
 
@@ -21,6 +22,10 @@ from .upload import CollateralUpload
 UPDATE_TYPES = ("STANDARD", "EARLY")
 
 
+@overload
+def query_value(req: falcon.Request, name: str, required: Literal[True] = True) -> str: ...
+@overload
+def query_value(req: falcon.Request, name: str, required: bool) -> str | None: ...
 def query_value(req: falcon.Request, name: str, required: bool = True) -> str | None:
     value = req.get_param(name)
     if value is None and required:
@@ -28,6 +33,12 @@ def query_value(req: falcon.Request, name: str, required: bool = True) -> str | 
     return value
 
 
+@overload
+def hex_param(
+    req: falcon.Request, name: str, length: int, required: Literal[True] = True
+) -> str: ...
+@overload
+def hex_param(req: falcon.Request, name: str, length: int, required: bool) -> str | None: ...
 def hex_param(req: falcon.Request, name: str, length: int, required: bool = True) -> str | None:
     """A hex query value of an exact length, upper-cased (Intel upper-cases query keys)."""
     value = query_value(req, name, required)

@@ -22,12 +22,15 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, cast
 
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID, NameOID
 
 from .hexstr import is_hex
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeGuard
 
 __all__ = [
     "SelectionError",
@@ -379,7 +382,8 @@ def _sgx_extension_value(cert: x509.Certificate) -> bytes:
         ext = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(SGX_EXTENSION_OID))
     except x509.ExtensionNotFound:
         raise InvalidCertError("certificate has no SGX extension (not a PCK cert?)") from None
-    return ext.value.value  # UnrecognizedExtension: the raw DER of the extension value
+    # UnrecognizedExtension: the raw DER of the extension value
+    return cast(x509.UnrecognizedExtension, ext.value).value
 
 
 def _parse_sgx_extension(der: bytes) -> dict[str, Any]:
@@ -591,7 +595,7 @@ def _load_json_object(text: str | bytes) -> dict[str, Any]:
     return root
 
 
-def _is_uint(value: Any) -> bool:
+def _is_uint(value: Any) -> TypeGuard[int]:
     # rapidjson IsUint(): an integer literal (not bool, not 1.0) that fits in uint32.
     return type(value) is int and 0 <= value <= _UINT32_MAX
 
@@ -633,7 +637,7 @@ def _tcb_info_id(info: dict[str, Any], version: int) -> str:
     tcb_id = info.get("id")
     if tcb_id not in ("SGX", "TDX"):
         raise InvalidTcbInfoError(f"[id] must be SGX or TDX, got {tcb_id!r}")
-    return tcb_id
+    return cast(str, tcb_id)
 
 
 def _check_tdx_module(info: dict[str, Any], tcb_id: str) -> None:

@@ -118,6 +118,7 @@ class Upstream:
         if config.proxy:
             self.session.proxies = {"http": config.proxy, "https": config.proxy}
         match = re.match(r"^(.*?/)sgx/certification/v([34])/$", config.pcs_url)
+        assert match is not None, config.pcs_url  # load_config checked pcs_url
         self._pcs_root = match.group(1)  # e.g. https://api.trustedservices.intel.com/
         self.version = int(match.group(2))  # the API version pcs_url names
         # For /readyz: when upstream last answered, and when it last failed (wall clock).
@@ -246,7 +247,7 @@ class Upstream:
                 "upstream %s %s failed (%s); retrying in %.2fs",
                 method,
                 shown,
-                failure or reply.status_code,
+                failure if reply is None else reply.status_code,
                 delay,
             )
             if self.retry.on_retry is not None:
