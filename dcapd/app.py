@@ -44,9 +44,7 @@ ROUTES: tuple[tuple[str, tuple[int, ...], str, Callable[[Services, int], object]
         "sgx",
         API_VERSIONS,
         "appraisalpolicy",
-        lambda s, v: resources.AppraisalPolicy(
-            s.store, s.auth, s.policies, s.config.max_body_bytes
-        ),
+        lambda s, v: resources.AppraisalPolicy(s.auth, s.policies, s.config.max_body_bytes),
     ),
     ("sgx", API_VERSIONS, "refresh", lambda s, v: resources.Refresh(s.auth, s.refresher)),
     (

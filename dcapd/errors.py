@@ -38,11 +38,3 @@ class PccsError(falcon.HTTPError):
         phrase = _REASONS.get(status) or falcon.code_to_http_status(status).split(" ", 1)[1]
         super().__init__(f"{status} {phrase}", title=STATUS_TEXTS[status])
         self.reason = reason
-
-
-def bad_request(reason: str) -> PccsError:
-    return PccsError(400, reason)
-
-
-def not_found(reason: str) -> PccsError:
-    return PccsError(404, reason)

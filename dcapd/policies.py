@@ -61,6 +61,13 @@ class Policies:
     def __init__(self, store: Store):
         self.store = store
 
+    def defaults_for(self, fmspc: str) -> Entry:
+        """The answer to GET appraisalpolicy: the FMSPC's default policies, comma-joined."""
+        entry = self.store.get(self.store.appraisal_key(fmspc))
+        if entry is None:
+            raise PccsError(404, f"no default appraisal policy for FMSPC {fmspc}")
+        return entry
+
     def put(self, body) -> str:
         if (
             not isinstance(body, dict)

@@ -157,8 +157,7 @@ class Crl:
 
 
 class AppraisalPolicy:
-    def __init__(self, store: Store, auth: Auth, policies: Policies, body_limit: int):
-        self.store = store
+    def __init__(self, auth: Auth, policies: Policies, body_limit: int):
         self.auth = auth
         self.policies = policies
         self.body_limit = body_limit
@@ -170,11 +169,7 @@ class AppraisalPolicy:
         resp.text = policy_id
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        fmspc = hex_param(req, "fmspc", 12)
-        entry = self.store.get(self.store.appraisal_key(fmspc))
-        if entry is None:
-            raise PccsError(404, f"no default appraisal policy for FMSPC {fmspc}")
-        respond(resp, entry)
+        respond(resp, self.policies.defaults_for(hex_param(req, "fmspc", 12)))
 
 
 def json_body(req: falcon.Request, limit: int):
@@ -302,7 +297,7 @@ class Ready:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         problems = []
         try:
-            self.store.cache.get("status/readyz-probe")
+            self.store.probe()
         except Exception as exc:  # any failure to read the cache means not ready
             problems.append(f"cache: {type(exc).__name__}")
         success, failure = self.upstream.last_success, self.upstream.last_failure

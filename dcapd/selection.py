@@ -304,10 +304,6 @@ class PckCertInfo:
         return self.fmspc.hex().upper()
 
     @property
-    def ppid_hex(self) -> str:
-        return self.ppid.hex().upper()
-
-    @property
     def cpusvn_hex(self) -> str:
         return self.cpusvn.hex().upper()
 

@@ -185,6 +185,10 @@ class Store:
     def close(self) -> None:
         self.cache.close()
 
+    def probe(self) -> None:
+        """Read the cache once (readiness): raises whatever makes the cache unreadable."""
+        self.cache.get("status/readyz-probe")
+
     # --- keys (design.md §1): upper-case hex, update defaults to STANDARD, API version 3|4
 
     @staticmethod
