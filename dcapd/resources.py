@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 from typing import Literal, overload
 
@@ -18,6 +19,7 @@ from .policies import Policies
 from .refresh import Refresher
 from .store import Entry, Store
 from .upload import CollateralUpload
+from .upstream import Upstream
 
 UPDATE_TYPES = ("STANDARD", "EARLY")
 
@@ -286,32 +288,48 @@ class Health:
 
 
 class Ready:
-    """GET /readyz: the cache answers and, unless OFFLINE, upstream's last answer was not a
-    failure (readiness for load balancers and systemd). Never cached, no auth."""
+    """GET /readyz: 200 while the cache can be read, so a load balancer keeps every node that
+    can serve its cache; upstream trouble is reported in the body as "degraded" (cached
+    answers still flow), never as not ready. 503 only when the cache cannot be read.
+    Never cached, no auth."""
 
-    def __init__(self, store: Store, upstream, mode: str):
+    def __init__(self, store: Store, upstream: Upstream, mode: str):
         self.store = store
         self.upstream = upstream
         self.mode = mode
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        problems = []
+        problems, warnings = [], []
         try:
             self.store.probe()
         except Exception as exc:  # any failure to read the cache means not ready
-            problems.append(f"cache: {type(exc).__name__}")
+            problems.append(f"cache: cannot be read ({type(exc).__name__})")
         success, failure = self.upstream.last_success, self.upstream.last_failure
         if self.mode != "OFFLINE" and failure is not None and (success or 0) < failure:
-            problems.append("upstream: the last contact failed")
+            warnings.append(
+                f"upstream: the last contact failed at {iso_time(failure)}; "
+                "cached answers are served, uncached ones fail until it answers again"
+            )
+        status = "not ready" if problems else "degraded" if warnings else "ready"
         resp.status = 503 if problems else 200
         resp.content_type = "application/json"
         resp.cache_control = ["no-store"]
         resp.data = json.dumps(
             {
-                "status": "not ready" if problems else "ready",
+                "status": status,
                 "mode": self.mode,
                 "problems": problems,
-                "upstream_last_success": success,
-                "upstream_last_failure": failure,
+                "warnings": warnings,
+                "upstream_last_success": iso_time(success),
+                "upstream_last_failure": iso_time(failure),
             }
         ).encode()
+
+
+def iso_time(epoch: float | None) -> str | None:
+    """ISO 8601 UTC to the second, as operators read times (None stays None)."""
+    if epoch is None:
+        return None
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%SZ"
+    )
