@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import ssl
 import sys
 from collections.abc import Sequence
 
 from . import __version__
 from .app import app_for
-from .config import SETTINGS, ConfigError, load_config
+from .config import SETTINGS, Config, ConfigError, load_config, unknown_variables
 from .intelconfig import read_intel_config, report_intel_config
 from .logs import configure_from
 from .schedule import scheduler_for
@@ -57,6 +58,53 @@ def pin_to_cpus(cpu_list: str) -> None:
     log.info("running on CPU(s) %s", cpu_list)
 
 
+def setting_label(name: str) -> str:
+    """How a setting is named in one-line errors: ``[section] key / VARIABLE``."""
+    setting = next(s for s in SETTINGS if s.name == name)
+    return f"[{setting.section}] {setting.key} / {setting.env}"
+
+
+def check_tls_files(config: Config) -> None:
+    """Refuse, as a configuration error, certificate and key files that cannot be used
+    (missing, unreadable, not PEM, or not a pair) before anything is served."""
+    if config.tls == "off" or not config.cert_file:
+        return
+    for name in ("cert_file", "key_file"):
+        path = getattr(config, name)
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(setting_label(name), f"cannot read {path}: {exc.strerror}") from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(config.cert_file, config.key_file)
+    except (ssl.SSLError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or str(exc)
+        raise ConfigError(
+            "[server] cert_file / key_file",
+            f"{config.cert_file} and {config.key_file} are not a PEM certificate and its "
+            f"private key ({reason})",
+        ) from None
+
+
+def log_roles(config: Config) -> None:
+    """Say at start which roles and upstream needs this configuration enables."""
+    roles = [
+        f"{role} token {'enabled' if digest else 'not set (refused)'}"
+        for role, digest in (
+            ("user", config.user_token_sha512),
+            ("admin", config.admin_token_sha512),
+        )
+    ]
+    log.info("roles: %s", ", ".join(roles))
+    # OFFLINE never calls PCS, so it never needs the key.
+    if config.cache_mode != "OFFLINE" and not config.api_key:
+        log.warning(
+            "no Intel API key configured (INTEL_API_KEY): PCK certificates of new "
+            "platforms cannot be fetched"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {s.name: getattr(args, s.name) for s in SETTINGS}
@@ -70,16 +118,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dcapd: {exc}", file=sys.stderr)
         return 2
     configure_from(config)
+    for line in unknown_variables():
+        log.warning("%s", line)
     if args.intel_config:
         report_intel_config(args.intel_config, intel_values, intel_unknown)
-
-    services = build_services(config)
-    app = app_for(services)
-    if not config.api_key:
-        log.warning(
-            "no Intel API key configured (INTEL_API_KEY): PCK certificates of new "
-            "platforms cannot be fetched"
+    try:
+        check_tls_files(config)
+        services = build_services(config)
+    except ConfigError as exc:
+        print(f"dcapd: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the cache directory or the trusted roots file
+        name = "trusted_roots" if exc.filename == config.trusted_roots else "cache_dir"
+        path = config.trusted_roots if name == "trusted_roots" else config.cache_dir
+        print(
+            f"dcapd: {setting_label(name)}: cannot use {path}: {exc.strerror or exc}",
+            file=sys.stderr,
         )
+        return 2
+    app = app_for(services)
+    log_roles(config)
     log.info(
         "cache %s in %s mode; upstream %s", config.cache_dir, config.cache_mode, config.pcs_url
     )

@@ -8,6 +8,7 @@ README are checked against it by the tests. No I/O here beyond reading the ini f
 from __future__ import annotations
 
 import configparser
+import difflib
 import ipaddress
 import os
 import re
@@ -117,9 +118,17 @@ def _sha512_hex(value: str) -> str:
     return value
 
 
+def _number(kind: type, value: str) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise ValueError(f"expected {what}, got {value!r}") from None
+
+
 def _positive(kind: type) -> Callable[[str], float]:
     def parse(value: str):
-        number = kind(value)
+        number = _number(kind, value)
         if number <= 0:
             raise ValueError(f"must be > 0, got {value!r}")
         return number
@@ -128,7 +137,7 @@ def _positive(kind: type) -> Callable[[str], float]:
 
 
 def _non_negative_int(value: str) -> int:
-    number = int(value)
+    number = _number(int, value)
     if number < 0:
         raise ValueError(f"must be >= 0, got {value!r}")
     return number
@@ -303,6 +312,23 @@ def read_ini(path: str) -> dict[str, str]:
                 raise ConfigError(f"[{section}] {key}", f"unknown setting in {path}")
             values[name] = value
     return values
+
+
+# Variables dcapd reads beside the settings' own (DCAPD_CONFIG names the ini file).
+OTHER_VARIABLES = ("DCAPD_CONFIG", "DCAPD_INTEL_CONFIG")
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One line for each ``DCAPD_*`` variable no setting reads (a misspelling is otherwise
+    silently ignored), with the closest known name."""
+    environ = os.environ if environ is None else environ
+    known = [s.env for s in SETTINGS] + list(OTHER_VARIABLES)
+    lines = []
+    for name in sorted(n for n in environ if n.startswith("DCAPD_") and n not in known):
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        lines.append(f"environment variable {name} is not a dcapd setting and is ignored{hint}")
+    return lines
 
 
 def load_config(

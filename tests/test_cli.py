@@ -1,0 +1,110 @@
+"""The dcapd command refuses unusable settings with exit 2 and one line naming the setting
+(never a traceback), and says at start what it will do."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+
+import pytest
+
+from dcapd import cli
+
+
+@pytest.fixture
+def no_server(monkeypatch):
+    """cli.main up to serving; the "dcapd" logger it configures is put back afterwards."""
+    logger = logging.getLogger("dcapd")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    for name in [n for n in os.environ if n.startswith("DCAPD_") or n == "INTEL_API_KEY"]:
+        monkeypatch.delenv(name)
+    started = []
+
+    class NoServer:
+        def __init__(self, app, config):
+            started.append(config)
+
+        def serve_forever(self):
+            pass
+
+    monkeypatch.setattr("dcapd.cli.Server", NoServer)
+    monkeypatch.setattr("dcapd.cli.scheduler_for", lambda services: _NoScheduler())
+    yield started
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+class _NoScheduler:
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+
+def _pem_pair(tmp_path, name):
+    key, cert = tmp_path / f"{name}.key", tmp_path / f"{name}.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost", "-days", "1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def _refused(capsys, argv):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_each_unusable_setting_is_exit_2_and_one_line(tmp_path, capsys, no_server, monkeypatch):
+    base = ["--listen", "127.0.0.1:0", "--cache-dir", str(tmp_path / "cache")]
+    line = _refused(capsys, base + ["--threads", "eight"])
+    assert line == "dcapd: [server] threads / DCAPD_THREADS: expected a whole number, got 'eight'"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    line = _refused(capsys, base[:2] + ["--cache-dir", str(blocker / "cache")])
+    assert line.startswith("dcapd: [cache] dir / DCAPD_CACHE_DIR: cannot use ")
+    missing = str(tmp_path / "missing.crt")
+    line = _refused(capsys, base + ["--cert-file", missing, "--key-file", missing])
+    assert line == (
+        f"dcapd: [server] cert_file / DCAPD_CERT_FILE: cannot read {missing}: "
+        "No such file or directory"
+    )
+    cert, _ = _pem_pair(tmp_path, "one")
+    _, other_key = _pem_pair(tmp_path, "two")
+    line = _refused(capsys, base + ["--cert-file", str(cert), "--key-file", str(other_key)])
+    assert line.startswith("dcapd: [server] cert_file / key_file: ") and "MISMATCH" in line
+    line = _refused(capsys, base + ["--config", str(tmp_path / "missing.ini")])
+    assert line.startswith("dcapd: --config: cannot read ")
+    assert no_server == []
+
+
+def test_a_usable_certificate_pair_is_served(tmp_path, capsys, no_server, monkeypatch):
+    cert, key = _pem_pair(tmp_path, "one")
+    argv = ["--listen", "127.0.0.1:0", "--cache-dir", str(tmp_path / "cache")]
+    assert cli.main(argv + ["--cert-file", str(cert), "--key-file", str(key)]) == 0
+    assert len(no_server) == 1
+
+
+def test_a_misspelt_variable_is_warned_about_with_the_closest_name(
+    tmp_path, monkeypatch, no_server, capsys
+):
+    monkeypatch.setenv("DCAPD_CACHE_MDOE", "OFFLINE")
+    assert cli.main(["--listen", "127.0.0.1:0", "--cache-dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "WARNING dcapd [-] environment variable DCAPD_CACHE_MDOE is not a dcapd setting and "
+        "is ignored; did you mean DCAPD_CACHE_MODE?"
+    ) in err
+    assert "roles: user token not set (refused), admin token not set (refused)" in err
+
+
+def test_offline_says_nothing_about_the_api_key(tmp_path, no_server, capsys):
+    argv = ["--listen", "127.0.0.1:0", "--cache-dir", str(tmp_path)]
+    assert cli.main(argv + ["--cache-mode", "OFFLINE"]) == 0
+    assert "API key" not in capsys.readouterr().err
+    assert cli.main(argv + ["--cache-mode", "LAZY"]) == 0
+    assert "no Intel API key configured" in capsys.readouterr().err
