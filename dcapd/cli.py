@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from . import __version__
 from .app import app_for
 from .config import SETTINGS, Config, ConfigError, load_config, unknown_variables
-from .intelconfig import read_intel_config, report_intel_config
+from .intelconfig import intel_tls_files, read_intel_config, report_intel_config
 from .logs import configure_from
 from .schedule import scheduler_for
 from .server import Server
@@ -31,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--intel-config",
         metavar="FILE",
-        help="Intel PCCS config/default.json; the ini file, environment and "
-        "options override its values",
+        help="Intel PCCS config/default.json (and its ssl_key/ certificate, when there); the "
+        "ini file, environment and options override its values [DCAPD_INTEL_CONFIG]",
     )
     parser.add_argument("--version", action="version", version=f"dcapd {__version__}")
     for setting in SETTINGS:
@@ -108,11 +108,13 @@ def log_roles(config: Config) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {s.name: getattr(args, s.name) for s in SETTINGS}
+    intel_config = args.intel_config or os.environ.get("DCAPD_INTEL_CONFIG")
     intel_values: dict[str, str] = {}
     intel_unknown: list[str] = []
     try:
-        if args.intel_config:
-            intel_values, intel_unknown = read_intel_config(args.intel_config)
+        if intel_config:
+            intel_values, intel_unknown = read_intel_config(intel_config)
+            intel_values.update(intel_tls_files(intel_config))
         config = load_config(overrides, ini_path=args.config, base=intel_values)
     except ConfigError as exc:
         print(f"dcapd: {exc}", file=sys.stderr)
@@ -120,8 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_from(config)
     for line in unknown_variables():
         log.warning("%s", line)
-    if args.intel_config:
-        report_intel_config(args.intel_config, intel_values, intel_unknown)
+    if intel_config:
+        report_intel_config(intel_config, intel_values, intel_unknown)
     try:
         check_tls_files(config)
         services = build_services(config)

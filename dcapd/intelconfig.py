@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from .config import SETTINGS, ConfigError
 
@@ -179,3 +180,14 @@ def _listen(path: str, document: dict):
         raise ConfigError(f"HTTPS_PORT in {path}", f"must be a port number, got {json.dumps(port)}")
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return _checked(path, "hosts / HTTPS_PORT", "listen", listen)
+
+
+def intel_tls_files(path: str) -> dict[str, str]:
+    """Intel's PCCS serves ``ssl_key/file.crt`` and ``ssl_key/private.pem`` from its install
+    directory, the parent of ``config/``: dcapd serves them too when both are there (as
+    settings below the ini file, the environment and the options)."""
+    folder = Path(path).resolve().parent.parent / "ssl_key"
+    cert, key = folder / "file.crt", folder / "private.pem"
+    if cert.is_file() and key.is_file():
+        return {"cert_file": str(cert), "key_file": str(key)}
+    return {}

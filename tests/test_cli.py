@@ -108,3 +108,36 @@ def test_offline_says_nothing_about_the_api_key(tmp_path, no_server, capsys):
     assert "API key" not in capsys.readouterr().err
     assert cli.main(argv + ["--cache-mode", "LAZY"]) == 0
     assert "no Intel API key configured" in capsys.readouterr().err
+
+
+def test_dcapd_intel_config_variable_and_intels_certificate_files_are_used(
+    tmp_path, monkeypatch, no_server
+):
+    """As installed by Intel: <dir>/config/default.json and <dir>/ssl_key/{file.crt,
+    private.pem}; the variable works for the dcapd command as for the WSGI entry point."""
+    install = tmp_path / "sgx-dcap-pccs"
+    (install / "config").mkdir(parents=True)
+    (install / "ssl_key").mkdir()
+    cert, key = _pem_pair(tmp_path, "intel")
+    cert.rename(install / "ssl_key" / "file.crt")
+    key.rename(install / "ssl_key" / "private.pem")
+    default_json = install / "config" / "default.json"
+    default_json.write_text('{"HTTPS_PORT": 8081, "hosts": "127.0.0.1", "CachingFillMode": "REQ"}')
+    monkeypatch.setenv("DCAPD_INTEL_CONFIG", str(default_json))
+    assert cli.main(["--listen", "127.0.0.1:0", "--cache-dir", str(tmp_path / "cache")]) == 0
+    (config,) = no_server
+    assert config.cache_mode == "REQ"
+    assert config.cert_file == str(install / "ssl_key" / "file.crt")
+    assert config.key_file == str(install / "ssl_key" / "private.pem")
+
+
+def test_without_intels_certificate_files_a_certificate_is_generated(
+    tmp_path, monkeypatch, no_server
+):
+    default_json = tmp_path / "config" / "default.json"
+    default_json.parent.mkdir()
+    default_json.write_text('{"CachingFillMode": "OFFLINE"}')
+    argv = ["--intel-config", str(default_json), "--listen", "127.0.0.1:0"]
+    assert cli.main(argv + ["--cache-dir", str(tmp_path / "cache")]) == 0
+    (config,) = no_server
+    assert (config.cache_mode, config.cert_file, config.key_file) == ("OFFLINE", "", "")
