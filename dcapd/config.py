@@ -36,7 +36,11 @@ class ConfigError(ValueError):
 
 
 def default_cache_dir() -> str:
-    """The per-user cache folder (``~/.cache/dcapd``; ``%LOCALAPPDATA%\\dcapd\\Cache``)."""
+    """The service's cache directory when systemd made one (``CacheDirectory=`` sets
+    ``CACHE_DIRECTORY``), else the per-user cache folder (``~/.cache/dcapd``;
+    ``%LOCALAPPDATA%\\dcapd\\Cache``)."""
+    if os.environ.get("CACHE_DIRECTORY"):
+        return os.environ["CACHE_DIRECTORY"].split(":")[0]
     if sys.platform == "win32":
         base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
         return str(Path(base) / "dcapd" / "Cache")

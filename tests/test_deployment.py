@@ -22,9 +22,9 @@ def test_systemd_unit_is_hardened_and_holds_no_secret():
     assert service["User"] == "dcapd"
     assert service["NoNewPrivileges"] == "yes"
     assert service["ProtectSystem"] == "strict"
-    assert (
-        service["ReadWritePaths"] == service["Environment"].split("=", 1)[1] == "/var/cache/dcapd"
-    )
+    assert service["ReadWritePaths"] == "/var/cache/" + service["CacheDirectory"]
+    # the ini file's [cache] dir is the operator's: the unit does not override it
+    assert "Environment" not in service
     assert service["EnvironmentFile"] == "/etc/dcapd/dcapd.env"
     assert service["CapabilityBoundingSet"] == ""
     text = (REPO / "scripts" / "dcapd.service").read_text()
@@ -39,6 +39,7 @@ def test_environment_file_example_names_the_secrets():
 
 
 def test_windows_cache_dir_is_under_localappdata(monkeypatch):
+    monkeypatch.delenv("CACHE_DIRECTORY", raising=False)
     monkeypatch.setattr(config_module.sys, "platform", "win32")
     monkeypatch.setenv("LOCALAPPDATA", r"C:\Users\op\AppData\Local")
     assert config_module.default_cache_dir() == str(
@@ -48,7 +49,16 @@ def test_windows_cache_dir_is_under_localappdata(monkeypatch):
     assert config_module.default_cache_dir().endswith(str(Path("dcapd") / "Cache"))
 
 
+def test_systemd_cache_directory_is_the_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("CACHE_DIRECTORY", "/var/cache/dcapd")
+    assert config_module.default_cache_dir() == "/var/cache/dcapd"
+    ini = tmp_path / "pccs.ini"
+    ini.write_text("[cache]\ndir = /srv/dcapd\n")
+    assert config_module.load_config(environ={}, ini_path=str(ini)).cache_dir == "/srv/dcapd"
+
+
 def test_linux_cache_dir_follows_xdg(monkeypatch, tmp_path):
+    monkeypatch.delenv("CACHE_DIRECTORY", raising=False)
     monkeypatch.setattr(config_module.sys, "platform", "linux")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert config_module.default_cache_dir() == str(tmp_path / "dcapd")
