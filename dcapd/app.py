@@ -93,7 +93,15 @@ def app_for(services: Services) -> DcapdApp:
     app.add_error_handler(falcon.HTTPError, handle_http_error)
     for path, _tee, version, factory in route_paths():
         app.add_route(path, factory(services, version))
-    app.add_route(STATUS_PATH, resources.Status(services.auth, services.refresher))
+    app.add_route(
+        STATUS_PATH,
+        resources.Status(
+            services.auth,
+            services.refresher,
+            services.store,
+            services.config.refresh_margin_hours * 3600.0,
+        ),
+    )
     app.add_route("/healthz", resources.Health())
     app.add_route(
         "/readyz",

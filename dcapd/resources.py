@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import time
 from typing import Literal, overload
 
 import falcon
@@ -11,6 +12,7 @@ import falcon
 from .auth import Auth
 from .collateral import CT_CRL, CT_PEM, Collateral
 from .errors import STATUS_TEXTS, PccsError
+from .freshness import annotate
 from .hexstr import is_hex
 from .pckcerts import PckCerts, RawTcb
 from .pcsurls import is_allowed_crl_url
@@ -266,16 +268,26 @@ class Refresh:
 
 
 class Status:
-    """dcapd's own admin view: every cached collateral entry and how fresh it is."""
+    """dcapd's own admin view: every cached collateral entry and how fresh it is (expired,
+    expiring within the refresh margin, fresh), with counts."""
 
-    def __init__(self, auth: Auth, refresher: Refresher):
+    def __init__(self, auth: Auth, refresher: Refresher, store: Store, margin: float):
         self.auth = auth
         self.refresher = refresher
+        self.store = store
+        self.margin = margin
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         self.auth.require_admin(req)
+        status = self.refresher.status()
+        status["now"] = iso_time(time.time())
+        status["counts"] = dict(
+            annotate(status["entries"], time.time(), self.margin),
+            platforms=len(self.store.keys(self.store.platform_prefix())),
+            pck_certificate_answers=len(self.store.keys(self.store.pckcert_prefix())),
+        )
         resp.content_type = "application/json"
-        resp.data = json.dumps(self.refresher.status(), indent=1).encode()
+        resp.data = json.dumps(status, indent=1).encode()
 
 
 class Health:

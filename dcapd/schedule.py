@@ -7,29 +7,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Callable
 
 from .cron import CronSchedule
 from .errors import PccsError
+from .freshness import parse_iso
 from .refresh import Refresher
 from .services import Services
 from .store import Store
 
 log = logging.getLogger("dcapd.schedule")
-
-
-def parse_iso(value) -> float | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return (
-            datetime.strptime(value.replace(".000Z", "Z"), "%Y-%m-%dT%H:%M:%SZ")
-            .replace(tzinfo=timezone.utc)
-            .timestamp()
-        )
-    except ValueError:
-        return None
 
 
 class RefreshScheduler:

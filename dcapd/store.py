@@ -216,6 +216,10 @@ class Store:
         return f"pckcert/{_upper(qeid)}/{_upper(pceid)}/{_upper(cpusvn)}/{_upper(pcesvn)}"
 
     @staticmethod
+    def pckcert_prefix() -> str:
+        return "pckcert/"
+
+    @staticmethod
     def appraisal_key(fmspc: str) -> str:
         return f"appraisal/{_upper(fmspc)}"
 
