@@ -130,8 +130,8 @@ def _number(kind: type, value: str) -> Any:
         raise ValueError(f"expected {what}, got {value!r}") from None
 
 
-def _positive(kind: type) -> Callable[[str], float]:
-    def parse(value: str):
+def _positive(kind: type) -> Callable[[str], Any]:
+    def parse(value: str) -> Any:
         number = _number(kind, value)
         if number <= 0:
             raise ValueError(f"must be > 0, got {value!r}")
@@ -141,7 +141,7 @@ def _positive(kind: type) -> Callable[[str], float]:
 
 
 def _non_negative_int(value: str) -> int:
-    number = _number(int, value)
+    number: int = _number(int, value)
     if number < 0:
         raise ValueError(f"must be >= 0, got {value!r}")
     return number
@@ -249,7 +249,8 @@ DEFAULTS: dict[str, str] = {s.name: s.default for s in SETTINGS}
 
 @dataclass(frozen=True)
 class Config:
-    """The parsed settings; built by :func:`load_config`, never mutated."""
+    """The parsed settings; built by :func:`load_config`, never mutated. One field per
+    setting, without defaults: the defaults live in SETTINGS only."""
 
     listen: tuple[str, int]
     tls: str
@@ -264,20 +265,20 @@ class Config:
     rootca_crl_url: str
     trusted_roots: str
     proxy: str
-    url_map: dict = field(hash=False)
-    max_body_bytes: int = 512 * 1024 * 1024
-    cpu_affinity: str = ""
-    upstream_timeout: float = 20.0
-    upstream_retries: int = 3
-    cache_dir: str = ""
-    cache_mode: str = "LAZY"
-    refresh_schedule: str = "0 0 1 * * *"
-    refresh_margin_hours: float = 24.0
-    user_token_sha512: str = ""
-    admin_token_sha512: str = ""
-    verbose: bool = False
-    log_level: str = "info"
-    log_format: str = "text"
+    url_map: dict[str, str] = field(hash=False)
+    max_body_bytes: int
+    cpu_affinity: str
+    upstream_timeout: float
+    upstream_retries: int
+    cache_dir: str
+    cache_mode: str
+    refresh_schedule: str
+    refresh_margin_hours: float
+    user_token_sha512: str
+    admin_token_sha512: str
+    verbose: bool
+    log_level: str
+    log_format: str
 
     @property
     def listen_host(self) -> str:

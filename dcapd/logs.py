@@ -9,6 +9,8 @@ import json
 import logging
 import os
 
+from .config import Config
+
 # The request behind the current thread's work, set by the HTTP layer; service modules
 # (collateral, pckcerts) note how they answered without importing the HTTP layer.
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -67,5 +69,5 @@ def configure_logging(level: str = "info", verbose: bool = False, fmt: str = "te
     root.propagate = False
 
 
-def configure_from(config) -> None:
+def configure_from(config: Config) -> None:
     configure_logging(config.log_level, config.verbose, config.log_format)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import dataclasses
 import re
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from dcapd import cli
 from dcapd.config import (
     INTEL_PCS_URL,
     SETTINGS,
+    Config,
     ConfigError,
     default_cache_dir,
     load_config,
@@ -124,3 +126,9 @@ def test_readme_documents_every_environment_variable():
     readme = (REPO / "README.rst").read_text()
     for setting in SETTINGS:
         assert setting.env in readme, setting.env
+
+
+def test_config_has_one_field_per_setting_and_no_second_copy_of_the_defaults():
+    fields = dataclasses.fields(Config)
+    assert sorted(f.name for f in fields) == sorted(s.name for s in SETTINGS)
+    assert all(f.default is dataclasses.MISSING for f in fields)
