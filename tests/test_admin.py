@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from dcapd.admin import Progress, main
+from dcapd.admin import main
+from dcapd.admin.common import Progress
 from tests import pki
 from tests.conftest import upstream_settings
 from tests.fakepcs import load_body, load_manifest
@@ -1024,7 +1025,7 @@ def test_console_script_and_module():
 
 
 def test_url_forms_accepted_for_the_pccs():
-    from dcapd.admin import pccs_root
+    from dcapd.admin.pccs import pccs_root
 
     for url in (
         "https://h:8081",
