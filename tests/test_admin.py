@@ -41,7 +41,7 @@ PLATFORM = pki.default_platform()
 SCENARIO = "2025-05-27_intel-pcs-recording"
 API_KEY = "k" * 32
 V4 = "/sgx/certification/v4"
-COMMANDS = ("get", "collect", "fetch", "put", "refresh", "import", "export")
+COMMANDS = ("get", "collect", "fetch", "put", "refresh", "import", "export", "migrate")
 
 
 # --- a complete test-PKI "Intel PCS": the test platform, its TCB info, CRLs and identities
