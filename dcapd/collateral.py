@@ -18,7 +18,7 @@ from typing import Callable
 from cryptography import x509
 
 from .errors import PccsError
-from .integrity import Integrity, IntegrityError
+from .integrity import Integrity, IntegrityError, tcb_info_mismatch
 from .logs import note_cache_outcome
 from .store import Entry, Store, lock_owner, owner_is_gone
 from .upstream import Upstream, UpstreamError, UpstreamResponse
@@ -251,10 +251,9 @@ class Collateral:
         def to_entry(reply: UpstreamResponse) -> Entry:
             chain = _require_chain(reply, TCB_INFO_CHAIN_V4, TCB_INFO_CHAIN_V3)
             info = _signed_json(reply.body, "tcbInfo")
-            if str(info.get("fmspc", "")).upper() != fmspc.upper():
-                raise BadUpstreamData(f"TCB info is for FMSPC {info.get('fmspc')!r}")
-            if "id" in info and info["id"] != tee.upper():
-                raise BadUpstreamData(f"TCB info is for {info['id']!r}, not {tee.upper()}")
+            mismatch = tcb_info_mismatch(info, fmspc, tee, version)
+            if mismatch:
+                raise BadUpstreamData(f"TCB info {mismatch}")
             self.integrity.check_signed_json(reply.body, "tcbInfo", chain)
             return Entry(
                 reply.body, {tcb_info_chain_header(version): chain}, CT_JSON, signed_json_meta(info)

@@ -56,6 +56,7 @@ __all__ = [
     "describe_validity",
     "raw_json_value_span",
     "extract_raw_json_value",
+    "tcb_info_mismatch",
 ]
 
 log = logging.getLogger("dcapd.integrity")
@@ -641,6 +642,23 @@ def verify_pck_cert(
     leaf = certs[0]
     chain = _as_chain(chain_header)
     _verify_chain([leaf, *chain], trusted_roots, at, f"{what} '{_name(leaf)}' chain")
+
+
+# ---------------------------------------------------------------------------------------------
+# TCB infos: the one asked for
+# ---------------------------------------------------------------------------------------------
+
+
+def tcb_info_mismatch(info: dict[str, Any], fmspc: str, tee: str, version: int) -> str | None:
+    """Why the ``tcbInfo`` object ``info`` is not the TCB info of FMSPC ``fmspc`` and TEE
+    ``tee`` ("sgx"/"tdx") served under API ``version``, or None when it is. The FMSPC is
+    compared case-insensitively; a v4 TCB info must name its TEE in ``id``, a v3 one has no
+    ``id`` (if it has one, it must name the TEE too)."""
+    if str(info.get("fmspc", "")).upper() != fmspc.upper():
+        return f"is for FMSPC {info.get('fmspc')!r}, not {fmspc.upper()}"
+    if (version >= 4 or "id" in info) and info.get("id") != tee.upper():
+        return f"has id {info.get('id')!r}, not {tee.upper()}"
+    return None
 
 
 BUNDLED_INTEL_ROOT = "intel_sgx_root_ca.pem"

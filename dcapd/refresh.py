@@ -89,7 +89,7 @@ class Refresher:
         collateral = self.collateral
         required: list[Source] = [collateral.root_ca_crl_source()]
         for key in self.store.keys():
-            what = self.store.parse_collateral_key(key)
+            what = self.store.parse_key(key).collateral()
             if what is None or what["kind"] == "rootcacrl":
                 continue
             if what["kind"] == "pckcrl":
@@ -212,7 +212,7 @@ class Refresher:
     def status(self) -> dict:
         entries = []
         for key in self.store.keys():
-            what = self.store.parse_collateral_key(key)
+            what = self.store.parse_key(key).collateral()
             if what is None:
                 continue
             entry = self.store.get(key)

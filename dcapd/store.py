@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import diskcache
 
@@ -171,6 +172,41 @@ def open_cache(directory: str) -> diskcache.Cache:
     raise AssertionError("unreachable")
 
 
+# The fields of each collateral kind's key, in the builders' order (below).
+COLLATERAL_KEY_FIELDS: dict[str, tuple[str, ...]] = {
+    "tcb": ("tee", "version", "fmspc", "update"),
+    "identity": ("identity", "version", "update"),
+    "pckcrl": ("ca",),
+    "rootcacrl": (),
+    "crl": ("uri",),
+}
+
+
+class CacheKey(NamedTuple):
+    """A cache key's kind and fields: "tcb/sgx/4/00906ED50000/EARLY" -> ("tcb", ("sgx", "4",
+    "00906ED50000", "EARLY")); a crl/ key has one field, the URI (which may contain '/')."""
+
+    kind: str
+    fields: tuple[str, ...]
+
+    @property
+    def well_formed(self) -> bool:
+        """False for a collateral key without its kind's fields (one dcapd did not write)."""
+        names = COLLATERAL_KEY_FIELDS.get(self.kind)
+        return names is None or len(self.fields) == len(names)
+
+    def collateral(self) -> dict | None:
+        """A collateral entry's fields by name, with ``kind`` and the API version as an int
+        (for refresh and the status view); None for any other key."""
+        names = COLLATERAL_KEY_FIELDS.get(self.kind)
+        if names is None or not self.well_formed or (self.kind == "crl" and not self.fields[0]):
+            return None
+        named: dict = {"kind": self.kind, **dict(zip(names, self.fields))}
+        if "version" in named:
+            named["version"] = int(named["version"])
+        return named
+
+
 def _upper(value: str) -> str:
     return value.upper()
 
@@ -254,33 +290,6 @@ class Store:
         _, qeid, pceid = key.split("/")
         return qeid, pceid
 
-    @classmethod
-    def parse_collateral_key(cls, key: str) -> dict | None:
-        """What a collateral entry's key says (for refresh and the status view)."""
-        kind, fields = cls.parse_key(key)
-        if kind == "tcb" and len(fields) == 4:
-            return {
-                "kind": "tcb",
-                "tee": fields[0],
-                "version": int(fields[1]),
-                "fmspc": fields[2],
-                "update": fields[3],
-            }
-        if kind == "identity" and len(fields) == 3:
-            return {
-                "kind": "identity",
-                "identity": fields[0],
-                "version": int(fields[1]),
-                "update": fields[2],
-            }
-        if kind == "pckcrl" and len(fields) == 1:
-            return {"kind": "pckcrl", "ca": fields[0]}
-        if kind == "rootcacrl" and not fields:
-            return {"kind": "rootcacrl"}
-        if kind == "crl" and fields[0]:
-            return {"kind": "crl", "uri": fields[0]}
-        return None
-
     STATUS_KEY = "status/refresh"
 
     @staticmethod
@@ -360,11 +369,9 @@ class Store:
         ]
 
     @staticmethod
-    def parse_key(key: str) -> tuple[str, tuple[str, ...]]:
-        """(kind, fields) of any key, the inverse of the builders above (for dcapd-admin
-        export): "tcb/sgx/4/00906ED50000/EARLY" -> ("tcb", ("sgx", "4", "00906ED50000",
-        "EARLY")); a crl/ key has one field, the URI (which may contain '/')."""
+    def parse_key(key: str) -> CacheKey:
+        """What any key says, the inverse of the builders above (:class:`CacheKey`)."""
         kind, _, rest = key.partition("/")
         if kind == "crl":
-            return kind, (rest,)
-        return kind, tuple(rest.split("/")) if rest else ()
+            return CacheKey(kind, (rest,))
+        return CacheKey(kind, tuple(rest.split("/")) if rest else ())

@@ -28,7 +28,7 @@ from .collateral import (
 )
 from .errors import PccsError
 from .hexstr import ANY_LENGTH, is_hex
-from .integrity import Integrity, IntegrityError
+from .integrity import Integrity, IntegrityError, tcb_info_mismatch
 from .pckcerts import PckCerts, RawTcb
 from .selection import SelectionError, parse_pck_cert
 from .store import Entry, Store
@@ -231,10 +231,9 @@ class CollateralUpload:
                 info = document.get("tcbInfo") if isinstance(document, dict) else None
                 if not isinstance(info, dict) or not isinstance(document.get("signature"), str):
                     raise _bad(f"{where}.{name} is not a signed TCB info")
-                if str(info.get("fmspc", "")).upper() != fmspc:
-                    raise _bad(f"{where}.{name} is for FMSPC {info.get('fmspc')!r}")
-                if version == 4 and info.get("id") != tee.upper():
-                    raise _bad(f"{where}.{name} has id {info.get('id')!r}")
+                mismatch = tcb_info_mismatch(info, fmspc, tee, version)
+                if mismatch:
+                    raise _bad(f"{where}.{name} {mismatch}")
                 if "tcb" not in chains:
                     raise _bad("TCB infos uploaded without a TCB info issuer chain")
                 body = self._tcb_info_bytes(document, item.get(f"{name}_raw"), where, name)

@@ -237,7 +237,7 @@ def warm_cache(
 
         tcb_targets = []
         for key in store.keys("tcb/"):
-            parsed = store.parse_collateral_key(key)
+            parsed = store.parse_key(key).collateral()
             if parsed and parsed["version"] == 4 and parsed["update"] == "STANDARD":
                 tcb_targets.append(f"/{parsed['tee']}/certification/v4/tcb?fmspc={parsed['fmspc']}")
         identity_targets = [

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from dcapd.admin import Progress, main
+from dcapd.admin import main
+from dcapd.admin.common import Progress
 from tests import pki
 from tests.conftest import upstream_settings
 from tests.fakepcs import load_body, load_manifest
@@ -40,7 +41,7 @@ PLATFORM = pki.default_platform()
 SCENARIO = "2025-05-27_intel-pcs-recording"
 API_KEY = "k" * 32
 V4 = "/sgx/certification/v4"
-COMMANDS = ("get", "collect", "fetch", "put", "refresh", "import", "export")
+COMMANDS = ("get", "collect", "fetch", "put", "refresh", "import", "export", "migrate")
 
 
 # --- a complete test-PKI "Intel PCS": the test platform, its TCB info, CRLs and identities
@@ -1024,7 +1025,7 @@ def test_console_script_and_module():
 
 
 def test_url_forms_accepted_for_the_pccs():
-    from dcapd.admin import pccs_root
+    from dcapd.admin.pccs import pccs_root
 
     for url in (
         "https://h:8081",

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from dcapd import migrate
+from dcapd.admin import main as admin_main
 from dcapd.app import create_app
 from dcapd.migrate import MigrationError, export_to_sqlite, import_intel_db
 from dcapd.store import Store
@@ -347,6 +348,42 @@ def test_command_line(tmp_path, monkeypatch, capsys, make_client, dcapd_logging)
         captured.err.strip().splitlines()[-1]
         == f"python -m dcapd.migrate: {tmp_path / 'nothing.db'}: no such file"
     )
+
+
+def test_dcapd_admin_migrate_is_the_same_import(
+    tmp_path, monkeypatch, capsys, make_client, dcapd_logging
+):
+    """``dcapd-admin migrate`` is listed in ``dcapd-admin --help`` and imports the database
+    exactly as ``python -m dcapd.migrate`` does."""
+    with pytest.raises(SystemExit) as exit_:
+        admin_main(["--help"])
+    assert exit_.value.code == 0
+    assert "    migrate " in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        admin_main(["migrate", "--help"])
+    usage = capsys.readouterr().out
+    assert usage.startswith("usage: dcapd-admin migrate")
+    assert all(option in usage for option in ("PATH", "--cache-dir", "--config", "--verbose"))
+
+    for name in list(os.environ):
+        if name.startswith("DCAPD_"):
+            monkeypatch.delenv(name)
+    admin_cache, module_cache = tmp_path / "admin", tmp_path / "module"
+    assert admin_main(["migrate", str(INTEL_DB), "--cache-dir", str(admin_cache)]) == 0
+    out = capsys.readouterr().out
+    assert f"imported into {admin_cache}" in out
+    assert "registration queue: 1 NEW, 0 NOT_AVAILABLE" in out and "skipped: 0" in out
+    client = make_client(cache_dir=str(admin_cache), cache_mode="OFFLINE")
+    assert served(client, "/sgx/certification/v4/rootcacrl").status_code == 200
+    assert migrate.main([str(INTEL_DB), "--cache-dir", str(module_cache)]) == 0
+    assert snapshot(admin_cache) == snapshot(module_cache)
+    capsys.readouterr()
+
+    missing = tmp_path / "nothing.db"
+    assert admin_main(["migrate", str(missing), "--cache-dir", str(tmp_path / "d")]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip().splitlines()[-1] == f"dcapd-admin: {missing}: no such file"
 
 
 # --- a database with what the fixture lacks: v3 rows, policies, queue states, odd rows

@@ -1,0 +1,280 @@
+"""The ``dcapd-admin`` subcommands, one ``cmd_*`` function each: they read the options, call
+the module doing the work, write the output files and print the one-line summary."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import hashlib
+import json
+import logging
+import os
+import sys
+from typing import Callable
+
+from ..config import Config
+from ..hexstr import is_hex
+from ..integrity import Integrity
+from ..pcsurls import INTEL_ROOTCA_CRL_URL
+from ..store import Store
+from .cache_export import Exporter
+from .cache_import import import_upload, open_services
+from .common import (
+    ENV,
+    PROG,
+    AdminError,
+    Progress,
+    check_writable,
+    dcapd_config,
+    read_json,
+    read_text,
+    write_atomic,
+)
+from .fetch import Fetcher
+from .migrate import import_into_cache
+from .pccs import Pccs
+from .pcs import JOURNAL_FORMAT, Journal, Pcs
+from .platform_list import collect_csv, load_platform_list
+from .upload_file import upload_version
+
+log = logging.getLogger("dcapd.admin")
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    pccs = Pccs(args)
+    check_writable(args.output)
+    params = {"source": args.source} if args.source else None
+    reply = pccs.request("GET", pccs.url("platforms"), params=params)
+    try:
+        rows = json.loads(reply.content)
+        if not isinstance(rows, list):
+            raise ValueError("not a JSON array")
+    except ValueError as exc:
+        raise AdminError(
+            f"GET {pccs.url('platforms')}: the PCCS sent no platform list ({exc})"
+        ) from None
+    write_atomic(args.output, reply.content)
+    print(f"{args.output}: {len(rows)} platform{'s' * (len(rows) != 1)}")
+    return 0
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    files = args.files or sorted(
+        os.path.join(args.directory, name)
+        for name in os.listdir(args.directory)
+        if name.lower().endswith(".csv") and os.path.isfile(os.path.join(args.directory, name))
+    )
+    if not files:
+        raise AdminError(f"no .csv files in {args.directory}")
+    platforms = collect_csv(files)
+    write_atomic(args.output, json.dumps(platforms).encode())
+    print(f"{args.output}: {len(platforms)} platforms from {len(files)} CSV files")
+    return 0
+
+
+def _api_key_getter(config: Config) -> Callable[[], str]:
+    """The configured key (--api-key or its variable), else a prompt when first needed."""
+    cached: list[str] = [config.api_key] if config.api_key else []
+
+    def get() -> str:
+        if not cached:
+            if not sys.stdin.isatty():
+                raise AdminError(f"no Intel PCS API key: give --api-key or set {ENV['api_key']}")
+            cached.append(getpass.getpass("Intel PCS API key: "))
+        return cached[0]
+
+    return get
+
+
+def cmd_fetch(args: argparse.Namespace, sleep: Callable[[float], None]) -> int:
+    crl_only = args.crl_only and args.input is None
+    if args.crl_only and not crl_only:
+        log.warning("--crl-only ignored: an input file was given (as Intel's tool does)")
+    input_file = args.input or "platform_list.json"
+    platforms = None if crl_only else load_platform_list(input_file)
+    try:
+        integrity = Integrity.from_file(args.trusted_roots or "")
+    except (OSError, ValueError) as exc:
+        raise AdminError(f"--trusted-roots: {exc}") from None
+    url = args.url.strip()
+    config = dcapd_config(
+        {
+            "pcs_url": (f"PCS URL {url!r}", url if url.endswith("/") else url + "/"),
+            "url_map": ("--url-map", args.url_map),
+            "api_key": ("--api-key", args.api_key or None),
+            "upstream_retries": ("--retries", str(args.retries)),
+            "upstream_timeout": ("--timeout", str(args.timeout)),
+        }
+    )
+    check_writable(args.output)
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            [
+                JOURNAL_FORMAT,
+                args.url,
+                args.tcb_update_type,
+                args.platform,
+                crl_only,
+                hashlib.sha256(json.dumps(platforms).encode()).hexdigest(),
+            ]
+        ).encode()
+    ).hexdigest()
+    journal = Journal(args.output + ".partial", fingerprint, args.restart)
+    progress = Progress()
+    pcs = Pcs(config, _api_key_getter(config), journal, args.backoff, sleep)
+    try:
+        result = Fetcher(pcs, integrity, args.tcb_update_type, args.platform, progress).run(
+            platforms
+        )
+    except (AdminError, KeyboardInterrupt):
+        progress.close()
+        journal.close()
+        if journal.replies:
+            log.warning(
+                "kept %d PCS answers in %s: run the same command again to resume",
+                len(journal.replies),
+                journal.path,
+            )
+        raise
+    finally:
+        pcs.close()
+    progress.close()
+    write_atomic(args.output, json.dumps(result.upload).encode())
+    journal.remove()
+    collaterals = result.upload["collaterals"]
+    print(
+        f"{args.output}: {len(collaterals['pck_certs'])} platforms, "
+        f"{len(collaterals['tcbinfos'])} FMSPCs ({pcs.calls} PCS requests"
+        + (f", {journal.resumed} answers resumed" if journal.resumed else "")
+        + ")"
+    )
+    if result.not_available:
+        path = args.not_available or os.path.join(
+            os.path.dirname(args.output), "not_available.json"
+        )
+        write_atomic(path, json.dumps(result.not_available).encode())
+        print(f"{path}: {len(result.not_available)} TCBs whose certificate is 'Not available'")
+    return 0
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    pccs = Pccs(args)
+    policy = args.fmspc is not None or pccs.endpoint == "appraisalpolicy"
+    if policy:
+        if args.fmspc is None or args.input is None:
+            raise AdminError("an appraisal policy needs --fmspc and -i POLICY_FILE (a JWT)")
+        if not is_hex(args.fmspc, (12,)):
+            raise AdminError(f"--fmspc: {args.fmspc!r} is not 12 hex characters")
+        text = read_text(args.input)
+        if text.count(".") < 2:
+            raise AdminError(f"{args.input}: not a JWT (header.payload.signature)")
+        body = json.dumps({"policy": text, "is_default": args.default, "fmspc": args.fmspc})
+        reply = pccs.request(
+            "PUT",
+            pccs.url("appraisalpolicy"),
+            data=body.encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        print(f"appraisal policy uploaded for FMSPC {args.fmspc.upper()}: id {reply.text.strip()}")
+        return 0
+    if args.default:
+        raise AdminError("--default is for appraisal policies (with --fmspc)")
+    path = args.input or "platform_collaterals.json"
+    text = read_text(path)
+    try:
+        body = json.loads(text)
+    except ValueError as exc:
+        raise AdminError(f"{path}: not valid JSON ({exc})") from None
+    version = upload_version(body, path)
+    reply = pccs.request(
+        "PUT",
+        pccs.url("platformcollateral", version),
+        data=text.encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    print(f"{path}: uploaded to {pccs.url('platformcollateral', version)} ({reply.text.strip()})")
+    for index, part in enumerate(body.get("dcapd_extra_uploads") or []):
+        part_version = upload_version(part, f"{path}: dcapd_extra_uploads[{index}]")
+        pccs.request(
+            "PUT",
+            pccs.url("platformcollateral", part_version),
+            data=json.dumps(part).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        print(f"{path}: extra upload {index} (v{part_version}) uploaded")
+    skipped = [name for name in ("dcapd_crls", "dcapd_entries") if body.get(name)]
+    if skipped:
+        log.warning(
+            "%s: %s cannot be uploaded to a PCCS; use dcapd-admin import for them",
+            path,
+            " and ".join(skipped),
+        )
+    return 0
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    pccs = Pccs(args)
+    params = {}
+    if args.certs or args.fmspc is not None:
+        params["type"] = "certs"
+        if args.fmspc is not None:
+            params["fmspc"] = "" if args.fmspc == "all" else args.fmspc
+    pccs.request("POST", pccs.url("refresh"), params=params or None)
+    print("certificates refreshed" if params else "collateral refreshed")
+    return 0
+
+
+def cache_dir(args: argparse.Namespace) -> str:
+    """-C, else the variable, else dcapd's per-user cache folder (the setting's resolution)."""
+    return dcapd_config({"cache_dir": ("-C/--cache-dir", args.cache_dir)}).cache_dir
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    body = read_json(args.input)
+    if not isinstance(body, dict):
+        raise AdminError(f"{args.input}: not an upload file (not a JSON object)")
+    directory = cache_dir(args)
+    services = open_services(directory, args.trusted_roots, args.config)
+    try:
+        counts = import_upload(services, body, args.input)
+    finally:
+        services.store.close()
+        services.upstream.close()
+    print(
+        f"{args.input}: imported into {directory} ({counts['uploads']} upload bodies, "
+        f"{counts['crls']} CRLs, {counts['entries']} other entries)"
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    directory = cache_dir(args)
+    if not os.path.isfile(os.path.join(directory, "cache.db")):
+        raise AdminError(f"{directory} is not a dcapd cache directory (no cache.db)")
+    check_writable(args.output)
+    store = Store(directory)
+    try:
+        exporter = Exporter(store, INTEL_ROOTCA_CRL_URL)
+        body = exporter.run()
+    finally:
+        store.close()
+    for warning in exporter.warnings:
+        log.warning("%s", warning)
+    write_atomic(args.output, json.dumps(body).encode())
+    collaterals = body["collaterals"]
+    print(
+        f"{args.output}: {len(collaterals['pck_certs'])} platforms, "
+        f"{len(collaterals['tcbinfos'])} FMSPCs"
+        + (
+            f", {len(body['dcapd_extra_uploads'])} extra upload bodies"
+            if body.get("dcapd_extra_uploads")
+            else ""
+        )
+    )
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Intel PCCS's database into a dcapd cache, as ``python -m dcapd.migrate`` does; its lines
+    are logged as every command's are."""
+    return import_into_cache(args, PROG, configure_logging=None)
