@@ -17,11 +17,11 @@ from typing import Callable
 
 from cryptography import x509
 
-from .errors import PccsError
+from .errors import EVALUATION_NUMBER_GONE, PccsError
 from .integrity import Integrity, IntegrityError
 from .logs import note_cache_outcome
 from .store import Entry, Store, lock_owner, owner_is_gone
-from .upstream import Upstream, UpstreamError, UpstreamResponse
+from .upstream import PCS_API_VERSION, Upstream, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("dcapd.collateral")
 
@@ -30,6 +30,7 @@ PCK_CRL_CHAIN = "SGX-PCK-CRL-Issuer-Chain"
 TCB_INFO_CHAIN_V3 = "SGX-TCB-Info-Issuer-Chain"
 TCB_INFO_CHAIN_V4 = "TCB-Info-Issuer-Chain"
 ENCLAVE_IDENTITY_CHAIN = "SGX-Enclave-Identity-Issuer-Chain"
+EVALUATION_NUMBERS_CHAIN = "TCB-Evaluation-Data-Numbers-Issuer-Chain"
 PCK_CERT_CHAIN = "SGX-PCK-Certificate-Issuer-Chain"
 TCBM = "SGX-TCBm"
 FMSPC = "SGX-FMSPC"
@@ -40,7 +41,7 @@ CT_PEM = "application/x-pem-file"
 CT_CRL = "application/pkix-crl"
 
 # Identity ids inside the signed JSON, by the kind in our routes.
-_IDENTITY_IDS = {"qe": "QE", "qve": "QVE", "tdqe": "TD_QE"}
+_IDENTITY_IDS = {"qe": "QE", "qve": "QVE", "tdqe": "TD_QE", "qae": "QAE"}
 
 
 def tcb_info_chain_header(version: int) -> str:
@@ -134,6 +135,13 @@ def _signed_json(body: bytes, top: str) -> dict:
     return document[top]
 
 
+def _require_number(inner: dict, number: int) -> None:
+    if inner.get("tcbEvaluationDataNumber") != number:
+        raise BadUpstreamData(
+            f"tcbEvaluationDataNumber is {inner.get('tcbEvaluationDataNumber')!r}, not {number}"
+        )
+
+
 def _iso(moment) -> str | None:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
 
@@ -157,13 +165,21 @@ def signed_json_meta(inner: dict) -> dict:
 
 
 def fetch_entry(source: Source) -> Entry:
-    """Fetch and check one entry; PccsError with Intel's status when that fails."""
+    """Fetch and check one entry; PccsError with Intel's status when that fails (its
+    ``upstream_status`` says what upstream answered, when it answered)."""
+    if source.retired:
+        raise PccsError(410, f"{source.key}: PCS API v3 collateral is never fetched")
     try:
         reply = source.fetch()
     except UpstreamError as exc:
         raise PccsError(502, f"{source.key}: {exc}") from None
     if reply.status != 200:
-        raise PccsError(404, f"{source.key}: upstream answered {reply.status}")
+        if reply.status == 410 and source.pinned:
+            error = PccsError(410, f"{source.key}: upstream answered 410", EVALUATION_NUMBER_GONE)
+        else:
+            error = PccsError(404, f"{source.key}: upstream answered {reply.status}")
+        error.upstream_status = reply.status
+        raise error
     try:
         return source.entry_from(reply)
     except BadUpstreamData as exc:
@@ -178,6 +194,10 @@ class Source:
     key: str
     fetch: Callable[[], UpstreamResponse]
     to_entry: Callable[[UpstreamResponse], Entry]
+    # A PCS API v3 TCB info or identity: served when cached, never fetched (410 on a miss).
+    retired: bool = False
+    # Pinned to a TCB evaluation data number: PCS's 410 (number retired) reaches the client.
+    pinned: bool = False
 
     def entry_from(self, reply: UpstreamResponse) -> Entry:
         """The entry for a 200 reply; BadUpstreamData when it is not what Intel signed."""
@@ -194,8 +214,47 @@ def _date(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
+class NotFoundMemory:
+    """Keys PCS recently answered 404 for, so a miss does not ask again within ``ttl``
+    seconds (e.g. the TDX TCB info of an SGX-only FMSPC, asked on each new platform's first
+    pckcert). Per process and bounded; only ever consulted after a cache miss, so an entry
+    that appears in the cache (a fill elsewhere, an upload) is served at once."""
+
+    MAX_KEYS = 10_000
+
+    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic):
+        self.ttl = ttl
+        self.clock = clock
+        self._until: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def remember(self, key: str) -> None:
+        if self.ttl <= 0:
+            return
+        with self._lock:
+            if len(self._until) >= self.MAX_KEYS:
+                now = self.clock()
+                self._until = {k: t for k, t in self._until.items() if t > now}
+                while len(self._until) >= self.MAX_KEYS:  # all live: drop the oldest
+                    self._until.pop(next(iter(self._until)))
+            self._until.pop(key, None)
+            self._until[key] = self.clock() + self.ttl
+
+    def recalls(self, key: str) -> bool:
+        with self._lock:
+            until = self._until.get(key)
+            if until is None:
+                return False
+            if until > self.clock():
+                return True
+            del self._until[key]
+            return False
+
+
 class Collateral:
-    """Answers for pckcrl, tcb, identities, rootcacrl and crl?uri=."""
+    """Answers for pckcrl, tcb, identities, rootcacrl and crl?uri=, and the collateral PCS
+    v4 serves beyond Intel's PCCS (pinned to a TCB evaluation data number, QAE identity,
+    evaluation data numbers)."""
 
     def __init__(
         self,
@@ -204,14 +263,18 @@ class Collateral:
         mode: str,
         integrity: Integrity,
         fill_lock_ttl: float,
+        not_found_ttl: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ):
         """``fill_lock_ttl``: how long another process's fill lock is honoured (a little more
-        than one upstream deadline)."""
+        than one upstream deadline); ``not_found_ttl``: how long a PCS 404 on a miss is
+        remembered (0 = not at all)."""
         self.store = store
         self.upstream = upstream
         self.mode = mode
         self.integrity = integrity
         self._flight = SingleFlight(store, fill_lock_ttl)
+        self.not_found = NotFoundMemory(not_found_ttl, clock)
 
     # --- the one miss path
 
@@ -222,15 +285,24 @@ class Collateral:
             note_cache_outcome("hit")
             return entry
         note_cache_outcome("miss")
+        if source.retired:  # in every mode (pccs-1.27.md §1)
+            raise PccsError(410, f"{source.key} is not cached; PCS API v3 is retired")
         if not (self.mode == "LAZY" if fill is None else fill):
             raise PccsError(404, f"{source.key} is not cached ({self.mode} mode)")
+        if self.not_found.recalls(source.key):
+            raise PccsError(404, f"{source.key}: upstream answered 404 a moment ago")
         return self._flight.run(
             source.key, lambda: self.store.get(source.key), lambda: self._fill(source)
         )
 
     def _fill(self, source: Source) -> Entry:
         note_cache_outcome("upstream")
-        entry = fetch_entry(source)
+        try:
+            entry = fetch_entry(source)
+        except PccsError as exc:
+            if exc.upstream_status == 404:
+                self.not_found.remember(source.key)
+            raise
         self.store.put(source.key, entry)
         log.info("cached %s from upstream", source.key)
         return entry
@@ -243,8 +315,11 @@ class Collateral:
             self.integrity.check_crl(reply.body, chain)
             return Entry(reply.body, {PCK_CRL_CHAIN: chain}, CT_CRL, crl_meta(reply.body))
 
+        # The same CRL whatever the client's API version: always fetched through PCS v4.
         return Source(
-            self.store.pckcrl_key(ca), lambda: self.upstream.get_pck_crl(version, ca), to_entry
+            self.store.pckcrl_key(ca),
+            lambda: self.upstream.get_pck_crl(PCS_API_VERSION, ca),
+            to_entry,
         )
 
     def tcb_info_source(self, tee: str, version: int, fmspc: str, update: str) -> Source:
@@ -264,6 +339,7 @@ class Collateral:
             self.store.tcb_key(tee, version, fmspc, update),
             lambda: self.upstream.get_tcb_info(tee, version, fmspc, update),
             to_entry,
+            retired=version != PCS_API_VERSION,
         )
 
     def enclave_identity_source(self, kind: str, version: int, update: str) -> Source:
@@ -281,7 +357,78 @@ class Collateral:
             self.store.identity_key(kind, version, update),
             lambda: self.upstream.get_enclave_identity(kind, version, update),
             to_entry,
+            retired=version != PCS_API_VERSION,
         )
+
+    # --- beyond Intel's PCCS: PCS v4 only (pccs-1.27.md §3)
+
+    def pinned_tcb_info_source(self, tee: str, fmspc: str, number: int) -> Source:
+        def to_entry(reply: UpstreamResponse) -> Entry:
+            chain = _require_chain(reply, TCB_INFO_CHAIN_V4)
+            info = _signed_json(reply.body, "tcbInfo")
+            if str(info.get("fmspc", "")).upper() != fmspc.upper():
+                raise BadUpstreamData(f"TCB info is for FMSPC {info.get('fmspc')!r}")
+            if info.get("id", tee.upper()) != tee.upper():
+                raise BadUpstreamData(f"TCB info is for {info['id']!r}, not {tee.upper()}")
+            _require_number(info, number)
+            self.integrity.check_signed_json(reply.body, "tcbInfo", chain)
+            return Entry(reply.body, {TCB_INFO_CHAIN_V4: chain}, CT_JSON, signed_json_meta(info))
+
+        return Source(
+            self.store.pinned_tcb_key(tee, fmspc, number),
+            lambda: self.upstream.get_tcb_info(tee, PCS_API_VERSION, fmspc, "", number),
+            to_entry,
+            pinned=True,
+        )
+
+    def extra_identity_source(self, kind: str, number: int | None, update: str) -> Source:
+        """An identity pinned to ``number``, or (``number`` None) the QAE identity."""
+
+        def to_entry(reply: UpstreamResponse) -> Entry:
+            chain = _require_chain(reply, ENCLAVE_IDENTITY_CHAIN)
+            identity = _signed_json(reply.body, "enclaveIdentity")
+            if identity.get("id", _IDENTITY_IDS[kind]) != _IDENTITY_IDS[kind]:
+                raise BadUpstreamData(f"identity is {identity['id']!r}, not {_IDENTITY_IDS[kind]}")
+            if number is not None:
+                _require_number(identity, number)
+            self.integrity.check_signed_json(reply.body, "enclaveIdentity", chain)
+            return Entry(
+                reply.body, {ENCLAVE_IDENTITY_CHAIN: chain}, CT_JSON, signed_json_meta(identity)
+            )
+
+        return Source(
+            self.store.extra_identity_key(kind, update if number is None else number),
+            lambda: self.upstream.get_enclave_identity(kind, PCS_API_VERSION, update, number),
+            to_entry,
+            pinned=number is not None,
+        )
+
+    def evaluation_numbers_source(self, tee: str) -> Source:
+        def to_entry(reply: UpstreamResponse) -> Entry:
+            chain = _require_chain(reply, EVALUATION_NUMBERS_CHAIN)
+            numbers = _signed_json(reply.body, "tcbEvaluationDataNumbers")
+            if numbers.get("id", tee.upper()) != tee.upper():
+                raise BadUpstreamData(f"evaluation data numbers are for {numbers['id']!r}")
+            self.integrity.check_signed_json(reply.body, "tcbEvaluationDataNumbers", chain)
+            return Entry(
+                reply.body, {EVALUATION_NUMBERS_CHAIN: chain}, CT_JSON, signed_json_meta(numbers)
+            )
+
+        return Source(
+            self.store.evaluation_numbers_key(tee),
+            lambda: self.upstream.get_tcb_evaluation_data_numbers(tee),
+            to_entry,
+        )
+
+    def extra_source(self, what: dict) -> Source:
+        """The source of an ``extra/`` entry, from :meth:`Store.parse_extra_key`'s answer."""
+        if what["endpoint"] == "tcb":
+            return self.pinned_tcb_info_source(what["tee"], what["fmspc"], what["number"])
+        if what["endpoint"] == "identity":
+            return self.extra_identity_source(
+                what["identity"], what["number"], what["update"] or "STANDARD"
+            )
+        return self.evaluation_numbers_source(what["tee"])
 
     def root_ca_crl_source(self) -> Source:
         def to_entry(reply: UpstreamResponse) -> Entry:
@@ -322,6 +469,15 @@ class Collateral:
     ) -> Entry:
         return self.cached_or_fetched(self.enclave_identity_source(kind, version, update), fill)
 
+    def pinned_tcb_info(self, tee: str, fmspc: str, number: int) -> Entry:
+        return self.cached_or_fetched(self.pinned_tcb_info_source(tee, fmspc, number))
+
+    def extra_identity(self, kind: str, number: int | None, update: str) -> Entry:
+        return self.cached_or_fetched(self.extra_identity_source(kind, number, update))
+
+    def evaluation_numbers(self, tee: str) -> Entry:
+        return self.cached_or_fetched(self.evaluation_numbers_source(tee))
+
     def root_ca_crl(self, fill: bool | None = None) -> Entry:
         return self.cached_or_fetched(self.root_ca_crl_source(), fill)
 
@@ -335,11 +491,9 @@ class Collateral:
             update.upper()
         ]
         for ca in ("PROCESSOR", "PLATFORM"):
-            self.pck_crl(4, ca, fill=True)
-        for version in (3, 4):
-            for kind in ("qe", "qve"):
-                for update_type in updates:
-                    self.enclave_identity(kind, version, update_type, fill=True)
-        for update_type in updates:
-            self.enclave_identity("tdqe", 4, update_type, fill=True)
+            self.pck_crl(PCS_API_VERSION, ca, fill=True)
+        # Intel 1.27: the v3 identities are no longer asked for (PCS API v3 is retired).
+        for kind in ("qe", "qve", "tdqe"):
+            for update_type in updates:
+                self.enclave_identity(kind, PCS_API_VERSION, update_type, fill=True)
         self.root_ca_crl(fill=True)

@@ -59,6 +59,19 @@ def qeid_param(req: falcon.Request) -> str:
     return value.upper()
 
 
+def evaluation_number_param(req: falcon.Request) -> int | None:
+    """``tcbEvaluationDataNumber`` (pccs-1.27.md §3): a non-negative integer, and never
+    together with ``update`` (PCS refuses both); None when absent."""
+    value = query_value(req, "tcbEvaluationDataNumber", required=False)
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit() and len(value) <= 9):
+        raise PccsError(400, "tcbEvaluationDataNumber must be a non-negative integer")
+    if req.get_param("update") is not None:
+        raise PccsError(400, "give update or tcbEvaluationDataNumber, not both")
+    return int(value)
+
+
 def update_param(req: falcon.Request) -> str:
     value = (query_value(req, "update", required=False) or "standard").upper()
     if value not in UPDATE_TYPES:
@@ -120,19 +133,40 @@ class TcbInfo:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         fmspc = hex_param(req, "fmspc", 12)
+        # v3 routes ignore the number, as Intel's PCCS does on every route.
+        number = evaluation_number_param(req) if self.version == 4 else None
+        if number is not None:
+            respond(resp, self.collateral.pinned_tcb_info(self.tee, fmspc, number))
+            return
         update = update_param(req)
         respond(resp, self.collateral.tcb_info(self.tee, self.version, fmspc, update))
 
 
 class EnclaveIdentity:
+    # Identities Intel's PCCS does not serve: only from the ``extra`` entries.
+    EXTRA_KINDS = ("qae",)
+
     def __init__(self, collateral: Collateral, kind: str, version: int):
         self.collateral = collateral
         self.kind = kind
         self.version = version
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        update = update_param(req)
+        number = evaluation_number_param(req) if self.version == 4 else None
+        update = "STANDARD" if number is not None else update_param(req)
+        if number is not None or self.kind in self.EXTRA_KINDS:
+            respond(resp, self.collateral.extra_identity(self.kind, number, update))
+            return
         respond(resp, self.collateral.enclave_identity(self.kind, self.version, update))
+
+
+class TcbEvaluationDataNumbers:
+    def __init__(self, collateral: Collateral, tee: str):
+        self.collateral = collateral
+        self.tee = tee
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        respond(resp, self.collateral.evaluation_numbers(self.tee))
 
 
 class RootCaCrl:

@@ -58,7 +58,9 @@ def build_services(
     upstream = upstream if upstream is not None else Upstream(config)
     integrity = Integrity.from_file(config.trusted_roots)
     fill_lock_ttl = config.upstream_timeout + _FILL_LOCK_SLACK
-    collateral = Collateral(store, upstream, config.cache_mode, integrity, fill_lock_ttl)
+    collateral = Collateral(
+        store, upstream, config.cache_mode, integrity, fill_lock_ttl, config.not_found_ttl
+    )
     pck_certs = PckCerts(
         store,
         upstream,

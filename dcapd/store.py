@@ -195,6 +195,25 @@ class Store:
     def identity_key(kind: str, version: int, update: str = "STANDARD") -> str:
         return f"identity/{kind.lower()}/{version}/{update.upper()}"
 
+    # Collateral PCS v4 serves beyond Intel's PCCS (pccs-1.27.md §3), all under one kind so
+    # that tools reading Intel's kinds pass them by: TCB infos and identities pinned to a TCB
+    # evaluation data number, the QAE identity, the lists of evaluation data numbers.
+    EXTRA_PREFIX = "extra/"
+
+    @staticmethod
+    def pinned_tcb_key(tee: str, fmspc: str, number: int) -> str:
+        return f"extra/tcb/{tee.lower()}/{_upper(fmspc)}/{int(number)}"
+
+    @staticmethod
+    def extra_identity_key(kind: str, selector: int | str) -> str:
+        """``selector``: a TCB evaluation data number, or STANDARD|EARLY (the QAE identity)."""
+        text = str(int(selector)) if isinstance(selector, int) else selector.upper()
+        return f"extra/identity/{kind.lower()}/{text}"
+
+    @staticmethod
+    def evaluation_numbers_key(tee: str) -> str:
+        return f"extra/tcbevaluationdatanumbers/{tee.lower()}"
+
     @staticmethod
     def pckcrl_key(ca: str) -> str:
         return f"pckcrl/{ca.upper()}"
@@ -271,6 +290,35 @@ class Store:
             return {"kind": "rootcacrl"}
         if kind == "crl" and fields[0]:
             return {"kind": "crl", "uri": fields[0]}
+        if kind == "extra":
+            return cls.parse_extra_key(fields)
+        return None
+
+    @staticmethod
+    def parse_extra_key(fields: tuple[str, ...]) -> dict | None:
+        """What an ``extra/`` key says; ``number`` is None for the QAE identity by update."""
+        what = fields[0] if fields else ""
+        if what == "tcb" and len(fields) == 4 and fields[3].isdigit():
+            return {
+                "kind": "extra",
+                "endpoint": "tcb",
+                "tee": fields[1],
+                "fmspc": fields[2],
+                "number": int(fields[3]),
+            }
+        if what == "identity" and len(fields) == 3:
+            number = int(fields[2]) if fields[2].isdigit() else None
+            if number is None and fields[2] not in ("STANDARD", "EARLY"):
+                return None
+            return {
+                "kind": "extra",
+                "endpoint": "identity",
+                "identity": fields[1],
+                "number": number,
+                "update": None if number is not None else fields[2],
+            }
+        if what == "tcbevaluationdatanumbers" and len(fields) == 2:
+            return {"kind": "extra", "endpoint": "tcbevaluationdatanumbers", "tee": fields[1]}
         return None
 
     STATUS_KEY = "status/refresh"

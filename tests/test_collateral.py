@@ -17,6 +17,7 @@ CHAIN_HEADERS = (
     "TCB-Info-Issuer-Chain",
     "SGX-TCB-Info-Issuer-Chain",
     "SGX-Enclave-Identity-Issuer-Chain",
+    "TCB-Evaluation-Data-Numbers-Issuer-Chain",
 )
 
 
@@ -24,8 +25,9 @@ def pccs_requests(response: dict):
     """The dcapd requests that must answer with this recorded PCS response.
 
     Yields (path, query, expected body transform, expected content type, chain header name).
-    Recordings of routes a PCCS does not serve (qae/identity, fmspcs, eval numbers, the PEM
-    CRL, tcb by evaluation number) document PCS only and yield nothing.
+    Recordings of routes dcapd does not serve (fmspcs, the PEM CRL) document PCS only and
+    yield nothing; nor do PCS API v3 TCB infos and identities, which a miss never fetches
+    (tests/test_v3.py serves them from an upload).
     """
     path, query = response["path"], dict(response["query"])
     if path == "/IntelSGXRootCA.der":
@@ -40,6 +42,20 @@ def pccs_requests(response: dict):
         )
         return
     tee, _, version, endpoint = path.strip("/").split("/", 3)
+    if version == "v3" and endpoint != "pckcrl":
+        return
+    if "tcbEvaluationDataNumber" in query:  # pinned collateral: exactly PCS's query
+        chain = (
+            "TCB-Info-Issuer-Chain" if endpoint == "tcb" else "SGX-Enclave-Identity-Issuer-Chain"
+        )
+        yield path, query, "raw", "application/json", chain
+        return
+    if endpoint == "tcbevaluationdatanumbers":
+        yield path, {}, "raw", "application/json", "TCB-Evaluation-Data-Numbers-Issuer-Chain"
+        return
+    if endpoint == "qae/identity":
+        yield path, dict(query), "raw", "application/json", "SGX-Enclave-Identity-Issuer-Chain"
+        return
     if endpoint == "pckcrl" and query.get("encoding") == "der":
         yield (
             path,
@@ -133,17 +149,17 @@ def test_one_upstream_call_per_item_and_none_after_restart(fake_pcs, make_client
         }
 
 
-def test_upstream_query_uses_request_version_and_update(fake_pcs, make_client):
+def test_upstream_query_uses_v4_and_the_update(fake_pcs, make_client):
     fake = fake_pcs("2025-05-27_intel-pcs-recording")
     client = make_client(fake)
     assert (
         client.simulate_get(
-            "/sgx/certification/v3/tcb", params={"fmspc": "00906ed50000"}
+            "/sgx/certification/v4/tcb", params={"fmspc": "00906ed50000"}
         ).status_code
         == 200
     )
     call = fake.calls[-1]
-    assert call.path == "/sgx/certification/v3/tcb"
+    assert call.path == "/sgx/certification/v4/tcb"
     assert call.query == {"fmspc": ["00906ED50000"], "update": ["standard"]}
     assert "Ocp-Apim-Subscription-Key" not in call.headers
     client.simulate_get("/sgx/certification/v4/pckcrl", params={"ca": "Platform"})
@@ -169,7 +185,7 @@ def test_req_and_offline_miss_is_404_without_upstream(fake_pcs, make_client, mod
 
 def test_upstream_404_is_404_and_not_cached(fake_pcs, make_client):
     fake = fake_pcs("2025-05-27_intel-pcs-recording")
-    client = make_client(fake)
+    client = make_client(fake, not_found_ttl=0)  # 0: a 404 is not remembered at all
     for _ in range(2):
         result = client.simulate_get("/sgx/certification/v4/tcb", params={"fmspc": "AAAAAAAAAAAA"})
         assert result.status_code == 404
@@ -291,7 +307,9 @@ def test_request_id_is_echoed_or_generated(make_client):
         ("GET", "/sgx/certification/v5/tcb"),
         ("GET", "/tdx/certification/v3/tcb"),
         ("GET", "/tdx/certification/v4/pckcrl"),
-        ("GET", "/sgx/certification/v4/qae/identity"),
+        ("GET", "/sgx/certification/v4/fmspcs"),
+        ("GET", "/sgx/certification/v3/qae/identity"),
+        ("GET", "/tdx/certification/v4/qve/identity"),
         ("POST", "/sgx/certification/v4/tcb"),
         ("DELETE", "/sgx/certification/v4/pckcrl"),
     ],
