@@ -34,7 +34,7 @@ from tests.test_pckcert import (
     serve_platform,
 )
 from tests.test_platforms import ADMIN, PLATFORMS, TOKENS, USER, registration
-from tests.uploads import INTEL_ROOT_CDP, intel_upload
+from tests.uploads import INTEL_ROOT_CDP, intel_upload, v3_upload_from_scenario
 
 PLATFORM = pki.default_platform()
 SCENARIO = "2025-05-27_intel-pcs-recording"
@@ -584,13 +584,18 @@ def test_export_then_import_serves_byte_identical_answers(
     for path, params in [
         (f"{V4}/tcb", {"fmspc": "00906ED50000"}),
         (f"{V4}/tcb", {"fmspc": "00906ED50000", "update": "early"}),
-        ("/sgx/certification/v3/tcb", {"fmspc": "00906ED50000"}),
-        ("/sgx/certification/v3/qe/identity", {}),
         ("/tdx/certification/v4/tcb", {"fmspc": "00806F050000"}),
         (f"{V4}/pckcrl", {"ca": "processor"}),
         (f"{V4}/crl", {"uri": PROCESSOR_CRL_URI}),
     ] + [(PCKCERT, query(*raw_tcb(c, p))) for c, p, _ in CASES]:
         assert client.simulate_get(path, params=params).status_code == 200, (path, params)
+    # v3 collateral is never fetched any more (PCS API v3 is retired): it comes uploaded.
+    v3 = client.simulate_put(
+        "/sgx/certification/v3/platformcollateral",
+        body=json.dumps(v3_upload_from_scenario(SCENARIO)),
+        headers={"admin-token": ADMIN},
+    )
+    assert v3.status_code == 200, v3.text
     intel = intel_upload()
     put = client.simulate_put(
         f"{V4}/platformcollateral", body=json.dumps(intel), headers={"admin-token": ADMIN}

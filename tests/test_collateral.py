@@ -338,3 +338,68 @@ def test_crl_uri_cache_key_is_exact_uri(fake_pcs, make_client):
     stored = client.app.services.store.keys("crl/")
     assert stored == ["crl/" + INTEL_ROOT_CDP]
     assert urllib.parse.urlsplit(fake.calls[-1].path).path == "/IntelSGXRootCA.der"
+
+
+class FakeMonotonic:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_pcs_404_is_remembered_for_not_found_ttl(fake_pcs, make_client):
+    """An SGX-only FMSPC has no TDX TCB info: each new platform's first pckcert would ask
+    again. Within not_found_ttl a repeated miss answers 404 without asking PCS."""
+    fake = fake_pcs("2025-05-27_intel-pcs-recording")
+    client = make_client(fake, not_found_ttl=300)
+    clock = FakeMonotonic()
+    client.app.services.collateral.not_found.clock = clock
+    params = {"fmspc": "00906ED50000"}  # SGX only: PCS has no TDX TCB info for it
+    for _ in range(3):
+        result = client.simulate_get("/tdx/certification/v4/tcb", params=params)
+        assert result.status_code == 404
+        assert result.text == "No cache data for this platform."
+    assert fake.count("/tdx/certification/v4/tcb") == 1
+    clock.now += 299
+    assert client.simulate_get("/tdx/certification/v4/tcb", params=params).status_code == 404
+    assert fake.count("/tdx/certification/v4/tcb") == 1
+    clock.now += 2  # past the window: PCS is asked again
+    assert client.simulate_get("/tdx/certification/v4/tcb", params=params).status_code == 404
+    assert fake.count("/tdx/certification/v4/tcb") == 2
+    assert client.app.services.store.keys() == []
+    # Another key is not affected.
+    assert client.simulate_get("/sgx/certification/v4/tcb", params=params).status_code == 200
+
+
+def test_a_5xx_is_never_remembered(fake_pcs, make_client):
+    fake = fake_pcs("2025-05-27_intel-pcs-recording")
+    client = make_client(fake, not_found_ttl=300)
+    fake.fail_with(status=503, paths="/qe/identity")
+    for _ in range(2):
+        assert client.simulate_get("/sgx/certification/v4/qe/identity").status_code == 404
+    assert fake.count("/qe/identity") == 2
+    fake.fail_with()
+    assert client.simulate_get("/sgx/certification/v4/qe/identity").status_code == 200
+
+
+def test_a_refresh_ignores_remembered_404s(fake_pcs, make_client):
+    fake = fake_pcs("2025-05-27_intel-pcs-recording")
+    client = make_client(fake, not_found_ttl=300)
+    early = {"update": "early"}  # the recording has no EARLY QE identity
+    for _ in range(2):
+        assert (
+            client.simulate_get("/sgx/certification/v4/qe/identity", params=early).status_code
+            == 404
+        )
+
+    def early_qe_calls() -> int:
+        return sum(
+            1
+            for c in fake.calls
+            if c.path == "/sgx/certification/v4/qe/identity" and c.query.get("update") == ["early"]
+        )
+
+    assert early_qe_calls() == 1
+    client.app.services.refresher.refresh_collateral()
+    assert early_qe_calls() == 2, "the refresh asks PCS whatever a miss remembered"
