@@ -30,7 +30,6 @@ PCK_CRL_CHAIN = "SGX-PCK-CRL-Issuer-Chain"
 TCB_INFO_CHAIN_V3 = "SGX-TCB-Info-Issuer-Chain"
 TCB_INFO_CHAIN_V4 = "TCB-Info-Issuer-Chain"
 ENCLAVE_IDENTITY_CHAIN = "SGX-Enclave-Identity-Issuer-Chain"
-EVALUATION_NUMBERS_CHAIN = "TCB-Evaluation-Data-Numbers-Issuer-Chain"
 PCK_CERT_CHAIN = "SGX-PCK-Certificate-Issuer-Chain"
 TCBM = "SGX-TCBm"
 FMSPC = "SGX-FMSPC"
@@ -41,7 +40,7 @@ CT_PEM = "application/x-pem-file"
 CT_CRL = "application/pkix-crl"
 
 # Identity ids inside the signed JSON, by the kind in our routes.
-_IDENTITY_IDS = {"qe": "QE", "qve": "QVE", "tdqe": "TD_QE", "qae": "QAE"}
+IDENTITY_IDS = {"qe": "QE", "qve": "QVE", "tdqe": "TD_QE", "qae": "QAE"}
 
 
 def tcb_info_chain_header(version: int) -> str:
@@ -111,7 +110,7 @@ def is_url_encoded_chain(value: str) -> bool:
     )
 
 
-def _require_chain(reply: UpstreamResponse, *names: str) -> str:
+def require_chain(reply: UpstreamResponse, *names: str) -> str:
     for name in names:
         value = reply.headers.get(name)
         if value:
@@ -121,7 +120,7 @@ def _require_chain(reply: UpstreamResponse, *names: str) -> str:
     raise BadUpstreamData(f"response has no {names[0]} header")
 
 
-def _signed_json(body: bytes, top: str) -> dict:
+def signed_json(body: bytes, top: str) -> dict:
     try:
         document = json.loads(body)
     except ValueError:
@@ -133,13 +132,6 @@ def _signed_json(body: bytes, top: str) -> dict:
     ):
         raise BadUpstreamData(f"body is not a signed {top} document")
     return document[top]
-
-
-def _require_number(inner: dict, number: int) -> None:
-    if inner.get("tcbEvaluationDataNumber") != number:
-        raise BadUpstreamData(
-            f"tcbEvaluationDataNumber is {inner.get('tcbEvaluationDataNumber')!r}, not {number}"
-        )
 
 
 def _iso(moment) -> str | None:
@@ -252,9 +244,8 @@ class NotFoundMemory:
 
 
 class Collateral:
-    """Answers for pckcrl, tcb, identities, rootcacrl and crl?uri=, and the collateral PCS
-    v4 serves beyond Intel's PCCS (pinned to a TCB evaluation data number, QAE identity,
-    evaluation data numbers)."""
+    """Answers for pckcrl, tcb, identities, rootcacrl and crl?uri= (extra.py adds what PCS v4
+    serves beyond Intel's PCCS, through the same miss path)."""
 
     def __init__(
         self,
@@ -311,7 +302,7 @@ class Collateral:
 
     def pck_crl_source(self, version: int, ca: str) -> Source:
         def to_entry(reply: UpstreamResponse) -> Entry:
-            chain = _require_chain(reply, PCK_CRL_CHAIN)
+            chain = require_chain(reply, PCK_CRL_CHAIN)
             self.integrity.check_crl(reply.body, chain)
             return Entry(reply.body, {PCK_CRL_CHAIN: chain}, CT_CRL, crl_meta(reply.body))
 
@@ -324,8 +315,8 @@ class Collateral:
 
     def tcb_info_source(self, tee: str, version: int, fmspc: str, update: str) -> Source:
         def to_entry(reply: UpstreamResponse) -> Entry:
-            chain = _require_chain(reply, TCB_INFO_CHAIN_V4, TCB_INFO_CHAIN_V3)
-            info = _signed_json(reply.body, "tcbInfo")
+            chain = require_chain(reply, TCB_INFO_CHAIN_V4, TCB_INFO_CHAIN_V3)
+            info = signed_json(reply.body, "tcbInfo")
             if str(info.get("fmspc", "")).upper() != fmspc.upper():
                 raise BadUpstreamData(f"TCB info is for FMSPC {info.get('fmspc')!r}")
             if "id" in info and info["id"] != tee.upper():
@@ -344,10 +335,10 @@ class Collateral:
 
     def enclave_identity_source(self, kind: str, version: int, update: str) -> Source:
         def to_entry(reply: UpstreamResponse) -> Entry:
-            chain = _require_chain(reply, ENCLAVE_IDENTITY_CHAIN)
-            identity = _signed_json(reply.body, "enclaveIdentity")
-            if "id" in identity and identity["id"] != _IDENTITY_IDS[kind]:
-                raise BadUpstreamData(f"identity is {identity['id']!r}, not {_IDENTITY_IDS[kind]}")
+            chain = require_chain(reply, ENCLAVE_IDENTITY_CHAIN)
+            identity = signed_json(reply.body, "enclaveIdentity")
+            if "id" in identity and identity["id"] != IDENTITY_IDS[kind]:
+                raise BadUpstreamData(f"identity is {identity['id']!r}, not {IDENTITY_IDS[kind]}")
             self.integrity.check_signed_json(reply.body, "enclaveIdentity", chain)
             return Entry(
                 reply.body, {ENCLAVE_IDENTITY_CHAIN: chain}, CT_JSON, signed_json_meta(identity)
@@ -359,76 +350,6 @@ class Collateral:
             to_entry,
             retired=version != PCS_API_VERSION,
         )
-
-    # --- beyond Intel's PCCS: PCS v4 only (pccs-1.27.md §3)
-
-    def pinned_tcb_info_source(self, tee: str, fmspc: str, number: int) -> Source:
-        def to_entry(reply: UpstreamResponse) -> Entry:
-            chain = _require_chain(reply, TCB_INFO_CHAIN_V4)
-            info = _signed_json(reply.body, "tcbInfo")
-            if str(info.get("fmspc", "")).upper() != fmspc.upper():
-                raise BadUpstreamData(f"TCB info is for FMSPC {info.get('fmspc')!r}")
-            if info.get("id", tee.upper()) != tee.upper():
-                raise BadUpstreamData(f"TCB info is for {info['id']!r}, not {tee.upper()}")
-            _require_number(info, number)
-            self.integrity.check_signed_json(reply.body, "tcbInfo", chain)
-            return Entry(reply.body, {TCB_INFO_CHAIN_V4: chain}, CT_JSON, signed_json_meta(info))
-
-        return Source(
-            self.store.pinned_tcb_key(tee, fmspc, number),
-            lambda: self.upstream.get_tcb_info(tee, PCS_API_VERSION, fmspc, "", number),
-            to_entry,
-            pinned=True,
-        )
-
-    def extra_identity_source(self, kind: str, number: int | None, update: str) -> Source:
-        """An identity pinned to ``number``, or (``number`` None) the QAE identity."""
-
-        def to_entry(reply: UpstreamResponse) -> Entry:
-            chain = _require_chain(reply, ENCLAVE_IDENTITY_CHAIN)
-            identity = _signed_json(reply.body, "enclaveIdentity")
-            if identity.get("id", _IDENTITY_IDS[kind]) != _IDENTITY_IDS[kind]:
-                raise BadUpstreamData(f"identity is {identity['id']!r}, not {_IDENTITY_IDS[kind]}")
-            if number is not None:
-                _require_number(identity, number)
-            self.integrity.check_signed_json(reply.body, "enclaveIdentity", chain)
-            return Entry(
-                reply.body, {ENCLAVE_IDENTITY_CHAIN: chain}, CT_JSON, signed_json_meta(identity)
-            )
-
-        return Source(
-            self.store.extra_identity_key(kind, update if number is None else number),
-            lambda: self.upstream.get_enclave_identity(kind, PCS_API_VERSION, update, number),
-            to_entry,
-            pinned=number is not None,
-        )
-
-    def evaluation_numbers_source(self, tee: str) -> Source:
-        def to_entry(reply: UpstreamResponse) -> Entry:
-            chain = _require_chain(reply, EVALUATION_NUMBERS_CHAIN)
-            numbers = _signed_json(reply.body, "tcbEvaluationDataNumbers")
-            if numbers.get("id", tee.upper()) != tee.upper():
-                raise BadUpstreamData(f"evaluation data numbers are for {numbers['id']!r}")
-            self.integrity.check_signed_json(reply.body, "tcbEvaluationDataNumbers", chain)
-            return Entry(
-                reply.body, {EVALUATION_NUMBERS_CHAIN: chain}, CT_JSON, signed_json_meta(numbers)
-            )
-
-        return Source(
-            self.store.evaluation_numbers_key(tee),
-            lambda: self.upstream.get_tcb_evaluation_data_numbers(tee),
-            to_entry,
-        )
-
-    def extra_source(self, what: dict) -> Source:
-        """The source of an ``extra/`` entry, from :meth:`Store.parse_extra_key`'s answer."""
-        if what["endpoint"] == "tcb":
-            return self.pinned_tcb_info_source(what["tee"], what["fmspc"], what["number"])
-        if what["endpoint"] == "identity":
-            return self.extra_identity_source(
-                what["identity"], what["number"], what["update"] or "STANDARD"
-            )
-        return self.evaluation_numbers_source(what["tee"])
 
     def root_ca_crl_source(self) -> Source:
         def to_entry(reply: UpstreamResponse) -> Entry:
@@ -468,15 +389,6 @@ class Collateral:
         self, kind: str, version: int, update: str, fill: bool | None = None
     ) -> Entry:
         return self.cached_or_fetched(self.enclave_identity_source(kind, version, update), fill)
-
-    def pinned_tcb_info(self, tee: str, fmspc: str, number: int) -> Entry:
-        return self.cached_or_fetched(self.pinned_tcb_info_source(tee, fmspc, number))
-
-    def extra_identity(self, kind: str, number: int | None, update: str) -> Entry:
-        return self.cached_or_fetched(self.extra_identity_source(kind, number, update))
-
-    def evaluation_numbers(self, tee: str) -> Entry:
-        return self.cached_or_fetched(self.evaluation_numbers_source(tee))
 
     def root_ca_crl(self, fill: bool | None = None) -> Entry:
         return self.cached_or_fetched(self.root_ca_crl_source(), fill)

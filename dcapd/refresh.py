@@ -14,6 +14,7 @@ from typing import Callable
 
 from .collateral import Collateral, Source, fetch_entry
 from .errors import PccsError
+from .extra import ExtraCollateral
 from .pckcerts import PckCerts
 from .store import Entry, Store, lock_owner
 from .upstream import PCS_API_VERSION
@@ -54,9 +55,11 @@ class Refresher:
         mode: str,
         version: int,
         clock: Callable[[], float] = time.time,
+        extra: ExtraCollateral | None = None,
     ):
         self.store = store
         self.collateral = collateral
+        self.extra = extra or ExtraCollateral(collateral)
         self.pck_certs = pck_certs
         self.mode = mode
         # Intel: "the server's" API version; PCS has only v4 now, whatever pcs_url names.
@@ -111,7 +114,7 @@ class Refresher:
             elif what["kind"] == "crl":
                 required.append(collateral.crl_source(what["uri"]))
             elif what["kind"] == "extra":
-                kept.append(collateral.extra_source(what))
+                kept.append(self.extra.source_for(what))
         if retired:
             log.warning(
                 "refresh: %d cached PCS API v3 TCB infos and identities skipped (PCS API v3 "

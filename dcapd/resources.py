@@ -10,6 +10,7 @@ import falcon
 from .auth import Auth
 from .collateral import CT_CRL, CT_PEM, Collateral
 from .errors import STATUS_TEXTS, PccsError
+from .extra import EXTRA_IDENTITY_KINDS, ExtraCollateral
 from .hexstr import is_hex
 from .pckcerts import PckCerts, RawTcb
 from .pcsurls import is_allowed_crl_url
@@ -126,8 +127,9 @@ class PckCrl:
 
 
 class TcbInfo:
-    def __init__(self, collateral: Collateral, tee: str, version: int):
+    def __init__(self, collateral: Collateral, extra: ExtraCollateral, tee: str, version: int):
         self.collateral = collateral
+        self.extra = extra
         self.tee = tee
         self.version = version
 
@@ -136,37 +138,35 @@ class TcbInfo:
         # v3 routes ignore the number, as Intel's PCCS does on every route.
         number = evaluation_number_param(req) if self.version == 4 else None
         if number is not None:
-            respond(resp, self.collateral.pinned_tcb_info(self.tee, fmspc, number))
+            respond(resp, self.extra.pinned_tcb_info(self.tee, fmspc, number))
             return
         update = update_param(req)
         respond(resp, self.collateral.tcb_info(self.tee, self.version, fmspc, update))
 
 
 class EnclaveIdentity:
-    # Identities Intel's PCCS does not serve: only from the ``extra`` entries.
-    EXTRA_KINDS = ("qae",)
-
-    def __init__(self, collateral: Collateral, kind: str, version: int):
+    def __init__(self, collateral: Collateral, extra: ExtraCollateral, kind: str, version: int):
         self.collateral = collateral
+        self.extra = extra
         self.kind = kind
         self.version = version
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         number = evaluation_number_param(req) if self.version == 4 else None
         update = "STANDARD" if number is not None else update_param(req)
-        if number is not None or self.kind in self.EXTRA_KINDS:
-            respond(resp, self.collateral.extra_identity(self.kind, number, update))
+        if number is not None or self.kind in EXTRA_IDENTITY_KINDS:
+            respond(resp, self.extra.identity(self.kind, number, update))
             return
         respond(resp, self.collateral.enclave_identity(self.kind, self.version, update))
 
 
 class TcbEvaluationDataNumbers:
-    def __init__(self, collateral: Collateral, tee: str):
-        self.collateral = collateral
+    def __init__(self, extra: ExtraCollateral, tee: str):
+        self.extra = extra
         self.tee = tee
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        respond(resp, self.collateral.evaluation_numbers(self.tee))
+        respond(resp, self.extra.evaluation_numbers(self.tee))
 
 
 class RootCaCrl:

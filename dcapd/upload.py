@@ -3,21 +3,8 @@
 The body is what Intel's PccsAdminTool ``fetch`` writes. Everything is validated first, then
 written in one cache transaction, as the same entries the GET paths read, so that an OFFLINE
 dcapd then serves every uploaded item and a failure leaves the cache exactly as it was.
-
-Beside Intel's keys (Intel's tools ignore unknown ones), ``dcapd_extra_collateral`` carries
-the collateral PCS v4 serves beyond Intel's PCCS (pccs-1.27.md §3), one object per response::
-
-    {"tee": "sgx"|"tdx",
-     "endpoint": "tcb" | "qe/identity" | "qve/identity" | "qae/identity"
-                 | "tcbevaluationdatanumbers",
-     "fmspc": "00806F050000",            # tcb only
-     "tcbEvaluationDataNumber": 17,      # tcb and identities: pinned to that number
-     "update": "standard"|"early",       # qae/identity without a number
-     "body": "<the response body, exactly as PCS sent it>",
-     "issuer_chain": "<its issuer-chain header, URL-encoded PEM as PCS sends it>"}
-
-checked as a fetch from PCS is (signature over the exact bytes, chain to a trusted root) and
-stored byte-exact; :func:`extra_collateral_items` writes them from a cache.
+Beside Intel's keys, ``dcapd_extra_collateral`` carries the collateral PCS v4 serves beyond
+Intel's PCCS (its format: extra.py).
 """
 
 from __future__ import annotations
@@ -27,13 +14,10 @@ import logging
 import urllib.parse
 from typing import Callable
 
-from requests.structures import CaseInsensitiveDict
-
 from .collateral import (
     CT_CRL,
     CT_JSON,
     ENCLAVE_IDENTITY_CHAIN,
-    EVALUATION_NUMBERS_CHAIN,
     PCK_CERT_CHAIN,
     PCK_CRL_CHAIN,
     TCB_INFO_CHAIN_V3,
@@ -45,12 +29,12 @@ from .collateral import (
     tcb_info_chain_header,
 )
 from .errors import PccsError
+from .extra import UPLOAD_KEY, ExtraCollateral
 from .hexstr import ANY_LENGTH, is_hex
 from .integrity import Integrity, IntegrityError
 from .pckcerts import PckCerts, RawTcb
 from .selection import SelectionError, parse_pck_cert
 from .store import Entry, Store
-from .upstream import UpstreamResponse
 
 log = logging.getLogger("dcapd.upload")
 
@@ -74,15 +58,6 @@ _IDENTITY_KEYS = {
     "tdqeidentity_early": ("tdqe", "EARLY"),
 }
 _SVN_FIELDS = tuple(f"sgxtcbcomp{i:02d}svn" for i in range(1, 17))
-EXTRA_COLLATERAL = "dcapd_extra_collateral"
-# (tee, endpoint) -> identity kind, for the identities an extra item may carry.
-_EXTRA_IDENTITIES = {
-    ("sgx", "qe/identity"): "qe",
-    ("sgx", "qve/identity"): "qve",
-    ("sgx", "qae/identity"): "qae",
-    ("tdx", "qe/identity"): "tdqe",
-}
-_IDENTITY_ENDPOINTS = {kind: key for key, kind in _EXTRA_IDENTITIES.items()}
 
 
 def _bad(reason: str) -> PccsError:
@@ -143,10 +118,13 @@ def tcb_info_body(document: dict) -> bytes:
 
 
 class CollateralUpload:
-    def __init__(self, store: Store, pck_certs: PckCerts, integrity: Integrity):
+    def __init__(
+        self, store: Store, pck_certs: PckCerts, integrity: Integrity, extra: ExtraCollateral
+    ):
         self.store = store
         self.pck_certs = pck_certs
         self.integrity = integrity
+        self.extra = extra
 
     @staticmethod
     def _verified(what: str, check: Callable[[], None]) -> None:
@@ -172,7 +150,7 @@ class CollateralUpload:
 
         chains = self._chains(version, certificates, pck_chains)
         writes: dict[str, Entry] = {}
-        self._extra_collateral(body.get(EXTRA_COLLATERAL), writes)
+        writes.update(self.extra.entries_from_upload(body.get(UPLOAD_KEY)))
         tcb_bodies = self._tcb_infos(version, tcb_infos, chains, writes)
         self._crls(collaterals, pck_chains, writes)
         self._identities(version, collaterals, chains.get("identity"), writes)
@@ -200,58 +178,6 @@ class CollateralUpload:
             tcb_infos,
             len(writes) - tcb_infos,
         )
-
-    def _extra_collateral(self, items, writes: dict[str, Entry]) -> None:
-        """``dcapd_extra_collateral``: checked exactly as the fetch from PCS would be."""
-        if items is None:
-            return
-        if not isinstance(items, list):
-            raise _bad(f"{EXTRA_COLLATERAL} is not a list")
-        collateral = self.pck_certs.collateral
-        for index, item in enumerate(items):
-            where = f"{EXTRA_COLLATERAL}[{index}]"
-            if not isinstance(item, dict):
-                raise _bad(f"{where} is not an object")
-            tee, endpoint = str(item.get("tee")), str(item.get("endpoint"))
-            body, chain = item.get("body"), item.get("issuer_chain")
-            number = item.get("tcbEvaluationDataNumber")
-            if not isinstance(body, str) or not isinstance(chain, str):
-                raise _bad(f"{where} needs body and issuer_chain strings")
-            if number is not None and (
-                isinstance(number, bool) or not isinstance(number, int) or number < 0
-            ):
-                raise _bad(f"{where}.tcbEvaluationDataNumber is not a non-negative integer")
-            if endpoint == "tcb" and tee in ("sgx", "tdx") and number is not None:
-                fmspc = item.get("fmspc")
-                if not isinstance(fmspc, str) or not is_hex(fmspc, (12,)):
-                    raise _bad(f"{where}.fmspc is missing or not 12 hex characters")
-                source = collateral.pinned_tcb_info_source(tee, fmspc, number)
-                header = TCB_INFO_CHAIN_V4
-            elif (tee, endpoint) in _EXTRA_IDENTITIES and (
-                number is not None or endpoint == "qae/identity"
-            ):
-                update = str(item.get("update") or "standard").upper()
-                if update not in ("STANDARD", "EARLY"):
-                    raise _bad(f"{where}.update must be standard or early")
-                kind = _EXTRA_IDENTITIES[(tee, endpoint)]
-                source = collateral.extra_identity_source(kind, number, update)
-                header = ENCLAVE_IDENTITY_CHAIN
-            elif endpoint == "tcbevaluationdatanumbers" and tee in ("sgx", "tdx"):
-                source = collateral.evaluation_numbers_source(tee)
-                header = EVALUATION_NUMBERS_CHAIN
-            else:
-                raise _bad(f"{where} is not collateral dcapd serves beyond Intel's format")
-            reply = UpstreamResponse(
-                200, CaseInsensitiveDict({header: chain}), body.encode("utf-8"), "upload"
-            )
-            try:
-                entry = source.to_entry(reply)
-            except IntegrityError as exc:
-                raise PccsError(460, f"collateral upload: {where}: {exc}") from None
-            except BadUpstreamData as exc:
-                raise _bad(f"{where}: {exc}") from None
-            entry.meta["source"] = "upload"
-            writes[source.key] = entry
 
     @staticmethod
     def _check_platform(item, where: str) -> None:
@@ -520,48 +446,3 @@ class CollateralUpload:
             and isinstance(pcesvn, int)
             and 0 <= pcesvn <= 65535
         )
-
-
-def extra_collateral_items(store: Store) -> tuple[list[dict], list[str]]:
-    """The cache's ``extra/`` entries as ``dcapd_extra_collateral`` items (for an export:
-    ``import`` or PUT platformcollateral restores them byte-exact), and warnings for entries
-    that cannot be written so."""
-    items: list[dict] = []
-    warnings: list[str] = []
-    for key in sorted(store.keys(Store.EXTRA_PREFIX)):
-        kind, fields = Store.parse_key(key)
-        what = Store.parse_extra_key(fields)
-        entry = store.get(key)
-        if what is None or entry is None or what.get("identity", "qe") not in _IDENTITY_ENDPOINTS:
-            warnings.append(f"{key}: not exported (unknown key form)")
-            continue
-        chain = next(
-            (
-                entry.headers[name]
-                for name in (TCB_INFO_CHAIN_V4, ENCLAVE_IDENTITY_CHAIN, EVALUATION_NUMBERS_CHAIN)
-                if entry.headers.get(name)
-            ),
-            None,
-        )
-        try:
-            body = entry.body.decode("utf-8")
-        except UnicodeDecodeError:
-            body = None
-        if chain is None or body is None:
-            warnings.append(f"{key}: not exported (no issuer chain, or a body that is not text)")
-            continue
-        item: dict = {}
-        if what["endpoint"] == "identity":
-            tee, endpoint = _IDENTITY_ENDPOINTS[what["identity"]]
-            item.update(tee=tee, endpoint=endpoint)
-            if what["number"] is None:
-                item["update"] = what["update"].lower()
-        else:
-            item.update(tee=what["tee"], endpoint=what["endpoint"])
-            if what["endpoint"] == "tcb":
-                item["fmspc"] = what["fmspc"]
-        if what.get("number") is not None:
-            item["tcbEvaluationDataNumber"] = what["number"]
-        item.update(body=body, issuer_chain=chain)
-        items.append(item)
-    return items, warnings

@@ -11,7 +11,7 @@ import logging
 import pytest
 
 from dcapd.errors import EVALUATION_NUMBER_GONE
-from dcapd.upload import extra_collateral_items
+from dcapd.extra import extra_collateral_items
 from tests.fakepcs import load_body, load_manifest
 from tests.test_platforms import ADMIN, TOKENS
 
