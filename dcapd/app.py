@@ -20,24 +20,49 @@ STATUS_PATH = "/dcapd/status"  # dcapd's own admin view, outside Intel's API
 
 # The route table: (TEE, API versions, path under /<tee>/certification/v<N>/, resource factory).
 # Intel serves TDX only under v4, and only tcb and qe/identity there (pccs-reference.md §1.12).
+# qae/identity and tcbevaluationdatanumbers are PCS v4 routes Intel's PCCS does not serve
+# (pccs-1.27.md §3); tcb and the identities also take tcbEvaluationDataNumber there.
 ROUTES: tuple[tuple[str, tuple[int, ...], str, Callable[[Services, int], object]], ...] = (
     ("sgx", API_VERSIONS, "pckcert", lambda s, v: resources.PckCert(s.pck_certs, v)),
     ("sgx", API_VERSIONS, "pckcrl", lambda s, v: resources.PckCrl(s.collateral, v)),
-    ("sgx", API_VERSIONS, "tcb", lambda s, v: resources.TcbInfo(s.collateral, "sgx", v)),
-    ("tdx", (4,), "tcb", lambda s, v: resources.TcbInfo(s.collateral, "tdx", v)),
+    ("sgx", API_VERSIONS, "tcb", lambda s, v: resources.TcbInfo(s.collateral, s.extra, "sgx", v)),
+    ("tdx", (4,), "tcb", lambda s, v: resources.TcbInfo(s.collateral, s.extra, "tdx", v)),
     (
         "sgx",
         API_VERSIONS,
         "qe/identity",
-        lambda s, v: resources.EnclaveIdentity(s.collateral, "qe", v),
+        lambda s, v: resources.EnclaveIdentity(s.collateral, s.extra, "qe", v),
     ),
     (
         "sgx",
         API_VERSIONS,
         "qve/identity",
-        lambda s, v: resources.EnclaveIdentity(s.collateral, "qve", v),
+        lambda s, v: resources.EnclaveIdentity(s.collateral, s.extra, "qve", v),
     ),
-    ("tdx", (4,), "qe/identity", lambda s, v: resources.EnclaveIdentity(s.collateral, "tdqe", v)),
+    (
+        "tdx",
+        (4,),
+        "qe/identity",
+        lambda s, v: resources.EnclaveIdentity(s.collateral, s.extra, "tdqe", v),
+    ),
+    (
+        "sgx",
+        (4,),
+        "qae/identity",
+        lambda s, v: resources.EnclaveIdentity(s.collateral, s.extra, "qae", v),
+    ),
+    (
+        "sgx",
+        (4,),
+        "tcbevaluationdatanumbers",
+        lambda s, v: resources.TcbEvaluationDataNumbers(s.extra, "sgx"),
+    ),
+    (
+        "tdx",
+        (4,),
+        "tcbevaluationdatanumbers",
+        lambda s, v: resources.TcbEvaluationDataNumbers(s.extra, "tdx"),
+    ),
     ("sgx", API_VERSIONS, "rootcacrl", lambda s, v: resources.RootCaCrl(s.collateral)),
     ("sgx", API_VERSIONS, "crl", lambda s, v: resources.Crl(s.collateral)),
     (

@@ -17,11 +17,11 @@ from typing import Callable
 
 from cryptography import x509
 
-from .errors import PccsError
+from .errors import EVALUATION_NUMBER_GONE, PccsError
 from .integrity import Integrity, IntegrityError, tcb_info_mismatch
 from .logs import note_cache_outcome
 from .store import Entry, Store, lock_owner, owner_is_gone
-from .upstream import Upstream, UpstreamError, UpstreamResponse
+from .upstream import PCS_API_VERSION, Upstream, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("dcapd.collateral")
 
@@ -40,7 +40,7 @@ CT_PEM = "application/x-pem-file"
 CT_CRL = "application/pkix-crl"
 
 # Identity ids inside the signed JSON, by the kind in our routes.
-_IDENTITY_IDS = {"qe": "QE", "qve": "QVE", "tdqe": "TD_QE"}
+IDENTITY_IDS = {"qe": "QE", "qve": "QVE", "tdqe": "TD_QE", "qae": "QAE"}
 
 
 def tcb_info_chain_header(version: int) -> str:
@@ -110,7 +110,7 @@ def is_url_encoded_chain(value: str) -> bool:
     )
 
 
-def _require_chain(reply: UpstreamResponse, *names: str) -> str:
+def require_chain(reply: UpstreamResponse, *names: str) -> str:
     for name in names:
         value = reply.headers.get(name)
         if value:
@@ -120,7 +120,7 @@ def _require_chain(reply: UpstreamResponse, *names: str) -> str:
     raise BadUpstreamData(f"response has no {names[0]} header")
 
 
-def _signed_json(body: bytes, top: str) -> dict:
+def signed_json(body: bytes, top: str) -> dict:
     try:
         document = json.loads(body)
     except ValueError:
@@ -157,13 +157,21 @@ def signed_json_meta(inner: dict) -> dict:
 
 
 def fetch_entry(source: Source) -> Entry:
-    """Fetch and check one entry; PccsError with Intel's status when that fails."""
+    """Fetch and check one entry; PccsError with Intel's status when that fails (its
+    ``upstream_status`` says what upstream answered, when it answered)."""
+    if source.retired:
+        raise PccsError(410, f"{source.key}: PCS API v3 collateral is never fetched")
     try:
         reply = source.fetch()
     except UpstreamError as exc:
         raise PccsError(502, f"{source.key}: {exc}") from None
     if reply.status != 200:
-        raise PccsError(404, f"{source.key}: upstream answered {reply.status}")
+        if reply.status == 410 and source.pinned:
+            error = PccsError(410, f"{source.key}: upstream answered 410", EVALUATION_NUMBER_GONE)
+        else:
+            error = PccsError(404, f"{source.key}: upstream answered {reply.status}")
+        error.upstream_status = reply.status
+        raise error
     try:
         return source.entry_from(reply)
     except BadUpstreamData as exc:
@@ -178,6 +186,10 @@ class Source:
     key: str
     fetch: Callable[[], UpstreamResponse]
     to_entry: Callable[[UpstreamResponse], Entry]
+    # A PCS API v3 TCB info or identity: served when cached, never fetched (410 on a miss).
+    retired: bool = False
+    # Pinned to a TCB evaluation data number: PCS's 410 (number retired) reaches the client.
+    pinned: bool = False
 
     def entry_from(self, reply: UpstreamResponse) -> Entry:
         """The entry for a 200 reply; BadUpstreamData when it is not what Intel signed."""
@@ -194,8 +206,46 @@ def _date(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
+class NotFoundMemory:
+    """Keys PCS recently answered 404 for, so a miss does not ask again within ``ttl``
+    seconds (e.g. the TDX TCB info of an SGX-only FMSPC, asked on each new platform's first
+    pckcert). Per process and bounded; only ever consulted after a cache miss, so an entry
+    that appears in the cache (a fill elsewhere, an upload) is served at once."""
+
+    MAX_KEYS = 10_000
+
+    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic):
+        self.ttl = ttl
+        self.clock = clock
+        self._until: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def remember(self, key: str) -> None:
+        if self.ttl <= 0:
+            return
+        with self._lock:
+            if len(self._until) >= self.MAX_KEYS:
+                now = self.clock()
+                self._until = {k: t for k, t in self._until.items() if t > now}
+                while len(self._until) >= self.MAX_KEYS:  # all live: drop the oldest
+                    self._until.pop(next(iter(self._until)))
+            self._until.pop(key, None)
+            self._until[key] = self.clock() + self.ttl
+
+    def recalls(self, key: str) -> bool:
+        with self._lock:
+            until = self._until.get(key)
+            if until is None:
+                return False
+            if until > self.clock():
+                return True
+            del self._until[key]
+            return False
+
+
 class Collateral:
-    """Answers for pckcrl, tcb, identities, rootcacrl and crl?uri=."""
+    """Answers for pckcrl, tcb, identities, rootcacrl and crl?uri= (extra.py adds what PCS v4
+    serves beyond Intel's PCCS, through the same miss path)."""
 
     def __init__(
         self,
@@ -204,14 +254,18 @@ class Collateral:
         mode: str,
         integrity: Integrity,
         fill_lock_ttl: float,
+        not_found_ttl: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ):
         """``fill_lock_ttl``: how long another process's fill lock is honoured (a little more
-        than one upstream deadline)."""
+        than one upstream deadline); ``not_found_ttl``: how long a PCS 404 on a miss is
+        remembered (0 = not at all)."""
         self.store = store
         self.upstream = upstream
         self.mode = mode
         self.integrity = integrity
         self._flight = SingleFlight(store, fill_lock_ttl)
+        self.not_found = NotFoundMemory(not_found_ttl, clock)
 
     # --- the one miss path
 
@@ -222,15 +276,24 @@ class Collateral:
             note_cache_outcome("hit")
             return entry
         note_cache_outcome("miss")
+        if source.retired:  # in every mode (pccs-1.27.md §1)
+            raise PccsError(410, f"{source.key} is not cached; PCS API v3 is retired")
         if not (self.mode == "LAZY" if fill is None else fill):
             raise PccsError(404, f"{source.key} is not cached ({self.mode} mode)")
+        if self.not_found.recalls(source.key):
+            raise PccsError(404, f"{source.key}: upstream answered 404 a moment ago")
         return self._flight.run(
             source.key, lambda: self.store.get(source.key), lambda: self._fill(source)
         )
 
     def _fill(self, source: Source) -> Entry:
         note_cache_outcome("upstream")
-        entry = fetch_entry(source)
+        try:
+            entry = fetch_entry(source)
+        except PccsError as exc:
+            if exc.upstream_status == 404:
+                self.not_found.remember(source.key)
+            raise
         self.store.put(source.key, entry)
         log.info("cached %s from upstream", source.key)
         return entry
@@ -239,18 +302,21 @@ class Collateral:
 
     def pck_crl_source(self, version: int, ca: str) -> Source:
         def to_entry(reply: UpstreamResponse) -> Entry:
-            chain = _require_chain(reply, PCK_CRL_CHAIN)
+            chain = require_chain(reply, PCK_CRL_CHAIN)
             self.integrity.check_crl(reply.body, chain)
             return Entry(reply.body, {PCK_CRL_CHAIN: chain}, CT_CRL, crl_meta(reply.body))
 
+        # The same CRL whatever the client's API version: always fetched through PCS v4.
         return Source(
-            self.store.pckcrl_key(ca), lambda: self.upstream.get_pck_crl(version, ca), to_entry
+            self.store.pckcrl_key(ca),
+            lambda: self.upstream.get_pck_crl(PCS_API_VERSION, ca),
+            to_entry,
         )
 
     def tcb_info_source(self, tee: str, version: int, fmspc: str, update: str) -> Source:
         def to_entry(reply: UpstreamResponse) -> Entry:
-            chain = _require_chain(reply, TCB_INFO_CHAIN_V4, TCB_INFO_CHAIN_V3)
-            info = _signed_json(reply.body, "tcbInfo")
+            chain = require_chain(reply, TCB_INFO_CHAIN_V4, TCB_INFO_CHAIN_V3)
+            info = signed_json(reply.body, "tcbInfo")
             mismatch = tcb_info_mismatch(info, fmspc, tee, version)
             if mismatch:
                 raise BadUpstreamData(f"TCB info {mismatch}")
@@ -263,14 +329,15 @@ class Collateral:
             self.store.tcb_key(tee, version, fmspc, update),
             lambda: self.upstream.get_tcb_info(tee, version, fmspc, update),
             to_entry,
+            retired=version != PCS_API_VERSION,
         )
 
     def enclave_identity_source(self, kind: str, version: int, update: str) -> Source:
         def to_entry(reply: UpstreamResponse) -> Entry:
-            chain = _require_chain(reply, ENCLAVE_IDENTITY_CHAIN)
-            identity = _signed_json(reply.body, "enclaveIdentity")
-            if "id" in identity and identity["id"] != _IDENTITY_IDS[kind]:
-                raise BadUpstreamData(f"identity is {identity['id']!r}, not {_IDENTITY_IDS[kind]}")
+            chain = require_chain(reply, ENCLAVE_IDENTITY_CHAIN)
+            identity = signed_json(reply.body, "enclaveIdentity")
+            if "id" in identity and identity["id"] != IDENTITY_IDS[kind]:
+                raise BadUpstreamData(f"identity is {identity['id']!r}, not {IDENTITY_IDS[kind]}")
             self.integrity.check_signed_json(reply.body, "enclaveIdentity", chain)
             return Entry(
                 reply.body, {ENCLAVE_IDENTITY_CHAIN: chain}, CT_JSON, signed_json_meta(identity)
@@ -280,6 +347,7 @@ class Collateral:
             self.store.identity_key(kind, version, update),
             lambda: self.upstream.get_enclave_identity(kind, version, update),
             to_entry,
+            retired=version != PCS_API_VERSION,
         )
 
     def root_ca_crl_source(self) -> Source:
@@ -334,11 +402,9 @@ class Collateral:
             update.upper()
         ]
         for ca in ("PROCESSOR", "PLATFORM"):
-            self.pck_crl(4, ca, fill=True)
-        for version in (3, 4):
-            for kind in ("qe", "qve"):
-                for update_type in updates:
-                    self.enclave_identity(kind, version, update_type, fill=True)
-        for update_type in updates:
-            self.enclave_identity("tdqe", 4, update_type, fill=True)
+            self.pck_crl(PCS_API_VERSION, ca, fill=True)
+        # Intel 1.27: the v3 identities are no longer asked for (PCS API v3 is retired).
+        for kind in ("qe", "qve", "tdqe"):
+            for update_type in updates:
+                self.enclave_identity(kind, PCS_API_VERSION, update_type, fill=True)
         self.root_ca_crl(fill=True)

@@ -147,6 +147,13 @@ def _non_negative_int(value: str) -> int:
     return number
 
 
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0 or number == float("inf"):
+        raise ValueError(f"must be a number >= 0, got {value!r}")
+    return number
+
+
 def _cron(value: str) -> str:
     CronSchedule(value)  # raises ValueError with the problem
     return value.strip()
@@ -223,6 +230,9 @@ SETTINGS: tuple[Setting, ...] = (
             "cache directory; empty = the per-user cache folder"),
     Setting("cache_mode", "cache", "mode", "DCAPD_CACHE_MODE", "LAZY",
             _choice(*CACHE_MODES, upper=True), "LAZY, REQ or OFFLINE (as Intel's CachingFillMode)"),
+    Setting("not_found_ttl", "cache", "not_found_ttl", "DCAPD_NOT_FOUND_TTL", "300",
+            _non_negative_float, "seconds a PCS 404 on a cache miss is remembered, so the "
+            "same miss does not ask PCS again (0 = off; never a 5xx, never for a refresh)"),
     Setting("refresh_schedule", "refresh", "schedule", "DCAPD_REFRESH_SCHEDULE", "0 0 1 * * *",
             _cron, "cron schedule of the collateral refresh (Intel's RefreshSchedule; "
                    "local time, seconds first)"),
@@ -272,6 +282,7 @@ class Config:
     upstream_retries: int
     cache_dir: str
     cache_mode: str
+    not_found_ttl: float
     refresh_schedule: str
     refresh_margin_hours: float
     user_token_sha512: str

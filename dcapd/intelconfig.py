@@ -20,19 +20,27 @@ Intel key           dcapd setting
 ``CachingFillMode`` ``cache_mode``
 ``LogLevel``        ``verbose`` (on for ``verbose``, ``debug`` and ``silly``)
 ``RefreshSchedule`` ``refresh_schedule`` (passed on as is)
+``MaxRequest        ``max_body_bytes`` (1.27; Intel's size strings such as ``"2MB"``: units
+BodySize``          b, kb, mb, gb, tb, pb of 1024, case-insensitive; a bare number is bytes)
+``KeepAlive         ``channel_timeout`` (1.27; seconds)
+TimeoutSeconds``
 ==================  ==========================================================================
 
 Intel's database keys (``DB_CONFIG``, ``sqlite``, ``mysql``, ``init_db``) are accepted and
 ignored: dcapd's cache replaces the database (``python -m dcapd.migrate`` imports it).
 ``OPENSSL_FIPS_MODE: false`` is ignored too; ``true`` cannot be honoured and is reported with
-the unknown keys. node-config reads plain JSON, and so does this module: a file that does not
-parse stops dcapd with one line naming the file.
+the unknown keys. 1.27's ``HeadersTimeoutSeconds`` and ``RequestTimeoutSeconds`` have no
+dcapd meaning (dcapd's TLS front and waitress bound slow clients their own way) and are
+reported with the unknown keys. node-config reads plain JSON, and so does this module: a
+file that does not parse stops dcapd with one line naming the file.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -77,6 +85,26 @@ IGNORED_KEYS = ("DB_CONFIG", "sqlite", "mysql", "init_db", "OPENSSL_FIPS_MODE")
 KNOWN_KEYS = frozenset(_DIRECT) | {"hosts", "HTTPS_PORT", "LogLevel"} | set(IGNORED_KEYS)
 
 _SETTINGS = {setting.name: setting for setting in SETTINGS}
+KNOWN_KEYS |= {"MaxRequestBodySize", "KeepAliveTimeoutSeconds"}
+
+# Node's ``bytes`` format, which Intel's body-parser limit reads: "2MB", "100kb", "1.5gb".
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(b|kb|mb|gb|tb|pb)?\s*", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "tb": 1 << 40, "pb": 1 << 50}
+
+
+def parse_size(value) -> int:
+    """Bytes in an Intel size value ("2MB", or a number of bytes); ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f'expected a size such as "2MB", got {json.dumps(value)}')
+    if isinstance(value, int):
+        return value
+    match = _SIZE.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f'expected a size such as "2MB", got {json.dumps(value)}')
+    number = float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()]
+    if not math.isfinite(number):
+        raise ValueError(f"size {value!r} is too large")
+    return int(number)
 
 
 def read_intel_config(path: str) -> tuple[dict[str, str], list[str]]:
@@ -118,6 +146,30 @@ def read_intel_config(path: str) -> tuple[dict[str, str], list[str]]:
             )
         overrides["verbose"] = _LOG_LEVELS[level]
         overrides["log_level"] = _DCAPD_LEVELS[level]
+
+    size = document.get("MaxRequestBodySize")
+    if size is not None:
+        try:
+            number = str(parse_size(size))
+        except ValueError as exc:
+            raise ConfigError(f"MaxRequestBodySize in {path}", str(exc)) from None
+        overrides["max_body_bytes"] = _checked(path, "MaxRequestBodySize", "max_body_bytes", number)
+    keep_alive = document.get("KeepAliveTimeoutSeconds")
+    if keep_alive is not None:
+        if (
+            isinstance(keep_alive, bool)
+            or not isinstance(keep_alive, (int, float, str))
+            or (isinstance(keep_alive, float) and not math.isfinite(keep_alive))
+        ):
+            raise ConfigError(
+                f"KeepAliveTimeoutSeconds in {path}",
+                f"must be a number of seconds, got {json.dumps(keep_alive)}",
+            )
+        if isinstance(keep_alive, float):
+            keep_alive = math.ceil(keep_alive)  # waitress counts whole seconds
+        overrides["channel_timeout"] = _checked(
+            path, "KeepAliveTimeoutSeconds", "channel_timeout", str(keep_alive).strip()
+        )
 
     unknown = [key for key in document if key not in KNOWN_KEYS]
     if document.get("OPENSSL_FIPS_MODE") not in (None, False):

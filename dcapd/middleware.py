@@ -9,12 +9,13 @@ from typing import Any, cast
 
 import falcon
 
-from .errors import STATUS_TEXTS, PccsError
+from .errors import STATUS_TEXTS, V3_EOL_WARNING, V3_EOL_WARNING_TEXT, PccsError
 from .logs import cache_outcome_var, new_request_id, request_id_var
 
 log = logging.getLogger("dcapd.http")
 
 REQUEST_ID_HEADER = "Request-ID"
+_V3_PATH = re.compile(r"/[^/]*/certification/v3(?:/|$)")
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -31,6 +32,10 @@ class PccsRequestRules:
         cache_outcome_var.set("-")
         # Express matches paths case-insensitively (trailing slash: req_options).
         req.path = req.path.lower()
+        if _V3_PATH.match(req.path):
+            req.context.v3 = True
+            # Intel 1.27 logs this on every v3 request; the access log line follows it.
+            log.warning("%s %s: %s", req.method, req.path, V3_EOL_WARNING_TEXT)
         # Intel: the first of duplicate query parameters wins (falcon keeps the last).
         params = cast("dict[str, Any]", req.params)  # a dict; falcon types it as a Mapping
         for name, value in params.items():
@@ -42,6 +47,8 @@ class PccsRequestRules:
     ) -> None:
         # Here, not in process_request: this runs for every answer, errors included.
         resp.set_header(REQUEST_ID_HEADER, req.context.get("request_id") or new_request_id())
+        if req.context.get("v3") or _V3_PATH.match(req.path.lower()):
+            resp.set_header("Warning", V3_EOL_WARNING)  # pccs-1.27.md §1
         # The query may carry an encrypted PPID: log the path only.
         started = req.context.get("started")
         duration_ms = (time.perf_counter() - started) * 1000 if started else 0.0

@@ -32,7 +32,7 @@ from .integrity import Integrity, IntegrityError
 from .logs import note_cache_outcome
 from .selection import SelectionError, select_pck_cert
 from .store import Entry, Store
-from .upstream import Upstream, UpstreamError
+from .upstream import PCS_API_VERSION, Upstream, UpstreamError
 
 log = logging.getLogger("dcapd.pckcerts")
 
@@ -205,10 +205,13 @@ class PckCerts:
         its FMSPC, and select for ``raw``.
 
         Shared by GET /pckcert (LAZY) and registration (LAZY, REQ); pccs-reference.md §2.1.
+        Whatever the client's API version, PCS is asked through v4 (the certificates are the
+        same; Intel's PCCS always used its configured v4 URL) and the TCB infos are cached as
+        v4 entries (pccs-1.27.md §1).
         """
         note_cache_outcome("upstream")
         fetched = self.fetch_cert_set(version, qeid, pceid, encrypted_ppid, platform_manifest)
-        tcb_info = self._fetch_tcb_infos(version, fetched.platform["fmspc"])
+        tcb_info = self._fetch_tcb_infos(PCS_API_VERSION, fetched.platform["fmspc"])
         # Intel: in LAZY mode, when PCS held "Not available" entries, the raw TCB's answer is
         # not kept (the next request selects again); REQ always keeps it.
         keep = not fetched.unavailable or self.mode == "REQ"
@@ -229,12 +232,13 @@ class PckCerts:
         self, version: int, qeid: str, pceid: str, encrypted_ppid: str, platform_manifest: str
     ) -> FetchedCertSet:
         """One PCS ``pckcerts`` call (POST with the manifest if there is one, else GET with
-        the encrypted PPID), checked: nothing is stored here."""
+        the encrypted PPID), checked: nothing is stored here. Always through PCS v4, whatever
+        ``version`` the client asked with."""
         try:
             if platform_manifest:
-                reply = self.upstream.post_pck_certs(version, platform_manifest, pceid)
+                reply = self.upstream.post_pck_certs(PCS_API_VERSION, platform_manifest, pceid)
             else:
-                reply = self.upstream.get_pck_certs(version, encrypted_ppid, pceid)
+                reply = self.upstream.get_pck_certs(PCS_API_VERSION, encrypted_ppid, pceid)
         except UpstreamError as exc:
             raise PccsError(502, f"pckcerts: {exc}") from None
         if reply.status != 200:
@@ -270,7 +274,7 @@ class PckCerts:
         tcb_info = self.collateral.tcb_info
         early = self._optional(lambda: tcb_info("sgx", version, fmspc, "EARLY", fill=True))
         standard = tcb_info("sgx", version, fmspc, "STANDARD", fill=True)
-        if version == 4:
+        if version >= 4:
             for update in ("EARLY", "STANDARD"):
                 self._optional(lambda: tcb_info("tdx", version, fmspc, update, fill=True))
         return (early or standard).body

@@ -14,13 +14,16 @@ from typing import Callable
 
 from .collateral import Collateral, Source, fetch_entry
 from .errors import PccsError
+from .extra import ExtraCollateral
 from .pckcerts import PckCerts
 from .store import Entry, Store, lock_owner
+from .upstream import PCS_API_VERSION
 
 log = logging.getLogger("dcapd.refresh")
 
-# Intel refreshes these identities whether or not they are cached (§3.2 step 3).
-IDENTITIES = (("qe", 3), ("qve", 3), ("qe", 4), ("qve", 4), ("tdqe", 4))
+# Intel refreshes these identities whether or not they are cached (§3.2 step 3); since 1.27
+# no longer the v3 ones (PCS API v3 is retired: pccs-1.27.md §1).
+IDENTITIES = (("qe", 4), ("qve", 4), ("tdqe", 4))
 LOCK_NAME = "refresh"
 LOCK_TTL = 15 * 60.0
 
@@ -52,12 +55,15 @@ class Refresher:
         mode: str,
         version: int,
         clock: Callable[[], float] = time.time,
+        extra: ExtraCollateral | None = None,
     ):
         self.store = store
         self.collateral = collateral
+        self.extra = extra or ExtraCollateral(collateral)
         self.pck_certs = pck_certs
         self.mode = mode
-        self.version = version  # the API version pcs_url names (Intel: "the server's")
+        # Intel: "the server's" API version; PCS has only v4 now, whatever pcs_url names.
+        self.version = PCS_API_VERSION
         self.clock = clock
         self.owner = lock_owner()
 
@@ -84,15 +90,20 @@ class Refresher:
         self._require_refreshable()
         return self._locked(self._refresh_collateral, wait)
 
-    def _collateral_sources(self) -> tuple[list[Source], list[Source]]:
-        """(required, optional): every cached entry must refresh; identities Intel adds."""
+    def _collateral_sources(self) -> tuple[list[Source], list[Source], list[Source]]:
+        """(required, optional, kept): every cached entry must refresh; identities Intel
+        adds; collateral beyond Intel's PCCS, kept as cached when PCS no longer has it."""
         collateral = self.collateral
         required: list[Source] = [collateral.root_ca_crl_source()]
+        kept: list[Source] = []
+        retired = 0
         for key in self.store.keys():
             what = self.store.parse_key(key).collateral()
             if what is None or what["kind"] == "rootcacrl":
                 continue
-            if what["kind"] == "pckcrl":
+            if what["kind"] in ("tcb", "identity") and what["version"] != PCS_API_VERSION:
+                retired += 1  # PCS API v3 collateral: served as cached, never refreshed
+            elif what["kind"] == "pckcrl":
                 required.append(collateral.pck_crl_source(self.version, what["ca"]))
             elif what["kind"] == "tcb":
                 required.append(
@@ -102,15 +113,23 @@ class Refresher:
                 )
             elif what["kind"] == "crl":
                 required.append(collateral.crl_source(what["uri"]))
+            elif what["kind"] == "extra":
+                kept.append(self.extra.source_for(what))
+        if retired:
+            log.warning(
+                "refresh: %d cached PCS API v3 TCB infos and identities skipped (PCS API v3 "
+                "is retired: they are served as cached and never refreshed)",
+                retired,
+            )
         optional = [
             collateral.enclave_identity_source(kind, version, update)
             for kind, version in IDENTITIES
             for update in ("STANDARD", "EARLY")
         ]
-        return required, optional
+        return required, optional, kept
 
     def _refresh_collateral(self) -> RefreshReport:
-        required, optional = self._collateral_sources()
+        required, optional, kept = self._collateral_sources()
         fresh: dict[str, Entry] = {}
         for source in required:
             fresh[source.key] = self._fetch_required(source)
@@ -122,6 +141,14 @@ class Refresher:
                     raise
                 # Intel: an identity PCS does not have is skipped, not an error.
                 log.debug("refresh: %s not available upstream", source.key)
+        for source in kept:
+            try:
+                fresh[source.key] = fetch_entry(source)
+            except PccsError as exc:
+                if exc.status_code not in (404, 410):
+                    raise
+                # e.g. PCS retired that evaluation data number: the signed entry stays.
+                log.info("refresh: %s no longer served upstream; kept as cached", source.key)
         return self._write("collateral", fresh)
 
     @staticmethod

@@ -12,6 +12,7 @@ import falcon
 from .auth import Auth
 from .collateral import CT_CRL, CT_PEM, Collateral
 from .errors import STATUS_TEXTS, PccsError
+from .extra import EXTRA_IDENTITY_KINDS, ExtraCollateral
 from .freshness import annotate
 from .hexstr import is_hex
 from .pckcerts import PckCerts, RawTcb
@@ -61,6 +62,19 @@ def qeid_param(req: falcon.Request) -> str:
     if not is_hex(value, max_length=260):
         raise PccsError(400, "qeid must be 1..260 hex characters")
     return value.upper()
+
+
+def evaluation_number_param(req: falcon.Request) -> int | None:
+    """``tcbEvaluationDataNumber`` (pccs-1.27.md §3): a non-negative integer, and never
+    together with ``update`` (PCS refuses both); None when absent."""
+    value = query_value(req, "tcbEvaluationDataNumber", required=False)
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit() and len(value) <= 9):
+        raise PccsError(400, "tcbEvaluationDataNumber must be a non-negative integer")
+    if req.get_param("update") is not None:
+        raise PccsError(400, "give update or tcbEvaluationDataNumber, not both")
+    return int(value)
 
 
 def update_param(req: falcon.Request) -> str:
@@ -117,26 +131,46 @@ class PckCrl:
 
 
 class TcbInfo:
-    def __init__(self, collateral: Collateral, tee: str, version: int):
+    def __init__(self, collateral: Collateral, extra: ExtraCollateral, tee: str, version: int):
         self.collateral = collateral
+        self.extra = extra
         self.tee = tee
         self.version = version
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         fmspc = hex_param(req, "fmspc", 12)
+        # v3 routes ignore the number, as Intel's PCCS does on every route.
+        number = evaluation_number_param(req) if self.version == 4 else None
+        if number is not None:
+            respond(resp, self.extra.pinned_tcb_info(self.tee, fmspc, number))
+            return
         update = update_param(req)
         respond(resp, self.collateral.tcb_info(self.tee, self.version, fmspc, update))
 
 
 class EnclaveIdentity:
-    def __init__(self, collateral: Collateral, kind: str, version: int):
+    def __init__(self, collateral: Collateral, extra: ExtraCollateral, kind: str, version: int):
         self.collateral = collateral
+        self.extra = extra
         self.kind = kind
         self.version = version
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        update = update_param(req)
+        number = evaluation_number_param(req) if self.version == 4 else None
+        update = "STANDARD" if number is not None else update_param(req)
+        if number is not None or self.kind in EXTRA_IDENTITY_KINDS:
+            respond(resp, self.extra.identity(self.kind, number, update))
+            return
         respond(resp, self.collateral.enclave_identity(self.kind, self.version, update))
+
+
+class TcbEvaluationDataNumbers:
+    def __init__(self, extra: ExtraCollateral, tee: str):
+        self.extra = extra
+        self.tee = tee
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        respond(resp, self.extra.evaluation_numbers(self.tee))
 
 
 class RootCaCrl:

@@ -26,6 +26,9 @@ class RefreshScheduler:
 
     MIN_EARLY_INTERVAL = 3600.0  # after an early refresh, wait before the next one
     MAX_BACKOFF = 3600.0
+    # The first check comes this soon after start, so an entry whose nextUpdate is already
+    # inside the margin is refreshed within seconds, not at the next periodic check.
+    STARTUP_DELAY = 2.0
 
     def __init__(
         self,
@@ -47,6 +50,7 @@ class RefreshScheduler:
         self.retry_at: float | None = None
         self.failures = 0
         self.last_early: float = float("-inf")
+        self.checked = False  # no tick yet since start
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -78,6 +82,7 @@ class RefreshScheduler:
     def tick(self) -> bool | None:
         """Refresh if due. None = nothing due; True = refreshed; False = failed (retried)."""
         now = self.clock()
+        self.checked = True
         reason = self.due(now)
         if reason is None:
             return None
@@ -112,13 +117,17 @@ class RefreshScheduler:
             self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        while not self._stop.wait(self._sleep_time()):
+        while not self._stop.wait(self.next_check_in()):
             try:
                 self.tick()
             except Exception:  # never let the refresh thread die
                 log.exception("scheduled refresh crashed")
 
-    def _sleep_time(self) -> float:
+    def next_check_in(self) -> float:
+        """Seconds until the next tick: soon after start, then as the schedule, a retry or
+        the periodic check of nextUpdate dates asks."""
+        if not self.checked:
+            return self.STARTUP_DELAY
         now = self.clock()
         until = min(self.next_scheduled, self.retry_at or float("inf")) - now
         return max(1.0, min(self.check_interval, until))

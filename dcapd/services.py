@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from .auth import Auth
 from .collateral import Collateral
 from .config import Config
+from .extra import ExtraCollateral
 from .integrity import Integrity
 from .pckcerts import PckCerts
 from .platforms import Registrations
@@ -36,6 +37,7 @@ class Services:
     upstream: Upstream
     integrity: Integrity
     collateral: Collateral
+    extra: ExtraCollateral
     pck_certs: PckCerts
     auth: Auth
     registrations: Registrations
@@ -58,7 +60,10 @@ def build_services(
     upstream = upstream if upstream is not None else Upstream(config)
     integrity = Integrity.from_file(config.trusted_roots)
     fill_lock_ttl = config.upstream_timeout + _FILL_LOCK_SLACK
-    collateral = Collateral(store, upstream, config.cache_mode, integrity, fill_lock_ttl)
+    collateral = Collateral(
+        store, upstream, config.cache_mode, integrity, fill_lock_ttl, config.not_found_ttl
+    )
+    extra = ExtraCollateral(collateral)
     pck_certs = PckCerts(
         store,
         upstream,
@@ -73,10 +78,13 @@ def build_services(
         upstream=upstream,
         integrity=integrity,
         collateral=collateral,
+        extra=extra,
         pck_certs=pck_certs,
         auth=Auth(config.user_token_sha512, config.admin_token_sha512),
         registrations=Registrations(store, pck_certs, collateral, config.cache_mode),
-        upload=CollateralUpload(store, pck_certs, integrity),
+        upload=CollateralUpload(store, pck_certs, integrity, extra),
         policies=Policies(store),
-        refresher=Refresher(store, collateral, pck_certs, config.cache_mode, upstream.version),
+        refresher=Refresher(
+            store, collateral, pck_certs, config.cache_mode, upstream.version, extra=extra
+        ),
     )

@@ -198,6 +198,8 @@ class CacheKey(NamedTuple):
     def collateral(self) -> dict | None:
         """A collateral entry's fields by name, with ``kind`` and the API version as an int
         (for refresh and the status view); None for any other key."""
+        if self.kind == "extra":
+            return Store.parse_extra_key(self.fields)
         names = COLLATERAL_KEY_FIELDS.get(self.kind)
         if names is None or not self.well_formed or (self.kind == "crl" and not self.fields[0]):
             return None
@@ -234,6 +236,25 @@ class Store:
     @staticmethod
     def identity_key(kind: str, version: int, update: str = "STANDARD") -> str:
         return f"identity/{kind.lower()}/{version}/{update.upper()}"
+
+    # Collateral PCS v4 serves beyond Intel's PCCS (pccs-1.27.md §3), all under one kind so
+    # that tools reading Intel's kinds pass them by: TCB infos and identities pinned to a TCB
+    # evaluation data number, the QAE identity, the lists of evaluation data numbers.
+    EXTRA_PREFIX = "extra/"
+
+    @staticmethod
+    def pinned_tcb_key(tee: str, fmspc: str, number: int) -> str:
+        return f"extra/tcb/{tee.lower()}/{_upper(fmspc)}/{int(number)}"
+
+    @staticmethod
+    def extra_identity_key(kind: str, selector: int | str) -> str:
+        """``selector``: a TCB evaluation data number, or STANDARD|EARLY (the QAE identity)."""
+        text = str(int(selector)) if isinstance(selector, int) else selector.upper()
+        return f"extra/identity/{kind.lower()}/{text}"
+
+    @staticmethod
+    def evaluation_numbers_key(tee: str) -> str:
+        return f"extra/tcbevaluationdatanumbers/{tee.lower()}"
 
     @staticmethod
     def pckcrl_key(ca: str) -> str:
@@ -289,6 +310,33 @@ class Store:
     def platform_id_from_key(key: str) -> tuple[str, str]:
         _, qeid, pceid = key.split("/")
         return qeid, pceid
+
+    @staticmethod
+    def parse_extra_key(fields: tuple[str, ...]) -> dict | None:
+        """What an ``extra/`` key says; ``number`` is None for the QAE identity by update."""
+        what = fields[0] if fields else ""
+        if what == "tcb" and len(fields) == 4 and fields[3].isdigit():
+            return {
+                "kind": "extra",
+                "endpoint": "tcb",
+                "tee": fields[1],
+                "fmspc": fields[2],
+                "number": int(fields[3]),
+            }
+        if what == "identity" and len(fields) == 3:
+            number = int(fields[2]) if fields[2].isdigit() else None
+            if number is None and fields[2] not in ("STANDARD", "EARLY"):
+                return None
+            return {
+                "kind": "extra",
+                "endpoint": "identity",
+                "identity": fields[1],
+                "number": number,
+                "update": None if number is not None else fields[2],
+            }
+        if what == "tcbevaluationdatanumbers" and len(fields) == 2:
+            return {"kind": "extra", "endpoint": "tcbevaluationdatanumbers", "tee": fields[1]}
+        return None
 
     STATUS_KEY = "status/refresh"
 

@@ -3,6 +3,8 @@
 The body is what Intel's PccsAdminTool ``fetch`` writes. Everything is validated first, then
 written in one cache transaction, as the same entries the GET paths read, so that an OFFLINE
 dcapd then serves every uploaded item and a failure leaves the cache exactly as it was.
+Beside Intel's keys, ``dcapd_extra_collateral`` carries the collateral PCS v4 serves beyond
+Intel's PCCS (its format: extra.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .collateral import (
     tcb_info_chain_header,
 )
 from .errors import PccsError
+from .extra import UPLOAD_KEY, ExtraCollateral
 from .hexstr import ANY_LENGTH, is_hex
 from .integrity import Integrity, IntegrityError, tcb_info_mismatch
 from .pckcerts import PckCerts, RawTcb
@@ -115,10 +118,13 @@ def tcb_info_body(document: dict) -> bytes:
 
 
 class CollateralUpload:
-    def __init__(self, store: Store, pck_certs: PckCerts, integrity: Integrity):
+    def __init__(
+        self, store: Store, pck_certs: PckCerts, integrity: Integrity, extra: ExtraCollateral
+    ):
         self.store = store
         self.pck_certs = pck_certs
         self.integrity = integrity
+        self.extra = extra
 
     @staticmethod
     def _verified(what: str, check: Callable[[], None]) -> None:
@@ -144,6 +150,7 @@ class CollateralUpload:
 
         chains = self._chains(version, certificates, pck_chains)
         writes: dict[str, Entry] = {}
+        writes.update(self.extra.entries_from_upload(body.get(UPLOAD_KEY)))
         tcb_bodies = self._tcb_infos(version, tcb_infos, chains, writes)
         self._crls(collaterals, pck_chains, writes)
         self._identities(version, collaterals, chains.get("identity"), writes)

@@ -36,7 +36,10 @@ ENCLAVE_IDENTITY_PATHS = {
     "qe": ("sgx", "qe/identity"),
     "qve": ("sgx", "qve/identity"),
     "tdqe": ("tdx", "qe/identity"),
+    "qae": ("sgx", "qae/identity"),
 }
+# PCS retired API v3 on 2026-04-30: no v3 request ever leaves dcapd (pccs-1.27.md §1).
+PCS_API_VERSION = 4
 
 
 class UpstreamError(Exception):
@@ -57,6 +60,14 @@ class UpstreamResponse:
     @property
     def ok(self) -> bool:
         return self.status == 200
+
+
+def _update_or_number(update: str, number: int | None) -> dict[str, str]:
+    return (
+        {"tcbEvaluationDataNumber": str(number)}
+        if number is not None
+        else {"update": update.lower()}
+    )
 
 
 def is_retryable(status: int) -> bool:
@@ -132,7 +143,10 @@ class Upstream:
 
     def endpoint_url(self, tee: str, version: int, endpoint: str) -> str:
         """The PCS URL for an endpoint at the request's API version (the version in pcs_url
-        is replaced, as Intel's PCCS does for v3 rows on a v4 server)."""
+        is replaced, as Intel's PCCS does for v3 rows on a v4 server). PCS API v3 is gone:
+        asking for it is an error, never a request."""
+        if version != PCS_API_VERSION:
+            raise UpstreamError(f"PCS API v{version} is not available (only v{PCS_API_VERSION})")
         return f"{self._pcs_root}{tee}/certification/v{version}/{endpoint}"
 
     def get_pck_crl(self, version: int, ca: str) -> UpstreamResponse:
@@ -140,15 +154,24 @@ class Upstream:
             self.endpoint_url("sgx", version, "pckcrl"), {"ca": ca.lower(), "encoding": "der"}
         )
 
-    def get_tcb_info(self, tee: str, version: int, fmspc: str, update: str) -> UpstreamResponse:
+    def get_tcb_info(
+        self, tee: str, version: int, fmspc: str, update: str, number: int | None = None
+    ) -> UpstreamResponse:
+        """``number``: pinned to that TCB evaluation data number (then no ``update``: PCS
+        refuses both)."""
         return self._get(
             self.endpoint_url(tee, version, "tcb"),
-            {"fmspc": fmspc.upper(), "update": update.lower()},
+            {"fmspc": fmspc.upper(), **_update_or_number(update, number)},
         )
 
-    def get_enclave_identity(self, kind: str, version: int, update: str) -> UpstreamResponse:
+    def get_enclave_identity(
+        self, kind: str, version: int, update: str, number: int | None = None
+    ) -> UpstreamResponse:
         tee, path = ENCLAVE_IDENTITY_PATHS[kind]
-        return self._get(self.endpoint_url(tee, version, path), {"update": update.lower()})
+        return self._get(self.endpoint_url(tee, version, path), _update_or_number(update, number))
+
+    def get_tcb_evaluation_data_numbers(self, tee: str) -> UpstreamResponse:
+        return self._get(self.endpoint_url(tee, PCS_API_VERSION, "tcbevaluationdatanumbers"), {})
 
     def get_fmspcs(self, version: int, platform: str) -> UpstreamResponse:
         return self._get(self.endpoint_url("sgx", version, "fmspcs"), {"platform": platform})

@@ -35,7 +35,7 @@ from tests.test_pckcert import (
     serve_platform,
 )
 from tests.test_platforms import ADMIN, PLATFORMS, TOKENS, USER, registration
-from tests.uploads import INTEL_ROOT_CDP, intel_upload
+from tests.uploads import INTEL_ROOT_CDP, intel_upload, v3_upload_from_scenario
 
 PLATFORM = pki.default_platform()
 SCENARIO = "2025-05-27_intel-pcs-recording"
@@ -294,9 +294,11 @@ def test_air_gap_round_trip(tmp_path, fake_pcs, make_config, roots, session, cap
     assert never.calls == [], "the OFFLINE dcapd never contacted upstream"
 
 
-def test_fetch_from_intel_recordings_is_intels_format(tmp_path, fake_pcs, make_client, roots):
+@pytest.mark.parametrize("api", ["v4", "v3"])
+def test_fetch_from_intel_recordings_is_intels_format(tmp_path, fake_pcs, make_client, roots, api):
     """Against recorded Intel PCS answers, fetch writes what Intel's tool wrote for the same
-    platform (fixtures/intel-pccs), and dcapd's own upload code serves it byte-identical."""
+    platform (fixtures/intel-pccs), and dcapd's own upload code serves it byte-identical.
+    A v3 URL (PCS API v3 is retired) is asked through v4 all the same."""
     intel = intel_upload()
     fake = fake_pcs(SCENARIO)
     certs = intel["collaterals"]["pck_certs"][0]["certs"]
@@ -342,7 +344,10 @@ def test_fetch_from_intel_recordings_is_intels_format(tmp_path, fake_pcs, make_c
     for item in intel["platforms"] + intel["collaterals"]["pck_certs"]:
         item["enc_ppid"] = enc_ppid
     platform_list.write_text(json.dumps(intel["platforms"]))
-    assert main(fetch_args(fake, roots, platform_list, output, "-t", "all")) == 0
+    args = fetch_args(fake, roots, platform_list, output, "-t", "all")
+    args[args.index(fake.pcs_url)] = fake.pcs_url.replace("/v4/", f"/{api}/")
+    assert main(args) == 0
+    assert fake.calls and not [c.path for c in fake.calls if "/v3/" in c.path]
     upload = json.loads(output.read_text())
     assert_intel_shape(upload)
     ours = upload["collaterals"]
@@ -585,13 +590,18 @@ def test_export_then_import_serves_byte_identical_answers(
     for path, params in [
         (f"{V4}/tcb", {"fmspc": "00906ED50000"}),
         (f"{V4}/tcb", {"fmspc": "00906ED50000", "update": "early"}),
-        ("/sgx/certification/v3/tcb", {"fmspc": "00906ED50000"}),
-        ("/sgx/certification/v3/qe/identity", {}),
         ("/tdx/certification/v4/tcb", {"fmspc": "00806F050000"}),
         (f"{V4}/pckcrl", {"ca": "processor"}),
         (f"{V4}/crl", {"uri": PROCESSOR_CRL_URI}),
     ] + [(PCKCERT, query(*raw_tcb(c, p))) for c, p, _ in CASES]:
         assert client.simulate_get(path, params=params).status_code == 200, (path, params)
+    # v3 collateral is never fetched any more (PCS API v3 is retired): it comes uploaded.
+    v3 = client.simulate_put(
+        "/sgx/certification/v3/platformcollateral",
+        body=json.dumps(v3_upload_from_scenario(SCENARIO)),
+        headers={"admin-token": ADMIN},
+    )
+    assert v3.status_code == 200, v3.text
     intel = intel_upload()
     put = client.simulate_put(
         f"{V4}/platformcollateral", body=json.dumps(intel), headers={"admin-token": ADMIN}

@@ -17,6 +17,7 @@ CHAIN_HEADERS = (
     "TCB-Info-Issuer-Chain",
     "SGX-TCB-Info-Issuer-Chain",
     "SGX-Enclave-Identity-Issuer-Chain",
+    "TCB-Evaluation-Data-Numbers-Issuer-Chain",
 )
 
 
@@ -24,8 +25,9 @@ def pccs_requests(response: dict):
     """The dcapd requests that must answer with this recorded PCS response.
 
     Yields (path, query, expected body transform, expected content type, chain header name).
-    Recordings of routes a PCCS does not serve (qae/identity, fmspcs, eval numbers, the PEM
-    CRL, tcb by evaluation number) document PCS only and yield nothing.
+    Recordings of routes dcapd does not serve (fmspcs, the PEM CRL) document PCS only and
+    yield nothing; nor do PCS API v3 TCB infos and identities, which a miss never fetches
+    (tests/test_v3.py serves them from an upload).
     """
     path, query = response["path"], dict(response["query"])
     if path == "/IntelSGXRootCA.der":
@@ -40,6 +42,20 @@ def pccs_requests(response: dict):
         )
         return
     tee, _, version, endpoint = path.strip("/").split("/", 3)
+    if version == "v3" and endpoint != "pckcrl":
+        return
+    if "tcbEvaluationDataNumber" in query:  # pinned collateral: exactly PCS's query
+        chain = (
+            "TCB-Info-Issuer-Chain" if endpoint == "tcb" else "SGX-Enclave-Identity-Issuer-Chain"
+        )
+        yield path, query, "raw", "application/json", chain
+        return
+    if endpoint == "tcbevaluationdatanumbers":
+        yield path, {}, "raw", "application/json", "TCB-Evaluation-Data-Numbers-Issuer-Chain"
+        return
+    if endpoint == "qae/identity":
+        yield path, dict(query), "raw", "application/json", "SGX-Enclave-Identity-Issuer-Chain"
+        return
     if endpoint == "pckcrl" and query.get("encoding") == "der":
         yield (
             path,
@@ -133,17 +149,17 @@ def test_one_upstream_call_per_item_and_none_after_restart(fake_pcs, make_client
         }
 
 
-def test_upstream_query_uses_request_version_and_update(fake_pcs, make_client):
+def test_upstream_query_uses_v4_and_the_update(fake_pcs, make_client):
     fake = fake_pcs("2025-05-27_intel-pcs-recording")
     client = make_client(fake)
     assert (
         client.simulate_get(
-            "/sgx/certification/v3/tcb", params={"fmspc": "00906ed50000"}
+            "/sgx/certification/v4/tcb", params={"fmspc": "00906ed50000"}
         ).status_code
         == 200
     )
     call = fake.calls[-1]
-    assert call.path == "/sgx/certification/v3/tcb"
+    assert call.path == "/sgx/certification/v4/tcb"
     assert call.query == {"fmspc": ["00906ED50000"], "update": ["standard"]}
     assert "Ocp-Apim-Subscription-Key" not in call.headers
     client.simulate_get("/sgx/certification/v4/pckcrl", params={"ca": "Platform"})
@@ -169,7 +185,7 @@ def test_req_and_offline_miss_is_404_without_upstream(fake_pcs, make_client, mod
 
 def test_upstream_404_is_404_and_not_cached(fake_pcs, make_client):
     fake = fake_pcs("2025-05-27_intel-pcs-recording")
-    client = make_client(fake)
+    client = make_client(fake, not_found_ttl=0)  # 0: a 404 is not remembered at all
     for _ in range(2):
         result = client.simulate_get("/sgx/certification/v4/tcb", params={"fmspc": "AAAAAAAAAAAA"})
         assert result.status_code == 404
@@ -291,7 +307,9 @@ def test_request_id_is_echoed_or_generated(make_client):
         ("GET", "/sgx/certification/v5/tcb"),
         ("GET", "/tdx/certification/v3/tcb"),
         ("GET", "/tdx/certification/v4/pckcrl"),
-        ("GET", "/sgx/certification/v4/qae/identity"),
+        ("GET", "/sgx/certification/v4/fmspcs"),
+        ("GET", "/sgx/certification/v3/qae/identity"),
+        ("GET", "/tdx/certification/v4/qve/identity"),
         ("POST", "/sgx/certification/v4/tcb"),
         ("DELETE", "/sgx/certification/v4/pckcrl"),
     ],
@@ -320,3 +338,68 @@ def test_crl_uri_cache_key_is_exact_uri(fake_pcs, make_client):
     stored = client.app.services.store.keys("crl/")
     assert stored == ["crl/" + INTEL_ROOT_CDP]
     assert urllib.parse.urlsplit(fake.calls[-1].path).path == "/IntelSGXRootCA.der"
+
+
+class FakeMonotonic:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_pcs_404_is_remembered_for_not_found_ttl(fake_pcs, make_client):
+    """An SGX-only FMSPC has no TDX TCB info: each new platform's first pckcert would ask
+    again. Within not_found_ttl a repeated miss answers 404 without asking PCS."""
+    fake = fake_pcs("2025-05-27_intel-pcs-recording")
+    client = make_client(fake, not_found_ttl=300)
+    clock = FakeMonotonic()
+    client.app.services.collateral.not_found.clock = clock
+    params = {"fmspc": "00906ED50000"}  # SGX only: PCS has no TDX TCB info for it
+    for _ in range(3):
+        result = client.simulate_get("/tdx/certification/v4/tcb", params=params)
+        assert result.status_code == 404
+        assert result.text == "No cache data for this platform."
+    assert fake.count("/tdx/certification/v4/tcb") == 1
+    clock.now += 299
+    assert client.simulate_get("/tdx/certification/v4/tcb", params=params).status_code == 404
+    assert fake.count("/tdx/certification/v4/tcb") == 1
+    clock.now += 2  # past the window: PCS is asked again
+    assert client.simulate_get("/tdx/certification/v4/tcb", params=params).status_code == 404
+    assert fake.count("/tdx/certification/v4/tcb") == 2
+    assert client.app.services.store.keys() == []
+    # Another key is not affected.
+    assert client.simulate_get("/sgx/certification/v4/tcb", params=params).status_code == 200
+
+
+def test_a_5xx_is_never_remembered(fake_pcs, make_client):
+    fake = fake_pcs("2025-05-27_intel-pcs-recording")
+    client = make_client(fake, not_found_ttl=300)
+    fake.fail_with(status=503, paths="/qe/identity")
+    for _ in range(2):
+        assert client.simulate_get("/sgx/certification/v4/qe/identity").status_code == 404
+    assert fake.count("/qe/identity") == 2
+    fake.fail_with()
+    assert client.simulate_get("/sgx/certification/v4/qe/identity").status_code == 200
+
+
+def test_a_refresh_ignores_remembered_404s(fake_pcs, make_client):
+    fake = fake_pcs("2025-05-27_intel-pcs-recording")
+    client = make_client(fake, not_found_ttl=300)
+    early = {"update": "early"}  # the recording has no EARLY QE identity
+    for _ in range(2):
+        assert (
+            client.simulate_get("/sgx/certification/v4/qe/identity", params=early).status_code
+            == 404
+        )
+
+    def early_qe_calls() -> int:
+        return sum(
+            1
+            for c in fake.calls
+            if c.path == "/sgx/certification/v4/qe/identity" and c.query.get("update") == ["early"]
+        )
+
+    assert early_qe_calls() == 1
+    client.app.services.refresher.refresh_collateral()
+    assert early_qe_calls() == 2, "the refresh asks PCS whatever a miss remembered"

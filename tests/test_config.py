@@ -95,6 +95,24 @@ def test_cli_bad_value_exits_2_with_one_line(capsys, monkeypatch):
     assert len(err.splitlines()) == 1 and "DCAPD_CACHE_MODE" in err
 
 
+@pytest.mark.parametrize("name", ["DCAPD_USER_TOKEN_SHA512", "DCAPD_ADMIN_TOKEN_SHA512"])
+@pytest.mark.parametrize("value", ["abc", "g" * 128, "a" * 127, "a" * 129])
+def test_a_token_hash_that_is_not_128_hex_exits_2_naming_the_key(capsys, monkeypatch, name, value):
+    """Intel 1.27 only warns and then refuses every request (401); here it stops the start."""
+    monkeypatch.setenv(name, value)
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and name in err and "128 hex" in err
+
+
+def test_not_found_ttl_is_a_non_negative_number():
+    assert load_config(environ={}).not_found_ttl == 300.0
+    assert load_config(environ={"DCAPD_NOT_FOUND_TTL": "0"}).not_found_ttl == 0.0
+    for bad in ("-1", "soon", "inf", "nan"):
+        with pytest.raises(ConfigError, match="DCAPD_NOT_FOUND_TTL"):
+            load_config(environ={"DCAPD_NOT_FOUND_TTL": bad})
+
+
 def test_example_ini_documents_every_key_and_parses(tmp_path):
     text = (REPO / "pccs.ini.example").read_text()
     parser = configparser.ConfigParser()

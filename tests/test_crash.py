@@ -559,9 +559,8 @@ def test_kill_during_a_refresh_leaves_old_or_new(tmp_path, roots, fake_pcs):
     def expected_world(name: str) -> dict[str, bytes]:
         data = world(name)
         keys = {f"tcb/sgx/4/{code}/STANDARD": body for code, body in data["tcb_infos"].items()}
-        for version in (3, 4):
-            for kind in ("qe", "qve"):
-                keys[f"identity/{kind}/{version}/STANDARD"] = data["identities"][kind]
+        for kind in ("qe", "qve"):  # (never the v3 ones: PCS API v3 is retired)
+            keys[f"identity/{kind}/4/STANDARD"] = data["identities"][kind]
         keys["identity/tdqe/4/STANDARD"] = data["identities"]["tdqe"]
         keys.update(
             {
@@ -591,7 +590,7 @@ def test_kill_during_a_refresh_leaves_old_or_new(tmp_path, roots, fake_pcs):
         assert set(found) <= set(expected["A"]), set(found) - set(expected["A"])
         return which_world(found, expected)
 
-    # Seed: world A uploaded; a first refresh from a PCS serving A adds the v3 identities.
+    # Seed: world A uploaded; a first refresh from a PCS serving A adds the v4 identities.
     reference(tmp_path, roots, "A")
     shutil.copytree(tmp_path / "reference-A", cache_dir)
     seed = Dcapd(tmp_path, cache_dir, roots, **upstream)

@@ -704,7 +704,7 @@ def test_content_length_over_the_limit_is_413_unread(make_client, method, path, 
         env["CONTENT_LENGTH"] = str(length)
         env["wsgi.input"] = Unreadable()
         status, _, body = call_app_env(client.app, env)
-        assert status == 413 and body == b"Request body is too large."
+        assert status == 413 and body == b"Content too large."
         # Without the right token the body is not read either: 401 first.
         env = testing.create_environ(method=method, path=path, headers={header: "wrong"})
         env["CONTENT_LENGTH"] = str(length)

@@ -275,6 +275,12 @@ def test_dcapd_starts_from_intels_file_and_reports_unknown_keys_once(
         ({"AdminTokenHash": "not-a-hash"}, "AdminTokenHash"),
         ({"ApiKey": 12345}, "ApiKey"),
         ({"RefreshSchedule": "every day"}, "RefreshSchedule"),
+        ({"MaxRequestBodySize": "2 lots"}, "MaxRequestBodySize"),
+        ({"MaxRequestBodySize": "0MB"}, "MaxRequestBodySize"),
+        ({"MaxRequestBodySize": True}, "MaxRequestBodySize"),
+        ({"KeepAliveTimeoutSeconds": 0}, "KeepAliveTimeoutSeconds"),
+        ({"KeepAliveTimeoutSeconds": "soon"}, "KeepAliveTimeoutSeconds"),
+        ({"KeepAliveTimeoutSeconds": [60]}, "KeepAliveTimeoutSeconds"),
     ],
 )
 def test_a_value_dcapd_cannot_use_exits_2_before_serving(
@@ -316,3 +322,55 @@ def test_help_lists_the_option(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     assert "--intel-config FILE" in capsys.readouterr().out
+
+
+# What PCCS 1.27 added to config/default.json (pccs-1.27.md §2).
+INTEL_127_KEYS = {
+    "MaxRequestBodySize": "2MB",
+    "HeadersTimeoutSeconds": 10,
+    "RequestTimeoutSeconds": 15,
+    "KeepAliveTimeoutSeconds": 60,
+}
+
+
+def test_intels_1_27_default_json_maps_body_size_and_keep_alive(tmp_path, caplog):
+    path = write(tmp_path, dict(INTEL_DEFAULT_JSON, **INTEL_127_KEYS))
+    overrides, unknown = read_intel_config(path)
+    assert overrides["max_body_bytes"] == str(2 * 1024 * 1024)
+    assert overrides["channel_timeout"] == "60"
+    # No dcapd meaning: reported once, with the other unknown keys.
+    assert unknown == ["HeadersTimeoutSeconds", "RequestTimeoutSeconds"]
+    with caplog.at_level(logging.INFO, logger="dcapd.intelconfig"):
+        report_intel_config(path, overrides, unknown)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert warnings[0].endswith("HeadersTimeoutSeconds, RequestTimeoutSeconds")
+    config = load_config({"cache_dir": str(tmp_path)}, environ={}, base=overrides)
+    assert (config.max_body_bytes, config.channel_timeout) == (2 * 1024 * 1024, 60)
+
+
+@pytest.mark.parametrize(
+    "size,expected",
+    [
+        ("2MB", 2 * 1024 * 1024),
+        ("2mb", 2 * 1024 * 1024),
+        ("100kb", 100 * 1024),
+        ("1.5GB", 3 * 1024**3 // 2),
+        ("512", 512),
+        ("512b", 512),
+        (" 10 MB ", 10 * 1024 * 1024),
+        (4096, 4096),
+    ],
+)
+def test_intel_size_strings(tmp_path, size, expected):
+    overrides, _ = read_intel_config(write(tmp_path, {"MaxRequestBodySize": size}))
+    assert overrides == {"max_body_bytes": str(expected)}
+
+
+def test_keep_alive_seconds_may_be_a_string_or_a_fraction(tmp_path):
+    assert read_intel_config(write(tmp_path, {"KeepAliveTimeoutSeconds": "45"}))[0] == {
+        "channel_timeout": "45"
+    }
+    assert read_intel_config(write(tmp_path, {"KeepAliveTimeoutSeconds": 4.2}))[0] == {
+        "channel_timeout": "5"
+    }

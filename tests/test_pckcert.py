@@ -225,15 +225,22 @@ def test_pem_gets_a_trailing_newline(fake_pcs, make_client):
     assert result.text.endswith("-----END CERTIFICATE-----\n")
 
 
-def test_v3_route_uses_v3_upstream(fake_pcs, make_client):
+def test_v3_pckcert_miss_is_fetched_through_v4(fake_pcs, make_client):
+    """Intel's PCCS always fetched PCK certificates through its (v4) PCS URL, whatever the
+    client's path; the TCB infos come from v4 too and are cached as v4 entries."""
     fake = fake_pcs()
-    serve_platform(fake, versions=(3,))
+    serve_platform(fake)
     client = make_client(fake)
     result = client.simulate_get(
         "/sgx/certification/v3/pckcert", params=query(*raw_tcb(*CASES[0][:2]))
     )
     assert_pck_answer(result, PLATFORM.pck_certs[0])
-    assert all("/v3/" in call.path for call in fake.calls)
+    assert result.headers["warning"].startswith('299 - "PCS API version 3 is no longer')
+    assert pckcerts_calls(fake) == 1
+    assert fake.count("/sgx/certification/v4/pckcerts") == 1
+    assert not any("/v3/" in call.path for call in fake.calls)
+    store = client.app.services.store
+    assert store.keys("tcb/sgx/3/") == [] and store.keys("tcb/sgx/4/") != []
 
 
 def test_concurrent_misses_for_one_platform_make_one_pckcerts_call(fake_pcs, make_client):

@@ -199,10 +199,10 @@ def test_lazy_registration_fetches_platform_and_prefetches_collateral(fake_pcs, 
     assert register(client, registration(cpusvn, pcesvn), update="standard").status_code == 200
     assert pckcerts_calls(fake) == 1
     paths = {(c.path, c.query.get("update", [""])[0]) for c in fake.calls}
+    assert not any("/v3/" in path for path, _ in paths), "registration never asks PCS for v3"
     for expected in [
-        ("/sgx/certification/v3/qe/identity", "early"),
+        ("/sgx/certification/v4/qe/identity", "early"),
         ("/sgx/certification/v4/qe/identity", "standard"),
-        ("/sgx/certification/v3/qe/identity", "standard"),
         ("/sgx/certification/v4/qve/identity", "standard"),
         ("/tdx/certification/v4/qe/identity", "standard"),
         ("/IntelSGXRootCA.der", ""),

@@ -423,3 +423,63 @@ def test_old_cache_serves_newer_collateral_after_the_schedule_fires(fake_pcs, ma
         NEW, "tdx_tcb_90C06F000000"
     )
     assert scheduler.next_scheduled == dt.datetime(2026, 11, 29, 1, 0).timestamp()
+
+
+class _Waits:
+    """Stands in for the scheduler's stop event: records each wait, stops on the second."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[float] = []
+
+    def wait(self, timeout: float) -> bool:
+        self.timeouts.append(timeout)
+        return len(self.timeouts) > 1
+
+    def set(self) -> None:
+        pass
+
+
+def test_an_entry_expiring_at_start_is_refreshed_within_seconds_of_the_start(fake_pcs, make_client):
+    """dcapd starts with a cached entry whose nextUpdate is already inside the margin: the
+    first check comes seconds after the start (not one check interval later) and refreshes."""
+    start = dt.datetime(2026, 11, 27, 12, 0).timestamp()
+    clock = FakeClock(start)
+    fake = fake_pcs()
+    serve_platform(fake)
+    client = make_client(fake, **TOKENS)
+    services = client.app.services
+    services.refresher.clock = clock
+    tcb = pki.make_tcb_info(
+        pki.default_platform().fmspc,
+        pki.default_platform().levels,
+        issue_date=dt.datetime.fromtimestamp(start - 29 * 86400, dt.timezone.utc),
+        next_update=dt.datetime.fromtimestamp(start + 3600, dt.timezone.utc),  # in 1 h
+    )
+    chain = pki.url_encoded_chain(pki.tcb_signing().pem, pki.root_ca().pem)
+    fake.add_response(
+        "GET", "/sgx/certification/v4/tcb", None, 200, {"TCB-Info-Issuer-Chain": chain}, tcb
+    )
+    fake.add_response("GET", "/IntelSGXRootCA.der", None, 200, {}, pki.make_crl(pki.root_ca()))
+    fmspc = pki.default_platform().fmspc
+    assert (
+        client.simulate_get("/sgx/certification/v4/tcb", params={"fmspc": fmspc}).status_code == 200
+    )
+    assert fake.count("/tcb") == 1
+    # The process starts now: a scheduler with a 300 s periodic check, schedule at 01:00.
+    scheduler = RefreshScheduler(
+        services.refresher,
+        services.store,
+        CronSchedule("0 0 1 * * *"),
+        24 * 3600,
+        clock=clock,
+        check_interval=300.0,
+    )
+    assert scheduler.next_check_in() <= 5.0, "the first check is seconds after the start"
+    waits = _Waits()
+    scheduler._stop = waits  # type: ignore[assignment]
+    scheduler._run()  # one check, then "stopped"
+    assert waits.timeouts[0] <= 5.0
+    assert fake.count("/tcb") == 2, "refreshed at the first check"
+    assert scheduler.last_early == clock.now
+    # After that first check the periodic interval applies again.
+    assert waits.timeouts[1] == scheduler.next_check_in() == 300.0

@@ -19,7 +19,7 @@ from tests.servers import free_port, issue_server_cert, running_dcapd
 SCENARIO = "2025-05-27_intel-pcs-recording"
 PATHS = [
     "/sgx/certification/v4/tcb?fmspc=00906ED50000&update=standard",
-    "/sgx/certification/v3/qe/identity",
+    "/sgx/certification/v4/qe/identity",
     "/tdx/certification/v4/qe/identity?update=standard",
     "/sgx/certification/v4/pckcrl?ca=processor&encoding=der",
     "/sgx/certification/v4/rootcacrl",
@@ -64,8 +64,11 @@ def test_plain_http(fake_pcs, make_config, session):
     with running_dcapd(make_config(tls="off", **upstream_settings(fake))) as server:
         reply = session.get(f"http://127.0.0.1:{server.port}{PATHS[1]}", timeout=10)
         assert reply.status_code == 200
-        assert reply.content == load_body(SCENARIO, "sgx_qe_identity_v3api")
+        assert reply.content == load_body(SCENARIO, "sgx_qe_identity")
         assert "Request-ID" in reply.headers
+        assert "Warning" not in reply.headers
+        v3 = session.get(f"http://127.0.0.1:{server.port}/sgx/certification/v3/qe/identity")
+        assert v3.status_code == 410 and v3.headers["Warning"].startswith("299 - ")
         assert session.get(f"http://127.0.0.1:{server.port}/nope", timeout=10).status_code == 404
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dcapd.upstream import Upstream
+from dcapd.upstream import Upstream, UpstreamError
 from tests.fakepcs import load_body
 
 SCENARIO = "2025-05-27_intel-pcs-recording"
@@ -187,18 +187,20 @@ def test_api_key_only_on_pckcerts(fake_pcs, make_config):
     assert pckcerts_call.headers["Ocp-Apim-Subscription-Key"] == "secret-key"
 
 
-@pytest.mark.parametrize(
-    "version,tee,expected",
-    [(3, "sgx", "/sgx/certification/v3/tcb"), (4, "tdx", "/tdx/certification/v4/tcb")],
-)
-def test_request_version_replaces_the_one_in_pcs_url(make_config, version, tee, expected):
+@pytest.mark.parametrize("configured", ["v3", "v4"])
+def test_every_pcs_request_is_v4_and_v3_is_refused(make_config, configured):
+    """PCS retired API v3 (pccs-1.27.md §1): whatever pcs_url names, no v3 request leaves."""
     upstream = Upstream(
-        make_config(pcs_url="https://api.trustedservices.intel.com/sgx/certification/v4/")
+        make_config(
+            pcs_url=f"https://api.trustedservices.intel.com/sgx/certification/{configured}/"
+        )
     )
     assert (
-        upstream.endpoint_url(tee, version, "tcb")
-        == "https://api.trustedservices.intel.com" + expected
+        upstream.endpoint_url("tdx", 4, "tcb")
+        == "https://api.trustedservices.intel.com/tdx/certification/v4/tcb"
     )
+    with pytest.raises(UpstreamError):
+        upstream.endpoint_url("sgx", 3, "tcb")
 
 
 def test_retry_policy_delays():

@@ -104,3 +104,32 @@ def upload_for_test_platform(platform=None, raw_tcbs=()) -> dict:
             },
         },
     }
+
+
+def v3_upload_from_scenario(scenario: str = "2025-05-27_intel-pcs-recording") -> dict:
+    """The scenario's PCS API v3 TCB info and QE identity as a v3 upload (Intel's v3 format:
+    no version key); the TCB info also as its exact text (``tcbinfo_raw``)."""
+    responses = {r["id"]: r for r in load_manifest(scenario)["responses"]}
+    tcb, qe = responses["sgx_tcb_00906ED50000_v3api"], responses["sgx_qe_identity_v3api"]
+    tcb_body = load_body(scenario, tcb).decode()
+    return {
+        "platforms": [],
+        "collaterals": {
+            "pck_certs": [],
+            "tcbinfos": [
+                {
+                    "fmspc": tcb["query"]["fmspc"].lower(),
+                    "tcbinfo": json.loads(tcb_body),
+                    "tcbinfo_raw": tcb_body,
+                }
+            ],
+            "qeidentity": load_body(scenario, qe).decode(),
+            "certificates": {
+                "SGX-PCK-Certificate-Issuer-Chain": {},
+                "SGX-TCB-Info-Issuer-Chain": tcb["headers"]["SGX-TCB-Info-Issuer-Chain"],
+                "SGX-Enclave-Identity-Issuer-Chain": qe["headers"][
+                    "SGX-Enclave-Identity-Issuer-Chain"
+                ],
+            },
+        },
+    }

@@ -16,6 +16,7 @@ from ..collateral import (
     TCB_INFO_CHAIN_V4,
     tcb_info_chain_header,
 )
+from ..extra import extra_collateral_items
 from ..store import Entry, Store
 from ..upload import chain_halves, upload_certs
 from .cache_import import RAW_KINDS
@@ -204,6 +205,13 @@ class Exporter:
             body["dcapd_crls"] = self.crls
         if raw:
             body["dcapd_entries"] = raw
+        # Collateral beyond Intel's format (pinned TCB infos and identities, QAE identity,
+        # evaluation-number lists) travels in dcapd's own key; import and PUT restore it.
+        by_kind.pop("extra", None)
+        items, warnings = extra_collateral_items(store)
+        self.warnings.extend(warnings)
+        if items:
+            body["dcapd_extra_collateral"] = items
         for kind, keys in sorted(by_kind.items()):
             if kind not in SKIPPED_KINDS:
                 self.warnings.append(f"{len(keys)} cache entries of kind {kind!r} not exported")

@@ -16,7 +16,14 @@ import requests
 from requests.structures import CaseInsensitiveDict
 
 from ..config import Config
-from ..upstream import RetryPolicy, Upstream, UpstreamError, UpstreamResponse, is_retryable
+from ..upstream import (
+    PCS_API_VERSION,
+    RetryPolicy,
+    Upstream,
+    UpstreamError,
+    UpstreamResponse,
+    is_retryable,
+)
 from .common import USER_AGENT, AdminError, reason
 
 log = logging.getLogger("dcapd.admin")
@@ -137,7 +144,9 @@ class Pcs:
             config = replace(config, pcs_url=mirror)
             self.upstream = Upstream(config, api_key=api_key, retry=retry)
         self.upstream.session.headers["User-Agent"] = USER_AGENT
-        self.version = self.upstream.version
+        # PCS API v3 is retired (2026-04-30): fetch always asks v4 and writes v4 files,
+        # whatever version --url names (only its host and root are used).
+        self.version = PCS_API_VERSION
         self.retries = config.upstream_retries
         self.journal = journal
         self.calls = 0  # requests actually sent (not answered from the journal)
