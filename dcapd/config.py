@@ -210,6 +210,10 @@ SETTINGS: tuple[Setting, ...] = (
             "cache directory; empty = the per-user cache folder"),
     Setting("cache_mode", "cache", "mode", "DCAPD_CACHE_MODE", "LAZY",
             _choice(*CACHE_MODES, upper=True), "LAZY, REQ or OFFLINE (as Intel's CachingFillMode)"),
+    Setting("selected_per_platform", "cache", "selected_per_platform",
+            "DCAPD_SELECTED_PER_PLATFORM", "256", _positive(int),
+            "answers selected locally for raw TCBs kept per platform (oldest dropped; "
+            "selected again when asked)"),
     Setting("refresh_schedule", "refresh", "schedule", "DCAPD_REFRESH_SCHEDULE", "0 0 1 * * *",
             _cron, "cron schedule of the collateral refresh (Intel's RefreshSchedule; "
                    "local time, seconds first)"),
@@ -258,6 +262,7 @@ class Config:
     upstream_retries: int = 3
     cache_dir: str = ""
     cache_mode: str = "LAZY"
+    selected_per_platform: int = 256
     refresh_schedule: str = "0 0 1 * * *"
     refresh_margin_hours: float = 24.0
     user_token_sha512: str = ""

@@ -240,6 +240,17 @@ class Store:
     def rawtcbs_key(qeid: str, pceid: str) -> str:
         return f"rawtcbs/{_upper(qeid)}/{_upper(pceid)}"
 
+    # Raw TCBs answered by local selection only (derived data, bounded per platform): a ring
+    # of slots, each one small record, and a head saying which slot is next. Under rawtcbs/
+    # so that exports skip them with the platform's other raw-TCB records.
+    @staticmethod
+    def selected_head_key(qeid: str, pceid: str) -> str:
+        return f"rawtcbs/{_upper(qeid)}/{_upper(pceid)}/selected"
+
+    @staticmethod
+    def selected_slot_key(qeid: str, pceid: str, slot: int) -> str:
+        return f"rawtcbs/{_upper(qeid)}/{_upper(pceid)}/selected/{slot}"
+
     REGISTRATION_STATES = ("NEW", "NOT_AVAILABLE")
 
     @staticmethod

@@ -20,8 +20,10 @@ import pytest
 
 from dcapd.pcsurls import canonical_crl_url, is_allowed_crl_url
 from dcapd.store import Entry
+from tests import pki
 from tests.conftest import INTEL_ROOT_CDP
 from tests.fakepcs import load_body
+from tests.test_pckcert import CASES, PCKCERT, assert_pck_answer, query, raw_tcb, serve_platform
 from tests.test_platforms import ADMIN, TOKENS
 from tests.test_upload import snapshot
 from tests.uploads import upload_from_scenario
@@ -246,3 +248,146 @@ def test_upload_with_the_sandbox_root_cdp_is_stored_under_it(make_client):
     assert client.app.services.store.keys("crl/") == [
         "crl/https://sbx-certificates.trustedservices.intel.com/IntelSGXRootCA.der"
     ]
+
+
+# --- answers selected for made-up raw TCBs: bounded per platform, constant work per request --
+
+PLATFORM = pki.default_platform()
+QEID, PCEID = PLATFORM.qeid.upper(), PLATFORM.pceid
+
+
+def made_up(i: int) -> tuple[str, str]:
+    """A raw TCB above every level of the test platform (selects its highest certificate)."""
+    components = (9, 9, 9, 9, 255, 255, 9, 0, 0, 0, 0, 0, 0, 0, (i >> 8) & 255, i & 255)
+    return raw_tcb(components, 20)
+
+
+class WriteLog:
+    """Every cache write and deletion of a store, as (key, bytes) and keys."""
+
+    def __init__(self, store):
+        self.sets: list[tuple[str, int]] = []
+        self.deletes: list[str] = []
+        cache = store.cache
+        set_, delete = cache.set, cache.delete
+
+        def recording_set(key, value, *args, **kwargs):
+            self.sets.append((key, len(value)))
+            return set_(key, value, *args, **kwargs)
+
+        def recording_delete(key, *args, **kwargs):
+            self.deletes.append(key)
+            return delete(key, *args, **kwargs)
+
+        cache.set, cache.delete = recording_set, recording_delete
+
+    def take(self) -> tuple[list[tuple[str, int]], list[str]]:
+        taken = self.sets, self.deletes
+        self.sets, self.deletes = [], []
+        return taken
+
+
+def footprint(store) -> tuple[int, int, int]:
+    """(answers, ring records, bytes) the platform holds in the cache."""
+    answers = store.keys(f"pckcert/{QEID}/{PCEID}/")
+    records = store.keys(f"rawtcbs/{QEID}/{PCEID}")
+    size = sum(len(store.cache.get(key)) for key in answers + records)
+    return len(answers), len(records), size
+
+
+def test_5000_made_up_raw_tcbs_leave_the_platform_bounded(fake_pcs, make_client):
+    """Issue 13: each made-up raw TCB stored a 4.7 KB answer and rewrote the platform's whole
+    raw-TCB list (4,000 requests: 192 KiB -> 23 MB, 2.7 -> 8.8 ms per request)."""
+    bound = 64
+    fake = fake_pcs()
+    serve_platform(fake)
+    client = make_client(fake, selected_per_platform=bound)
+    store = client.app.services.store
+    registered = query(*raw_tcb(*CASES[0][:2]))
+    assert client.simulate_get(PCKCERT, params=registered).status_code == 200  # fetch
+    calls = len(fake.calls)
+    log = WriteLog(store)
+    per_request = []
+    for i in range(5000):
+        result = client.simulate_get(PCKCERT, params=query(*made_up(i)))
+        assert result.status_code == 200
+        per_request.append(log.take())
+        if i < bound:
+            first_footprint = footprint(store)
+    assert len(fake.calls) == calls, "selected locally, never asking PCS"
+    answer_key = f"pckcert/{QEID}/{PCEID}/"
+    for i, (sets, deletes) in enumerate(per_request):
+        # The answer, the ring slot and the ring head: nothing that grows with the requests.
+        assert [key.startswith(answer_key) for key, _ in sets] == [True, False, False], i
+        assert sum(size for key, size in sets if not key.startswith(answer_key)) < 300, i
+        # Once the ring is full, each new answer drops the oldest one.
+        assert deletes == (
+            [] if i < bound else [store.pckcert_key(QEID, PCEID, *made_up(i - bound))]
+        )
+    first = [sum(size for _, size in sets) for sets, _ in per_request[:200]]
+    last = [sum(size for _, size in sets) for sets, _ in per_request[-200:]]
+    assert max(last) <= max(first) + 8, "bytes written per request do not grow"
+    answers, records, size = footprint(store)
+    assert answers == bound + 1, "the bound, and the registered raw TCB"
+    assert records == bound + 2, "the ring's slots and head, and the platform's record"
+    assert size <= first_footprint[2] + 1000, (size, first_footprint)
+    # The newest answers are cached; the oldest one is selected again, identically.
+    newest = client.simulate_get(PCKCERT, params=query(*made_up(4999)))
+    assert store.get(store.pckcert_key(QEID, PCEID, *made_up(4999))) is not None
+    oldest = client.simulate_get(PCKCERT, params=query(*made_up(0)))
+    assert oldest.status_code == 200 and oldest.content == newest.content
+    assert client.simulate_get(PCKCERT, params=registered).status_code == 200
+    assert store.get(store.pckcert_key(QEID, PCEID, *raw_tcb(*CASES[0][:2]))) is not None
+
+
+def test_certs_refresh_and_platform_list_cover_the_selected_raw_tcbs(fake_pcs, make_client):
+    """What Intel's PCCS serves: GET /platforms lists, and refresh type=certs re-selects, every
+    raw TCB seen (the registered ones and the selected ones within the bound)."""
+    fake = fake_pcs()
+    lower_only = pki.TestPlatform(**{**PLATFORM.__dict__, "pck_certs": PLATFORM.pck_certs[1:]})
+    serve_platform(fake, lower_only)
+    client = make_client(fake, selected_per_platform=4, **TOKENS)
+    assert client.simulate_get(PCKCERT, params=query(*raw_tcb(*CASES[2][:2]))).status_code == 200
+    for i in range(6):
+        assert_pck_answer(
+            client.simulate_get(PCKCERT, params=query(*made_up(i))), PLATFORM.pck_certs[1]
+        )
+    listed = client.simulate_get(
+        f"{V4}/platforms", params={"source": "[]"}, headers={"admin-token": ADMIN}
+    ).json
+    assert [(row["cpu_svn"], row["pce_svn"]) for row in listed] == [
+        raw_tcb(*CASES[2][:2]),
+        *[made_up(i) for i in range(2, 6)],
+    ]
+    fake.clear_added()
+    serve_platform(fake, PLATFORM)  # a TCB recovery: PCS now has the higher certificate
+    result = client.simulate_get(
+        f"{V4}/refresh", params={"type": "certs"}, headers={"admin-token": ADMIN}
+    )
+    assert result.status_code == 200
+    calls = len(fake.calls)
+    for i in range(2, 6):  # re-selected by the refresh: cache hits with the new answer
+        assert_pck_answer(
+            client.simulate_get(PCKCERT, params=query(*made_up(i))), PLATFORM.pck_certs[0]
+        )
+    assert len(fake.calls) == calls
+    store = client.app.services.store
+    assert store.get(store.pckcert_key(QEID, PCEID, *made_up(0))) is None, "dropped earlier"
+
+
+def test_a_smaller_bound_trims_the_ring_on_the_next_new_raw_tcb(fake_pcs, make_client, tmp_path):
+    fake = fake_pcs()
+    serve_platform(fake)
+    cache = str(tmp_path / "shared-cache")
+    client = make_client(fake, cache_dir=cache, selected_per_platform=8)
+    for i in range(8):
+        assert client.simulate_get(PCKCERT, params=query(*made_up(i))).status_code == 200
+    client.app.services.store.close()
+    smaller = make_client(fake, cache_dir=cache, selected_per_platform=3)
+    store = smaller.app.services.store
+    assert smaller.simulate_get(PCKCERT, params=query(*made_up(8))).status_code == 200
+    # made_up(0) fetched the platform: it is in the platform's record, not in the ring. The
+    # ring held 1..7; trimmed to the newest 3 (5, 6, 7), then 8 took the oldest one's slot.
+    kept = {key.split("/")[3] for key in store.keys(f"pckcert/{QEID}/{PCEID}/")}
+    assert kept == {made_up(i)[0] for i in (0, 6, 7, 8)}
+    assert len(store.keys(f"rawtcbs/{QEID}/{PCEID}/selected/")) == 3
