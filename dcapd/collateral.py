@@ -20,6 +20,7 @@ from cryptography import x509
 from .errors import EVALUATION_NUMBER_GONE, PccsError
 from .integrity import Integrity, IntegrityError, tcb_info_mismatch
 from .logs import note_cache_outcome
+from .pcsurls import canonical_crl_url, is_intel_root_crl_url
 from .store import Entry, Store, lock_owner, owner_is_gone
 from .upstream import PCS_API_VERSION, Upstream, UpstreamError, UpstreamResponse
 
@@ -358,11 +359,17 @@ class Collateral:
         return Source(self.store.rootcacrl_key(), self.upstream.get_root_ca_crl, to_entry)
 
     def crl_source(self, uri: str) -> Source:
+        """A CRL distribution point, under its one key and fetched at its one spelling; Intel's
+        root CA CRL is ``rootcacrl``'s entry, fetched from the configured ``rootca_crl_url``."""
+        if is_intel_root_crl_url(uri):
+            return self.root_ca_crl_source()
+        url = canonical_crl_url(uri) or uri  # an old entry's URI: get_crl refuses it
+
         def to_entry(reply: UpstreamResponse) -> Entry:
             self.integrity.check_crl_any_known_issuer(reply.body, self._known_crl_chains())
             return Entry(reply.body, {}, CT_CRL, crl_meta(reply.body))
 
-        return Source(self.store.crl_key(uri), lambda: self.upstream.get_crl(uri), to_entry)
+        return Source(self.store.crl_key(uri), lambda: self.upstream.get_crl(url), to_entry)
 
     def _known_crl_chains(self) -> list[str]:
         """The PCK CA chains cached with the PCK CRLs: a crl?uri= download of a PCK CRL has no
@@ -393,7 +400,16 @@ class Collateral:
         return self.cached_or_fetched(self.root_ca_crl_source(), fill)
 
     def crl(self, uri: str, fill: bool | None = None) -> Entry:
-        return self.cached_or_fetched(self.crl_source(uri), fill)
+        source = self.crl_source(uri)
+        entry = self.store.get(source.key)
+        legacy = self.store.legacy_crl_key(uri)
+        if entry is None and legacy != source.key:
+            # A cache written before CRL keys were canonical holds it under the exact string.
+            entry = self.store.get(legacy)
+        if entry is not None:
+            note_cache_outcome("hit")
+            return entry
+        return self.cached_or_fetched(source, fill)
 
     def prefetch_verification_collateral(self, update: str) -> None:
         """After a registration (LAZY and REQ): fetch what a verifier will ask for, if absent

@@ -233,6 +233,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("not_found_ttl", "cache", "not_found_ttl", "DCAPD_NOT_FOUND_TTL", "300",
             _non_negative_float, "seconds a PCS 404 on a cache miss is remembered, so the "
             "same miss does not ask PCS again (0 = off; never a 5xx, never for a refresh)"),
+    Setting("selected_per_platform", "cache", "selected_per_platform",
+            "DCAPD_SELECTED_PER_PLATFORM", "256", _positive(int),
+            "answers selected locally for raw TCBs kept per platform (oldest dropped; "
+            "selected again when asked)"),
     Setting("refresh_schedule", "refresh", "schedule", "DCAPD_REFRESH_SCHEDULE", "0 0 1 * * *",
             _cron, "cron schedule of the collateral refresh (Intel's RefreshSchedule; "
                    "local time, seconds first)"),
@@ -283,6 +287,7 @@ class Config:
     cache_dir: str
     cache_mode: str
     not_found_ttl: float
+    selected_per_platform: int
     refresh_schedule: str
     refresh_margin_hours: float
     user_token_sha512: str

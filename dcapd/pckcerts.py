@@ -3,6 +3,13 @@
 Intel's PCCS asks PCS once for all of a platform's PCK certificates (``pckcerts``) and picks
 the one matching each raw TCB with Intel's selection algorithm (pccs-reference.md §1.1, §2.1).
 Each selected answer is stored as a ready response, so a repeated request is one cache lookup.
+
+Raw TCBs come two ways. Those of a registration, an upload, a migration or a platform's first
+fetch are the platform's record (``rawtcbs/QEID/PCEID``, written only by those). Those only
+asked by ``GET /pckcert`` of a known platform -- anyone can make them up -- are derived data:
+their answers are kept in a ring of ``selected_per_platform`` slots per platform, one small
+record each, so adding one writes a constant number of bytes and the oldest answer is dropped
+(it is selected again when asked). Both kinds are re-selected when the certificates change.
 """
 
 from __future__ import annotations
@@ -79,14 +86,17 @@ class PckCerts:
         integrity: Integrity,
         mode: str,
         fill_lock_ttl: float,
+        selected_per_platform: int = 256,
     ):
         """``fill_lock_ttl``: how long another process's fill lock is honoured (a platform's
-        fill makes up to three upstream calls)."""
+        fill makes up to three upstream calls); ``selected_per_platform``: how many answers
+        selected for raw TCBs only asked by GET /pckcert are kept per platform."""
         self.store = store
         self.upstream = upstream
         self.collateral = collateral
         self.integrity = integrity
         self.mode = mode
+        self.selected_per_platform = selected_per_platform
         self._flight = SingleFlight(store, fill_lock_ttl)
 
     def pck_cert(self, version: int, raw: RawTcb, encrypted_ppid: str | None) -> Entry:
@@ -138,8 +148,9 @@ class PckCerts:
             )
         entry = self.select(raw, platform, cert_set, tcb_info)
         with self.store.transaction():
-            self.store.put(key, entry)
-            self.remember_raw_tcb(raw)
+            if self.store.get(key) is None:  # not selected by another process meanwhile
+                self.store.put(key, entry)
+                self._remember_selected(raw)
         note_cache_outcome("selected")
         return entry
 
@@ -180,10 +191,79 @@ class PckCerts:
         )
 
     def remember_raw_tcb(self, raw: RawTcb) -> None:
+        """Add a raw TCB to the platform's record (registration, upload, migration)."""
         key = self.store.rawtcbs_key(raw.qeid, raw.pceid)
         seen = self.store.get_json(key) or []
         if [raw.cpusvn, raw.pcesvn] not in seen:
             self.store.put_json(key, seen + [[raw.cpusvn, raw.pcesvn]])
+
+    def raw_tcbs(self, qeid: str, pceid: str) -> list[tuple[str, str]]:
+        """Every raw TCB of the platform: its record's, then those selected locally (oldest
+        first). What GET /platforms lists and what a refresh of its certificates re-selects."""
+        recorded = self.store.get_json(self.store.rawtcbs_key(qeid, pceid)) or []
+        pairs = [(cpusvn, pcesvn) for cpusvn, pcesvn in recorded]
+        for _, pair in self._selected(qeid, pceid):
+            if pair not in pairs:
+                pairs.append(pair)
+        return pairs
+
+    def knows_raw_tcb(self, raw: RawTcb) -> bool:
+        """True when the raw TCB is mapped: in the platform's record, or answered."""
+        key = self.store.pckcert_key(raw.qeid, raw.pceid, raw.cpusvn, raw.pcesvn)
+        recorded = self.store.get_json(self.store.rawtcbs_key(raw.qeid, raw.pceid)) or []
+        return [raw.cpusvn, raw.pcesvn] in recorded or self.store.get(key) is not None
+
+    # --- the ring of locally selected raw TCBs (call inside a transaction)
+
+    def _selected(self, qeid: str, pceid: str) -> list[tuple[int, tuple[str, str]]]:
+        """(slot, (cpusvn, pcesvn)) of the ring, oldest first."""
+        head = self.store.get_json(self.store.selected_head_key(qeid, pceid))
+        if head is None:
+            return []
+        count, size = head["next"], head["size"]
+        slots = range(count) if count <= size else [(count + i) % size for i in range(size)]
+        found = []
+        for slot in slots:
+            pair = self.store.get_json(self.store.selected_slot_key(qeid, pceid, slot))
+            if pair is not None:
+                found.append((slot, (pair[0], pair[1])))
+        return found
+
+    def _remember_selected(self, raw: RawTcb) -> None:
+        """Put ``raw`` in the next slot, dropping the answer of the raw TCB it held: a slot,
+        the head and one deletion, whatever the number of raw TCBs asked before."""
+        store, qeid, pceid = self.store, raw.qeid, raw.pceid
+        head = store.get_json(store.selected_head_key(qeid, pceid)) or {
+            "next": 0,
+            "size": self.selected_per_platform,
+        }
+        if head["size"] != self.selected_per_platform:
+            head = self._resize_selected(qeid, pceid, head)
+        slot_key = store.selected_slot_key(qeid, pceid, head["next"] % head["size"])
+        old = store.get_json(slot_key)
+        if old is not None and old != [raw.cpusvn, raw.pcesvn]:
+            self._forget_selected(qeid, pceid, (old[0], old[1]))
+        store.put_json(slot_key, [raw.cpusvn, raw.pcesvn])
+        store.put_json(
+            store.selected_head_key(qeid, pceid), {"next": head["next"] + 1, "size": head["size"]}
+        )
+
+    def _forget_selected(self, qeid: str, pceid: str, pair: tuple[str, str]) -> None:
+        """Drop a selected answer, unless the raw TCB is also in the platform's record."""
+        if list(pair) not in (self.store.get_json(self.store.rawtcbs_key(qeid, pceid)) or []):
+            self.store.delete(self.store.pckcert_key(qeid, pceid, *pair))
+
+    def _resize_selected(self, qeid: str, pceid: str, head: dict) -> dict:
+        """``selected_per_platform`` changed: keep the newest, in slots 0.. of the new size."""
+        found = self._selected(qeid, pceid)
+        keep = found[-self.selected_per_platform :]
+        for _, pair in found[: len(found) - len(keep)]:
+            self._forget_selected(qeid, pceid, pair)
+        for slot in range(head["size"]):
+            self.store.delete(self.store.selected_slot_key(qeid, pceid, slot))
+        for slot, (_, pair) in enumerate(keep):
+            self.store.put_json(self.store.selected_slot_key(qeid, pceid, slot), list(pair))
+        return {"next": len(keep), "size": self.selected_per_platform}
 
     # --- unknown platform in LAZY mode: one pckcerts call, then selection
 
@@ -301,30 +381,50 @@ class PckCerts:
     ) -> Entry | None:
         """Write the platform, its certs, and re-selected answers for every raw TCB seen
         before (and ``extra_raw_tcbs``), in one transaction: a failure leaves the cache as it
-        was. Returns the answer for ``raw``."""
+        was. Returns the answer for ``raw``.
+
+        A raw TCB of the platform's record that no longer selects fails it all (Intel); one
+        that was only selected locally is dropped instead (anyone can make those up)."""
         requested = self.select(raw, platform, cert_set, tcb_info) if raw else None
-        seen = [
-            RawTcb(qeid, pceid, cpusvn, pcesvn)
-            for cpusvn, pcesvn in self.store.get_json(self.store.rawtcbs_key(qeid, pceid)) or []
-        ]
+        record_key = self.store.rawtcbs_key(qeid, pceid)
+        recorded = [(c, p) for c, p in self.store.get_json(record_key) or []]
+        record = list(recorded)
         for extra in extra_raw_tcbs:
-            if extra not in seen:
-                seen.append(extra)
+            if (extra.cpusvn, extra.pcesvn) not in record:
+                record.append((extra.cpusvn, extra.pcesvn))
+        if raw is not None and remember_requested and (raw.cpusvn, raw.pcesvn) not in record:
+            record.append((raw.cpusvn, raw.pcesvn))
         reselected = [
-            (old, self.select(old, platform, cert_set, tcb_info)) for old in seen if old != raw
+            (pair, self.select(RawTcb(qeid, pceid, *pair), platform, cert_set, tcb_info))
+            for pair in record
+            if raw is None or pair != (raw.cpusvn, raw.pcesvn)
         ]
+        dropped = []
+        for slot, pair in self._selected(qeid, pceid):
+            if pair in record or (raw is not None and pair == (raw.cpusvn, raw.pcesvn)):
+                continue
+            try:
+                entry = self.select(RawTcb(qeid, pceid, *pair), platform, cert_set, tcb_info)
+            except PccsError as exc:
+                log.info("dropping the answer selected for %s/%s %s: %s", qeid, pceid, pair, exc)
+                dropped.append((slot, pair))
+                continue
+            reselected.append((pair, entry))
         with self.store.transaction():
             self.store.put_json(self.store.platform_key(qeid, pceid), platform)
             self.store.put_json(self.store.certs_key(qeid, pceid), cert_set)
-            for old, entry in reselected:
-                self.store.put(self.store.pckcert_key(qeid, pceid, old.cpusvn, old.pcesvn), entry)
-                self.remember_raw_tcb(old)
+            for pair, entry in reselected:
+                self.store.put(self.store.pckcert_key(qeid, pceid, *pair), entry)
+            for slot, pair in dropped:
+                self.store.delete(self.store.pckcert_key(qeid, pceid, *pair))
+                self.store.delete(self.store.selected_slot_key(qeid, pceid, slot))
             if raw is not None and remember_requested:
                 assert requested is not None  # selected for raw above
                 self.store.put(
                     self.store.pckcert_key(qeid, pceid, raw.cpusvn, raw.pcesvn), requested
                 )
-                self.remember_raw_tcb(raw)
+            if record != recorded:
+                self.store.put_json(record_key, [list(pair) for pair in record])
         return requested
 
 

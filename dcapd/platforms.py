@@ -113,10 +113,9 @@ class Registrations:
         if record["platform_manifest"]:
             # Intel compares case-sensitively against lower-case hex; hex case carries no meaning.
             return platform.get("platform_manifest", "").lower() == record["platform_manifest"]
-        raw_tcbs = (
-            self.store.get_json(self.store.rawtcbs_key(record["qe_id"], record["pce_id"])) or []
+        return self.pck_certs.knows_raw_tcb(
+            RawTcb(record["qe_id"], record["pce_id"], record["cpu_svn"], record["pce_svn"])
         )
-        return [record["cpu_svn"], record["pce_svn"]] in raw_tcbs
 
     def _key(self, state: str, record: dict) -> str:
         return self.store.registration_key(
@@ -165,7 +164,7 @@ class Registrations:
             platform = self.store.get_json(key)
             if platform is None or (fmspcs is not None and platform["fmspc"].upper() not in fmspcs):
                 continue
-            for cpu_svn, pce_svn in self.store.get_json(self.store.rawtcbs_key(qeid, pceid)) or []:
+            for cpu_svn, pce_svn in self.pck_certs.raw_tcbs(qeid, pceid):
                 rows.append(
                     {
                         "qe_id": qeid,

@@ -1,8 +1,11 @@
 """Keep collateral fresh: the collateral and certificate refreshes (pccs-reference.md §3).
 
-All-or-nothing: everything is fetched and checked first, then written in one transaction, so
-a failing upstream leaves every cached entry as it was; readers never wait (SQLite WAL). Only
-one process on a cache directory refreshes at a time (a lock in the cache).
+Everything is fetched and checked first, then what succeeded is written in one transaction;
+readers never wait (SQLite WAL). An entry (or a platform's certificates) that fails is skipped
+and left exactly as it was: one CRL distribution point that no longer downloads must not keep
+everything else stale (Intel's refresh is all-or-nothing). The run then ends with the failure
+(:class:`RefreshIncomplete`, naming what was skipped); when nothing at all could be fetched,
+nothing is written. Only one process on a cache directory refreshes at a time (a lock).
 """
 
 from __future__ import annotations
@@ -33,6 +36,23 @@ class RefreshReport:
     kind: str
     changed: list[str] = field(default_factory=list)
     unchanged: int = 0
+    # Entries skipped because they failed: (key, the error), left as they were in the cache.
+    failed: list[tuple[str, PccsError]] = field(default_factory=list)
+
+
+class RefreshIncomplete(PccsError):
+    """Some entries failed and were skipped; everything else was refreshed (``report``)."""
+
+    def __init__(self, report: RefreshReport):
+        key, first = report.failed[0]
+        super().__init__(
+            first.status_code or 502,
+            f"{report.kind} refresh: {len(report.failed)} skipped ("
+            + "; ".join(e.reason or k for k, e in report.failed[:5])
+            + ("; ..." if len(report.failed) > 5 else "")
+            + f"), {len(report.changed)} changed, {report.unchanged} unchanged",
+        )
+        self.report = report
 
 
 def describe(entry: Entry | None) -> str:
@@ -90,12 +110,17 @@ class Refresher:
         self._require_refreshable()
         return self._locked(self._refresh_collateral, wait)
 
-    def _collateral_sources(self) -> tuple[list[Source], list[Source], list[Source]]:
-        """(required, optional, kept): every cached entry must refresh; identities Intel
-        adds; collateral beyond Intel's PCCS, kept as cached when PCS no longer has it."""
+    def _collateral_sources(
+        self,
+    ) -> tuple[list[Source], list[Source], list[Source], dict[str, list[str]]]:
+        """(required, optional, kept, superseded): every cached entry must refresh; identities
+        Intel adds; collateral beyond Intel's PCCS, kept as cached when PCS no longer has it;
+        and the old keys of CRLs cached under another spelling of their distribution point
+        (before keys were canonical), which the refreshed entry replaces."""
         collateral = self.collateral
         required: list[Source] = [collateral.root_ca_crl_source()]
         kept: list[Source] = []
+        superseded: dict[str, list[str]] = {}
         retired = 0
         for key in self.store.keys():
             what = self.store.parse_key(key).collateral()
@@ -112,7 +137,10 @@ class Refresher:
                     )
                 )
             elif what["kind"] == "crl":
-                required.append(collateral.crl_source(what["uri"]))
+                source = collateral.crl_source(what["uri"])
+                if source.key != key:
+                    superseded.setdefault(source.key, []).append(key)
+                required.append(source)
             elif what["kind"] == "extra":
                 kept.append(self.extra.source_for(what))
         if retired:
@@ -126,19 +154,25 @@ class Refresher:
             for kind, version in IDENTITIES
             for update in ("STANDARD", "EARLY")
         ]
-        return required, optional, kept
+        unique = list({source.key: source for source in required}.values())
+        return unique, optional, kept, superseded
 
     def _refresh_collateral(self) -> RefreshReport:
-        required, optional, kept = self._collateral_sources()
+        required, optional, kept, superseded = self._collateral_sources()
         fresh: dict[str, Entry] = {}
+        failed: list[tuple[str, PccsError]] = []
         for source in required:
-            fresh[source.key] = self._fetch_required(source)
+            try:
+                fresh[source.key] = self._fetch_required(source)
+            except PccsError as exc:
+                failed.append((source.key, exc))
         for source in optional:
             try:
                 fresh[source.key] = fetch_entry(source)
             except PccsError as exc:
                 if exc.status_code != 404:
-                    raise
+                    failed.append((source.key, exc))
+                    continue
                 # Intel: an identity PCS does not have is skipped, not an error.
                 log.debug("refresh: %s not available upstream", source.key)
         for source in kept:
@@ -146,10 +180,36 @@ class Refresher:
                 fresh[source.key] = fetch_entry(source)
             except PccsError as exc:
                 if exc.status_code not in (404, 410):
-                    raise
+                    failed.append((source.key, exc))
+                    continue
                 # e.g. PCS retired that evaluation data number: the signed entry stays.
                 log.info("refresh: %s no longer served upstream; kept as cached", source.key)
-        return self._write("collateral", fresh)
+
+        def drop_superseded() -> None:
+            for key in fresh:
+                for old in superseded.get(key, []):
+                    self.store.delete(old)
+
+        return self._finish("collateral", fresh, failed, drop_superseded)
+
+    def _finish(
+        self,
+        kind: str,
+        fresh: dict[str, Entry],
+        failed: list[tuple[str, PccsError]],
+        extra: Callable[[], None] | None,
+        done: int = 0,
+    ) -> RefreshReport:
+        """Write what succeeded; raise when anything failed (nothing written when nothing
+        succeeded: an unreachable PCS leaves the cache, and the refresh status, as they were)."""
+        for key, exc in failed:
+            log.warning("%s refresh: skipped %s (%s)", kind, key, exc.reason or exc.title)
+        if failed and not fresh and not done:
+            raise failed[0][1]
+        report = self._write(kind, fresh, extra, failed)
+        if failed:
+            raise RefreshIncomplete(report)
+        return report
 
     @staticmethod
     def _fetch_required(source: Source) -> Entry:
@@ -161,9 +221,14 @@ class Refresher:
             raise
 
     def _write(
-        self, kind: str, fresh: dict[str, Entry], extra: Callable[[], None] | None = None
+        self,
+        kind: str,
+        fresh: dict[str, Entry],
+        extra: Callable[[], None] | None = None,
+        failed: list[tuple[str, PccsError]] | None = None,
     ) -> RefreshReport:
-        report = RefreshReport(kind)
+        # The same list: failures found while writing (``extra``) are reported too.
+        report = RefreshReport(kind, failed=failed if failed is not None else [])
         now = self.clock()
         with self.store.transaction():
             for key, entry in fresh.items():
@@ -177,11 +242,16 @@ class Refresher:
                 extra()
             status = self.store.get_json(self.store.STATUS_KEY) or {}
             status[f"last_{kind}_refresh"] = now
+            status[f"last_{kind}_refresh_skipped"] = [key for key, _ in report.failed]
             self.store.put_json(self.store.STATUS_KEY, status)
         for line in report.changed:
             log.info("refresh changed %s", line)
         log.info(
-            "%s refresh done: %d changed, %d unchanged", kind, len(report.changed), report.unchanged
+            "%s refresh done: %d changed, %d unchanged, %d skipped",
+            kind,
+            len(report.changed),
+            report.unchanged,
+            len(report.failed),
         )
         return report
 
@@ -193,6 +263,7 @@ class Refresher:
 
     def _refresh_certs(self, fmspcs: set[str] | None) -> RefreshReport:
         plans = []
+        failed: list[tuple[str, PccsError]] = []
         for key in self.store.keys(self.store.platform_prefix()):
             qeid, pceid = self.store.platform_id_from_key(key)
             platform = self.store.get_json(key)
@@ -206,33 +277,50 @@ class Refresher:
                     pceid,
                 )
                 continue
-            fetched = self.pck_certs.fetch_cert_set(
-                self.version, qeid, pceid, platform["enc_ppid"], platform["platform_manifest"]
-            )
-            tcb_source = self.collateral.tcb_info_source(
-                "sgx", self.version, fetched.platform["fmspc"], "EARLY"
-            )
-            try:  # Intel: selection uses PCS's EARLY TCB info, fetched, not stored
-                tcb_info = fetch_entry(tcb_source).body
+            try:
+                fetched = self.pck_certs.fetch_cert_set(
+                    self.version, qeid, pceid, platform["enc_ppid"], platform["platform_manifest"]
+                )
+                tcb_info = self._selection_tcb_info(fetched.platform["fmspc"])
             except PccsError as exc:
-                if exc.status_code != 404:
-                    raise
-                tcb_info = fetch_entry(
-                    self.collateral.tcb_info_source(
-                        "sgx", self.version, fetched.platform["fmspc"], "STANDARD"
-                    )
-                ).body
+                failed.append((key, exc))
+                continue
             plans.append(
                 (qeid, pceid, dict(platform, **fetched.platform), fetched.cert_set, tcb_info)
             )
+        if failed and not plans:
+            raise failed[0][1]
+        stored = []
 
         def store_all() -> None:
             for qeid, pceid, platform, cert_set, tcb_info in plans:
-                self.pck_certs.store_platform(qeid, pceid, platform, cert_set, tcb_info, None)
+                try:  # selects first, then writes: a failure writes nothing of the platform
+                    self.pck_certs.store_platform(qeid, pceid, platform, cert_set, tcb_info, None)
+                except PccsError as exc:
+                    failed.append((self.store.platform_key(qeid, pceid), exc))
+                    continue
+                stored.append(self.store.platform_key(qeid, pceid))
 
-        report = self._write("certs", {}, store_all)
-        report.changed.extend(f"platform/{q}/{p}" for q, p, *_ in plans)
+        report = self._write("certs", {}, store_all, failed)
+        report.changed.extend(stored)
+        if report.failed:
+            for key, error in report.failed:
+                log.warning("certs refresh: skipped %s (%s)", key, error.reason or error.title)
+            raise RefreshIncomplete(report)
         return report
+
+    def _selection_tcb_info(self, fmspc: str) -> bytes:
+        """Intel: selection uses PCS's EARLY TCB info (else STANDARD), fetched, not stored."""
+        try:
+            return fetch_entry(
+                self.collateral.tcb_info_source("sgx", self.version, fmspc, "EARLY")
+            ).body
+        except PccsError as exc:
+            if exc.status_code != 404:
+                raise
+        return fetch_entry(
+            self.collateral.tcb_info_source("sgx", self.version, fmspc, "STANDARD")
+        ).body
 
     # --- what is cached, and how fresh
 
@@ -262,5 +350,7 @@ class Refresher:
             "mode": self.mode,
             "last_collateral_refresh": status.get("last_collateral_refresh"),
             "last_certs_refresh": status.get("last_certs_refresh"),
+            "last_collateral_refresh_skipped": status.get("last_collateral_refresh_skipped", []),
+            "last_certs_refresh_skipped": status.get("last_certs_refresh_skipped", []),
             "entries": entries,
         }

@@ -71,6 +71,7 @@ def build_services(
         integrity,
         config.cache_mode,
         _PLATFORM_FILL_CALLS * config.upstream_timeout + _FILL_LOCK_SLACK,
+        config.selected_per_platform,
     )
     return Services(
         config=config,

@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import diskcache
 
+from .pcsurls import INTEL_ROOTCA_CRL_URL, canonical_crl_url
+
 # Settings that must be the same for every opener (they persist in the cache directory and
 # the last opener's win), so they are given here and nowhere else.
 CACHE_SETTINGS = dict(
@@ -264,8 +266,19 @@ class Store:
     def rootcacrl_key() -> str:
         return "rootcacrl"
 
+    @classmethod
+    def crl_key(cls, uri: str) -> str:
+        """One key per CRL distribution point, whatever its spelling (scheme and host case,
+        default port, query order): Intel's root CA CRL shares ``rootcacrl``'s entry. A URI
+        outside the allow-list (an old entry) keeps its exact spelling."""
+        canonical = canonical_crl_url(uri)
+        if canonical == INTEL_ROOTCA_CRL_URL:
+            return cls.rootcacrl_key()
+        return f"crl/{canonical or uri}"
+
     @staticmethod
-    def crl_key(uri: str) -> str:
+    def legacy_crl_key(uri: str) -> str:
+        """Where versions before the canonical keys stored ``crl?uri=`` (the exact string)."""
         return f"crl/{uri}"
 
     @staticmethod
@@ -291,6 +304,17 @@ class Store:
     @staticmethod
     def rawtcbs_key(qeid: str, pceid: str) -> str:
         return f"rawtcbs/{_upper(qeid)}/{_upper(pceid)}"
+
+    # Raw TCBs answered by local selection only (derived data, bounded per platform): a ring
+    # of slots, each one small record, and a head saying which slot is next. Under rawtcbs/
+    # so that exports skip them with the platform's other raw-TCB records.
+    @staticmethod
+    def selected_head_key(qeid: str, pceid: str) -> str:
+        return f"rawtcbs/{_upper(qeid)}/{_upper(pceid)}/selected"
+
+    @staticmethod
+    def selected_slot_key(qeid: str, pceid: str, slot: int) -> str:
+        return f"rawtcbs/{_upper(qeid)}/{_upper(pceid)}/selected/{slot}"
 
     REGISTRATION_STATES = ("NEW", "NOT_AVAILABLE")
 
@@ -365,8 +389,18 @@ class Store:
         data = self.cache.pop(key)
         return None if data is None else Entry.from_bytes(data)
 
-    def delete(self, key: str) -> None:
-        self.cache.delete(key)
+    def delete(self, key: str) -> bool:
+        """Remove one entry; True when it was there (dcapd-admin's delete)."""
+        return bool(self.cache.delete(key))
+
+    def entries(self, prefix: str = "") -> Iterator[tuple[str, Entry]]:
+        """Every entry whose key starts with ``prefix``, in key order (dcapd-admin's list):
+        ``(key, entry)``; ``entry.meta`` has fetched_at, source, next_update where known.
+        An entry deleted while listing is left out."""
+        for key in self.keys(prefix):
+            entry = self.get(key)
+            if entry is not None:
+                yield key, entry
 
     def get_json(self, key: str):
         """A write-side record (platform, cert set, raw TCBs): JSON in the body."""

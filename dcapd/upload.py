@@ -33,6 +33,7 @@ from .extra import UPLOAD_KEY, ExtraCollateral
 from .hexstr import ANY_LENGTH, is_hex
 from .integrity import Integrity, IntegrityError, tcb_info_mismatch
 from .pckcerts import PckCerts, RawTcb
+from .pcsurls import is_root_crl_url
 from .selection import SelectionError, parse_pck_cert
 from .store import Entry, Store
 
@@ -311,6 +312,10 @@ class CollateralUpload:
             if cdp:
                 if not isinstance(cdp, str):
                     raise _bad("rootcacrl_cdp is not a string")
+                # Stored as that distribution point's CRL, which every refresh downloads again:
+                # only a root CA CRL distribution point Intel's collateral can name.
+                if not is_root_crl_url(cdp):
+                    raise _bad("rootcacrl_cdp is not an Intel root CA CRL distribution point")
                 writes[self.store.crl_key(cdp)] = Entry(der, {}, CT_CRL, self._crl_meta(der))
 
     @staticmethod

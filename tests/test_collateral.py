@@ -328,15 +328,16 @@ def test_appraisal_policy_is_404_until_uploaded(make_client):
     assert result.status_code == 404
 
 
-def test_crl_uri_cache_key_is_exact_uri(fake_pcs, make_client):
+def test_crl_uri_of_intels_root_ca_is_the_rootcacrl_entry(fake_pcs, make_client):
+    """Issue 14: the root CA CRL's distribution point is one entry with rootcacrl (it used to be
+    stored again under its exact URI)."""
     fake = fake_pcs("2025-08-15_sgx-00606A000000")
     client = make_client(fake)
     assert (
         client.simulate_get("/sgx/certification/v4/crl", params={"uri": INTEL_ROOT_CDP}).status_code
         == 200
     )
-    stored = client.app.services.store.keys("crl/")
-    assert stored == ["crl/" + INTEL_ROOT_CDP]
+    assert client.app.services.store.keys() == ["rootcacrl"]
     assert urllib.parse.urlsplit(fake.calls[-1].path).path == "/IntelSGXRootCA.der"
 
 

@@ -566,8 +566,8 @@ def test_kill_during_a_refresh_leaves_old_or_new(tmp_path, roots, fake_pcs):
             {
                 "pckcrl/PROCESSOR": data["crls"]["PROCESSOR"],
                 "pckcrl/PLATFORM": data["crls"]["PLATFORM"],
+                # The upload's rootcacrl_cdp (Intel's root CA CRL) is this same entry.
                 "rootcacrl": data["crls"]["ROOT"],
-                f"crl/{INTEL_ROOT_CDP}": data["crls"]["ROOT"],
             }
         )
         return {key: (body,) for key, body in keys.items()}

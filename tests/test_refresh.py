@@ -96,16 +96,21 @@ def test_refresh_replaces_older_entries_and_logs_what_changed(
     assert by_key["tcb/tdx/4/90C06F000000/STANDARD"]["next_update"] == "2026-03-20T10:58:51Z"
 
 
-@pytest.mark.parametrize(
-    "fault",
-    [
-        {"status": 500, "paths": "/tcb"},
-        {"status": 404, "paths": "/pckcrl"},
-        {"close": True, "paths": "/IntelSGXRootCA.der"},
-        {"status": 503, "paths": "/tcb"},
-    ],
-)
-def test_failing_refresh_leaves_cache_byte_identical(fake_pcs, make_client, fault):
+FAULTS = [  # (fault, the entry that fails, the status the refresh ends with)
+    ({"status": 500, "paths": "/tcb"}, "tcb/tdx/4/90C06F000000/STANDARD", 503),
+    ({"status": 404, "paths": "/pckcrl"}, "pckcrl/PLATFORM", 503),
+    ({"close": True, "paths": "/IntelSGXRootCA.der"}, "rootcacrl", 502),
+    ({"status": 503, "paths": "/tcb"}, "tcb/tdx/4/90C06F000000/STANDARD", 503),
+]
+
+
+@pytest.mark.parametrize("fault,failing,status", FAULTS)
+def test_failing_entry_is_skipped_left_byte_identical_and_the_rest_refreshed(
+    fake_pcs, make_client, fault, failing, status
+):
+    """Issue 13: one entry that fails no longer keeps every other entry stale (this test
+    asserted Intel's all-or-nothing refresh before): the others are refreshed, the failing
+    one is left byte-identical, and the run reports it (an error status, the skipped key)."""
     fake = fake_pcs(NEW)
     older_world(fake)
     client = make_client(fake, **TOKENS)
@@ -113,9 +118,44 @@ def test_failing_refresh_leaves_cache_byte_identical(fake_pcs, make_client, faul
     fake.clear_added()
     store = client.app.services.store
     before = snapshot(store)
-    fake.fail_with(**fault)  # PCS fails part-way through the refresh
+    fake.fail_with(**fault)  # PCS fails for one entry
     result = refresh(client)
-    assert result.status_code in (502, 503)
+    assert result.status_code == status
+    after = snapshot(store)
+    assert after[failing] == before[failing]
+    newer = {
+        "tcb/tdx/4/90C06F000000/STANDARD": load_body(NEW, "tdx_tcb_90C06F000000"),
+        "pckcrl/PLATFORM": load_body(NEW, "pckcrl_platform"),
+    }
+    for key, body in newer.items():
+        if key != failing:
+            assert after[key] != before[key] and store.get(key).body == body, key
+    status = client.simulate_get("/dcapd/status", headers=ADMIN_HEADERS).json
+    assert status["last_collateral_refresh_skipped"] == [failing]
+    fake.clear_fault()
+    assert refresh(client).status_code == 200, "the next refresh catches up"
+    assert store.get("pckcrl/PLATFORM").body == newer["pckcrl/PLATFORM"]
+    assert (
+        client.simulate_get("/dcapd/status", headers=ADMIN_HEADERS).json[
+            "last_collateral_refresh_skipped"
+        ]
+        == []
+    )
+
+
+@pytest.mark.parametrize("fault,status", [({"close": True}, 502), ({"status": 500}, 503)])
+def test_refresh_that_fetches_nothing_leaves_cache_byte_identical(
+    fake_pcs, make_client, fault, status
+):
+    fake = fake_pcs(NEW)
+    older_world(fake)
+    client = make_client(fake, **TOKENS)
+    warm(client)
+    fake.clear_added()
+    store = client.app.services.store
+    before = snapshot(store)
+    fake.fail_with(**fault)  # PCS down: every entry fails
+    assert refresh(client).status_code == status
     assert snapshot(store) == before
 
 

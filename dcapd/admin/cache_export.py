@@ -265,7 +265,12 @@ class Exporter:
         if root_keys:
             der = self._entry(root_keys[0][0]).body
             same = [uri for uri, body in crls.items() if body == der]
-            cdp = self.preferred_cdp if self.preferred_cdp in same else (same or [""])[0]
+            # The root CA CRL is one entry whatever distribution point named it (rootcacrl).
+            cdp = (
+                self.preferred_cdp
+                if self.preferred_cdp in same
+                else (same or [self.preferred_cdp])[0]
+            )
             self.parts[0].rootcacrl = (cdp, der.hex())
             crls.pop(cdp, None)
         self.crls = {uri: body.hex() for uri, body in crls.items()}
