@@ -153,7 +153,7 @@ class Pcs:
         """The answer to ``request(*args)``, a method of ``self.upstream``. 200s (and, for
         ``optional`` items, 404s) are kept in the journal; a required item is never
         remembered as missing."""
-        key = hashlib.sha256(json.dumps([request.__name__, *args]).encode()).hexdigest()
+        key = self._key(request, args)
         kept = self.journal.get(key)
         if kept is not None:
             return kept
@@ -174,6 +174,14 @@ class Pcs:
         if answer.status == 200 or (answer.status == 404 and optional):
             self.journal.put(key, answer)
         return answer
+
+    @staticmethod
+    def _key(request: Callable[..., UpstreamResponse], args: tuple) -> str:
+        return hashlib.sha256(json.dumps([request.__name__, *args]).encode()).hexdigest()
+
+    def kept(self, request: Callable[..., UpstreamResponse], *args: Any) -> bool:
+        """Whether the journal holds the answer to ``request(*args)`` (a resumed item)."""
+        return self.journal.get(self._key(request, args)) is not None
 
     def _retrying(
         self, response: requests.Response | None, error: Exception | None, delay: float
