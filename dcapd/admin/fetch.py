@@ -159,11 +159,8 @@ class Fetcher:
 
     def platforms_done(self, platforms: list) -> int:
         """How many of the list's platforms a resumed fetch already has the answer for."""
-        return sum(
-            1
-            for platform in self.wanted(platforms)
-            if self.pcs.kept(*self._pck_certs_request(platform))
-        )
+        requests = [self._pck_certs_request(platform) for platform in self.wanted(platforms)]
+        return sum(1 for request, args in requests if self.pcs.kept(request, *args))
 
     def crls(self) -> None:
         for ca in ("processor", "platform"):
