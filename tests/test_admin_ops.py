@@ -16,6 +16,7 @@ import pytest
 import requests
 
 from dcapd.admin import main
+from dcapd.admin.common import Progress
 from dcapd.store import Store
 from tests import pki
 from tests.conftest import upstream_settings
@@ -402,3 +403,21 @@ def test_migrate_summary_is_printed_once(tmp_path, monkeypatch, capsys):
     assert out.count("registration queue: 1 NEW") == 1 and out.count("skipped: 0") == 1
     assert "registration queue" not in err and "TCB infos:" not in err, err
     assert f"imported {db} (0 rows skipped)" in err, "-v: the log says it is done, no more"
+
+
+def test_progress_on_a_terminal_is_a_bar_with_announcements():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Terminal()
+    bar = Progress(tty)
+    bar.add(2)
+    bar.step("platform 1/2, 4 certificates")
+    bar.line("platform 1/2 X/0000: 4 certificates (4 so far)")  # the bar says it already
+    bar.announce("resuming from out.json.partial")
+    bar.close()
+    text = tty.getvalue()
+    assert "1/2 platform 1/2, 4 certificates" in text and "so far" not in text
+    assert "resuming from out.json.partial\n" in text
+    assert text.endswith("\r")

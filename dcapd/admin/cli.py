@@ -42,9 +42,9 @@ Air-gapped workflow:
   4. dcapd-admin put -u https://pccs:8081 -i platform_collaterals.json     (offline side)
      or, with no server running: dcapd-admin import -i platform_collaterals.json --cache-dir DIR
 
-The admin token comes from --token, the DCAPD_ADMIN_TOKEN variable or a prompt (its hash for
-dcapd's settings: dcapd-admin hash-token); the Intel PCS API key from --api-key, the {api_key}
-variable or a prompt.
+The admin token comes from --token, the DCAPD_ADMIN_TOKEN variable or a prompt (its hash
+for dcapd's settings: dcapd-admin hash-token); the Intel PCS API key from --api-key, the
+{api_key} variable or a prompt.
 
 Exit status: 0 done, 1 failed, 2 an unusable option, setting or path (one line names it).
 """.format(api_key=ENV["api_key"])

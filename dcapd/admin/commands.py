@@ -272,8 +272,14 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     reply = pccs.request("POST", pccs.url("refresh"), params=params or None)
     what = "certificates" if params else "collateral"
     print(f"{what} refreshed: {reply.text.strip() or reply.status_code}")
+    after = None
     if before is not None:
-        changes = status_changes(before, read_status(pccs))
+        try:
+            after = read_status(pccs)
+        except AdminError as exc:
+            log.warning("the refresh is done, but the status cannot be read again: %s", exc)
+    if before is not None and after is not None:
+        changes = status_changes(before, after)
         count = plural(len(changes), "cached entry", "cached entries")
         print(f"{count} changed" + ":" * bool(changes))
         for line in changes:

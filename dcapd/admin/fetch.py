@@ -193,7 +193,7 @@ class Fetcher:
             counter = f"platform {number}/{len(wanted)} {ident}"
             if reply.status == 404 and self.skip_unknown:
                 self.unknown.append(ident)
-                self.progress.step(what)
+                self.progress.step(f"platform {number}/{len(wanted)}, {len(self.unknown)} unknown")
                 self.progress.line(f"{counter}: PCS does not know it (404); skipped")
                 continue
             self._required(what, reply)
@@ -226,8 +226,8 @@ class Fetcher:
                             "pce_svn": pce_svn,
                         }
                     )
-            self.progress.step(what)
             self.certificates += len(available)
+            self.progress.step(f"platform {number}/{len(wanted)}, {self.certificates} certificates")
             self.progress.line(
                 f"{counter}: {plural(len(available), 'certificate')} ({self.certificates} so far)"
             )

@@ -106,4 +106,8 @@ def status_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
             changes.append(f"{key}: gone")
         elif _version(old[key]) != _version(new[key]):
             changes.append(f"{key}: {_version(old[key])} -> {_version(new[key])}")
+    for name in ("platforms", "pck_certificate_answers"):  # what a certificate refresh adds
+        counts = [(status.get("counts") or {}).get(name) for status in (before, after)]
+        if counts[0] != counts[1]:
+            changes.append(f"{name.replace('_', ' ')}: {counts[0]} -> {counts[1]}")
     return changes
