@@ -737,7 +737,7 @@ def test_pccs_errors_are_one_clear_line(tmp_path, make_config, capsys, monkeypat
     err = capsys.readouterr().err
     assert f"cannot connect to {url}/sgx/certification/v4/platforms" in err
     assert "Connection refused" in err
-    assert main(["refresh", "-u", url]) == 1  # stdin is not a terminal: no prompt
+    assert main(["refresh", "-u", url]) == 2  # stdin is not a terminal: no prompt
     assert "no admin token: give --token or set DCAPD_ADMIN_TOKEN" in capsys.readouterr().err
 
 

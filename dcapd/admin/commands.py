@@ -89,7 +89,7 @@ def _api_key_getter(config: Config) -> Callable[[], str]:
     def get() -> str:
         if not cached:
             if not sys.stdin.isatty():
-                raise AdminError(f"no Intel PCS API key: give --api-key or set {ENV['api_key']}")
+                raise SettingError(f"no Intel PCS API key: give --api-key or set {ENV['api_key']}")
             cached.append(getpass.getpass("Intel PCS API key: "))
         return cached[0]
 

@@ -71,7 +71,7 @@ class Pccs:
             self._token = os.environ.get(ADMIN_TOKEN_ENV) or None
         if self._token is None:
             if not sys.stdin.isatty():
-                raise AdminError(f"no admin token: give --token or set {ADMIN_TOKEN_ENV}")
+                raise SettingError(f"no admin token: give --token or set {ADMIN_TOKEN_ENV}")
             self._token = getpass.getpass(f"Admin token for {self.root}: ")
         return self._token
 

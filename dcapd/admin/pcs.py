@@ -41,8 +41,7 @@ class Journal:
         if not restart and os.path.exists(path):
             kept = self._load(fingerprint)
         self.resumed = len(self.replies) if kept else 0
-        if kept:
-            log.info("resuming from %s (%d PCS answers kept)", path, len(self.replies))
+        if kept:  # (fetch announces it, with the platforms already done)
             self._file = open(path, "a", encoding="utf-8")
         else:
             self.replies.clear()
