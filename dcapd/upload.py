@@ -129,32 +129,10 @@ class CollateralUpload:
             raise PccsError(460, f"collateral upload: {what}: {exc}") from None
 
     def check(self, version: int, body) -> None:
-        """Everything :meth:`apply` checks (PccsError as it would raise), nothing written."""
-        self._prepare(version, body)
+        """Everything :meth:`apply` checks (the PccsError it would raise), nothing written."""
+        self.apply(version, body, write=False)
 
-    def apply(self, version: int, body) -> None:
-        writes, plans = self._prepare(version, body)
-        try:
-            with self.store.transaction():
-                for key, entry in writes.items():
-                    self.store.put(key, entry)
-                for qeid, pceid, platform, cert_set, tcb_body, raw_tcbs in plans:
-                    self.pck_certs.store_platform(
-                        qeid, pceid, platform, cert_set, tcb_body, None, extra_raw_tcbs=raw_tcbs
-                    )
-        except PccsError as exc:  # re-selection of a cached raw TCB failed: nothing written
-            raise _bad(exc.reason) from None
-        tcb_infos = sum(1 for key in writes if key.startswith("tcb/"))
-        log.info(
-            "collateral upload (v%d): %d platforms, %d TCB infos, %d other entries",
-            version,
-            len(plans),
-            tcb_infos,
-            len(writes) - tcb_infos,
-        )
-
-    def _prepare(self, version: int, body) -> tuple[dict[str, Entry], list]:
-        """The upload validated: the entries to write and the PCK certificate sets to store."""
+    def apply(self, version: int, body, write: bool = True) -> None:
         if not isinstance(body, dict):
             raise _bad("body is not a JSON object")
         platforms = _require(body, "platforms", list, "body")
@@ -178,7 +156,27 @@ class CollateralUpload:
             self._pck_cert_set(version, item, f"pck_certs[{i}]", platforms, pck_chains, tcb_bodies)
             for i, item in enumerate(pck_cert_sets)
         ]
-        return writes, plans
+        if not write:
+            return
+
+        try:
+            with self.store.transaction():
+                for key, entry in writes.items():
+                    self.store.put(key, entry)
+                for qeid, pceid, platform, cert_set, tcb_body, raw_tcbs in plans:
+                    self.pck_certs.store_platform(
+                        qeid, pceid, platform, cert_set, tcb_body, None, extra_raw_tcbs=raw_tcbs
+                    )
+        except PccsError as exc:  # re-selection of a cached raw TCB failed: nothing written
+            raise _bad(exc.reason) from None
+        tcb_infos = sum(1 for key in writes if key.startswith("tcb/"))
+        log.info(
+            "collateral upload (v%d): %d platforms, %d TCB infos, %d other entries",
+            version,
+            len(plans),
+            tcb_infos,
+            len(writes) - tcb_infos,
+        )
 
     @staticmethod
     def _check_platform(item, where: str) -> None:

@@ -16,6 +16,7 @@ import pytest
 import requests
 
 from dcapd.admin import main
+from dcapd.admin.cache_import import open_services
 from dcapd.admin.common import Progress
 from dcapd.store import Store
 from tests import pki
@@ -127,6 +128,17 @@ def test_put_checks_the_file_first_and_names_the_reason(tmp_path, fake_pcs, root
     assert main(put[:-1] + [str(test_pki_only), "-i", str(good)]) == 1
     assert "is not a trusted root" in one_line(capsys.readouterr().err)
     assert pccs.calls == []
+
+
+def test_the_upload_check_writes_nothing(tmp_path, roots):
+    services = open_services(str(tmp_path / "cache"), roots, None)
+    try:
+        services.upload.check(4, intel_upload())
+        assert services.store.keys() == []
+        services.upload.apply(4, intel_upload())
+        assert services.store.keys() != []
+    finally:
+        services.close()
 
 
 def test_put_reports_expired_items_and_the_request_id(tmp_path, make_config, roots, capsys):
