@@ -38,7 +38,7 @@ from .migrate import import_into_cache
 from .pccs import Pccs
 from .pcs import JOURNAL_FORMAT, Journal, Pcs
 from .platform_list import collect_csv, load_platform_list
-from .server_status import read_status, status_changes, status_lines
+from .server_status import fetch_status, read_status, status_changes, status_lines
 from .upload_file import expiry_note, upload_version
 
 log = logging.getLogger("dcapd.admin")
@@ -288,9 +288,9 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = read_status(Pccs(args))
+    status, text = fetch_status(Pccs(args))
     if args.json:
-        print(json.dumps(status, indent=1))
+        print(text.rstrip("\n"))
     else:
         for line in status_lines(status):
             print(line)

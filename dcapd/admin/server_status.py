@@ -16,8 +16,9 @@ from .pccs import Pccs
 MARKS = {EXPIRED: "!", EXPIRING: "~"}
 
 
-def read_status(pccs: Pccs) -> dict[str, Any]:
-    """The server's status document (admin token); AdminError when there is none."""
+def fetch_status(pccs: Pccs) -> tuple[dict[str, Any], str]:
+    """The server's status document (admin token), parsed and as sent; AdminError when there
+    is none."""
     url = pccs.root + STATUS_PATH.lstrip("/")
     reply = pccs.request("GET", url)
     try:
@@ -26,7 +27,11 @@ def read_status(pccs: Pccs) -> dict[str, Any]:
             raise ValueError("no entries list")
     except ValueError as exc:
         raise AdminError(f"GET {url}: not dcapd's status ({exc})") from None
-    return status
+    return status, reply.text
+
+
+def read_status(pccs: Pccs) -> dict[str, Any]:
+    return fetch_status(pccs)[0]
 
 
 def _when(value: Any) -> str:
