@@ -135,7 +135,11 @@ class CollateralUpload:
         except IntegrityError as exc:
             raise PccsError(460, f"collateral upload: {what}: {exc}") from None
 
-    def apply(self, version: int, body) -> None:
+    def check(self, version: int, body) -> None:
+        """Everything :meth:`apply` checks (the PccsError it would raise), nothing written."""
+        self.apply(version, body, write=False)
+
+    def apply(self, version: int, body, write: bool = True) -> None:
         if not isinstance(body, dict):
             raise _bad("body is not a JSON object")
         platforms = _require(body, "platforms", list, "body")
@@ -160,6 +164,8 @@ class CollateralUpload:
             self._pck_cert_set(version, item, f"pck_certs[{i}]", platforms, pck_chains, tcb_bodies)
             for i, item in enumerate(pck_cert_sets)
         ]
+        if not write:
+            return
 
         try:
             with self.store.transaction():

@@ -41,7 +41,20 @@ PLATFORM = pki.default_platform()
 SCENARIO = "2025-05-27_intel-pcs-recording"
 API_KEY = "k" * 32
 V4 = "/sgx/certification/v4"
-COMMANDS = ("get", "collect", "fetch", "put", "refresh", "import", "export", "migrate")
+COMMANDS = (
+    "get",
+    "collect",
+    "fetch",
+    "put",
+    "refresh",
+    "status",
+    "hash-token",
+    "import",
+    "export",
+    "entries",
+    "delete-entry",
+    "migrate",
+)
 
 
 # --- a complete test-PKI "Intel PCS": the test platform, its TCB info, CRLs and identities
@@ -270,7 +283,8 @@ def test_air_gap_round_trip(tmp_path, fake_pcs, make_config, roots, session, cap
     )
     with running_dcapd(config) as server:
         base = f"https://127.0.0.1:{server.port}"
-        assert main(["put", "-u", base, "--ca-file", str(ca_file), "-i", str(collaterals)]) == 0
+        put = ["put", "-u", base, "--ca-file", str(ca_file), "-i", str(collaterals)]
+        assert main(put + ["--trusted-roots", roots]) == 0
         assert "Operation successful." in capsys.readouterr().out
 
         def get(path, **params):
@@ -655,7 +669,8 @@ def test_export_then_import_serves_byte_identical_answers(
     config = make_config(cache_mode="OFFLINE", cache_dir=str(tmp_path / "put"), **TOKENS)
     with running_dcapd(config) as server:
         base = f"http://127.0.0.1:{server.port}"
-        assert main(["put", "-u", base, "--token", ADMIN, "-i", str(exported)]) == 0
+        put = ["put", "-u", base, "--token", ADMIN, "-i", str(exported), "--trusted-roots", roots]
+        assert main(put) == 0
         assert "dcapd_crls and dcapd_entries cannot be uploaded" in capsys.readouterr().err
         reply = requests.get(
             base + "/sgx/certification/v3/tcb", params={"fmspc": "00906ED50000"}, timeout=10
@@ -691,7 +706,7 @@ def test_import_of_a_bad_file_names_it_and_changes_nothing(tmp_path, roots, caps
         assert store.keys() == [], "the first (valid) body was rolled back too"
     finally:
         store.close()
-    assert main(["export", "-C", str(tmp_path / "nothing"), "-o", str(path)]) == 1
+    assert main(["export", "-C", str(tmp_path / "nothing"), "-o", str(path)]) == 2
     assert "not a dcapd cache directory" in capsys.readouterr().err
 
 
@@ -732,7 +747,7 @@ def test_pccs_errors_are_one_clear_line(tmp_path, make_config, capsys, monkeypat
     err = capsys.readouterr().err
     assert f"cannot connect to {url}/sgx/certification/v4/platforms" in err
     assert "Connection refused" in err
-    assert main(["refresh", "-u", url]) == 1  # stdin is not a terminal: no prompt
+    assert main(["refresh", "-u", url]) == 2  # stdin is not a terminal: no prompt
     assert "no admin token: give --token or set DCAPD_ADMIN_TOKEN" in capsys.readouterr().err
 
 
@@ -764,7 +779,7 @@ def test_malformed_inputs_name_the_file_and_first_bad_entry(tmp_path, fake_pcs, 
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert fake.calls == [], "checked before anything is fetched"
-    assert main(fetch_args(fake, roots, tmp_path / "missing.json", tmp_path / "o.json")) == 1
+    assert main(fetch_args(fake, roots, tmp_path / "missing.json", tmp_path / "o.json")) == 2
     assert "cannot read" in capsys.readouterr().err
     (tmp_path / "upload.json").write_text('{"platforms": []}')
     assert (
@@ -919,7 +934,10 @@ def test_fetch_is_quiet_when_not_a_terminal(tmp_path, fake_pcs, roots, capsys):
         == 0
     )
     out, err = capsys.readouterr()
-    assert err == "" and out.count("\n") == 1
+    assert err == "", "no platforms: no progress lines"
+    summary, expired = out.splitlines()
+    assert "0 platforms, 0 certificates, 0 FMSPCs (3 PCS requests)" in summary
+    assert "3 collateral items of 3 past nextUpdate (e.g. processorCrl)" in expired
 
 
 # --- appraisal policy and refresh: Intel's requests, and dcapd's routes
@@ -968,7 +986,7 @@ def test_put_policy_and_refresh_send_intels_requests(tmp_path, fake_pcs, make_co
     ]:
         tiny.reset_calls()
         assert main(["refresh", "-u", f"{tiny.base}{V4}/refresh", "--token", ADMIN] + argv) == 0
-        [call] = tiny.calls
+        [call] = [c for c in tiny.calls if c.method == "POST"]
         assert (call.method, call.path, call.query) == ("POST", f"{V4}/refresh", expected)
 
     config = make_config(cache_dir=str(tmp_path / "lazy"), **TOKENS)
@@ -1013,7 +1031,7 @@ def test_help_documents_every_subcommand(capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     for command in COMMANDS:
-        assert f"    {command} " in text, command
+        assert f"    {command} " in text or f"    {command}\n" in text, command
     for command in COMMANDS:
         with pytest.raises(SystemExit):
             main([command, "--help"])

@@ -342,7 +342,7 @@ def test_command_line(tmp_path, monkeypatch, capsys, make_client, dcapd_logging)
     assert served(client, "/sgx/certification/v4/rootcacrl").status_code == 200
     capsys.readouterr()
 
-    assert migrate.main([str(tmp_path / "nothing.db"), "--cache-dir", str(tmp_path / "d")]) == 1
+    assert migrate.main([str(tmp_path / "nothing.db"), "--cache-dir", str(tmp_path / "d")]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert (
@@ -381,7 +381,7 @@ def test_dcapd_admin_migrate_is_the_same_import(
     capsys.readouterr()
 
     missing = tmp_path / "nothing.db"
-    assert admin_main(["migrate", str(missing), "--cache-dir", str(tmp_path / "d")]) == 1
+    assert admin_main(["migrate", str(missing), "--cache-dir", str(tmp_path / "d")]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.strip().splitlines()[-1] == f"dcapd-admin: {missing}: no such file"

@@ -4,6 +4,7 @@ with no server running, checked exactly as ``PUT /platformcollateral`` checks it
 from __future__ import annotations
 
 import base64
+import tempfile
 from typing import Any
 
 from ..collateral import CT_CRL, PCK_CERT_CHAIN, BadUpstreamData, crl_meta
@@ -12,7 +13,7 @@ from ..errors import PccsError
 from ..integrity import IntegrityError
 from ..services import Services, build_services
 from ..store import Entry, Store
-from .common import AdminError
+from .common import AdminError, SettingError
 from .upload_file import upload_version
 
 # Entries export copies verbatim (nothing in Intel's format holds them).
@@ -28,18 +29,25 @@ def open_services(cache_dir: str, trusted_roots: str | None, config_file: str | 
             ini_path=config_file,
         )
     except ConfigError as exc:
-        raise AdminError(str(exc)) from None
-    store = Store(config.cache_dir)
+        raise SettingError(str(exc)) from None
+    store = open_store(config.cache_dir)
     try:
         return build_services(config, store)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         store.close()
-        raise AdminError(f"cannot read the trusted roots: {exc}") from None
+        raise SettingError(f"cannot read the trusted roots: {exc}") from None
 
 
-def import_upload(services: Services, body: dict[str, Any], path: str) -> dict[str, int]:
-    """Apply an upload file (and dcapd's extension keys) to the cache, all or nothing."""
-    store = services.store
+def open_store(directory: str) -> Store:
+    """The cache in ``directory`` (created if need be); SettingError when it cannot be."""
+    try:
+        return Store(directory)
+    except OSError as exc:
+        raise SettingError(f"cache directory {directory}: {exc.strerror or exc}") from None
+
+
+def upload_parts(body: dict[str, Any], path: str) -> list[tuple[int, dict, str]]:
+    """(API version, upload body, where) of the file's body and its extra upload bodies."""
     parts = [(upload_version(body, path), body, path)]
     extra = body.get("dcapd_extra_uploads") or []
     if not isinstance(extra, list):
@@ -47,6 +55,32 @@ def import_upload(services: Services, body: dict[str, Any], path: str) -> dict[s
     for index, part in enumerate(extra):
         where = f"{path}: dcapd_extra_uploads[{index}]"
         parts.append((upload_version(part, where), part, where))
+    return parts
+
+
+def _refused(where: str, exc: PccsError) -> AdminError:
+    return AdminError(f"{where}: refused ({exc.status_code}): {exc.reason}")
+
+
+def check_upload(body: dict[str, Any], path: str, trusted_roots: str | None) -> None:
+    """What ``import`` (and ``PUT /platformcollateral``) would refuse in the upload bodies,
+    checked against an empty cache with nothing written: an AdminError naming the reason."""
+    with tempfile.TemporaryDirectory(prefix="dcapd-admin-check-") as directory:
+        services = open_services(directory, trusted_roots, None)
+        try:
+            for version, part, where in upload_parts(body, path):
+                try:
+                    services.upload.check(version, part)
+                except PccsError as exc:
+                    raise _refused(where, exc) from None
+        finally:
+            services.close()
+
+
+def import_upload(services: Services, body: dict[str, Any], path: str) -> dict[str, int]:
+    """Apply an upload file (and dcapd's extension keys) to the cache, all or nothing."""
+    store = services.store
+    parts = upload_parts(body, path)
     crls = body.get("dcapd_crls") or {}
     entries = body.get("dcapd_entries") or []
     if not isinstance(crls, dict) or not isinstance(entries, list):
@@ -57,7 +91,7 @@ def import_upload(services: Services, body: dict[str, Any], path: str) -> dict[s
             try:
                 services.upload.apply(version, part)
             except PccsError as exc:
-                raise AdminError(f"{where}: refused ({exc.status_code}): {exc.reason}") from None
+                raise _refused(where, exc) from None
         # (the upload code has checked these)
         known_chains = [
             chain

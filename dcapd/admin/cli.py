@@ -14,15 +14,19 @@ from .. import __version__
 from ..pcsurls import INTEL_PCS_URL
 from .commands import (
     cmd_collect,
+    cmd_delete_entry,
+    cmd_entries,
     cmd_export,
     cmd_fetch,
     cmd_get,
+    cmd_hash_token,
     cmd_import,
     cmd_migrate,
     cmd_put,
     cmd_refresh,
+    cmd_status,
 )
-from .common import ENV, PROG, AdminError
+from .common import ENV, PROG, AdminError, SettingError
 from .migrate import DESCRIPTION as MIGRATE_DESCRIPTION
 from .migrate import add_arguments as add_migrate_arguments
 from .pccs import ADMIN_TOKEN_ENV, DEFAULT_PCCS_URL
@@ -38,8 +42,11 @@ Air-gapped workflow:
   4. dcapd-admin put -u https://pccs:8081 -i platform_collaterals.json     (offline side)
      or, with no server running: dcapd-admin import -i platform_collaterals.json --cache-dir DIR
 
-The admin token comes from --token, the DCAPD_ADMIN_TOKEN variable or a prompt; the Intel PCS
-API key from --api-key, the {api_key} variable or a prompt.
+The admin token comes from --token, the DCAPD_ADMIN_TOKEN variable or a prompt (its hash
+for dcapd's settings: dcapd-admin hash-token); the Intel PCS API key from --api-key, the
+{api_key} variable or a prompt.
+
+Exit status: 0 done, 1 failed, 2 an unusable option, setting or path (one line names it).
 """.format(api_key=ENV["api_key"])
 
 
@@ -79,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", dest="verbose_all", action="store_true", help="log what is done"
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     get = commands.add_parser(
@@ -203,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument(
         "--restart", action="store_true", help="ignore <output>.partial and fetch everything again"
     )
+    fetch.add_argument(
+        "--skip-unknown",
+        action="store_true",
+        help="go on past platforms PCS does not know (404), listing them at the end "
+        "(default: stop at the first)",
+    )
 
     put = commands.add_parser(
         "put",
@@ -224,6 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="make the appraisal policy the default for its FMSPC",
     )
+    put.add_argument(
+        "--trusted-roots",
+        metavar="PEM",
+        help="root CA(s) the upload file is checked against before it is sent, as import "
+        "checks it (default: Intel's SGX Root CA)",
+    )
+    put.add_argument(
+        "--no-check", action="store_true", help="send the upload file without checking it first"
+    )
 
     refresh = commands.add_parser(
         "refresh",
@@ -241,6 +266,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--fmspc",
         help="refresh PCK certificates only of platforms with these FMSPCs "
         "(comma-separated; implies --certs; 'all' = every platform)",
+    )
+
+    status = commands.add_parser(
+        "status",
+        parents=[common, pccs],
+        help="what a dcapd server has cached and how fresh it is (GET /dcapd/status)",
+        description="Show dcapd's status view: every cached collateral entry with its next "
+        "update and state (! expired, ~ expiring within the refresh margin), and the counts.",
+    )
+    status.add_argument("--json", action="store_true", help="print the server's JSON as it is")
+
+    commands.add_parser(
+        "hash-token",
+        parents=[common],
+        help="the SHA-512 of a token, for user_token_sha512 / admin_token_sha512",
+        description="Read a token without echo (from standard input when it is not a "
+        "terminal: one trailing newline is removed) and print its SHA-512 hex, the value "
+        "dcapd's token settings take.",
     )
 
     local = argparse.ArgumentParser(add_help=False)
@@ -288,6 +331,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="upload file to write (default: platform_collaterals.json)",
     )
 
+    entries = commands.add_parser(
+        "entries",
+        parents=[common, local],
+        help="list the keys of a dcapd cache directory",
+        description="List a dcapd cache directory's entries: kind, body size, next update, "
+        "state and key.",
+    )
+    entries.add_argument("--prefix", metavar="P", help="only keys starting with P (e.g. tcb/)")
+
+    delete = commands.add_parser(
+        "delete-entry",
+        parents=[common, local],
+        help="delete one entry of a dcapd cache directory",
+        description="Delete one collateral or PCK certificate answer from a dcapd cache "
+        "directory (dcapd fetches it again when next asked, unless OFFLINE).",
+    )
+    delete.add_argument("key", metavar="KEY", help="the key, as entries lists it")
+    delete.add_argument(
+        "--force",
+        action="store_true",
+        help="delete any other entry too (platforms, certificate sets, the registration "
+        "queue, appraisal policies)",
+    )
+
     migrate = commands.add_parser(
         "migrate",
         parents=[common],
@@ -323,30 +390,44 @@ def _logging(verbose: bool) -> Callable[[], None]:
     return restore
 
 
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "get": cmd_get,
+    "collect": cmd_collect,
+    "put": cmd_put,
+    "refresh": cmd_refresh,
+    "status": cmd_status,
+    "hash-token": cmd_hash_token,
+    "import": cmd_import,
+    "export": cmd_export,
+    "entries": cmd_entries,
+    "delete-entry": cmd_delete_entry,
+    "migrate": cmd_migrate,
+}
+
+
 def main(argv: Sequence[str] | None = None, *, sleep: Callable[[float], None] = time.sleep) -> int:
-    """``dcapd-admin``; ``sleep`` is what retries wait with (tests pass a recorder)."""
+    """``dcapd-admin``: 0 done, 1 failed, 2 an unusable option, setting or path (one line on
+    stderr naming it); ``sleep`` is what retries wait with (tests pass a recorder)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    restore = _logging(args.verbose)
+    restore = _logging(args.verbose or args.verbose_all)
     try:
-        handlers = {
-            "get": cmd_get,
-            "collect": cmd_collect,
-            "put": cmd_put,
-            "refresh": cmd_refresh,
-            "import": cmd_import,
-            "export": cmd_export,
-            "migrate": cmd_migrate,
-        }
         if args.command == "fetch":
             return cmd_fetch(args, sleep)
-        return handlers[args.command](args)
+        return HANDLERS[args.command](args)
+    except SettingError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
     except AdminError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a path no check above caught: still one line, naming it
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{PROG}: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -12,20 +12,23 @@ import os
 import sys
 from typing import Callable
 
+from ..auth import token_sha512
 from ..config import Config
 from ..hexstr import is_hex
 from ..integrity import Integrity
 from ..pcsurls import INTEL_ROOTCA_CRL_URL
-from ..store import Store
+from .cache_entries import delete_entry, entry_lines, existing_cache, list_entries
 from .cache_export import Exporter
-from .cache_import import import_upload, open_services
+from .cache_import import check_upload, import_upload, open_services
 from .common import (
     ENV,
     PROG,
     AdminError,
     Progress,
+    SettingError,
     check_writable,
     dcapd_config,
+    plural,
     read_json,
     read_text,
     write_atomic,
@@ -35,7 +38,8 @@ from .migrate import import_into_cache
 from .pccs import Pccs
 from .pcs import JOURNAL_FORMAT, Journal, Pcs
 from .platform_list import collect_csv, load_platform_list
-from .upload_file import upload_version
+from .server_status import fetch_status, read_status, status_changes, status_lines
+from .upload_file import expiry_note, upload_version
 
 log = logging.getLogger("dcapd.admin")
 
@@ -54,21 +58,27 @@ def cmd_get(args: argparse.Namespace) -> int:
             f"GET {pccs.url('platforms')}: the PCCS sent no platform list ({exc})"
         ) from None
     write_atomic(args.output, reply.content)
-    print(f"{args.output}: {len(rows)} platform{'s' * (len(rows) != 1)}")
+    print(f"{args.output}: {plural(len(rows), 'platform')}")
     return 0
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
+    try:
+        names = [] if args.files else os.listdir(args.directory)
+    except OSError as exc:
+        raise SettingError(f"-d {args.directory}: {exc.strerror or exc}") from None
     files = args.files or sorted(
         os.path.join(args.directory, name)
-        for name in os.listdir(args.directory)
+        for name in names
         if name.lower().endswith(".csv") and os.path.isfile(os.path.join(args.directory, name))
     )
     if not files:
         raise AdminError(f"no .csv files in {args.directory}")
     platforms = collect_csv(files)
     write_atomic(args.output, json.dumps(platforms).encode())
-    print(f"{args.output}: {len(platforms)} platforms from {len(files)} CSV files")
+    print(
+        f"{args.output}: {plural(len(platforms), 'platform')} from {plural(len(files), 'CSV file')}"
+    )
     return 0
 
 
@@ -79,7 +89,7 @@ def _api_key_getter(config: Config) -> Callable[[], str]:
     def get() -> str:
         if not cached:
             if not sys.stdin.isatty():
-                raise AdminError(f"no Intel PCS API key: give --api-key or set {ENV['api_key']}")
+                raise SettingError(f"no Intel PCS API key: give --api-key or set {ENV['api_key']}")
             cached.append(getpass.getpass("Intel PCS API key: "))
         return cached[0]
 
@@ -95,7 +105,7 @@ def cmd_fetch(args: argparse.Namespace, sleep: Callable[[float], None]) -> int:
     try:
         integrity = Integrity.from_file(args.trusted_roots or "")
     except (OSError, ValueError) as exc:
-        raise AdminError(f"--trusted-roots: {exc}") from None
+        raise SettingError(f"--trusted-roots: {exc}") from None
     url = args.url.strip()
     config = dcapd_config(
         {
@@ -122,10 +132,20 @@ def cmd_fetch(args: argparse.Namespace, sleep: Callable[[float], None]) -> int:
     journal = Journal(args.output + ".partial", fingerprint, args.restart)
     progress = Progress()
     pcs = Pcs(config, _api_key_getter(config), journal, args.backoff, sleep)
-    try:
-        result = Fetcher(pcs, integrity, args.tcb_update_type, args.platform, progress).run(
-            platforms
+    fetcher = Fetcher(
+        pcs, integrity, args.tcb_update_type, args.platform, progress, args.skip_unknown
+    )
+    if journal.resumed:
+        done = ""
+        if platforms is not None:
+            total = plural(len(fetcher.wanted(platforms)), "platform")
+            done = f"{fetcher.platforms_done(platforms)} of {total} done, "
+        progress.announce(
+            f"resuming from {journal.path}: {done}"
+            f"{plural(journal.resumed, 'PCS answer')} kept (--restart to fetch everything again)"
         )
+    try:
+        result = fetcher.run(platforms)
     except (AdminError, KeyboardInterrupt):
         progress.close()
         journal.close()
@@ -143,17 +163,30 @@ def cmd_fetch(args: argparse.Namespace, sleep: Callable[[float], None]) -> int:
     journal.remove()
     collaterals = result.upload["collaterals"]
     print(
-        f"{args.output}: {len(collaterals['pck_certs'])} platforms, "
-        f"{len(collaterals['tcbinfos'])} FMSPCs ({pcs.calls} PCS requests"
-        + (f", {journal.resumed} answers resumed" if journal.resumed else "")
+        f"{args.output}: {plural(len(collaterals['pck_certs']), 'platform')}, "
+        f"{plural(fetcher.certificates, 'certificate')}, "
+        f"{plural(len(collaterals['tcbinfos']), 'FMSPC')} "
+        f"({plural(pcs.calls, 'PCS request')}"
+        + (f", {plural(journal.resumed, 'answer')} resumed" if journal.resumed else "")
         + ")"
     )
+    note = expiry_note(result.upload)
+    if note:
+        print(f"{args.output}: {note}")
+    if result.unknown:
+        print(
+            f"{plural(len(result.unknown), 'platform')} PCS does not know (404), skipped: "
+            + ", ".join(result.unknown)
+        )
     if result.not_available:
         path = args.not_available or os.path.join(
             os.path.dirname(args.output), "not_available.json"
         )
         write_atomic(path, json.dumps(result.not_available).encode())
-        print(f"{path}: {len(result.not_available)} TCBs whose certificate is 'Not available'")
+        print(
+            f"{path}: {plural(len(result.not_available), 'TCB')} whose certificate is "
+            "'Not available'"
+        )
     return 0
 
 
@@ -186,6 +219,18 @@ def cmd_put(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise AdminError(f"{path}: not valid JSON ({exc})") from None
     version = upload_version(body, path)
+    if args.no_check:
+        log.info("%s: not checked before the upload (--no-check)", path)
+    else:
+        try:
+            check_upload(body, path, args.trusted_roots)
+        except SettingError:
+            raise
+        except AdminError as exc:
+            raise AdminError(f"{exc} (not sent; see --trusted-roots and --no-check)") from None
+    note = expiry_note(body)
+    if note:
+        print(f"{path}: {note}")
     reply = pccs.request(
         "PUT",
         pccs.url("platformcollateral", version),
@@ -219,8 +264,51 @@ def cmd_refresh(args: argparse.Namespace) -> int:
         params["type"] = "certs"
         if args.fmspc is not None:
             params["fmspc"] = "" if args.fmspc == "all" else args.fmspc
-    pccs.request("POST", pccs.url("refresh"), params=params or None)
-    print("certificates refreshed" if params else "collateral refreshed")
+    try:  # dcapd's status, to tell what changed (Intel's PCCS has none)
+        before: dict | None = read_status(pccs)
+    except AdminError as exc:
+        log.info("no status to compare with (%s): changes not shown", exc)
+        before = None
+    reply = pccs.request("POST", pccs.url("refresh"), params=params or None)
+    what = "certificates" if params else "collateral"
+    print(f"{what} refreshed: {reply.text.strip() or reply.status_code}")
+    after = None
+    if before is not None:
+        try:
+            after = read_status(pccs)
+        except AdminError as exc:
+            log.warning("the refresh is done, but the status cannot be read again: %s", exc)
+    if before is not None and after is not None:
+        changes = status_changes(before, after)
+        count = plural(len(changes), "cached entry", "cached entries")
+        print(f"{count} changed" + ":" * bool(changes))
+        for line in changes:
+            print(f"  {line}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status, text = fetch_status(Pccs(args))
+    if args.json:
+        print(text.rstrip("\n"))
+    else:
+        for line in status_lines(status):
+            print(line)
+    return 0
+
+
+def cmd_hash_token(args: argparse.Namespace) -> int:
+    """The SHA-512 dcapd's token settings take, of a token read without echo."""
+    if sys.stdin.isatty():
+        token = getpass.getpass("Token: ")
+    else:
+        token = sys.stdin.read()
+        if token.endswith("\n"):
+            token = token[:-2] if token.endswith("\r\n") else token[:-1]
+            print(f"{PROG}: one trailing newline removed from the token read", file=sys.stderr)
+    if not token:
+        raise AdminError("empty token")
+    print(token_sha512(token))
     return 0
 
 
@@ -240,20 +328,23 @@ def cmd_import(args: argparse.Namespace) -> int:
     finally:
         services.store.close()
         services.upstream.close()
-    print(
-        f"{args.input}: imported into {directory} ({counts['uploads']} upload bodies, "
-        f"{counts['crls']} CRLs, {counts['entries']} other entries)"
-    )
+    parts = [
+        plural(counts["uploads"], "upload body", "upload bodies"),
+        plural(counts["crls"], "CRL"),
+        plural(counts["entries"], "other entry", "other entries"),
+    ]
+    print(f"{args.input}: imported into {directory} ({', '.join(parts)})")
+    note = expiry_note(body)
+    if note:
+        print(f"{args.input}: {note}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     directory = cache_dir(args)
-    if not os.path.isfile(os.path.join(directory, "cache.db")):
-        raise AdminError(f"{directory} is not a dcapd cache directory (no cache.db)")
-    check_writable(args.output)
-    store = Store(directory)
+    store = existing_cache(directory)
     try:
+        check_writable(args.output)
         exporter = Exporter(store, INTEL_ROOTCA_CRL_URL)
         body = exporter.run()
     finally:
@@ -263,10 +354,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     write_atomic(args.output, json.dumps(body).encode())
     collaterals = body["collaterals"]
     print(
-        f"{args.output}: {len(collaterals['pck_certs'])} platforms, "
-        f"{len(collaterals['tcbinfos'])} FMSPCs"
+        f"{args.output}: {plural(len(collaterals['pck_certs']), 'platform')}, "
+        f"{plural(len(collaterals['tcbinfos']), 'FMSPC')}"
         + (
-            f", {len(body['dcapd_extra_uploads'])} extra upload bodies"
+            ", "
+            + plural(len(body["dcapd_extra_uploads"]), "extra upload body", "extra upload bodies")
             if body.get("dcapd_extra_uploads")
             else ""
         )
@@ -278,3 +370,31 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     """Intel PCCS's database into a dcapd cache, as ``python -m dcapd.migrate`` does; its lines
     are logged as every command's are."""
     return import_into_cache(args, PROG, configure_logging=None)
+
+
+def cmd_entries(args: argparse.Namespace) -> int:
+    directory = cache_dir(args)
+    store = existing_cache(directory)
+    try:
+        rows = list_entries(store, args.prefix or "")
+    finally:
+        store.close()
+    for line in entry_lines(rows):
+        print(line)
+    print(f"{plural(len(rows), 'entry', 'entries')} in {directory}")
+    return 0
+
+
+def cmd_delete_entry(args: argparse.Namespace) -> int:
+    directory = cache_dir(args)
+    store = existing_cache(directory)
+    try:
+        row = delete_entry(store, args.key, args.force)
+    finally:
+        store.close()
+    print(
+        f"deleted {row.key} from {directory} ({row.kind}, {plural(row.size, 'byte')}"
+        + (f", next update {row.next_update}" if row.next_update else "")
+        + ")"
+    )
+    return 0

@@ -25,7 +25,17 @@ _ERRNO = re.compile(
 
 
 class AdminError(Exception):
-    """What went wrong, as the one line ``dcapd-admin`` prints on stderr."""
+    """What went wrong, as the one line ``dcapd-admin`` prints on stderr (exit status 1)."""
+
+
+class SettingError(AdminError):
+    """An unusable option, setting or path (a file that cannot be read or written, a bad
+    ini file): the one line names it; exit status 2."""
+
+
+def plural(count: int, noun: str, plural_form: str | None = None) -> str:
+    """``1 platform``, ``2 platforms``."""
+    return f"{count} {noun if count == 1 else plural_form or noun + 's'}"
 
 
 def write_atomic(path: str, data: bytes) -> None:
@@ -34,13 +44,13 @@ def write_atomic(path: str, data: bytes) -> None:
     try:
         handle, temp = tempfile.mkstemp(prefix=".dcapd-admin-", dir=directory)
     except OSError as exc:
-        raise AdminError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise SettingError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(data)
         os.replace(temp, path)
     except OSError as exc:
-        raise AdminError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise SettingError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         if os.path.exists(temp):
             os.unlink(temp)
@@ -50,7 +60,7 @@ def check_writable(path: str) -> None:
     """Fail before a destructive request if the output cannot be written."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
-        raise AdminError(f"cannot write {path}: directory {directory} is not writable")
+        raise SettingError(f"cannot write {path}: directory {directory} is not writable")
 
 
 def read_text(path: str) -> str:
@@ -58,7 +68,7 @@ def read_text(path: str) -> str:
         with open(path, encoding="utf-8") as handle:
             return handle.read()
     except OSError as exc:
-        raise AdminError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise SettingError(f"cannot read {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise AdminError(f"{path}: not UTF-8 text") from None
 
@@ -91,11 +101,12 @@ def dcapd_config(options: dict[str, tuple[str, object]]) -> Config:
         return load_config({name: value for name, (_, value) in options.items()}, environ=environ)
     except ConfigError as exc:
         option = options[exc.setting][0] if exc.setting in options else exc.key
-        raise AdminError(f"{option}: {exc.problem}") from None
+        raise SettingError(f"{option}: {exc.problem}") from None
 
 
 class Progress:
-    """A one-line progress bar on stderr, drawn only when it is a terminal."""
+    """Progress on stderr: a one-line bar redrawn in place when it is a terminal; otherwise
+    only the lines given to :meth:`line` (one per platform, say), so a log file shows them."""
 
     def __init__(self, stream: TextIO | None = None, width: int = 28):
         self.stream = stream if stream is not None else sys.stderr
@@ -116,8 +127,23 @@ class Progress:
         self.label = label
         self._draw()
 
-    def _draw(self) -> None:
+    def line(self, text: str) -> None:
+        """A line of its own when there is no bar (which says as much)."""
         if not self.enabled:
+            self._write(text)
+
+    def announce(self, text: str) -> None:
+        """A line of its own in any case (the bar is drawn again below it)."""
+        self._write(text)
+
+    def _write(self, text: str) -> None:
+        self.close()
+        self.stream.write(text + "\n")
+        self.stream.flush()
+        self._draw()
+
+    def _draw(self) -> None:
+        if not self.enabled or not (self.total or self.done):
             return
         total = max(self.total, self.done, 1)
         filled = int(self.width * self.done / total)

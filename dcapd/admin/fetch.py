@@ -26,7 +26,7 @@ from ..platforms import raw_tcb_of_pcs_entry
 from ..selection import SelectionError, parse_pck_cert
 from ..upload import chain_halves
 from ..upstream import ENCLAVE_IDENTITY_PATHS, UpstreamResponse
-from .common import AdminError, Progress
+from .common import AdminError, Progress, plural
 from .pcs import Pcs, header, pcs_failure
 from .upload_file import IDENTITY_KINDS, tcb_info_fields
 
@@ -55,6 +55,7 @@ def root_cert_cdp(chain: str) -> str:
 class FetchResult:
     upload: dict
     not_available: list
+    unknown: list[str]  # platforms PCS does not know (404), skipped with --skip-unknown
 
 
 class Fetcher:
@@ -65,6 +66,7 @@ class Fetcher:
         update: str,
         platform_filter: str,
         progress: Progress,
+        skip_unknown: bool = False,
     ):
         self.pcs = pcs
         self.upstream = pcs.upstream
@@ -72,6 +74,9 @@ class Fetcher:
         self.updates = ["standard", "early"] if update == "all" else [update]
         self.platform_filter = platform_filter
         self.progress = progress
+        self.skip_unknown = skip_unknown
+        self.unknown: list[str] = []  # "QE_ID/PCE_ID" of each platform PCS answered 404 for
+        self.certificates = 0  # PCK certificates fetched so far
         version = pcs.version
         self.version = version
         self.tcb_chain_name = tcb_info_chain_header(version)
@@ -112,9 +117,50 @@ class Fetcher:
         not_available: list = []
         if platforms is not None:
             self.pck_certs(platforms, not_available)
-            self.tcb_infos(self.fmspcs())
+            fmspcs = self.fmspcs()
+            self.progress.line(f"TCB infos of {plural(len(fmspcs), 'FMSPC')}")
+            self.tcb_infos(fmspcs)
             self.identities()
-        return FetchResult(self.output(platforms or []), not_available)
+        unknown = set(ident.upper() for ident in self.unknown)
+        known = [
+            item
+            for item in platforms or []
+            if f"{item['qe_id']}/{item['pce_id']}".upper() not in unknown
+        ]
+        return FetchResult(self.output(known), not_available, self.unknown)
+
+    @staticmethod
+    def wanted(platforms: list) -> list[dict]:
+        """One row per platform (QE ID, PCE ID) of the list: one pckcerts call each."""
+        wanted: dict[tuple[str, str], dict] = {}
+        for item in platforms:
+            ident = (item["qe_id"].upper(), item["pce_id"].upper())
+            # A manifest wins (Intel: POST with it).
+            row = wanted.setdefault(
+                ident,
+                {
+                    "qe_id": item["qe_id"],
+                    "pce_id": item["pce_id"],
+                    "enc_ppid": item.get("enc_ppid") or "",
+                    "platform_manifest": item.get("platform_manifest"),
+                },
+            )
+            if item.get("platform_manifest") and not row["platform_manifest"]:
+                row["platform_manifest"] = item["platform_manifest"]
+            if item.get("enc_ppid") and not row["enc_ppid"]:
+                row["enc_ppid"] = item["enc_ppid"]
+        return list(wanted.values())
+
+    def _pck_certs_request(self, platform: dict) -> tuple[Callable[..., UpstreamResponse], tuple]:
+        if platform["platform_manifest"]:
+            request = self.upstream.post_pck_certs
+            return request, (self.version, platform["platform_manifest"], platform["pce_id"])
+        return self.upstream.get_pck_certs, (self.version, platform["enc_ppid"], platform["pce_id"])
+
+    def platforms_done(self, platforms: list) -> int:
+        """How many of the list's platforms a resumed fetch already has the answer for."""
+        requests = [self._pck_certs_request(platform) for platform in self.wanted(platforms)]
+        return sum(1 for request, args in requests if self.pcs.kept(request, *args))
 
     def crls(self) -> None:
         for ca in ("processor", "platform"):
@@ -137,42 +183,19 @@ class Fetcher:
         self.progress.step(what)
 
     def pck_certs(self, platforms: list, not_available: list) -> None:
-        wanted: dict[tuple[str, str], dict] = {}
-        for item in platforms:
-            ident = (item["qe_id"].upper(), item["pce_id"].upper())
-            # One pckcerts call per platform; a manifest wins (Intel: POST with it).
-            row = wanted.setdefault(
-                ident,
-                {
-                    "qe_id": item["qe_id"],
-                    "pce_id": item["pce_id"],
-                    "enc_ppid": item.get("enc_ppid") or "",
-                    "platform_manifest": item.get("platform_manifest"),
-                },
-            )
-            if item.get("platform_manifest") and not row["platform_manifest"]:
-                row["platform_manifest"] = item["platform_manifest"]
-            if item.get("enc_ppid") and not row["enc_ppid"]:
-                row["enc_ppid"] = item["enc_ppid"]
+        wanted = self.wanted(platforms)
         self.progress.add(len(wanted))
-        for platform in wanted.values():
-            what = f"PCK certificates of platform {platform['qe_id']}/{platform['pce_id']}"
-            if platform["platform_manifest"]:
-                reply = self.pcs.call(
-                    what,
-                    self.upstream.post_pck_certs,
-                    self.version,
-                    platform["platform_manifest"],
-                    platform["pce_id"],
-                )
-            else:
-                reply = self.pcs.call(
-                    what,
-                    self.upstream.get_pck_certs,
-                    self.version,
-                    platform["enc_ppid"],
-                    platform["pce_id"],
-                )
+        for number, platform in enumerate(wanted, 1):
+            ident = f"{platform['qe_id']}/{platform['pce_id']}"
+            what = f"PCK certificates of platform {ident}"
+            request, args = self._pck_certs_request(platform)
+            reply = self.pcs.call(what, request, *args, optional=self.skip_unknown)
+            counter = f"platform {number}/{len(wanted)} {ident}"
+            if reply.status == 404 and self.skip_unknown:
+                self.unknown.append(ident)
+                self.progress.step(f"platform {number}/{len(wanted)}, {len(self.unknown)} unknown")
+                self.progress.line(f"{counter}: PCS does not know it (404); skipped")
+                continue
             self._required(what, reply)
             chain = header(reply, PCK_CERT_CHAIN)
             try:
@@ -203,7 +226,11 @@ class Fetcher:
                             "pce_svn": pce_svn,
                         }
                     )
-            self.progress.step(what)
+            self.certificates += len(available)
+            self.progress.step(f"platform {number}/{len(wanted)}, {self.certificates} certificates")
+            self.progress.line(
+                f"{counter}: {plural(len(available), 'certificate')} ({self.certificates} so far)"
+            )
             if not available:
                 log.warning("%s: every certificate is 'Not available'; platform skipped", what)
                 continue

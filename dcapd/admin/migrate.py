@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, Callable
@@ -137,11 +138,8 @@ class _Importer(RowReader):
                 f"({exc.status_code}: {exc.reason})"
             ) from None
         summary.crls = len(crls)
-        log.info(
-            "imported %s: %s",
-            summary.source,
-            "; ".join(line.strip() for line in summary.lines()[1:6]),
-        )
+        # The counts are the summary's (printed by the command), not repeated here.
+        log.info("imported %s (%d rows skipped)", summary.source, len(summary.skipped))
         return summary
 
     # --- appraisal policies and the registration queue
@@ -239,15 +237,18 @@ def import_into_cache(
     args: argparse.Namespace, prog: str, configure_logging: Callable[[Config], None] | None
 ) -> int:
     """Import ``args.path`` into the configured cache and print the summary: 0 imported (rows
-    dcapd cannot serve are listed as skipped), 1 not imported, 2 bad configuration. Errors are
-    one line on stderr, after ``prog``; ``configure_logging`` (if any) sets up logging from
-    the configuration first."""
+    dcapd cannot serve are listed as skipped), 1 not imported, 2 bad configuration or no such
+    file. Errors are one line on stderr, after ``prog``; ``configure_logging`` (if any) sets
+    up logging from the configuration first."""
     try:
         config = load_config(
             {"cache_dir": args.cache_dir, "cache_mode": "OFFLINE"}, ini_path=args.config
         )
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    if not os.path.isfile(args.path):
+        print(f"{prog}: {args.path}: no such file", file=sys.stderr)
         return 2
     if configure_logging is not None:
         configure_logging(config)
@@ -267,7 +268,7 @@ def import_into_cache(
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m dcapd.migrate") -> int:
     """``python -m dcapd.migrate``: 0 imported (rows dcapd cannot serve are listed as
-    skipped), 1 not imported, 2 bad configuration."""
+    skipped), 1 not imported, 2 bad configuration or no such file."""
     args = build_parser(prog).parse_args(argv)
 
     def configure(config: Config) -> None:

@@ -109,7 +109,8 @@ class RowReader:
 
     def skip(self, what: str, reason: str) -> None:
         message = f"{what}: {reason}"
-        log.warning("not imported: %s", message)
+        # The summary lists it (the command prints that): logged for -v only, not twice.
+        log.info("not imported: %s", message)
         self.summary.skipped.append(message)
 
     def verified(self, what: str, check: Callable[[Integrity], None]) -> bool:

@@ -15,7 +15,8 @@ import requests
 import urllib3
 
 from ..auth import ADMIN_TOKEN_HEADER
-from .common import USER_AGENT, AdminError, reason
+from ..middleware import REQUEST_ID_HEADER
+from .common import USER_AGENT, AdminError, SettingError, reason
 
 log = logging.getLogger("dcapd.admin")
 
@@ -53,6 +54,8 @@ class Pccs:
         # Passed with every request: a session-level verify loses to REQUESTS_CA_BUNDLE.
         self.verify: bool | str = True
         if args.ca_file:
+            if not os.access(args.ca_file, os.R_OK) or os.path.isdir(args.ca_file):
+                raise SettingError(f"--ca-file {args.ca_file}: not a readable file")
             self.session.trust_env = False  # neither REQUESTS_CA_BUNDLE nor proxies apply
             self.verify = args.ca_file
         elif args.insecure:
@@ -68,7 +71,7 @@ class Pccs:
             self._token = os.environ.get(ADMIN_TOKEN_ENV) or None
         if self._token is None:
             if not sys.stdin.isatty():
-                raise AdminError(f"no admin token: give --token or set {ADMIN_TOKEN_ENV}")
+                raise SettingError(f"no admin token: give --token or set {ADMIN_TOKEN_ENV}")
             self._token = getpass.getpass(f"Admin token for {self.root}: ")
         return self._token
 
@@ -93,12 +96,16 @@ class Pccs:
             raise AdminError(f"no answer from {url} within {self.timeout:g} s") from None
         except requests.RequestException as exc:
             raise AdminError(f"cannot connect to {url}: {reason(exc)}") from None
+        request_id = reply.headers.get(REQUEST_ID_HEADER)
+        # The reason is in the server's log, under this Request-ID.
+        logged = f" ({REQUEST_ID_HEADER} {request_id[:64]})" if request_id else ""
         if reply.status_code == 401:
             raise AdminError(
-                f"the PCCS at {url} refused the admin token (401 {reply.text.strip()[:80]})"
+                f"the PCCS at {url} refused the admin token (401 {reply.text.strip()[:80]}){logged}"
             )
         if reply.status_code != 200:
             raise AdminError(
-                f"{method} {url}: the PCCS answered {reply.status_code} {reply.text.strip()[:200]}"
+                f"{method} {url}: the PCCS answered {reply.status_code} "
+                f"{reply.text.strip()[:200]}{logged}"
             )
         return reply

@@ -48,8 +48,7 @@ class Journal:
         if not restart and os.path.exists(path):
             kept = self._load(fingerprint)
         self.resumed = len(self.replies) if kept else 0
-        if kept:
-            log.info("resuming from %s (%d PCS answers kept)", path, len(self.replies))
+        if kept:  # (fetch announces it, with the platforms already done)
             self._file = open(path, "a", encoding="utf-8")
         else:
             self.replies.clear()
@@ -162,7 +161,7 @@ class Pcs:
         """The answer to ``request(*args)``, a method of ``self.upstream``. 200s (and, for
         ``optional`` items, 404s) are kept in the journal; a required item is never
         remembered as missing."""
-        key = hashlib.sha256(json.dumps([request.__name__, *args]).encode()).hexdigest()
+        key = self._key(request, args)
         kept = self.journal.get(key)
         if kept is not None:
             return kept
@@ -183,6 +182,14 @@ class Pcs:
         if answer.status == 200 or (answer.status == 404 and optional):
             self.journal.put(key, answer)
         return answer
+
+    @staticmethod
+    def _key(request: Callable[..., UpstreamResponse], args: tuple) -> str:
+        return hashlib.sha256(json.dumps([request.__name__, *args]).encode()).hexdigest()
+
+    def kept(self, request: Callable[..., UpstreamResponse], *args: Any) -> bool:
+        """Whether the journal holds the answer to ``request(*args)`` (a resumed item)."""
+        return self.journal.get(self._key(request, args)) is not None
 
     def _retrying(
         self, response: requests.Response | None, error: Exception | None, delay: float

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..hexstr import ANY_LENGTH, is_hex
-from .common import AdminError, read_json
+from .common import AdminError, SettingError, read_json
 
 
 def _platform_problem(item: Any) -> str | None:
@@ -56,7 +56,7 @@ def collect_csv(files: Iterable[str]) -> list[dict]:
             with open(path, newline="", encoding="utf-8") as handle:
                 rows = list(csv.reader(handle))
         except OSError as exc:
-            raise AdminError(f"cannot read {path}: {exc.strerror or exc}") from None
+            raise SettingError(f"cannot read {path}: {exc.strerror or exc}") from None
         except (UnicodeDecodeError, csv.Error) as exc:
             raise AdminError(f"{path}: not a CSV file ({exc})") from None
         for number, row in enumerate(rows, 1):
