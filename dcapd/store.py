@@ -397,7 +397,7 @@ class Store:
         """Every entry whose key starts with ``prefix``, in key order (dcapd-admin's list):
         ``(key, entry)``; ``entry.meta`` has fetched_at, source, next_update where known.
         An entry deleted while listing is left out."""
-        for key in self.keys(prefix):
+        for key in sorted(self.keys(prefix)):
             entry = self.get(key)
             if entry is not None:
                 yield key, entry

@@ -40,10 +40,7 @@ def list_entries(store: Store, prefix: str = "", now: float | None = None) -> li
     """Every key under ``prefix`` (sorted), with its kind, body size, nextUpdate and state."""
     clock = time.time() if now is None else now
     rows = []
-    for key in sorted(store.keys(prefix)):
-        entry = store.get(key)
-        if entry is None:  # deleted since keys() listed it
-            continue
+    for key, entry in store.entries(prefix):
         next_update = entry.meta.get("next_update")
         rows.append(
             Row(
