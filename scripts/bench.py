@@ -354,6 +354,7 @@ def serve_main(spec_file: str) -> int:
         tls=spec["tls"],
         threads=spec["threads"],
         log_level="info" if spec["access_log"] else "warning",
+        metrics_enabled=spec.get("metrics", True),
     )
     profiles: list = []
     if spec.get("profile_out"):
@@ -474,6 +475,7 @@ class ServerProcess:
         access_log: bool = True,
         profile_out: Path | None = None,
         cpus: list | None = None,
+        metrics: bool = True,
     ):
         spec_file = workdir / f"serve-{kind}.json"
         spec_file.write_text(
@@ -486,6 +488,7 @@ class ServerProcess:
                     threads=threads,
                     tls="auto" if tls else "off",
                     access_log=access_log,
+                    metrics=metrics,
                     profile_out=str(profile_out) if profile_out else None,
                     cpus=cpus,
                 )
@@ -1075,6 +1078,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="what-if: dcapd without its per-request INFO log line",
     )
     parser.add_argument(
+        "--no-metrics",
+        action="store_true",
+        help="dcapd with [metrics] enabled = false (no /metrics, nothing counted)",
+    )
+    parser.add_argument(
         "--sqlite-mmap-size",
         type=int,
         metavar="BYTES",
@@ -1225,6 +1233,7 @@ def main(argv=None) -> int:
                         args.threads,
                         not args.no_access_log,
                         cpus=pinning(args)[0],
+                        metrics=not args.no_metrics,
                     )
                     try:
                         r = run_load(server, tls, spec, args)
