@@ -932,7 +932,9 @@ def cold_burst(
 # ------------------------------------------------------------------------------------------
 
 
-def app_cost(cache_dir: Path, roots: Path, spec: dict, profile: bool, top: int) -> list[str]:
+def app_cost(
+    cache_dir: Path, roots: Path, spec: dict, profile: bool, top: int, metrics: bool = True
+) -> list[str]:
     import cProfile
     import io
     import logging
@@ -943,7 +945,7 @@ def app_cost(cache_dir: Path, roots: Path, spec: dict, profile: bool, top: int) 
     from dcapd.app import create_app
     from dcapd.logs import configure_from
 
-    config = bench_config(cache_dir, roots)
+    config = bench_config(cache_dir, roots, metrics_enabled=metrics)
     configure_from(config)  # the access log costs what it costs in production...
     devnull = open(os.devnull, "w")
     logging.getLogger("dcapd").handlers[0].setStream(devnull)  # ...but is not shown
@@ -1340,7 +1342,7 @@ def main(argv=None) -> int:
                 )
 
         cache_dir, spec = specs[counts[-1]]
-        for line in app_cost(cache_dir, roots, spec, args.profile, args.top):
+        for line in app_cost(cache_dir, roots, spec, args.profile, args.top, not args.no_metrics):
             print(line, flush=True)
 
         # Targets (issue 7 item 5): 2 cores, HTTPS, 32 clients.
