@@ -8,6 +8,7 @@ import calendar
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,12 +18,15 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import requests
 from cryptography import x509
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
 import dcapd
 from dcapd.metrics import PATH
 from tests.fakepcs import load_body
+from tests.servers import free_port
 from tests.test_platforms import ADMIN, TOKENS, USER, register, registration
 from tests.test_refresh import NEW, recorded
 
@@ -123,7 +127,7 @@ def test_counters_move_by_exactly_the_sequence(world):
     failed_refresh_calls = len(fake.calls) - calls_before_refresh - len(refresh_calls)
 
     samples = scrape(client)
-    requests = series(samples, "dcapd_http_requests_total")
+    answered = series(samples, "dcapd_http_requests_total")
     expected = {
         (TDX_TCB, "GET", "200", "upstream"): 1,
         (TDX_TCB, "GET", "200", "hit"): 2,
@@ -137,12 +141,12 @@ def test_counters_move_by_exactly_the_sequence(world):
         (f"{V4}/refresh", "GET", "200", "none"): 1,
         (f"{V4}/refresh", "GET", "503", "none"): 1,  # Intel: a PCS non-200 in refresh is 503
     }
-    brew = [labels for labels in requests if ("method", "other") in labels]
-    assert len(brew) == 1 and requests[brew[0]] == 1
-    del requests[brew[0]]
+    brew = [labels for labels in answered if ("method", "other") in labels]
+    assert len(brew) == 1 and answered[brew[0]] == 1
+    del answered[brew[0]]
     got = {
         (d["route"], d["method"], d["status"], d["cache"]): v
-        for d, v in ((dict(labels), v) for labels, v in requests.items())
+        for d, v in ((dict(labels), v) for labels, v in answered.items())
     }
     assert got == expected
 
@@ -358,3 +362,82 @@ def test_several_processes_sum_in_multiprocess_mode(tmp_path):
     labels = dict(route="/healthz", method="GET", status="200", cache="none")
     assert totals[tuple(sorted(labels.items()))] == 2 + 3 + 4
     assert "dcapd_build_info" in text
+
+
+@pytest.mark.skipif(shutil.which("gunicorn") is None, reason="gunicorn is in the test extra")
+def test_gunicorn_workers_report_every_workers_requests(tmp_path, fake_pcs):
+    """Two gunicorn workers with PROMETHEUS_MULTIPROC_DIR: while one is busy with a slow
+    upstream fetch the other answers; both count, and either answers /metrics with the sum."""
+    fake = fake_pcs(NEW)
+    fake.fail_with(status=404, delay=2.0, paths="/pckcrl")
+    multiproc = tmp_path / "prometheus"
+    multiproc.mkdir()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DCAPD_")}
+    env.update(
+        PROMETHEUS_MULTIPROC_DIR=str(multiproc),
+        PYTHONPATH=str(REPO),
+        DCAPD_CACHE_DIR=str(tmp_path / "cache"),
+        DCAPD_PCS_URL=fake.pcs_url,
+        DCAPD_URL_MAP=fake.url_map,
+        DCAPD_UPSTREAM_RETRIES="0",
+    )
+    log = open(tmp_path / "gunicorn.log", "wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}"]
+        + ["--graceful-timeout", "5", "dcapd.wsgi:application"],
+        cwd=str(REPO),
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(base + "/healthz", timeout=2)
+                break
+            except requests.ConnectionError:
+                assert server.poll() is None, (tmp_path / "gunicorn.log").read_text()
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        # One worker waits 2 s for upstream (a sync worker: one request at a time) ...
+        slow = threading.Thread(
+            target=lambda: requests.get(
+                base + f"{V4}/pckcrl", params={"ca": "processor"}, timeout=30
+            )
+        )
+        slow.start()
+        while fake.count("/pckcrl") == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # ... so the other answers these.
+        for _ in range(10):
+            assert requests.get(base + "/healthz", timeout=10).status_code == 200
+        slow.join(30)
+        healthz = (("cache", "none"), ("method", "GET"), ("route", "/healthz"), ("status", "200"))
+        pckcrl = (("cache", "upstream"), ("method", "GET"), ("route", f"{V4}/pckcrl"))
+        pckcrl += (("status", "404"),)
+        # Which worker counted what: prometheus-client's files, one per worker process.
+        by_worker: dict[str, float] = {}
+        for path in multiproc.glob("counter_*.db"):
+            for key, count, _, _ in MmapedDict.read_all_values_from_file(str(path)):
+                _, name, key_labels, _ = json.loads(key)
+                if name == "dcapd_http_requests_total" and count:
+                    by_worker[path.name] = by_worker.get(path.name, 0) + count
+        assert len(by_worker) == 2, by_worker
+        assert sum(by_worker.values()) == 1 + 10 + 1
+        for _ in range(4):  # whichever worker answers the scrape
+            text = requests.get(base + PATH, timeout=10).text
+            samples = {
+                tuple(sorted(s.labels.items())): s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+                if s.name == "dcapd_http_requests_total"
+            }
+            assert samples[healthz] == 1 + 10
+            assert samples[pckcrl] == 1
+    finally:
+        server.terminate()
+        server.wait(30)
+        log.close()
