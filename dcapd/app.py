@@ -7,7 +7,7 @@ from typing import Callable
 
 import falcon
 
-from . import resources
+from . import metrics, resources
 from .config import Config, load_config
 from .middleware import PccsRequestRules, handle_http_error, handle_unexpected, serialize_error
 from .services import Services, build_services
@@ -108,7 +108,9 @@ def create_app(
 
 def app_for(services: Services) -> DcapdApp:
     """The falcon app serving Intel's routes (and dcapd's own) from ``services``."""
-    app = DcapdApp(middleware=[PccsRequestRules()], cors_enable=False)
+    app = DcapdApp(
+        middleware=[PccsRequestRules(), *metrics.middleware(services.metrics)], cors_enable=False
+    )
     app.req_options.strip_url_path_trailing_slash = True
     app.req_options.keep_blank_qs_values = True
     app.req_options.auto_parse_qs_csv = False
@@ -132,5 +134,6 @@ def app_for(services: Services) -> DcapdApp:
         "/readyz",
         resources.Ready(services.store, services.upstream, services.config.cache_mode),
     )
+    metrics.add_route(app, services.metrics)
     app.services = services
     return app

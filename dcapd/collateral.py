@@ -60,9 +60,11 @@ class SingleFlight:
 
     POLL = 0.05
 
-    def __init__(self, store: Store, lock_ttl: float):
+    def __init__(self, store: Store, lock_ttl: float, on_wait: Callable[[], None] | None = None):
         self.store = store
         self.lock_ttl = lock_ttl
+        # Told when a caller is answered by another caller's fill (metrics).
+        self.on_wait = on_wait or (lambda: None)
         self.owner = lock_owner()
         self._lock = threading.Lock()
         self._calls: dict[str, threading.Lock] = {}
@@ -75,6 +77,7 @@ class SingleFlight:
                 # Whoever held the lock may have filled the key meanwhile.
                 entry = lookup()
                 if entry is not None:
+                    self.on_wait()
                     return entry
                 return self._across_processes(key, lookup, fill)
             finally:
@@ -98,6 +101,7 @@ class SingleFlight:
             time.sleep(self.POLL)
             entry = lookup()
             if entry is not None:
+                self.on_wait()
                 return entry
             if time.monotonic() > deadline:
                 return fill()  # the other process is stuck: do not wait for ever
@@ -257,6 +261,7 @@ class Collateral:
         fill_lock_ttl: float,
         not_found_ttl: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        on_flight_wait: Callable[[], None] | None = None,
     ):
         """``fill_lock_ttl``: how long another process's fill lock is honoured (a little more
         than one upstream deadline); ``not_found_ttl``: how long a PCS 404 on a miss is
@@ -265,7 +270,7 @@ class Collateral:
         self.upstream = upstream
         self.mode = mode
         self.integrity = integrity
-        self._flight = SingleFlight(store, fill_lock_ttl)
+        self._flight = SingleFlight(store, fill_lock_ttl, on_flight_wait)
         self.not_found = NotFoundMemory(not_found_ttl, clock)
 
     # --- the one miss path

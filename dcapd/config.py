@@ -255,6 +255,9 @@ SETTINGS: tuple[Setting, ...] = (
             _choice("debug", "info", "warning", "error"), "debug, info, warning or error"),
     Setting("log_format", "log", "format", "DCAPD_LOG_FORMAT", "text", _choice("text", "json"),
             "text (one line per event) or json (one JSON object per line)"),
+    Setting("metrics_enabled", "metrics", "enabled", "DCAPD_METRICS_ENABLED", "true", _bool,
+            "serve Prometheus metrics on GET /metrics (no auth: expose it inside the cluster "
+            "only)"),
 )
 # fmt: on
 
@@ -295,6 +298,7 @@ class Config:
     verbose: bool
     log_level: str
     log_format: str
+    metrics_enabled: bool
 
     @property
     def listen_host(self) -> str:

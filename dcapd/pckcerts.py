@@ -19,7 +19,7 @@ import logging
 import re
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .collateral import (
@@ -87,6 +87,7 @@ class PckCerts:
         mode: str,
         fill_lock_ttl: float,
         selected_per_platform: int = 256,
+        on_flight_wait: Callable[[], None] | None = None,
     ):
         """``fill_lock_ttl``: how long another process's fill lock is honoured (a platform's
         fill makes up to three upstream calls); ``selected_per_platform``: how many answers
@@ -97,7 +98,7 @@ class PckCerts:
         self.integrity = integrity
         self.mode = mode
         self.selected_per_platform = selected_per_platform
-        self._flight = SingleFlight(store, fill_lock_ttl)
+        self._flight = SingleFlight(store, fill_lock_ttl, on_flight_wait)
 
     def pck_cert(self, version: int, raw: RawTcb, encrypted_ppid: str | None) -> Entry:
         key = self.store.pckcert_key(raw.qeid, raw.pceid, raw.cpusvn, raw.pcesvn)

@@ -13,7 +13,9 @@ from .auth import Auth
 from .collateral import Collateral
 from .config import Config
 from .extra import ExtraCollateral
+from .instruments import Instruments
 from .integrity import Integrity
+from .metrics import Metrics
 from .pckcerts import PckCerts
 from .platforms import Registrations
 from .policies import Policies
@@ -44,6 +46,7 @@ class Services:
     upload: CollateralUpload
     policies: Policies
     refresher: Refresher
+    metrics: Metrics | None = None  # None: [metrics] enabled = false
 
     def close(self) -> None:
         """Release the cache and the upstream connections (the process is done with them)."""
@@ -57,21 +60,31 @@ def build_services(
     """Wire dcapd's parts from the configuration; ``store`` and ``upstream`` may be given
     (tests, tools that open their own cache or talk to PCS with their own retry policy)."""
     store = store if store is not None else Store(config.cache_dir)
-    upstream = upstream if upstream is not None else Upstream(config)
+    metrics = Metrics(config, store) if config.metrics_enabled else None
+    measure = Instruments(metrics)  # what counts upstream calls, rejections, waits, refreshes
+    upstream = upstream if upstream is not None else Upstream(config, **measure.upstream)
     integrity = Integrity.from_file(config.trusted_roots)
+    checks = measure.integrity(integrity)  # of upstream data; uploads keep ``integrity``
     fill_lock_ttl = config.upstream_timeout + _FILL_LOCK_SLACK
     collateral = Collateral(
-        store, upstream, config.cache_mode, integrity, fill_lock_ttl, config.not_found_ttl
+        store,
+        upstream,
+        config.cache_mode,
+        checks,
+        fill_lock_ttl,
+        not_found_ttl=config.not_found_ttl,
+        on_flight_wait=measure.flight_wait,
     )
     extra = ExtraCollateral(collateral)
     pck_certs = PckCerts(
         store,
         upstream,
         collateral,
-        integrity,
+        checks,
         config.cache_mode,
         _PLATFORM_FILL_CALLS * config.upstream_timeout + _FILL_LOCK_SLACK,
         config.selected_per_platform,
+        measure.flight_wait,
     )
     return Services(
         config=config,
@@ -85,7 +98,8 @@ def build_services(
         registrations=Registrations(store, pck_certs, collateral, config.cache_mode),
         upload=CollateralUpload(store, pck_certs, integrity, extra),
         policies=Policies(store),
-        refresher=Refresher(
+        refresher=measure.refresher(
             store, collateral, pck_certs, config.cache_mode, upstream.version, extra=extra
         ),
+        metrics=metrics,
     )

@@ -354,6 +354,7 @@ def serve_main(spec_file: str) -> int:
         tls=spec["tls"],
         threads=spec["threads"],
         log_level="info" if spec["access_log"] else "warning",
+        metrics_enabled=spec.get("metrics", True),
     )
     profiles: list = []
     if spec.get("profile_out"):
@@ -474,6 +475,7 @@ class ServerProcess:
         access_log: bool = True,
         profile_out: Path | None = None,
         cpus: list | None = None,
+        metrics: bool = True,
     ):
         spec_file = workdir / f"serve-{kind}.json"
         spec_file.write_text(
@@ -486,6 +488,7 @@ class ServerProcess:
                     threads=threads,
                     tls="auto" if tls else "off",
                     access_log=access_log,
+                    metrics=metrics,
                     profile_out=str(profile_out) if profile_out else None,
                     cpus=cpus,
                 )
@@ -929,7 +932,9 @@ def cold_burst(
 # ------------------------------------------------------------------------------------------
 
 
-def app_cost(cache_dir: Path, roots: Path, spec: dict, profile: bool, top: int) -> list[str]:
+def app_cost(
+    cache_dir: Path, roots: Path, spec: dict, profile: bool, top: int, metrics: bool = True
+) -> list[str]:
     import cProfile
     import io
     import logging
@@ -940,7 +945,7 @@ def app_cost(cache_dir: Path, roots: Path, spec: dict, profile: bool, top: int) 
     from dcapd.app import create_app
     from dcapd.logs import configure_from
 
-    config = bench_config(cache_dir, roots)
+    config = bench_config(cache_dir, roots, metrics_enabled=metrics)
     configure_from(config)  # the access log costs what it costs in production...
     devnull = open(os.devnull, "w")
     logging.getLogger("dcapd").handlers[0].setStream(devnull)  # ...but is not shown
@@ -1073,6 +1078,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-access-log",
         action="store_true",
         help="what-if: dcapd without its per-request INFO log line",
+    )
+    parser.add_argument(
+        "--no-metrics",
+        action="store_true",
+        help="dcapd with [metrics] enabled = false (no /metrics, nothing counted)",
     )
     parser.add_argument(
         "--sqlite-mmap-size",
@@ -1225,6 +1235,7 @@ def main(argv=None) -> int:
                         args.threads,
                         not args.no_access_log,
                         cpus=pinning(args)[0],
+                        metrics=not args.no_metrics,
                     )
                     try:
                         r = run_load(server, tls, spec, args)
@@ -1331,7 +1342,7 @@ def main(argv=None) -> int:
                 )
 
         cache_dir, spec = specs[counts[-1]]
-        for line in app_cost(cache_dir, roots, spec, args.profile, args.top):
+        for line in app_cost(cache_dir, roots, spec, args.profile, args.top, not args.no_metrics):
             print(line, flush=True)
 
         # Targets (issue 7 item 5): 2 cores, HTTPS, 32 clients.

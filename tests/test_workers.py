@@ -79,7 +79,7 @@ def test_two_gunicorn_workers_share_one_cache(tmp_path, fake_pcs, make_config):
             try:
                 session.get(base + "/healthz", timeout=2)
                 break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # workers still starting
                 assert server.poll() is None, (tmp_path / "gunicorn.log").read_text()
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
