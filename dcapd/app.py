@@ -85,7 +85,9 @@ def create_app(
 
 def app_for(services: Services) -> DcapdApp:
     """The falcon app serving Intel's routes (and dcapd's own) from ``services``."""
-    app = DcapdApp(middleware=[PccsRequestRules()], cors_enable=False)
+    app = DcapdApp(
+        middleware=[PccsRequestRules(services.config.trusted_proxies)], cors_enable=False
+    )
     app.req_options.strip_url_path_trailing_slash = True
     app.req_options.keep_blank_qs_values = True
     app.req_options.auto_parse_qs_csv = False

@@ -146,6 +146,28 @@ def _cpu_list(value: str) -> str:
     return value
 
 
+def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Comma-separated addresses or CIDR networks (10.0.0.5, 10.1.0.0/16, ::1)."""
+    try:
+        return tuple(
+            ipaddress.ip_network(item, strict=False)
+            for item in filter(None, (part.strip() for part in value.split(",")))
+        )
+    except ValueError as exc:
+        raise ValueError(f"expected comma-separated IP addresses or networks: {exc}") from None
+
+
+def _size(value: str) -> int:
+    """Bytes, or with a K/M/G suffix (binary: 16M = 16 MiB)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMG]i?B?)?\s*", value, re.I)
+    if not match:
+        raise ValueError(f"expected a size like 16777216 or 16M, got {value!r}")
+    number = int(match.group(1)) * 1024 ** " KMG".index((match.group(2) or " ")[0].upper())
+    if number <= 0:
+        raise ValueError(f"must be > 0, got {value!r}")
+    return number
+
+
 def _text(value: str) -> str:
     return value.strip()
 
@@ -228,6 +250,13 @@ SETTINGS: tuple[Setting, ...] = (
             _choice("debug", "info", "warning", "error"), "debug, info, warning or error"),
     Setting("log_format", "log", "format", "DCAPD_LOG_FORMAT", "text", _choice("text", "json"),
             "text (one line per event) or json (one JSON object per line)"),
+    Setting("trusted_proxies", "server", "trusted_proxies", "DCAPD_TRUSTED_PROXIES", "",
+            _networks, "reverse proxies (addresses or networks, comma-separated) whose "
+            "X-Forwarded-For names the client in the log; empty = log the peer address"),
+    Setting("upstream_max_body_bytes", "upstream", "max_body_bytes",
+            "DCAPD_UPSTREAM_MAX_BODY_BYTES", "16M", _size,
+            "largest upstream answer accepted, after decompression (K/M/G suffixes); "
+            "a larger one is refused with 502 and not cached"),
 )
 # fmt: on
 
@@ -265,6 +294,8 @@ class Config:
     verbose: bool = False
     log_level: str = "info"
     log_format: str = "text"
+    trusted_proxies: tuple = ()
+    upstream_max_body_bytes: int = 16 * 1024 * 1024
 
     @property
     def listen_host(self) -> str:
