@@ -7,7 +7,6 @@ well-formedness check, so that nothing wrong is ever cached.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -17,6 +16,7 @@ from typing import Callable
 
 from cryptography import x509
 
+from . import jsonlimits
 from .errors import PccsError
 from .integrity import Integrity, IntegrityError
 from .logs import note_cache_outcome
@@ -122,9 +122,9 @@ def _require_chain(reply: UpstreamResponse, *names: str) -> str:
 
 def _signed_json(body: bytes, top: str) -> dict:
     try:
-        document = json.loads(body)
-    except ValueError:
-        raise BadUpstreamData("body is not JSON") from None
+        document = jsonlimits.loads(body)
+    except ValueError as exc:  # JsonTooDeep included: a bad answer, not a crash
+        raise BadUpstreamData(f"body is not JSON ({exc})") from None
     if (
         not isinstance(document, dict)
         or not isinstance(document.get(top), dict)

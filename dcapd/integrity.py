@@ -45,6 +45,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from . import jsonlimits
+
 __all__ = [
     "IntegrityError",
     "load_trusted_roots",
@@ -318,8 +320,9 @@ def _reject_constant(name: str) -> NoReturn:
 
 
 def _loads_strict(text: str) -> Any:
-    """json.loads without Python's NaN / Infinity extensions."""
-    return json.loads(text, parse_constant=_reject_constant)
+    """json.loads without Python's NaN / Infinity extensions, nesting bounded (JsonTooDeep,
+    a ValueError, past jsonlimits.MAX_DEPTH)."""
+    return jsonlimits.loads(text, parse_constant=_reject_constant)
 
 
 def _skip_ws(body: bytes, i: int) -> int:

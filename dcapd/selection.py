@@ -17,7 +17,6 @@ Pure functions, no I/O.  Every failure raises a :class:`SelectionError` subclass
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, cast
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID, NameOID
 
+from . import jsonlimits
 from .hexstr import is_hex
 
 if TYPE_CHECKING:
@@ -587,8 +587,8 @@ def _load_json_object(text: str | bytes) -> dict[str, Any]:
     if text is None:
         raise InvalidArgumentError("TCB info is None")
     try:
-        root = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
+        root = jsonlimits.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:  # JsonTooDeep included
         raise InvalidTcbInfoError(f"TCB info is not JSON: {exc}") from None
     if not isinstance(root, dict):
         raise InvalidTcbInfoError("TCB info JSON is not an object")

@@ -12,6 +12,7 @@ import logging
 import urllib.parse
 from typing import Callable
 
+from . import jsonlimits
 from .collateral import (
     CT_CRL,
     CT_JSON,
@@ -261,7 +262,9 @@ class CollateralUpload:
         if not isinstance(raw, str):
             raise _bad(f"{where}.{name}_raw is not a string")
         try:
-            same = json.loads(raw) == document
+            same = jsonlimits.loads(raw) == document
+        except jsonlimits.JsonTooDeep as exc:
+            raise _bad(f"{where}.{name}_raw: {exc}") from None
         except ValueError:
             same = False
         if not same:
@@ -332,7 +335,9 @@ class CollateralUpload:
             if not isinstance(text, str):
                 raise _bad(f"{name} is not a string")
             try:
-                identity = json.loads(text).get("enclaveIdentity")
+                identity = jsonlimits.loads(text).get("enclaveIdentity")
+            except jsonlimits.JsonTooDeep as exc:
+                raise _bad(f"{name}: {exc}") from None
             except (ValueError, AttributeError):
                 identity = None
             if not isinstance(identity, dict):
