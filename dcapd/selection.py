@@ -17,8 +17,10 @@ Pure functions, no I/O.  Every failure raises a :class:`SelectionError` subclass
 
 from __future__ import annotations
 
+import contextvars
 import re
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, cast
@@ -330,7 +332,36 @@ class PckCertInfo:
 _NOT_AVAILABLE = "Not available"
 
 
+# Inside ``parse_memo()``: parse results by input, so a bulk import (an upload of thousands of
+# platforms selecting for each) parses every distinct certificate and TCB info once.
+_memo: contextvars.ContextVar[dict[tuple[str, str | bytes], Any] | None] = contextvars.ContextVar(
+    "selection_parse_memo", default=None
+)
+
+
+@contextmanager
+def parse_memo() -> Iterator[None]:
+    """Within the block (this thread or task), :func:`parse_pck_cert` and
+    :func:`parse_tcb_info` remember what they parsed successfully, by input."""
+    token = _memo.set({})
+    try:
+        yield
+    finally:
+        _memo.reset(token)
+
+
 def parse_pck_cert(pem: str | bytes) -> PckCertInfo:
+    """:func:`parse_pck_cert_uncached`, remembered inside :func:`parse_memo`."""
+    memo = _memo.get()
+    if memo is None or not isinstance(pem, (str, bytes)):
+        return parse_pck_cert_uncached(pem)
+    found = memo.get(("pck", pem))
+    if found is None:
+        found = memo[("pck", pem)] = parse_pck_cert_uncached(pem)
+    return cast(PckCertInfo, found)
+
+
+def parse_pck_cert_uncached(pem: str | bytes) -> PckCertInfo:
     """Parse a PEM PCK certificate the way QVL does before selection uses it.
 
     Requires what ``PckCertificate::parse`` requires: the five standard extensions, the SGX
@@ -534,6 +565,17 @@ class TcbInfo:
 
 
 def parse_tcb_info(tcb_info_json: str | bytes) -> TcbInfo:
+    """:func:`parse_tcb_info_uncached`, remembered inside :func:`parse_memo`."""
+    memo = _memo.get()
+    if memo is None or not isinstance(tcb_info_json, (str, bytes)):
+        return parse_tcb_info_uncached(tcb_info_json)
+    found = memo.get(("tcb", tcb_info_json))
+    if found is None:
+        found = memo[("tcb", tcb_info_json)] = parse_tcb_info_uncached(tcb_info_json)
+    return cast(TcbInfo, found)
+
+
+def parse_tcb_info_uncached(tcb_info_json: str | bytes) -> TcbInfo:
     """Validate a PCS TCB info body (``{"tcbInfo": {...}, "signature": "..."}``) like QVL.
 
     Accepts v2 and v3 (ids SGX and TDX); the signature is only checked for shape, never

@@ -31,7 +31,7 @@ from .errors import PccsError
 from .hexstr import ANY_LENGTH, is_hex
 from .integrity import Integrity, IntegrityError
 from .pckcerts import PckCerts, RawTcb
-from .selection import SelectionError, parse_pck_cert
+from .selection import SelectionError, parse_memo, parse_pck_cert
 from .store import Entry, Store
 
 log = logging.getLogger("dcapd.upload")
@@ -130,6 +130,12 @@ class CollateralUpload:
             raise PccsError(460, f"collateral upload: {what}: {exc}") from None
 
     def apply(self, version: int, body) -> None:
+        # Each distinct certificate and TCB info is parsed once, however many platforms and
+        # raw TCBs use it: the upload's cost grows with its size, not with its size squared.
+        with parse_memo():
+            self._apply(version, body)
+
+    def _apply(self, version: int, body) -> None:
         if not isinstance(body, dict):
             raise _bad("body is not a JSON object")
         platforms = _require(body, "platforms", list, "body")
@@ -148,22 +154,35 @@ class CollateralUpload:
         tcb_bodies = self._tcb_infos(version, tcb_infos, chains, writes)
         self._crls(collaterals, pck_chains, writes)
         self._identities(version, collaterals, chains.get("identity"), writes)
-        # PCK certificates last: selection may use the TCB infos of this very upload.
+        # PCK certificates last: selection may use the TCB infos of this very upload. One pass
+        # over the platforms indexes them by (QE ID, PCE ID): linear in the upload's size.
+        by_id: dict[tuple[str, str], list[dict]] = {}
+        for platform in platforms:
+            ident = (
+                str(platform.get("qe_id", "")).upper(),
+                str(platform.get("pce_id", "")).upper(),
+            )
+            by_id.setdefault(ident, []).append(platform)
+        verified: set[tuple[str, str]] = set()  # (PEM, chain) pairs already checked
         plans = [
-            self._pck_cert_set(version, item, f"pck_certs[{i}]", platforms, pck_chains, tcb_bodies)
+            self._pck_cert_set(
+                version, item, f"pck_certs[{i}]", by_id, pck_chains, tcb_bodies, verified
+            )
             for i, item in enumerate(pck_cert_sets)
         ]
 
-        try:
-            with self.store.transaction():
-                for key, entry in writes.items():
-                    self.store.put(key, entry)
-                for qeid, pceid, platform, cert_set, tcb_body, raw_tcbs in plans:
+        with self.store.transaction():
+            for key, entry in writes.items():
+                self.store.put(key, entry)
+            # Selection for every raw TCB (the upload's and those cached before) happens here,
+            # once: a failure rolls the whole transaction back, so nothing is written.
+            for where, qeid, pceid, platform, cert_set, tcb_body, raw_tcbs in plans:
+                try:
                     self.pck_certs.store_platform(
                         qeid, pceid, platform, cert_set, tcb_body, None, extra_raw_tcbs=raw_tcbs
                     )
-        except PccsError as exc:  # re-selection of a cached raw TCB failed: nothing written
-            raise _bad(exc.reason) from None
+                except PccsError as exc:
+                    raise _bad(f"{where}: {exc.reason}") from None
         tcb_infos = sum(1 for key in writes if key.startswith("tcb/"))
         log.info(
             "collateral upload (v%d): %d platforms, %d TCB infos, %d other entries",
@@ -361,9 +380,10 @@ class CollateralUpload:
         version: int,
         item,
         where: str,
-        platforms: list,
+        platforms_by_id: dict[tuple[str, str], list[dict]],
         pck_chains: dict,
         tcb_bodies: dict[str, bytes],
+        verified: set[tuple[str, str]],
     ):
         if not isinstance(item, dict):
             raise _bad(f"{where} is not an object")
@@ -401,12 +421,7 @@ class CollateralUpload:
         tcb_body = tcb_bodies.get(fmspc) or self.pck_certs.selection_tcb_info(fmspc, version)
         if tcb_body is None:
             raise _bad(f"{where}: no SGX TCB info for FMSPC {fmspc}")
-        matching = [
-            p
-            for p in platforms
-            if str(p.get("qe_id", "")).upper() == qe_id
-            and str(p.get("pce_id", "")).upper() == pce_id
-        ]
+        matching = platforms_by_id.get((qe_id, pce_id), [])
         raw_tcbs = [
             RawTcb(qe_id, pce_id, p["cpu_svn"].upper(), p["pce_svn"].upper())
             for p in matching
@@ -421,17 +436,14 @@ class CollateralUpload:
         }
         cert_set = {"certs": certs, "chain": pck_chains[ca]}
         for index, cert in enumerate(certs):
+            if (cert["pem"], pck_chains[ca]) in verified:  # the same cert again: checked
+                continue
             self._verified(
                 f"{where}.certs[{index}]",
                 lambda: self.integrity.check_pck_cert(cert["pem"], pck_chains[ca]),
             )
-        # Selection failures for any raw TCB must stop the upload before anything is written.
-        for raw in raw_tcbs:
-            try:
-                self.pck_certs.select(raw, platform, cert_set, tcb_body)
-            except PccsError as exc:
-                raise _bad(f"{where}: {exc.reason}") from None
-        return qe_id, pce_id, platform, cert_set, tcb_body, raw_tcbs
+            verified.add((cert["pem"], pck_chains[ca]))
+        return where, qe_id, pce_id, platform, cert_set, tcb_body, raw_tcbs
 
     @staticmethod
     def _valid_tcb(tcb) -> bool:
