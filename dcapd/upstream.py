@@ -17,12 +17,13 @@ import email.utils
 import http.client
 import logging
 import math
+import mmap
 import random
 import re
 import time
 import urllib.parse
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Callable
 
@@ -66,13 +67,14 @@ class _BodyRefused(Exception):
 
 
 _READ_SIZE = 64 * 1024  # raw bytes asked of the socket per read (one recv at most)
+_PIECE = 256 * 1024  # decoded bytes made at a time from compressed input
 # What ``_Inflater`` decodes; we ask for nothing else (br/zstd would need more libraries).
 _ACCEPT_ENCODING = "gzip, deflate"
 
 
 class _Inflater:
-    """Decodes a Content-Encoding (none, gzip or deflate) giving at most ``room`` bytes per
-    call: a compressed bomb is never inflated past the body limit."""
+    """Decodes a Content-Encoding (none, gzip or deflate) in pieces of at most
+    ``_PIECE`` bytes, so a compressed bomb is inflated only as far as the caller reads."""
 
     def __init__(self, content_encoding: str):
         encoding = content_encoding.strip().lower()
@@ -84,28 +86,28 @@ class _Inflater:
         self._decoder = zlib.decompressobj(zlib.MAX_WBITS | 32)
         self._started = False
 
-    def feed(self, data: bytes, room: int) -> bytes:
-        """Decoded bytes of ``data`` (b"" = end of input), at most ``room`` of them; when
-        ``room`` is reached the rest is dropped (the caller refuses the body anyway)."""
+    def pieces(self, data: bytes) -> Iterator[bytes]:
+        """The decoded bytes of ``data``, piece by piece (truncated streams are accepted as
+        far as they go, as urllib3 does)."""
         if not self.active:
-            return data
-        if not data:
-            return b""  # truncated streams are accepted as far as they go, as urllib3 does
-        try:
-            out = self._decoder.decompress(data, room)
-        except zlib.error:
-            if self._started or not self._raw_deflate_allowed:
-                raise _BodyRefused("body does not decompress", True) from None
-            self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
-            self._raw_deflate_allowed = False
-            return self.feed(data, room)
-        self._started = True
-        # A second gzip member (rare, allowed by RFC 1952) starts a new decoder.
-        while self._decoder.eof and self._decoder.unused_data and len(out) < room:
-            rest = self._decoder.unused_data
-            self._decoder = zlib.decompressobj(zlib.MAX_WBITS | 32)
-            out += self._decoder.decompress(rest, room - len(out))
-        return out
+            yield data
+            return
+        while data:
+            try:
+                out = self._decoder.decompress(data, _PIECE)
+            except zlib.error:
+                if self._started or not self._raw_deflate_allowed:
+                    raise _BodyRefused("body does not decompress", True) from None
+                self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
+                self._raw_deflate_allowed = False
+                continue
+            self._started = True
+            yield out
+            data = self._decoder.unconsumed_tail
+            if not data and self._decoder.eof and self._decoder.unused_data:
+                # A second gzip member (rare, allowed by RFC 1952): a new decoder.
+                data = self._decoder.unused_data
+                self._decoder = zlib.decompressobj(zlib.MAX_WBITS | 32)
 
 
 def _set_read_timeout(raw, seconds: float) -> None:
@@ -127,25 +129,28 @@ def read_body(raw, headers: Mapping[str, str], limit: int, deadline: float) -> b
     if not inflater.active and length.isdigit() and int(length) > limit:
         raise _BodyRefused(f"body of {int(length)} bytes exceeds the limit ({limit})", False)
     read = getattr(raw, "read1", None) or raw.read
-    parts: list[bytes] = []
-    size = 0
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise _BodyRefused(f"deadline passed after {size} bytes of body", True)
-        _set_read_timeout(raw, remaining)
-        try:
-            data = read(_READ_SIZE, decode_content=False)
-        except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
-            raise _BodyRefused(f"body: {type(exc).__name__}", True) from None
-        out = inflater.feed(data, limit - size + 1)
-        size += len(out)
-        if size > limit:
-            raise _BodyRefused(f"body exceeds the limit ({limit} bytes)", False)
-        if out:
-            parts.append(out)
-        if not data:
-            return b"".join(parts)
+    # The body goes into an anonymous mapping of ``limit`` bytes (only what is written takes
+    # memory), unmapped when done: memory a refused body took goes back to the system at once,
+    # instead of staying in a worker thread's malloc arena and adding up across threads.
+    buffer = mmap.mmap(-1, limit)
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _BodyRefused(f"deadline passed after {buffer.tell()} bytes of body", True)
+            _set_read_timeout(raw, remaining)
+            try:
+                data = read(_READ_SIZE, decode_content=False)
+            except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
+                raise _BodyRefused(f"body: {type(exc).__name__}", True) from None
+            if not data:
+                return buffer[: buffer.tell()]
+            for piece in inflater.pieces(data):
+                if buffer.tell() + len(piece) > limit:
+                    raise _BodyRefused(f"body exceeds the limit ({limit} bytes)", False)
+                buffer.write(piece)
+    finally:
+        buffer.close()
 
 
 @dataclass
