@@ -19,7 +19,7 @@ from cryptography import x509
 from . import jsonlimits
 from .errors import PccsError
 from .integrity import Integrity, IntegrityError
-from .logs import note_cache_outcome
+from .logs import escape, note_cache_outcome
 from .store import Entry, Store, lock_owner, owner_is_gone
 from .upstream import Upstream, UpstreamError, UpstreamResponse
 
@@ -232,7 +232,7 @@ class Collateral:
         note_cache_outcome("upstream")
         entry = fetch_entry(source)
         self.store.put(source.key, entry)
-        log.info("cached %s from upstream", source.key)
+        log.info("cached %s from upstream", escape(source.key))  # crl/ keys hold a URL
         return entry
 
     # --- sources, one per collateral kind

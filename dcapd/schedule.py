@@ -12,6 +12,7 @@ from typing import Callable
 
 from .cron import CronSchedule
 from .errors import PccsError
+from .logs import escape
 from .refresh import Refresher
 from .services import Services
 from .store import Store
@@ -104,7 +105,7 @@ class RefreshScheduler:
             log.warning(
                 "scheduled refresh (%s) failed: %s; retrying in %.0f s",
                 reason,
-                getattr(exc, "reason", "") or exc,
+                escape(getattr(exc, "reason", "") or exc),  # may quote upstream's answer
                 delay,
             )
             return False
