@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, cast
 
 from cryptography import x509
@@ -201,14 +202,19 @@ def _der_sequence_items(node: _Der) -> list[_Der]:
 def _der_oid(node: _Der) -> str:
     if node.tag != _TAG_OID or not node.value:
         raise ValueError("expected OBJECT IDENTIFIER")
+    return _oid_text(node.value)
+
+
+@lru_cache(maxsize=256)  # a PCK cert has ~30 OIDs, the same in every cert
+def _oid_text(encoded: bytes) -> str:
     arcs: list[int] = []
     value = 0
-    for byte in node.value:
+    for byte in encoded:
         value = (value << 7) | (byte & 0x7F)
         if not byte & 0x80:
             arcs.append(value)
             value = 0
-    if node.value[-1] & 0x80:
+    if encoded[-1] & 0x80:
         raise ValueError("truncated OID arc")
     first = arcs[0]
     head = [min(first // 40, 2), first - 40 * min(first // 40, 2)]

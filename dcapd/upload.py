@@ -164,9 +164,10 @@ class CollateralUpload:
             )
             by_id.setdefault(ident, []).append(platform)
         verified: set[tuple[str, str]] = set()  # (PEM, chain) pairs already checked
+        issuers: dict = {}  # issuer chains verified under a first leaf (integrity.py)
         plans = [
             self._pck_cert_set(
-                version, item, f"pck_certs[{i}]", by_id, pck_chains, tcb_bodies, verified
+                version, item, f"pck_certs[{i}]", by_id, pck_chains, tcb_bodies, (verified, issuers)
             )
             for i, item in enumerate(pck_cert_sets)
         ]
@@ -383,7 +384,7 @@ class CollateralUpload:
         platforms_by_id: dict[tuple[str, str], list[dict]],
         pck_chains: dict,
         tcb_bodies: dict[str, bytes],
-        verified: set[tuple[str, str]],
+        memo: tuple[set[tuple[str, str]], dict],
     ):
         if not isinstance(item, dict):
             raise _bad(f"{where} is not an object")
@@ -435,12 +436,13 @@ class CollateralUpload:
             "platform_manifest": (source.get("platform_manifest") or "").lower(),
         }
         cert_set = {"certs": certs, "chain": pck_chains[ca]}
+        verified, issuers = memo
         for index, cert in enumerate(certs):
             if (cert["pem"], pck_chains[ca]) in verified:  # the same cert again: checked
                 continue
             self._verified(
                 f"{where}.certs[{index}]",
-                lambda: self.integrity.check_pck_cert(cert["pem"], pck_chains[ca]),
+                lambda: self.integrity.check_pck_cert(cert["pem"], pck_chains[ca], issuers),
             )
             verified.add((cert["pem"], pck_chains[ca]))
         return where, qe_id, pce_id, platform, cert_set, tcb_body, raw_tcbs

@@ -21,9 +21,10 @@ import requests
 from dcapd import jsonlimits, selection
 from dcapd.config import load_config
 from dcapd.errors import STATUS_TEXTS
-from dcapd.integrity import IntegrityError, verify_signed_json
+from dcapd.integrity import IntegrityError, verify_pck_cert, verify_signed_json
 from dcapd.logs import JsonFormatter, escape
 from dcapd.middleware import client_address
+from dcapd.upstream import Upstream, UpstreamError
 from tests import pki
 from tests.conftest import upstream_settings
 from tests.test_pckcert import PCKCERT, query
@@ -162,7 +163,7 @@ def test_forged_lines_in_the_path_are_logged_escaped_on_one_line(tmp_path):
 
 def gzip_bomb(inflated: int) -> bytes:
     """``inflated`` zero bytes, gzip-compressed by streaming (never held uncompressed)."""
-    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
     block = bytes(MiB)
     parts = [compressor.compress(block) for _ in range(inflated // MiB)]
     return b"".join(parts) + compressor.flush()
@@ -229,8 +230,6 @@ def test_upstream_bombs_oversized_and_dripped_bodies_are_502_fast_small_and_unca
 
 
 def test_an_answer_at_the_limit_is_accepted_and_one_byte_more_refused(make_config, fake_pcs):
-    from dcapd.upstream import Upstream, UpstreamError
-
     fake = fake_pcs()
     body = b"x" * 1000
     compressed = zlib.compress(body)
@@ -385,3 +384,17 @@ def test_a_selection_failure_in_a_large_upload_writes_nothing(make_client):
     store = client.app.services.store
     assert store.keys("pckcert/") == [] and store.keys("platform/") == []
     assert store.keys("tcb/") == []
+
+
+def test_a_remembered_issuer_chain_still_checks_each_leaf():
+    """Within one upload the issuer path is verified once; every leaf's own signature still is."""
+    platform = pki.default_platform()
+    roots = [pki.root_ca().cert]
+    chains: dict = {}
+    verify_pck_cert(platform.pck_certs[0].pem, platform.issuer_chain, roots, verified_chains=chains)
+    assert list(chains) == [platform.issuer_chain]
+    verify_pck_cert(platform.pck_certs[1].pem, platform.issuer_chain, roots, verified_chains=chains)
+    level = platform.pck_certs[0]
+    stranger = pki.make_pck_cert(pki.processor_ca(), platform.ppid, level.components, level.pcesvn)
+    with pytest.raises(IntegrityError, match="is not issued by"):
+        verify_pck_cert(stranger, platform.issuer_chain, roots, verified_chains=chains)
