@@ -8,7 +8,7 @@ import re
 import time
 import urllib.parse
 from collections.abc import Iterable, Mapping
-from typing import Any, cast
+from typing import Any, Union, cast
 
 import falcon
 
@@ -21,7 +21,7 @@ REQUEST_ID_HEADER = "Request-ID"
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
-_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]  # Python 3.9: no X | Y here
 
 
 def logged_path(req: falcon.Request) -> str:
