@@ -109,7 +109,11 @@ def create_app(
 def app_for(services: Services) -> DcapdApp:
     """The falcon app serving Intel's routes (and dcapd's own) from ``services``."""
     app = DcapdApp(
-        middleware=[PccsRequestRules(), *metrics.middleware(services.metrics)], cors_enable=False
+        middleware=[
+            PccsRequestRules(services.config.trusted_proxies),
+            *metrics.middleware(services.metrics),
+        ],
+        cors_enable=False,
     )
     app.req_options.strip_url_path_trailing_slash = True
     app.req_options.keep_blank_qs_values = True

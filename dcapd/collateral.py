@@ -7,7 +7,6 @@ well-formedness check, so that nothing wrong is ever cached.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -17,9 +16,10 @@ from typing import Callable
 
 from cryptography import x509
 
+from . import jsonlimits
 from .errors import EVALUATION_NUMBER_GONE, PccsError
 from .integrity import Integrity, IntegrityError, tcb_info_mismatch
-from .logs import note_cache_outcome
+from .logs import escape, note_cache_outcome
 from .pcsurls import canonical_crl_url, is_intel_root_crl_url
 from .store import Entry, Store, lock_owner, owner_is_gone
 from .upstream import PCS_API_VERSION, Upstream, UpstreamError, UpstreamResponse
@@ -127,9 +127,9 @@ def require_chain(reply: UpstreamResponse, *names: str) -> str:
 
 def signed_json(body: bytes, top: str) -> dict:
     try:
-        document = json.loads(body)
-    except ValueError:
-        raise BadUpstreamData("body is not JSON") from None
+        document = jsonlimits.loads(body)
+    except ValueError as exc:  # JsonTooDeep included: a bad answer, not a crash
+        raise BadUpstreamData(f"body is not JSON ({exc})") from None
     if (
         not isinstance(document, dict)
         or not isinstance(document.get(top), dict)
@@ -301,7 +301,7 @@ class Collateral:
                 self.not_found.remember(source.key)
             raise
         self.store.put(source.key, entry)
-        log.info("cached %s from upstream", source.key)
+        log.info("cached %s from upstream", escape(source.key))  # crl/ keys hold a URL
         return entry
 
     # --- sources, one per collateral kind

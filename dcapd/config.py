@@ -166,6 +166,28 @@ def _cpu_list(value: str) -> str:
     return value
 
 
+def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Comma-separated addresses or CIDR networks (10.0.0.5, 10.1.0.0/16, ::1)."""
+    try:
+        return tuple(
+            ipaddress.ip_network(item, strict=False)
+            for item in filter(None, (part.strip() for part in value.split(",")))
+        )
+    except ValueError as exc:
+        raise ValueError(f"expected comma-separated IP addresses or networks: {exc}") from None
+
+
+def _size(value: str) -> int:
+    """Bytes, or with a K/M/G suffix (binary: 16M = 16 MiB)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMG]i?B?)?\s*", value, re.I)
+    if not match:
+        raise ValueError(f"expected a size like 16777216 or 16M, got {value!r}")
+    number: int = int(match.group(1)) * 1024 ** " KMG".index((match.group(2) or " ")[0].upper())
+    if number <= 0:
+        raise ValueError(f"must be > 0, got {value!r}")
+    return number
+
+
 def _text(value: str) -> str:
     return value.strip()
 
@@ -258,6 +280,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("metrics_enabled", "metrics", "enabled", "DCAPD_METRICS_ENABLED", "true", _bool,
             "serve Prometheus metrics on GET /metrics (no auth: expose it inside the cluster "
             "only)"),
+    Setting("trusted_proxies", "server", "trusted_proxies", "DCAPD_TRUSTED_PROXIES", "",
+            _networks, "reverse proxies (addresses or networks, comma-separated) whose "
+            "X-Forwarded-For names the client in the log; empty = log the peer address"),
+    Setting("upstream_max_body_bytes", "upstream", "max_body_bytes",
+            "DCAPD_UPSTREAM_MAX_BODY_BYTES", "16M", _size,
+            "largest upstream answer accepted, after decompression (K/M/G suffixes); "
+            "a larger one is refused with 502 and not cached"),
 )
 # fmt: on
 
@@ -299,6 +328,8 @@ class Config:
     log_level: str
     log_format: str
     metrics_enabled: bool
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    upstream_max_body_bytes: int
 
     @property
     def listen_host(self) -> str:

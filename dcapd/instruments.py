@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any, Callable
 
 import requests
+from cryptography import x509
 
 from .integrity import Integrity, IntegrityError
 from .metrics import Metrics, upstream_outcome
@@ -70,9 +71,14 @@ class CountedIntegrity(Integrity):
         with self._counted("crl"):
             super().check_crl_any_known_issuer(der, chain_headers)
 
-    def check_pck_cert(self, pem: str, chain_header: str) -> None:
+    def check_pck_cert(
+        self,
+        pem: str,
+        chain_header: str,
+        verified_chains: dict[str, list[x509.Certificate]] | None = None,
+    ) -> None:
         with self._counted("pckcert"):
-            super().check_pck_cert(pem, chain_header)
+            super().check_pck_cert(pem, chain_header, verified_chains)
 
 
 class MeasuredRefresher(Refresher):

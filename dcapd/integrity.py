@@ -45,6 +45,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from . import jsonlimits
+
 __all__ = [
     "IntegrityError",
     "load_trusted_roots",
@@ -319,8 +321,9 @@ def _reject_constant(name: str) -> NoReturn:
 
 
 def _loads_strict(text: str) -> Any:
-    """json.loads without Python's NaN / Infinity extensions."""
-    return json.loads(text, parse_constant=_reject_constant)
+    """json.loads without Python's NaN / Infinity extensions, nesting bounded (JsonTooDeep,
+    a ValueError, past jsonlimits.MAX_DEPTH)."""
+    return jsonlimits.loads(text, parse_constant=_reject_constant)
 
 
 def _skip_ws(body: bytes, i: int) -> int:
@@ -619,10 +622,14 @@ def verify_pck_cert(
     trusted_roots: Iterable[x509.Certificate],
     *,
     at: dt.datetime | None = None,
+    verified_chains: dict[str, list[x509.Certificate]] | None = None,
 ) -> None:
     """A PCK leaf (PEM, possibly URL-encoded as in ``/pckcerts``) issued by the chain's first cert.
 
-    The whole path ``[leaf, *chain]`` must verify up to a trusted root.
+    The whole path ``[leaf, *chain]`` must verify up to a trusted root. ``verified_chains``
+    (a dict the caller keeps for one batch, with the same roots) remembers chain headers whose
+    issuer path verified under an earlier leaf: for the next leaf only its own link is left to
+    check, the rest of the path being the same checks on the same certificates.
     """
     what = "PCK certificate"
     if isinstance(pem, (bytes, bytearray)):
@@ -640,8 +647,24 @@ def verify_pck_cert(
     if len(certs) != 1:
         raise IntegrityError(f"{what}: expected exactly one certificate, got {len(certs)}")
     leaf = certs[0]
+    what = f"{what} '{_name(leaf)}' chain"
+    key = chain_header if isinstance(chain_header, str) else None
+    known = verified_chains.get(key) if verified_chains is not None and key else None
+    if known:
+        # What _verify_chain checks at #0; #1 onwards does not depend on the leaf.
+        why = _signed_by(leaf, known[0])
+        if why is not None:
+            raise IntegrityError(
+                f"{what}: certificate #0 '{_name(leaf)}' is not issued by "
+                f"certificate #1 '{_name(known[0])}': {why}"
+            )
+        _check_issuer(known[0], 0, what)
+        _warn_validity(leaf, at)
+        return
     chain = _as_chain(chain_header)
-    _verify_chain([leaf, *chain], trusted_roots, at, f"{what} '{_name(leaf)}' chain")
+    _verify_chain([leaf, *chain], trusted_roots, at, what)
+    if verified_chains is not None and key and chain:
+        verified_chains[key] = chain
 
 
 # ---------------------------------------------------------------------------------------------
@@ -703,5 +726,10 @@ class Integrity:
                 failures.append(str(exc))
         raise IntegrityError(f"CRL is signed by no trusted root or known CA ({failures[0]})")
 
-    def check_pck_cert(self, pem: str, chain_header: str) -> None:
-        verify_pck_cert(pem, chain_header, self.roots)
+    def check_pck_cert(
+        self,
+        pem: str,
+        chain_header: str,
+        verified_chains: dict[str, list[x509.Certificate]] | None = None,
+    ) -> None:
+        verify_pck_cert(pem, chain_header, self.roots, verified_chains=verified_chains)

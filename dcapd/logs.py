@@ -1,6 +1,10 @@
 """Logging set-up: one line per event, each with the Request-ID of the request behind it, as
 text or as JSON (for log shippers). Nothing here ever formats a token or a key: callers never
-pass them to a logger."""
+pass them to a logger.
+
+Every value that comes from a client or from upstream (a path, a header, a reason quoting
+input) goes through :func:`escape` before it is logged, so it cannot end the line, start a
+forged one, or send escape codes to a terminal."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import contextvars
 import json
 import logging
 import os
+import re
 
 from .config import Config
 
@@ -18,6 +23,26 @@ request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id
 cache_outcome_var: contextvars.ContextVar[str] = contextvars.ContextVar(
     "cache_outcome", default="-"
 )
+
+
+# C0 and C1 controls, DEL, the Unicode line/paragraph separators, and the backslash itself
+# (so that an escape in the log is never ambiguous with the same characters sent literally).
+_UNSAFE = re.compile("[\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029\\\\]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    char = match.group()
+    if char == "\\":
+        return "\\\\"
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape(value: object) -> str:
+    """``value`` as text safe for one log line: control characters (CR, LF, ESC, ...) and
+    backslashes written as ``\\xNN`` / ``\\\\`` escapes; anything else unchanged."""
+    text = value if isinstance(value, str) else str(value)
+    return _UNSAFE.sub(_escaped, text) if _UNSAFE.search(text) else text
 
 
 def note_cache_outcome(outcome: str) -> None:
@@ -49,6 +74,9 @@ class JsonFormatter(logging.Formatter):
             "request_id": getattr(record, "request_id", "-"),
             "message": record.getMessage(),
         }
+        client = getattr(record, "client", None)
+        if client is not None:  # the access line's client address, as its own field
+            document["client"] = client
         if record.exc_info:
             document["exception"] = self.formatException(record.exc_info)
         return json.dumps(document, ensure_ascii=False)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import time
-from typing import Any, cast
+import urllib.parse
+from collections.abc import Iterable, Mapping
+from typing import Any, Union, cast
 
 import falcon
 
 from .errors import STATUS_TEXTS, V3_EOL_WARNING, V3_EOL_WARNING_TEXT, PccsError
-from .logs import cache_outcome_var, new_request_id, request_id_var
+from .logs import cache_outcome_var, escape, new_request_id, request_id_var
 
 log = logging.getLogger("dcapd.http")
 
@@ -19,8 +22,61 @@ _V3_PATH = re.compile(r"/[^/]*/certification/v3(?:/|$)")
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
+_Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]  # Python 3.9: no X | Y here
+
+
+def logged_path(req: falcon.Request) -> str:
+    """The path as the client sent it, percent-encoding kept, without the query (it may carry
+    an encrypted PPID), escaped for the log: ``%0d%0a`` stays those six characters."""
+    env = req.env
+    raw = env.get("REQUEST_URI") or env.get("RAW_URI")
+    if raw:
+        path = raw.split("?", 1)[0].split("#", 1)[0]
+    else:  # a WSGI server without the raw URI: re-encode the decoded path (PEP 3333 latin-1)
+        path = urllib.parse.quote(
+            env.get("SCRIPT_NAME", "") + env.get("PATH_INFO", ""),
+            safe="/:@!$&'()*+,;=-._~",
+            encoding="latin-1",
+        )
+    return escape(path)
+
+
+def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text.strip().strip("[]"))
+    except ValueError:
+        return None
+
+
+def client_address(env: Mapping[str, Any], trusted: Iterable[_Network] = ()) -> str:
+    """The client's address for the log: the peer (REMOTE_ADDR, which the TLS front sets to
+    the TLS client's), or, when the peer is a trusted proxy, the right-most address of
+    X-Forwarded-For that is not a trusted proxy (what the last trusted hop saw)."""
+    peer = str(env.get("REMOTE_ADDR") or "-")
+    trusted = tuple(trusted)
+    forwarded = env.get("HTTP_X_FORWARDED_FOR")
+    if not trusted or not forwarded:
+        return escape(peer)
+
+    def is_trusted(address: str) -> bool:
+        ip = _parse_ip(address)
+        return ip is not None and any(ip in network for network in trusted)
+
+    if not is_trusted(peer):
+        return escape(peer)
+    hops = [hop.strip() for hop in str(forwarded).split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not is_trusted(hop):
+            ip = _parse_ip(hop)
+            return str(ip) if ip is not None else escape(hop[:64])
+    return escape(hops[0] if hops else peer)
+
+
 class PccsRequestRules:
     """Intel's Express quirks that clients rely on (pccs-reference.md §8.22)."""
+
+    def __init__(self, trusted_proxies: Iterable[_Network] = ()):
+        self.trusted_proxies = tuple(trusted_proxies)
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         # Intel meant to echo the client's Request-ID ([ref-bug]: it never does); we do.
@@ -53,13 +109,16 @@ class PccsRequestRules:
         started = req.context.get("started")
         duration_ms = (time.perf_counter() - started) * 1000 if started else 0.0
         if log.isEnabledFor(logging.INFO):
+            client = client_address(req.env, self.trusted_proxies)
             log.info(
-                "%s %s %s %.1fms cache=%s",
-                req.method,
-                req.path,
+                "%s %s %s %.1fms cache=%s client=%s",
+                escape(req.method),
+                logged_path(req),
                 resp.status_code,
                 duration_ms,
                 cache_outcome_var.get(),
+                client,
+                extra={"client": client},
             )
 
 
@@ -83,11 +142,20 @@ def handle_http_error(req, resp, exc: falcon.HTTPError, params) -> None:
         exc = PccsError(status if status in STATUS_TEXTS else 400, str(reason))
     if exc.reason:
         level = logging.ERROR if exc.status_code >= 500 else logging.WARNING
-        log.log(level, "%s %s -> %s: %s", req.method, req.path, exc.status_code, exc.reason)
+        log.log(
+            level,
+            "%s %s -> %s: %s",
+            escape(req.method),
+            logged_path(req),
+            exc.status_code,
+            escape(exc.reason),
+        )
     resp.status = exc.status
     serialize_error(req, resp, exc)
 
 
 def handle_unexpected(req, resp, exc: Exception, params) -> None:
-    log.exception("%s %s -> 500: unhandled %s", req.method, req.path, type(exc).__name__)
+    log.exception(
+        "%s %s -> 500: unhandled %s", escape(req.method), logged_path(req), type(exc).__name__
+    )
     handle_http_error(req, resp, PccsError(500), params)

@@ -14,7 +14,6 @@ record each, so adding one writes a constant number of bytes and the oldest answ
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -22,6 +21,7 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from . import jsonlimits
 from .collateral import (
     CT_PEM,
     FMSPC,
@@ -439,8 +439,8 @@ def _header(headers, name: str) -> str:
 def parse_pck_certs(body: bytes) -> tuple[list[dict], list[dict]]:
     """PCS ``pckcerts`` JSON -> ([{tcb, tcbm, pem}], the "Not available" entries)."""
     try:
-        entries = json.loads(body)
-    except ValueError:
+        entries = jsonlimits.loads(body)
+    except ValueError:  # JsonTooDeep included
         raise BadUpstreamData("pckcerts body is not JSON") from None
     if not isinstance(entries, list):
         raise BadUpstreamData("pckcerts body is not a JSON array")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import time
 
+from . import jsonlimits
 from .errors import PccsError
 from .hexstr import is_hex
 from .store import Entry, Store
@@ -33,8 +33,8 @@ def policy_type(policy: str) -> int:
         raise _bad("not a JWT")
     payload_b64 = segments[1] + "=" * (-len(segments[1]) % 4)
     try:
-        payload = json.loads(base64.urlsafe_b64decode(payload_b64))
-        inner = json.loads(payload["policy_payload"])
+        payload = jsonlimits.loads(base64.urlsafe_b64decode(payload_b64))
+        inner = jsonlimits.loads(payload["policy_payload"])
         array = inner["policy_array"]
     except (ValueError, binascii.Error, KeyError, TypeError):
         raise _bad("payload has no policy_payload JSON with a policy_array") from None

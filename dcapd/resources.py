@@ -9,6 +9,7 @@ from typing import Literal, overload
 
 import falcon
 
+from . import jsonlimits
 from .auth import Auth
 from .collateral import CT_CRL, CT_PEM, Collateral
 from .errors import STATUS_TEXTS, PccsError
@@ -219,11 +220,11 @@ def json_body(req: falcon.Request, limit: int):
     if len(data) > limit:
         raise PccsError(413, f"body exceeds max_body_bytes ({limit})")
     try:
-        return json.loads(data)
+        return jsonlimits.loads(data)
+    except jsonlimits.JsonTooDeep as exc:  # e.g. 100,000 nested "[": a 400, never a 500
+        raise PccsError(400, f"body: {exc}") from None
     except (ValueError, UnicodeDecodeError):
         raise PccsError(400, "body is not valid JSON") from None
-    except RecursionError:  # e.g. 100,000 nested "[": the parser gives up, not a 500
-        raise PccsError(400, "body is JSON nested too deeply") from None
 
 
 def operation_successful(resp: falcon.Response) -> None:

@@ -13,6 +13,7 @@ from typing import Callable
 from .cron import CronSchedule
 from .errors import PccsError
 from .freshness import parse_iso
+from .logs import escape
 from .refresh import Refresher
 from .services import Services
 from .store import Store
@@ -97,7 +98,7 @@ class RefreshScheduler:
             log.warning(
                 "scheduled refresh (%s) failed: %s; retrying in %.0f s",
                 reason,
-                getattr(exc, "reason", "") or exc,
+                escape(getattr(exc, "reason", "") or exc),  # may quote upstream's answer
                 delay,
             )
             return False

@@ -17,16 +17,19 @@ Pure functions, no I/O.  Every failure raises a :class:`SelectionError` subclass
 
 from __future__ import annotations
 
-import json
+import contextvars
 import re
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, cast
 
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID, NameOID
 
+from . import jsonlimits
 from .hexstr import is_hex
 
 if TYPE_CHECKING:
@@ -199,14 +202,19 @@ def _der_sequence_items(node: _Der) -> list[_Der]:
 def _der_oid(node: _Der) -> str:
     if node.tag != _TAG_OID or not node.value:
         raise ValueError("expected OBJECT IDENTIFIER")
+    return _oid_text(node.value)
+
+
+@lru_cache(maxsize=256)  # a PCK cert has ~30 OIDs, the same in every cert
+def _oid_text(encoded: bytes) -> str:
     arcs: list[int] = []
     value = 0
-    for byte in node.value:
+    for byte in encoded:
         value = (value << 7) | (byte & 0x7F)
         if not byte & 0x80:
             arcs.append(value)
             value = 0
-    if node.value[-1] & 0x80:
+    if encoded[-1] & 0x80:
         raise ValueError("truncated OID arc")
     first = arcs[0]
     head = [min(first // 40, 2), first - 40 * min(first // 40, 2)]
@@ -326,7 +334,36 @@ class PckCertInfo:
 _NOT_AVAILABLE = "Not available"
 
 
+# Inside ``parse_memo()``: parse results by input, so a bulk import (an upload of thousands of
+# platforms selecting for each) parses every distinct certificate and TCB info once.
+_memo: contextvars.ContextVar[dict[tuple[str, str | bytes], Any] | None] = contextvars.ContextVar(
+    "selection_parse_memo", default=None
+)
+
+
+@contextmanager
+def parse_memo() -> Iterator[None]:
+    """Within the block (this thread or task), :func:`parse_pck_cert` and
+    :func:`parse_tcb_info` remember what they parsed successfully, by input."""
+    token = _memo.set({})
+    try:
+        yield
+    finally:
+        _memo.reset(token)
+
+
 def parse_pck_cert(pem: str | bytes) -> PckCertInfo:
+    """:func:`parse_pck_cert_uncached`, remembered inside :func:`parse_memo`."""
+    memo = _memo.get()
+    if memo is None or not isinstance(pem, (str, bytes)):
+        return parse_pck_cert_uncached(pem)
+    found = memo.get(("pck", pem))
+    if found is None:
+        found = memo[("pck", pem)] = parse_pck_cert_uncached(pem)
+    return cast(PckCertInfo, found)
+
+
+def parse_pck_cert_uncached(pem: str | bytes) -> PckCertInfo:
     """Parse a PEM PCK certificate the way QVL does before selection uses it.
 
     Requires what ``PckCertificate::parse`` requires: the five standard extensions, the SGX
@@ -530,6 +567,17 @@ class TcbInfo:
 
 
 def parse_tcb_info(tcb_info_json: str | bytes) -> TcbInfo:
+    """:func:`parse_tcb_info_uncached`, remembered inside :func:`parse_memo`."""
+    memo = _memo.get()
+    if memo is None or not isinstance(tcb_info_json, (str, bytes)):
+        return parse_tcb_info_uncached(tcb_info_json)
+    found = memo.get(("tcb", tcb_info_json))
+    if found is None:
+        found = memo[("tcb", tcb_info_json)] = parse_tcb_info_uncached(tcb_info_json)
+    return cast(TcbInfo, found)
+
+
+def parse_tcb_info_uncached(tcb_info_json: str | bytes) -> TcbInfo:
     """Validate a PCS TCB info body (``{"tcbInfo": {...}, "signature": "..."}``) like QVL.
 
     Accepts v2 and v3 (ids SGX and TDX); the signature is only checked for shape, never
@@ -583,8 +631,8 @@ def _load_json_object(text: str | bytes) -> dict[str, Any]:
     if text is None:
         raise InvalidArgumentError("TCB info is None")
     try:
-        root = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
+        root = jsonlimits.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:  # JsonTooDeep included
         raise InvalidTcbInfoError(f"TCB info is not JSON: {exc}") from None
     if not isinstance(root, dict):
         raise InvalidTcbInfoError("TCB info JSON is not an object")

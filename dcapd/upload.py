@@ -14,6 +14,7 @@ import logging
 import urllib.parse
 from typing import Callable
 
+from . import jsonlimits
 from .collateral import (
     CT_CRL,
     CT_JSON,
@@ -34,7 +35,7 @@ from .hexstr import ANY_LENGTH, is_hex
 from .integrity import Integrity, IntegrityError, tcb_info_mismatch
 from .pckcerts import PckCerts, RawTcb
 from .pcsurls import is_root_crl_url
-from .selection import SelectionError, parse_pck_cert
+from .selection import SelectionError, parse_memo, parse_pck_cert
 from .store import Entry, Store
 
 log = logging.getLogger("dcapd.upload")
@@ -118,6 +119,10 @@ def tcb_info_body(document: dict) -> bytes:
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+class _CheckedOnly(Exception):
+    """Ends a :meth:`CollateralUpload.check` run inside its transaction, rolling it back."""
+
+
 class CollateralUpload:
     def __init__(
         self, store: Store, pck_certs: PckCerts, integrity: Integrity, extra: ExtraCollateral
@@ -136,10 +141,17 @@ class CollateralUpload:
             raise PccsError(460, f"collateral upload: {what}: {exc}") from None
 
     def check(self, version: int, body) -> None:
-        """Everything :meth:`apply` checks (the PccsError it would raise), nothing written."""
+        """Everything :meth:`apply` checks (the PccsError it would raise), selection included:
+        the transaction is rolled back, so nothing is written."""
         self.apply(version, body, write=False)
 
     def apply(self, version: int, body, write: bool = True) -> None:
+        # Each distinct certificate and TCB info is parsed once, however many platforms and
+        # raw TCBs use it: the upload's cost grows with its size, not with its size squared.
+        with parse_memo():
+            self._apply(version, body, write)
+
+    def _apply(self, version: int, body, write: bool) -> None:
         if not isinstance(body, dict):
             raise _bad("body is not a JSON object")
         platforms = _require(body, "platforms", list, "body")
@@ -159,24 +171,40 @@ class CollateralUpload:
         tcb_bodies = self._tcb_infos(version, tcb_infos, chains, writes)
         self._crls(collaterals, pck_chains, writes)
         self._identities(version, collaterals, chains.get("identity"), writes)
-        # PCK certificates last: selection may use the TCB infos of this very upload.
+        # PCK certificates last: selection may use the TCB infos of this very upload. One pass
+        # over the platforms indexes them by (QE ID, PCE ID): linear in the upload's size.
+        by_id: dict[tuple[str, str], list[dict]] = {}
+        for platform in platforms:
+            ident = (
+                str(platform.get("qe_id", "")).upper(),
+                str(platform.get("pce_id", "")).upper(),
+            )
+            by_id.setdefault(ident, []).append(platform)
+        verified: set[tuple[str, str]] = set()  # (PEM, chain) pairs already checked
+        issuers: dict = {}  # issuer chains verified under a first leaf (integrity.py)
         plans = [
-            self._pck_cert_set(version, item, f"pck_certs[{i}]", platforms, pck_chains, tcb_bodies)
+            self._pck_cert_set(
+                version, item, f"pck_certs[{i}]", by_id, pck_chains, tcb_bodies, (verified, issuers)
+            )
             for i, item in enumerate(pck_cert_sets)
         ]
-        if not write:
-            return
-
         try:
             with self.store.transaction():
                 for key, entry in writes.items():
                     self.store.put(key, entry)
-                for qeid, pceid, platform, cert_set, tcb_body, raw_tcbs in plans:
-                    self.pck_certs.store_platform(
-                        qeid, pceid, platform, cert_set, tcb_body, None, extra_raw_tcbs=raw_tcbs
-                    )
-        except PccsError as exc:  # re-selection of a cached raw TCB failed: nothing written
-            raise _bad(exc.reason) from None
+                # Selection for every raw TCB (the upload's and those cached before) happens
+                # here, once: a failure rolls the whole transaction back, so nothing is written.
+                for where, qeid, pceid, platform, cert_set, tcb_body, raw_tcbs in plans:
+                    try:
+                        self.pck_certs.store_platform(
+                            qeid, pceid, platform, cert_set, tcb_body, None, extra_raw_tcbs=raw_tcbs
+                        )
+                    except PccsError as exc:
+                        raise _bad(f"{where}: {exc.reason}") from None
+                if not write:
+                    raise _CheckedOnly  # rolls the transaction back
+        except _CheckedOnly:
+            return
         tcb_infos = sum(1 for key in writes if key.startswith("tcb/"))
         log.info(
             "collateral upload (v%d): %d platforms, %d TCB infos, %d other entries",
@@ -274,7 +302,9 @@ class CollateralUpload:
         if not isinstance(raw, str):
             raise _bad(f"{where}.{name}_raw is not a string")
         try:
-            same = json.loads(raw) == document
+            same = jsonlimits.loads(raw) == document
+        except jsonlimits.JsonTooDeep as exc:
+            raise _bad(f"{where}.{name}_raw: {exc}") from None
         except ValueError:
             same = False
         if not same:
@@ -349,7 +379,9 @@ class CollateralUpload:
             if not isinstance(text, str):
                 raise _bad(f"{name} is not a string")
             try:
-                identity = json.loads(text).get("enclaveIdentity")
+                identity = jsonlimits.loads(text).get("enclaveIdentity")
+            except jsonlimits.JsonTooDeep as exc:
+                raise _bad(f"{name}: {exc}") from None
             except (ValueError, AttributeError):
                 identity = None
             if not isinstance(identity, dict):
@@ -373,9 +405,10 @@ class CollateralUpload:
         version: int,
         item,
         where: str,
-        platforms: list,
+        platforms_by_id: dict[tuple[str, str], list[dict]],
         pck_chains: dict,
         tcb_bodies: dict[str, bytes],
+        memo: tuple[set[tuple[str, str]], dict],
     ):
         if not isinstance(item, dict):
             raise _bad(f"{where} is not an object")
@@ -413,12 +446,7 @@ class CollateralUpload:
         tcb_body = tcb_bodies.get(fmspc) or self.pck_certs.selection_tcb_info(fmspc, version)
         if tcb_body is None:
             raise _bad(f"{where}: no SGX TCB info for FMSPC {fmspc}")
-        matching = [
-            p
-            for p in platforms
-            if str(p.get("qe_id", "")).upper() == qe_id
-            and str(p.get("pce_id", "")).upper() == pce_id
-        ]
+        matching = platforms_by_id.get((qe_id, pce_id), [])
         raw_tcbs = [
             RawTcb(qe_id, pce_id, p["cpu_svn"].upper(), p["pce_svn"].upper())
             for p in matching
@@ -432,18 +460,16 @@ class CollateralUpload:
             "platform_manifest": (source.get("platform_manifest") or "").lower(),
         }
         cert_set = {"certs": certs, "chain": pck_chains[ca]}
+        verified, issuers = memo
         for index, cert in enumerate(certs):
+            if (cert["pem"], pck_chains[ca]) in verified:  # the same cert again: checked
+                continue
             self._verified(
                 f"{where}.certs[{index}]",
-                lambda: self.integrity.check_pck_cert(cert["pem"], pck_chains[ca]),
+                lambda: self.integrity.check_pck_cert(cert["pem"], pck_chains[ca], issuers),
             )
-        # Selection failures for any raw TCB must stop the upload before anything is written.
-        for raw in raw_tcbs:
-            try:
-                self.pck_certs.select(raw, platform, cert_set, tcb_body)
-            except PccsError as exc:
-                raise _bad(f"{where}: {exc.reason}") from None
-        return qe_id, pce_id, platform, cert_set, tcb_body, raw_tcbs
+            verified.add((cert["pem"], pck_chains[ca]))
+        return where, qe_id, pce_id, platform, cert_set, tcb_body, raw_tcbs
 
     @staticmethod
     def _valid_tcb(tcb) -> bool:

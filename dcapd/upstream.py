@@ -4,26 +4,36 @@ One requests.Session; the API key only where Intel needs it; no redirects follow
 with backoff for network errors, 5xx and 429 (honouring Retry-After) inside one overall
 deadline (the server's :class:`RetryPolicy`; ``dcapd-admin fetch`` passes a patient one).
 Errors are returned or raised, never cached (the caller decides what to store).
+
+Bodies are streamed and bounded: at most ``upstream_max_body_bytes`` after decompression
+(gzip/deflate are inflated here, chunk by chunk, never past the limit), and the deadline holds
+while the body is read (the clock is checked between reads; each read has a socket timeout of
+what is left). Header values and URLs are escaped before they are logged.
 """
 
 from __future__ import annotations
 
 import email.utils
+import http.client
 import logging
 import math
+import mmap
 import random
 import re
 import time
 import urllib.parse
-from collections.abc import Mapping
+import zlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Callable
 
 import requests
+import urllib3
 from requests.structures import CaseInsensitiveDict
 
 from . import __version__
 from .config import Config
+from .logs import escape
 from .pcsurls import canonical_origin, is_allowed_crl_url
 
 log = logging.getLogger("dcapd.upstream")
@@ -48,6 +58,102 @@ class UpstreamError(Exception):
     def __init__(self, message: str, url: str = ""):
         super().__init__(message)
         self.url = url  # what was asked (no query), for a caller's own message
+
+
+class _BodyRefused(Exception):
+    """An answer whose body is not accepted: too large, past the deadline, or undecodable.
+    ``retry`` says whether asking again could help (not for an oversized one)."""
+
+    def __init__(self, message: str, retry: bool):
+        super().__init__(message)
+        self.retry = retry
+
+
+_READ_SIZE = 64 * 1024  # raw bytes asked of the socket per read (one recv at most)
+_PIECE = 256 * 1024  # decoded bytes made at a time from compressed input
+# What ``_Inflater`` decodes; we ask for nothing else (br/zstd would need more libraries).
+_ACCEPT_ENCODING = "gzip, deflate"
+
+
+class _Inflater:
+    """Decodes a Content-Encoding (none, gzip or deflate) in pieces of at most
+    ``_PIECE`` bytes, so a compressed bomb is inflated only as far as the caller reads."""
+
+    def __init__(self, content_encoding: str):
+        encoding = content_encoding.strip().lower()
+        self.active = encoding not in ("", "identity")
+        if self.active and encoding not in ("gzip", "x-gzip", "deflate"):
+            raise _BodyRefused(f"unsupported Content-Encoding {escape(encoding[:40])!r}", False)
+        # gzip or zlib header, detected (+32); a headerless deflate stream falls back below.
+        self._raw_deflate_allowed = encoding == "deflate"
+        self._decoder = zlib.decompressobj(zlib.MAX_WBITS | 32)
+        self._started = False
+
+    def pieces(self, data: bytes) -> Iterator[bytes]:
+        """The decoded bytes of ``data``, piece by piece (truncated streams are accepted as
+        far as they go, as urllib3 does)."""
+        if not self.active:
+            yield data
+            return
+        while data:
+            try:
+                out = self._decoder.decompress(data, _PIECE)
+            except zlib.error:
+                if self._started or not self._raw_deflate_allowed:
+                    raise _BodyRefused("body does not decompress", True) from None
+                self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
+                self._raw_deflate_allowed = False
+                continue
+            self._started = True
+            yield out
+            data = self._decoder.unconsumed_tail
+            if not data and self._decoder.eof and self._decoder.unused_data:
+                # A second gzip member (rare, allowed by RFC 1952): a new decoder.
+                data = self._decoder.unused_data
+                self._decoder = zlib.decompressobj(zlib.MAX_WBITS | 32)
+
+
+def _set_read_timeout(raw, seconds: float) -> None:
+    """Best effort: the socket under ``raw`` (a urllib3 response) waits at most ``seconds``
+    for its next bytes, so one read cannot outlast the deadline."""
+    sock = getattr(getattr(raw, "connection", None), "sock", None)
+    if sock is not None:
+        try:
+            sock.settimeout(max(seconds, 0.01))
+        except OSError:
+            pass
+
+
+def read_body(raw, headers: Mapping[str, str], limit: int, deadline: float) -> bytes:
+    """The body of a streamed response, decoded; raises :class:`_BodyRefused` past ``limit``
+    bytes (decoded) or past ``deadline`` (time.monotonic())."""
+    inflater = _Inflater(headers.get("Content-Encoding") or "")
+    length = (headers.get("Content-Length") or "").strip()
+    if not inflater.active and length.isdigit() and int(length) > limit:
+        raise _BodyRefused(f"body of {int(length)} bytes exceeds the limit ({limit})", False)
+    read = getattr(raw, "read1", None) or raw.read
+    # The body goes into an anonymous mapping of ``limit`` bytes (only what is written takes
+    # memory), unmapped when done: memory a refused body took goes back to the system at once,
+    # instead of staying in a worker thread's malloc arena and adding up across threads.
+    buffer = mmap.mmap(-1, limit)
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _BodyRefused(f"deadline passed after {buffer.tell()} bytes of body", True)
+            _set_read_timeout(raw, remaining)
+            try:
+                data = read(_READ_SIZE, decode_content=False)
+            except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
+                raise _BodyRefused(f"body: {type(exc).__name__}", True) from None
+            if not data:
+                return buffer[: buffer.tell()]
+            for piece in inflater.pieces(data):
+                if buffer.tell() + len(piece) > limit:
+                    raise _BodyRefused(f"body exceeds the limit ({limit} bytes)", False)
+                buffer.write(piece)
+    finally:
+        buffer.close()
 
 
 @dataclass
@@ -126,6 +232,7 @@ class Upstream:
         self.retry = retry or RetryPolicy()
         self.session = session or requests.Session()
         self.session.headers["User-Agent"] = f"dcapd/{__version__}"
+        self.session.headers["Accept-Encoding"] = _ACCEPT_ENCODING
         if config.proxy:
             self.session.proxies = {"http": config.proxy, "https": config.proxy}
         match = re.match(r"^(.*?/)sgx/certification/v([34])/$", config.pcs_url)
@@ -234,9 +341,14 @@ class Upstream:
         attempts = 1 + self.config.upstream_retries
         shown = url  # never log query values: they may hold an encrypted PPID
         for attempt in range(attempts):
-            remaining = deadline - time.monotonic()
+            started = time.monotonic()
+            remaining = deadline - started
             if remaining <= 0:
                 raise UpstreamError(f"{method} {shown}: deadline passed", url)
+            body_deadline = started + self.config.upstream_timeout if per_attempt else deadline
+            reply: requests.Response | None = None
+            failure: str | None = None
+            error: Exception | None = None
             try:
                 reply = self.session.request(
                     method,
@@ -248,14 +360,22 @@ class Upstream:
                     if per_attempt
                     else (min(5.0, remaining), remaining),
                     allow_redirects=False,
+                    stream=True,
                 )
-                body = reply.content
+                body = read_body(
+                    reply.raw, reply.headers, self.config.upstream_max_body_bytes, body_deadline
+                )
+                reply._content = body  # for anyone reading reply.content (on_retry)
             except requests.RequestException as exc:
-                failure: str | None = f"{type(exc).__name__}"
-                error: Exception | None = exc
-                reply = None
-            else:
-                failure = error = None
+                failure, error, reply = type(exc).__name__, exc, None
+            except _BodyRefused as exc:
+                assert reply is not None
+                self._log_reply(method, shown, reply)
+                reply.close()  # the rest of the body is never read: drop the connection
+                failure, error, reply = str(exc), exc, None
+                if not exc.retry:  # an oversized answer would be oversized again
+                    self.last_failure = time.time()
+                    raise UpstreamError(f"{method} {shown}: {exc}", url) from None
             if reply is not None:
                 self._log_reply(method, shown, reply)
                 if not is_retryable(reply.status_code):
@@ -269,7 +389,7 @@ class Upstream:
             log.info(
                 "upstream %s %s failed (%s); retrying in %.2fs",
                 method,
-                shown,
+                escape(shown),
                 failure if reply is None else reply.status_code,
                 delay,
             )
@@ -280,25 +400,26 @@ class Upstream:
         if reply is None:
             raise UpstreamError(f"{method} {shown}: {failure}", url) from error
         # Persistent 5xx/429: answered, but not with the collateral (the caller maps it).
-        return UpstreamResponse(reply.status_code, reply.headers, reply.content, url)
+        return UpstreamResponse(reply.status_code, reply.headers, body, url)
 
     @staticmethod
     def _log_reply(method: str, url: str, reply: requests.Response) -> None:
-        if reply.status_code == 200 and "Warning" not in reply.headers:
+        headers = reply.headers
+        if reply.status_code == 200 and "Warning" not in headers:
             log.debug(
                 "upstream %s %s -> 200 (Request-ID %s)",
                 method,
-                url,
-                reply.headers.get("Request-ID", "-"),
+                escape(url),
+                escape(headers.get("Request-ID", "-")),
             )
             return
         log.warning(
             "upstream %s %s -> %s (Request-ID %s, Error-Code %s, Error-Message %s%s)",
             method,
-            url,
+            escape(url),
             reply.status_code,
-            reply.headers.get("Request-ID", "-"),
-            reply.headers.get("Error-Code", "-"),
-            reply.headers.get("Error-Message", "-"),
-            f", Warning {reply.headers['Warning']}" if "Warning" in reply.headers else "",
+            escape(headers.get("Request-ID", "-")),
+            escape(headers.get("Error-Code", "-")),
+            escape(headers.get("Error-Message", "-")),
+            f", Warning {escape(headers['Warning'])}" if "Warning" in headers else "",
         )

@@ -25,7 +25,10 @@ def ini_example() -> str:
         "",
     ]
     section = None
-    for setting in SETTINGS:
+    # Grouped by section (in order of first appearance): rows appended to SETTINGS for an
+    # earlier section still land under its one header.
+    sections = list(dict.fromkeys(s.section for s in SETTINGS))
+    for setting in sorted(SETTINGS, key=lambda s: sections.index(s.section)):
         if setting.section != section:
             section = setting.section
             lines.append(f"[{section}]")

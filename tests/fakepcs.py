@@ -27,11 +27,11 @@ import json
 import socket
 import socketserver
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 from urllib.parse import parse_qs, unquote, urlsplit
 
 __all__ = [
@@ -124,6 +124,10 @@ class Response:
     headers: list[tuple[str, str]]
     body: bytes
     id: str | None = None  # manifest id for recordings
+    # Streamed answers (add_stream): the body is made while it is sent.
+    chunks: Callable[[], Iterable[bytes]] | None = None
+    interval: float = 0.0  # seconds between chunks
+    length: int | None = None  # Content-Length; None: the body ends when the connection closes
 
     def matches(self, method: str, path: str, query: _NormQuery) -> bool:
         return (
@@ -235,6 +239,30 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
         self.wfile.flush()
 
+    def _send_stream(self, response: Response) -> None:
+        """A streamed answer; the connection is closed after it (the client may stop
+        reading halfway, as dcapd does past its limits)."""
+        assert response.chunks is not None
+        stopping = self.server.fake._stopping
+        self.close_connection = True
+        self.send_response_only(response.status)
+        for name, value in response.headers:
+            if name.lower() not in ("content-length", "connection"):
+                self.send_header(name, value)
+        if response.length is not None:
+            self.send_header("Content-Length", str(response.length))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        try:
+            for chunk in response.chunks():
+                if stopping.is_set():
+                    break
+                self.wfile.write(chunk)
+                if response.interval and stopping.wait(response.interval):
+                    break
+        except OSError:  # the client hung up
+            pass
+
     def _handle(self):
         fake = self.server.fake
         split = urlsplit(self.path)
@@ -261,6 +289,8 @@ class _Handler(BaseHTTPRequestHandler):
         response = fake._find(self.command, unquote(raw_path), normalize_query(query))
         if response is None:
             self._send(404, [("Error-Code", "NotFound")], b"")
+        elif response.chunks is not None:
+            self._send_stream(response)
         else:
             self._send(response.status, response.headers, response.body)
 
@@ -445,6 +475,26 @@ class FakePCS:
         )
         with self._lock:
             self._added.append(response)
+        return response
+
+    def add_stream(
+        self,
+        method: str,
+        path: str,
+        query: _QueryIn,
+        chunks: Callable[[], Iterable[bytes]],
+        *,
+        status: int = 200,
+        headers: Mapping[str, str] | None = None,
+        interval: float = 0.0,
+        length: int | None = None,
+    ) -> Response:
+        """Add a streamed answer (matched like :meth:`add_response`): the body is what
+        ``chunks()`` yields, sent as it is made, ``interval`` seconds apart (a slow drip), with
+        ``Content-Length: length`` if given, else ended by closing the connection. For bodies
+        too large to hold (a decompression bomb, hundreds of MiB) or too slow to wait for."""
+        response = self.add_response(method, path, query, status, headers)
+        response.chunks, response.interval, response.length = chunks, interval, length
         return response
 
     def clear_added(self) -> None:

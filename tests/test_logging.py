@@ -29,7 +29,7 @@ def test_request_lines_say_how_the_cache_answered(fake_pcs, make_client, caplog)
     client.simulate_get("/nowhere")
     lines = request_lines(caplog)
     assert len(lines) == 5
-    pattern = r"^GET {} {} \d+\.\dms cache={}$"
+    pattern = r"^GET {} {} \d+\.\dms cache={} client=\S+$"
     assert re.match(pattern.format("/sgx/certification/v4/qe/identity", 200, "upstream"), lines[0])
     assert re.match(pattern.format("/sgx/certification/v4/qe/identity", 200, "hit"), lines[1])
     assert re.match(pattern.format(PCKCERT, 200, "upstream"), lines[2])
