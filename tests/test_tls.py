@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import http.client
@@ -12,7 +13,6 @@ import ssl
 import tempfile
 import threading
 import time
-import types
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from dcapd import tls
+from dcapd.config import load_config
 from dcapd.server import Server, waitress_options
 
 pytestmark = pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
@@ -63,10 +64,10 @@ def parse(text):
     }
 
 
-def make_config(**kw):
-    values = dict(listen_host=LOOPBACK, listen_port=0, tls="auto", cert_file="", key_file="")
-    values.update(kw)
-    return types.SimpleNamespace(**values)
+def make_config(listen_port=0, **kw):
+    """A real Config (defaults from dcapd.config.SETTINGS only), then the given attributes."""
+    base = load_config({"listen": f"{LOOPBACK}:{listen_port}", "tls": "auto"}, environ={})
+    return dataclasses.replace(base, **kw)
 
 
 def client_context():
@@ -450,10 +451,7 @@ def test_unusable_certificate_fails_start_and_frees_port(tmp_path):
 
 
 def test_waitress_options_from_config():
-    minimal = types.SimpleNamespace(
-        listen_host=LOOPBACK, listen_port=0, tls="off", cert_file="", key_file=""
-    )
-    opts = waitress_options(minimal)
+    opts = waitress_options(make_config(tls="off"))  # the defaults of dcapd.config.SETTINGS
     assert opts["threads"] == 8
     assert opts["connection_limit"] == 200
     assert opts["channel_timeout"] == 30
