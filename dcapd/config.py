@@ -192,6 +192,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_body_bytes", "server", "max_body_bytes", "DCAPD_MAX_BODY_BYTES",
             str(512 * 1024 * 1024), _positive(int),
             "largest request body accepted (a 10,000-platform collateral upload fits)"),
+    Setting("max_small_body_bytes", "server", "max_small_body_bytes",
+            "DCAPD_MAX_SMALL_BODY_BYTES", str(1024 * 1024), _positive(int),
+            "largest body accepted without a valid admin token (e.g. POST /platforms)"),
+    Setting("head_timeout", "server", "head_timeout", "DCAPD_HEAD_TIMEOUT", "10",
+            _positive(float), "seconds from accept (or from a keep-alive request's first byte) "
+                              "to the end of the request head (Intel: 10)"),
+    Setting("request_timeout", "server", "request_timeout", "DCAPD_REQUEST_TIMEOUT", "15",
+            _positive(float), "seconds for a whole request, body included, from the same start "
+                              "(Intel: 15; an admin upload gets 1 s more per MiB)"),
+    Setting("idle_timeout", "server", "idle_timeout", "DCAPD_IDLE_TIMEOUT", "5",
+            _positive(float), "seconds a keep-alive connection may wait for its next request"),
     Setting("pcs_url", "upstream", "pcs_url", "DCAPD_PCS_URL", INTEL_PCS_URL, _pcs_url,
             "Intel PCS base URL (or another PCCS); the API version is taken from each request"),
     Setting("api_key", "upstream", "api_key", "INTEL_API_KEY", "", _text,
@@ -237,6 +248,12 @@ SETTINGS: tuple[Setting, ...] = (
 DEFAULTS: dict[str, str] = {s.name: s.default for s in SETTINGS}
 
 
+def _default(name: str) -> object:
+    """A setting's default, parsed: for Config fields that need one."""
+    setting = next(s for s in SETTINGS if s.name == name)
+    return setting.parse(setting.default)
+
+
 @dataclass(frozen=True)
 class Config:
     """The parsed settings; built by :func:`load_config`, never mutated."""
@@ -268,6 +285,11 @@ class Config:
     verbose: bool = False
     log_level: str = "info"
     log_format: str = "text"
+    # Defaults parsed from SETTINGS (the one place they are written).
+    max_small_body_bytes: int = field(default_factory=lambda: _default("max_small_body_bytes"))
+    head_timeout: float = field(default_factory=lambda: _default("head_timeout"))
+    request_timeout: float = field(default_factory=lambda: _default("request_timeout"))
+    idle_timeout: float = field(default_factory=lambda: _default("idle_timeout"))
 
     @property
     def listen_host(self) -> str:

@@ -34,6 +34,11 @@ def new_request_id() -> str:
     return os.urandom(16).hex()
 
 
+def request_id_for(client_id: str | None) -> str:
+    """The Request-ID of an answer: the client's own when it is a sane one, else a new one."""
+    return client_id if client_id and _CLIENT_REQUEST_ID.fullmatch(client_id) else new_request_id()
+
+
 class RequestIdFilter(logging.Filter):
     """Adds ``request_id`` to every log record so one line ties to one request."""
 
@@ -47,8 +52,7 @@ class PccsRequestRules:
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         # Intel meant to echo the client's Request-ID ([ref-bug]: it never does); we do.
-        client_id = req.get_header(REQUEST_ID_HEADER) or ""
-        request_id = client_id if _CLIENT_REQUEST_ID.fullmatch(client_id) else new_request_id()
+        request_id = request_id_for(req.get_header(REQUEST_ID_HEADER))
         req.context.request_id = request_id
         req.context.started = time.perf_counter()
         request_id_var.set(request_id)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import math
 import os
 import signal
 import socket
@@ -34,13 +35,15 @@ from waitress import wasyncore
 
 from . import tls as _tls
 from .config import Config
-from .tlsfront import PeerRestoringMiddleware, TlsFront
+from .gate import BodyGate, BodyGateMiddleware
+from .tlsfront import BACKLOG, PeerRestoringMiddleware, TlsFront
 
 __all__ = ["Server", "waitress_options", "bind_sockets", "PeerRestoringMiddleware"]
 
 log = logging.getLogger("dcapd.server")
 
 _STOP_TIMEOUT = 10.0
+_BACKEND_HEADROOM = 8
 
 # waitress logs to "waitress" (and "waitress.queue"); with no handler configured
 # anywhere Python's last-resort handler would print its warnings to stderr.
@@ -49,7 +52,7 @@ logging.getLogger("waitress").addHandler(logging.NullHandler())
 
 
 def waitress_options(
-    config: Config, *, sockets: list[socket.socket] | None = None
+    config: Config, *, sockets: list[socket.socket] | None = None, behind_front: bool = False
 ) -> dict[str, Any]:
     """All waitress arguments, built in one place from *config*.
 
@@ -57,12 +60,22 @@ def waitress_options(
     (waitress's ``max_request_body_size``) come from the configuration (their defaults live in
     ``dcapd.config.SETTINGS`` only); *sockets*, when given, are pre-bound listening sockets
     for ``waitress.create_server``.
+
+    Serving clients directly (``tls = off``), waitress also closes a connection idle for
+    ``idle_timeout`` (its ``channel_timeout`` counts any silence, so it cannot tell a head or
+    request deadline from it). *behind_front*: the TLS front holds at most
+    ``connection_limit`` connections to waitress and enforces the deadlines itself; waitress
+    gets room for those plus its own listening socket and wake-up pipe and a few local
+    clients.
     """
-    threads = config.threads
     connection_limit = config.connection_limit
     channel_timeout = config.channel_timeout
+    if behind_front:
+        connection_limit += _BACKEND_HEADROOM
+    else:
+        channel_timeout = min(channel_timeout, max(1, math.ceil(config.idle_timeout)))
     opts: dict[str, Any] = {
-        "threads": threads,
+        "threads": config.threads,
         "connection_limit": connection_limit,
         "channel_timeout": channel_timeout,
         # Idle channels are only reaped at each cleanup pass (default every 30 s).
@@ -94,7 +107,7 @@ def _strip_brackets(host: str) -> str:
     return host
 
 
-def bind_sockets(host: str, port: int, backlog: int = 1024) -> list[socket.socket]:
+def bind_sockets(host: str, port: int, backlog: int = BACKLOG) -> list[socket.socket]:
     """Bind and listen on every address *host* resolves to, all on the same port.
 
     ``''`` or ``'*'`` means every interface.  With ``port == 0`` the first
@@ -160,6 +173,24 @@ def _bind_once(name: str | None, port: int, backlog: int) -> list[socket.socket]
     return socks
 
 
+def _raise_fd_limit() -> None:
+    """Every client costs the TLS front a file descriptor (two with a request in flight): let
+    the process use as many as its hard limit allows (POSIX; a no-op elsewhere)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = max(soft, 65536)
+        if soft != resource.RLIM_INFINITY and soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.debug("open files limit raised from %s to %s", soft, hard)
+    except (OSError, ValueError):  # pragma: no cover - not allowed: keep the limit
+        pass
+
+
 class Server:
     """dcapd's HTTP(S) server: waitress, plus the asyncio TLS front when ``tls == 'auto'``.
 
@@ -168,9 +199,13 @@ class Server:
     certificate's SHA-256 fingerprint (HTTPS only).  ``stop()`` is idempotent.
     """
 
-    def __init__(self, app: Callable, config: Config):
+    def __init__(self, app: Callable, config: Config, gate: BodyGate | None | bool = True):
+        """*gate*: the body rules (:mod:`dcapd.gate`), applied by the TLS front from each
+        request head and in front of *app*; ``True`` (default): dcapd's, built from *config*;
+        ``None``: any body up to ``max_body_bytes`` on any path (for other WSGI apps)."""
         self.app = app
         self.config = config
+        self.gate: BodyGate | None = BodyGate(config) if gate is True else gate or None
         self.listen_host: str = config.listen_host
         self.listen_port: int = config.listen_port
         if config.tls not in ("auto", "off"):
@@ -273,28 +308,25 @@ class Server:
         self._stopped.set()
 
     def _start(self) -> None:
+        _raise_fd_limit()
         self._public_socks = bind_sockets(self.listen_host, self.listen_port)
         self.addresses = [tuple(s.getsockname()[:2]) for s in self._public_socks]
         self.port = self.addresses[0][1]
         scheme = "http" if self.tls == "off" else "https"
         self.url = f"{scheme}://{self._url_host()}:{self.port}"
 
+        app = self.app if self.gate is None else BodyGateMiddleware(self.app, self.gate)
         if self.tls == "off":
-            self._start_waitress(self.app, self._public_socks)
+            self._start_waitress(app, self._public_socks)
         else:
             ctx, self.fingerprint = _tls.server_ssl_context(
                 self.config.cert_file, self.config.key_file, hosts=[self.listen_host]
             )
             backend = bind_sockets("127.0.0.1", 0)
             self.backend_port = backend[0].getsockname()[1]
-            app = PeerRestoringMiddleware(self.app, self._peers, lambda: self.port)
-            self._start_waitress(app, backend)
-            self._front = TlsFront(
-                self.backend_port,
-                self._peers,
-                handshake_timeout=self.config.tls_handshake_timeout,
-                channel_timeout=float(self.config.channel_timeout),
-            )
+            app = PeerRestoringMiddleware(app, self._peers, lambda: self.port)
+            self._start_waitress(app, backend, behind_front=True)
+            self._front = TlsFront(self.backend_port, self._peers, self.config, self.gate)
             self._front.start(ctx, self._public_socks)
         log.info("dcapd listening on %s", ", ".join(self._fmt_addr(a) for a in self.addresses))
 
@@ -331,13 +363,17 @@ class Server:
 
     # -- waitress -----------------------------------------------------------
 
-    def _start_waitress(self, app: Callable, socks: list[socket.socket]) -> None:
+    def _start_waitress(
+        self, app: Callable, socks: list[socket.socket], behind_front: bool = False
+    ) -> None:
         self._wmap = {}
         self._wstop.clear()
         # create_server registers every listening socket in our own map; the
         # loop below runs waitress's wasyncore loop on it until told to stop.
         self._wserver = waitress.create_server(
-            app, map=self._wmap, **waitress_options(self.config, sockets=socks)
+            app,
+            map=self._wmap,
+            **waitress_options(self.config, sockets=socks, behind_front=behind_front),
         )
         self._wthread = threading.Thread(
             target=self._run_waitress, name="dcapd-waitress", daemon=True

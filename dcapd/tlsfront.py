@@ -1,32 +1,77 @@
-"""dcapd's asyncio TLS front: accepts TLS clients and relays each to waitress on loopback.
+"""dcapd's asyncio TLS front: accepts TLS clients, reads each request head, relays to waitress.
 
 Design (design.md §5, stack.md §1.3-1.4): an asyncio loop in its own thread accepts TLS on
-the public address (``ssl_handshake_timeout`` bounds the handshake, so a client that never
-finishes one costs nothing in waitress and delays nobody). Every accepted connection gets one
-loopback TCP connection to waitress and bytes are relayed both ways. A map from the loopback
-connection's local address to the real peer lets :class:`PeerRestoringMiddleware` restore
+the public address. The front reads every request head itself, so that waitress only ever
+sees whole requests from clients that are in time, and only holds a connection for a client
+with a request in flight or just answered:
+
+* **Deadlines** (Intel's Node PCCS: headers 10 s, whole request 15 s). The first request
+  head must be whole within ``head_timeout`` of accept (TLS handshake included: a client
+  that connects, or finishes its handshake, and sends nothing is dropped then), and the
+  whole request, body included, within ``request_timeout`` of accept. On a kept-alive
+  connection the next request's first byte must come within ``idle_timeout`` of the last
+  answer, and the same two deadlines count from that byte. A body that a valid admin token
+  allows to be large gets one more second per MiB. An answer must be read within
+  ``channel_timeout`` per write.
+* **Bodies, by role, before reading** (:mod:`dcapd.gate`): from the head, a body that is not
+  welcome is answered ``401``/``413`` with ``Connection: close`` at once, unread. A small
+  body (no admin token) is held by the front until whole, then passed on with its head; a
+  large admin body streams.
+* **Connections to waitress**: opened when a request is whole (lazily, one per client,
+  reused while the client keeps its connection alive), at most ``connection_limit`` at
+  once; when they are all taken, the client idle the longest is closed to make room, and
+  otherwise the request waits for one to free.
+
+Requests on one connection are served one at a time (a pipelined request waits in the
+buffer until the previous answer has been relayed). A map from each loopback connection's
+local address to the real peer lets :class:`PeerRestoringMiddleware` restore
 ``REMOTE_ADDR``/``REMOTE_PORT`` (and ``wsgi.url_scheme = https``) for the app.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import socket
 import ssl
 import threading
-import time
 from typing import Any, Callable
 
-__all__ = ["TlsFront", "PeerRestoringMiddleware"]
+from waitress.adjustments import Adjustments
+
+from .config import Config
+from .gate import BodyGate, Verdict, log_refusal, refusal_bytes
+from .httpframe import (
+    MAX_HEAD_BYTES,
+    Chunked,
+    FramingError,
+    RequestHead,
+    parse_request_head,
+    parse_response_head,
+)
+from .middleware import request_id_for
+
+__all__ = ["TlsFront", "PeerRestoringMiddleware", "BACKLOG"]
 
 log = logging.getLogger("dcapd.server")
 
 Peers = dict[tuple[str, str], tuple[str, int]]
 
+#: The listen backlog: waitress's (1024), for the TLS listener too.
+BACKLOG: int = Adjustments.backlog
+
 _PIPE_CHUNK = 256 * 1024
 _BACKEND_CONNECT_TIMEOUT = 10.0
 _STOP_TIMEOUT = 10.0
+_ADMIN_BYTES_PER_SECOND = 1024 * 1024  # a large admin body gets 1 s more per MiB
+_WRITE_BUFFER = 64 * 1024  # wait for the client to read beyond this much
+_LINGER_SECONDS, _LINGER_BYTES = 1.0, 1024 * 1024  # after a refusal, before closing
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class _Drop(Exception):
+    """End this client's connection; ``str()`` says why (logged at info)."""
 
 
 class PeerRestoringMiddleware:
@@ -57,55 +102,29 @@ class PeerRestoringMiddleware:
         return self.app(environ, start_response)
 
 
-class _RequestHeads:
-    """Watches a client's bytes for the end of each request head (a blank line): from the
-    first byte of a head, the whole head must arrive within ``timeout`` seconds. Once the
-    answer starts, the next bytes begin a new head."""
-
-    def __init__(self, timeout: float):
-        self.timeout = timeout
-        self.awaiting = True
-        self.started: float | None = None
-        self.tail = b""
-
-    def time_left(self) -> float | None:
-        if not self.awaiting or self.started is None:
-            return None  # idle between requests: waitress's channel_timeout applies
-        return max(0.0, self.started + self.timeout - time.monotonic())
-
-    def received(self, data: bytes) -> None:
-        if not self.awaiting:
-            return
-        if self.started is None:
-            self.started = time.monotonic()
-        window = self.tail + data
-        if b"\r\n\r\n" in window:
-            self.awaiting = False
-        else:
-            self.tail = window[-3:]
-
-    def answered(self) -> None:
-        self.awaiting, self.started, self.tail = True, None, b""
-
-
 class TlsFront:
     """The TLS listener(s) and the relay to waitress, on an asyncio loop in its own thread.
 
     ``start(ctx, socks)`` serves the already-listening *socks*; ``stop()`` closes every
-    connection at once.  *peers* is filled for :class:`PeerRestoringMiddleware`.
+    connection at once.  *peers* is filled for :class:`PeerRestoringMiddleware`.  *gate*
+    decides bodies from request heads (None: any body up to ``max_body_bytes``, streamed).
     """
 
-    def __init__(
-        self,
-        backend_port: int,
-        peers: Peers,
-        handshake_timeout: float,
-        channel_timeout: float,
-    ):
+    def __init__(self, backend_port: int, peers: Peers, config: Config, gate: BodyGate | None):
         self.backend_port = backend_port
         self.peers = peers
-        self.handshake_timeout = handshake_timeout
-        self.channel_timeout = channel_timeout
+        self.gate = gate
+        self.max_body = config.max_body_bytes
+        self.handshake_timeout = config.tls_handshake_timeout
+        self.read_timeout = float(config.channel_timeout)  # a client reading its answer
+        # No deadline is ever longer than a shorter one that also applies.
+        self.request_timeout = config.request_timeout
+        self.head_timeout = min(config.head_timeout, config.request_timeout, self.read_timeout)
+        self.idle_timeout = min(config.idle_timeout, self.read_timeout)
+        self.limit = config.connection_limit  # loopback connections to waitress at once
+        self._backends = 0
+        self._idle: dict[_Connection, None] = {}  # keep-alive clients holding one, oldest first
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._servers: list[Any] = []
@@ -151,6 +170,27 @@ class TlsFront:
         self._loop = self._thread = None
         self._conn_tasks.clear()
 
+    async def _open(self, ctx: ssl.SSLContext, socks: list[socket.socket]) -> None:
+        loop = asyncio.get_running_loop()
+
+        def accepted() -> asyncio.StreamReaderProtocol:
+            # Called at accept, before the handshake: the head deadline counts from here.
+            reader = asyncio.StreamReader(limit=_PIPE_CHUNK, loop=loop)
+            at = loop.time()
+            return asyncio.StreamReaderProtocol(
+                reader, lambda r, w: self._handle_client(r, w, at), loop=loop
+            )
+
+        for sock in socks:
+            srv = await loop.create_server(
+                accepted,
+                sock=sock,
+                ssl=ctx,
+                ssl_handshake_timeout=min(self.handshake_timeout, self.head_timeout),
+                backlog=BACKLOG,
+            )
+            self._servers.append(srv)
+
     @staticmethod
     def _run_loop(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
         asyncio.set_event_loop(loop)
@@ -167,17 +207,6 @@ class TlsFront:
                 loop.run_until_complete(loop.shutdown_asyncgens())
             finally:
                 loop.close()
-
-    async def _open(self, ctx: ssl.SSLContext, socks: list[socket.socket]) -> None:
-        for sock in socks:
-            srv = await asyncio.start_server(
-                self._handle_client,
-                sock=sock,
-                ssl=ctx,
-                ssl_handshake_timeout=self.handshake_timeout,
-                limit=_PIPE_CHUNK,
-            )
-            self._servers.append(srv)
 
     def _loop_exception(self, loop, context) -> None:
         exc = context.get("exception")
@@ -219,67 +248,52 @@ class TlsFront:
                 pass
         self._servers = []
 
+    # -- connections to waitress ----------------------------------------------
+
+    async def acquire(self) -> None:
+        """Wait for room for one more connection to waitress, closing idle clients first."""
+        while self._backends >= self.limit:
+            if self._idle:
+                victim = next(iter(self._idle))
+                victim.evict()
+                continue
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+        self._backends += 1
+
+    def release(self) -> None:
+        self._backends -= 1
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+
     async def _handle_client(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, accepted: float
     ) -> None:
         task = asyncio.current_task()
         self._conn_tasks.add(task)
         task.add_done_callback(self._conn_tasks.discard)
-        peer = writer.get_extra_info("peername") or ("", 0)
-        backend_writer = None
-        key = None
+        conn = _Connection(self, reader, writer, accepted)
         try:
-            try:
-                backend_reader, backend_writer = await asyncio.wait_for(
-                    asyncio.open_connection("127.0.0.1", self.backend_port, limit=_PIPE_CHUNK),
-                    _BACKEND_CONNECT_TIMEOUT,
-                )
-            except (OSError, asyncio.TimeoutError) as exc:
-                log.warning(
-                    "TLS front: cannot reach waitress on 127.0.0.1:%s: %r", self.backend_port, exc
-                )
-                return
-            local = backend_writer.get_extra_info("sockname")
-            key = (local[0], str(local[1]))
-            value = (peer[0], peer[1])
-            self.peers[key] = value
-            # A request head must arrive whole within channel_timeout (waitress restarts its
-            # timer on every byte, so a one-byte-a-second client would hold a slot for ever),
-            # and a client must read its answer within channel_timeout too.
-            heads = _RequestHeads(self.channel_timeout)
-            upstream = asyncio.ensure_future(
-                self._pipe(reader, backend_writer, half_close=True, heads=heads)
-            )
-            downstream = asyncio.ensure_future(
-                self._pipe(
-                    backend_reader,
-                    writer,
-                    half_close=False,
-                    drain_timeout=self.channel_timeout,
-                    on_data=heads.answered,
-                )
-            )
-            try:
-                done, _ = await asyncio.wait(
-                    {upstream, downstream}, return_when=asyncio.FIRST_COMPLETED
-                )
-                if upstream in done and upstream.result() and not downstream.done():
-                    # Client sent EOF (half-close, passed on to waitress): the
-                    # response may still be on its way; waitress closes when done.
-                    await downstream
-            finally:
-                for t in (upstream, downstream):
-                    if not t.done():
-                        t.cancel()
-                await asyncio.gather(upstream, downstream, return_exceptions=True)
+            await conn.serve()
+        except _Drop as why:
+            log.info("TLS front: dropped %s: %s", conn.peer[0], why)
+        except asyncio.TimeoutError:
+            log.info("TLS front: dropped %s: %s", conn.peer[0], conn.waiting_for)
+        except (OSError, ssl.SSLError, EOFError, asyncio.IncompleteReadError) as exc:
+            log.debug("TLS front: connection ended: %r", exc)
         except asyncio.CancelledError:
-            pass
+            if conn.evicted:
+                log.info("TLS front: closed an idle connection of %s for a new one", conn.peer[0])
         finally:
-            if key is not None and self.peers.get(key) == (peer[0], peer[1]):
-                del self.peers[key]
-            # On stop() abort at once; otherwise close gracefully (bounded).
-            await self._close_writer(backend_writer, 0 if self._stopping else 2.0)
-            await self._close_writer(writer, 0 if self._stopping else 5.0)
+            await conn.close(0 if self._stopping else 2.0)
 
     @staticmethod
     async def _close_writer(writer: asyncio.StreamWriter | None, timeout: float) -> None:
@@ -297,34 +311,286 @@ class TlsFront:
             except Exception:  # pragma: no cover
                 pass
 
-    @staticmethod
-    async def _pipe(
+
+class _Connection:
+    """One TLS client: its requests, one at a time, relayed to its connection to waitress."""
+
+    def __init__(
+        self,
+        front: TlsFront,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        half_close: bool,
-        heads: _RequestHeads | None = None,
-        drain_timeout: float | None = None,
-        on_data: Callable[[], None] | None = None,
-    ) -> bool:
-        """Copy until EOF.  True on a clean EOF (passed on as a half-close when possible)."""
-        try:
-            while True:
-                wait = heads.time_left() if heads is not None else None
-                data = await asyncio.wait_for(reader.read(_PIPE_CHUNK), wait)
-                if not data:
-                    break
-                if heads is not None:
-                    heads.received(data)
-                if on_data is not None:
-                    on_data()
-                writer.write(data)
-                await asyncio.wait_for(writer.drain(), drain_timeout)
-            if half_close and writer.can_write_eof():
-                writer.write_eof()
+        accepted: float,
+    ):
+        self.front = front
+        self.reader = reader
+        self.writer = writer
+        self.peer = writer.get_extra_info("peername") or ("", 0)
+        self.task = asyncio.current_task()
+        self.loop = asyncio.get_running_loop()
+        self.start = accepted  # of the current request (accept for the first one)
+        self.buf = bytearray()  # bytes from the client not passed on yet
+        self.backend_reader: asyncio.StreamReader | None = None
+        self.backend_writer: asyncio.StreamWriter | None = None
+        self.key: tuple[str, str] | None = None
+        self.evicted = False
+        self.waiting_for = "a request head within head_timeout"
+
+    # -- the request cycle --------------------------------------------------
+
+    async def serve(self) -> None:
+        front = self.front
+        while True:
+            head = await self._read_head()
+            if head is None:
+                return
+            try:
+                request = parse_request_head(head)
+            except FramingError as exc:
+                await self._refuse("-", "-", Verdict(400, str(exc), 0), None)
+                return
+            verdict = self._verdict(request)
+            if verdict.status:
+                await self._refuse(
+                    request.method, request.path, verdict, request.headers.get("request-id")
+                )
+                return
+            if not await self._pass_on(request, verdict):
+                return
+            if not await self._relay_answer(request.method) or request.close:
+                return
+            # Keep-alive: the next request's first byte within idle_timeout.
+            if not self.buf:
+                self.waiting_for = "no next request within idle_timeout"
+                front._idle[self] = None
+                try:
+                    if not await self._fill(self.loop.time() + front.idle_timeout):
+                        return
+                finally:
+                    front._idle.pop(self, None)
+            self.start = self.loop.time()
+            self.waiting_for = "a request head within head_timeout"
+
+    def _verdict(self, request: RequestHead) -> Verdict:
+        gate = self.front.gate
+        if gate is None or request.length == 0:
+            return Verdict(0, "", self.front.max_body, True)
+        return gate.check(request.method, request.path, request.length, request.headers.get)
+
+    async def _read_head(self) -> bytes | None:
+        """The next request head (leading blank lines dropped, as waitress does); None on EOF."""
+        deadline = self.start + self.front.head_timeout
+        searched = 0
+        while True:
+            if self.buf[:1].isspace():
+                kept = self.buf.lstrip()
+                del self.buf[: len(self.buf) - len(kept)]
+                searched = 0
+            end = self.buf.find(b"\r\n\r\n", max(0, searched - 3))
+            if end >= 0:
+                head = bytes(self.buf[: end + 4])
+                del self.buf[: end + 4]
+                return head
+            if len(self.buf) >= MAX_HEAD_BYTES:
+                await self._refuse("-", "-", Verdict(400, "request head too large", 0), None)
+                return None
+            searched = len(self.buf)
+            if not await self._fill(deadline):
+                return None
+
+    async def _fill(self, deadline: float) -> bool:
+        """More bytes from the client into ``buf``; False on EOF, TimeoutError at *deadline*."""
+        data = await asyncio.wait_for(
+            self.reader.read(_PIPE_CHUNK), max(0.0, deadline - self.loop.time())
+        )
+        if not data:
+            return False
+        self.buf += data
+        return True
+
+    async def _pass_on(self, request: RequestHead, verdict: Verdict) -> bool:
+        """Send the request to waitress: a small body once whole, a large one as it comes."""
+        self.waiting_for = "a whole request within request_timeout"
+        if request.length == 0:
+            await self._to_backend(request.raw)
             return True
-        except asyncio.TimeoutError:
-            log.info("TLS front: dropped a client that was too slow to send or to read")
-            return False
-        except (OSError, ssl.SSLError, EOFError, asyncio.IncompleteReadError) as exc:
-            log.debug("TLS front: connection ended: %r", exc)
-            return False
+        if request.expect_continue:
+            self.writer.write(_CONTINUE)
+        if not verdict.large:
+            held = bytearray(request.raw)
+            outcome = await self._read_body(request, verdict, held.extend)
+            if outcome:
+                await self._to_backend(held)
+            return outcome
+        await self._to_backend(request.raw)
+        return await self._read_body(request, verdict, self.backend_writer.write)
+
+    async def _read_body(
+        self, request: RequestHead, verdict: Verdict, out: Callable[[bytes], Any]
+    ) -> bool:
+        """Pass the body to *out* as it arrives; False when the connection must end."""
+        base = self.start + self.front.request_timeout
+        per_byte = 1 / _ADMIN_BYTES_PER_SECOND if verdict.large else 0.0
+        received = 0
+        remaining = request.length
+        chunked = Chunked() if remaining is None else None
+        while True:
+            if self.buf:
+                if chunked is None:
+                    take = min(remaining, len(self.buf))
+                    remaining -= take
+                else:
+                    take = chunked.scan(self.buf)  # FramingError: the connection ends
+                    if chunked.size > verdict.limit:
+                        if verdict.large:
+                            raise _Drop(f"chunked body over {verdict.limit} bytes")
+                        reason = f"chunked body over max_small_body_bytes ({verdict.limit})"
+                        await self._refuse(
+                            request.method,
+                            request.path,
+                            Verdict(413, reason, verdict.limit),
+                            request.headers.get("request-id"),
+                        )
+                        return False
+                if take:
+                    out(bytes(self.buf[:take]))
+                    del self.buf[:take]
+                    received += take
+                    if verdict.large:
+                        await self._drain(self.backend_writer, base + received * per_byte)
+            if (remaining == 0) if chunked is None else chunked.done:
+                return True
+            if not await self._fill(base + received * per_byte):
+                return False
+
+    # -- waitress -------------------------------------------------------------
+
+    async def _to_backend(self, data: bytes | bytearray) -> None:
+        writer = self.backend_writer
+        if writer is None or writer.transport.is_closing() or self.backend_reader.at_eof():
+            await self._open_backend()
+            writer = self.backend_writer
+        writer.write(data)
+
+    async def _open_backend(self) -> None:
+        self._drop_backend()
+        front = self.front
+        await front.acquire()
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", front.backend_port, limit=_PIPE_CHUNK),
+                _BACKEND_CONNECT_TIMEOUT,
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            front.release()
+            log.warning(
+                "TLS front: cannot reach waitress on 127.0.0.1:%s: %r", front.backend_port, exc
+            )
+            raise _Drop("waitress unreachable") from None
+        except BaseException:
+            front.release()
+            raise
+        self.backend_reader, self.backend_writer = reader, writer
+        local = writer.get_extra_info("sockname")
+        self.key = (local[0], str(local[1]))
+        front.peers[self.key] = (self.peer[0], self.peer[1])
+
+    def _drop_backend(self) -> None:
+        """Close the connection to waitress at once (between requests, or on the way out)."""
+        writer = self.backend_writer
+        if writer is None:
+            return
+        self.backend_reader = self.backend_writer = None
+        if self.key is not None and self.front.peers.get(self.key) == (self.peer[0], self.peer[1]):
+            del self.front.peers[self.key]
+        self.key = None
+        try:
+            writer.transport.abort()
+        except Exception:  # pragma: no cover
+            pass
+        self.front.release()
+
+    def evict(self) -> None:
+        """Called by another client that needs room: this one is idle, close it."""
+        self.front._idle.pop(self, None)
+        self.evicted = True
+        self._drop_backend()
+        if self.task is not None:
+            self.task.cancel()
+
+    async def _relay_answer(self, method: str) -> bool:
+        """Pass waitress's answer to the client; True when the connection may be kept."""
+        reader = self.backend_reader
+        self.waiting_for = "the client to read its answer within channel_timeout"
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                return False  # waitress closed (it answers every request it can parse)
+            try:
+                answer = parse_response_head(head, method)
+            except FramingError:  # pragma: no cover - waitress's own output
+                return False
+            await self._to_client(head)
+            if not 100 <= answer.status < 200:
+                break
+        if answer.chunked:
+            chunked, pending = Chunked(), bytearray()
+            while not chunked.done:
+                data = await reader.read(_PIPE_CHUNK)
+                if not data:
+                    return False
+                pending += data
+                take = chunked.scan(pending)
+                await self._to_client(bytes(pending[:take]))
+                del pending[:take]
+            return not pending and not answer.close
+        remaining = answer.length
+        while answer.until_close or remaining:
+            data = await reader.read(
+                _PIPE_CHUNK if answer.until_close else min(remaining, _PIPE_CHUNK)
+            )
+            if not data:
+                return False
+            if not answer.until_close:
+                remaining -= len(data)
+            await self._to_client(data)
+        return not answer.close
+
+    # -- the client -----------------------------------------------------------
+
+    async def _to_client(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self._drain(self.writer, self.loop.time() + self.front.read_timeout)
+
+    async def _drain(self, writer: asyncio.StreamWriter, deadline: float) -> None:
+        transport = writer.transport
+        if transport.is_closing():
+            raise ConnectionResetError("connection closed")
+        if transport.get_write_buffer_size() > _WRITE_BUFFER:
+            await asyncio.wait_for(writer.drain(), max(0.0, deadline - self.loop.time()))
+
+    async def _refuse(
+        self, method: str, path: str, verdict: Verdict, client_request_id: str | None
+    ) -> None:
+        """Answer from the head alone, log one line, and close (after a short linger)."""
+        request_id = request_id_for(client_request_id)
+        log_refusal(method, path, verdict, "by the TLS front, body not read", request_id)
+        self.writer.write(refusal_bytes(verdict.status, request_id))
+        self.waiting_for = "the client to read a refusal"
+        await self._drain(self.writer, self.loop.time() + self.front.read_timeout)
+        # Closing with unread bytes from the client could reset the connection before the
+        # client reads the answer: read (and drop) what comes for a moment first.
+        deadline, dropped = self.loop.time() + _LINGER_SECONDS, 0
+        self.buf.clear()
+        try:
+            while dropped < _LINGER_BYTES and await self._fill(deadline):
+                dropped += len(self.buf)
+                self.buf.clear()
+        except (asyncio.TimeoutError, OSError, ssl.SSLError):
+            pass
+
+    async def close(self, timeout: float) -> None:
+        self.front._idle.pop(self, None)
+        self._drop_backend()
+        await TlsFront._close_writer(self.writer, timeout)
