@@ -41,16 +41,8 @@ from typing import Any, Callable
 from waitress.adjustments import Adjustments
 
 from .config import Config
-from .gate import BodyGate, Verdict, log_refusal, refusal_bytes
-from .httpframe import (
-    MAX_HEAD_BYTES,
-    Chunked,
-    FramingError,
-    RequestHead,
-    parse_request_head,
-    parse_response_head,
-)
-from .middleware import request_id_for
+from .gate import BodyGate
+from .relay import PIPE_CHUNK, Connection, Drop
 
 __all__ = ["TlsFront", "PeerRestoringMiddleware", "BACKLOG"]
 
@@ -61,17 +53,7 @@ Peers = dict[tuple[str, str], tuple[str, int]]
 #: The listen backlog: waitress's (1024), for the TLS listener too.
 BACKLOG: int = Adjustments.backlog
 
-_PIPE_CHUNK = 256 * 1024
-_BACKEND_CONNECT_TIMEOUT = 10.0
 _STOP_TIMEOUT = 10.0
-_ADMIN_BYTES_PER_SECOND = 1024 * 1024  # a large admin body gets 1 s more per MiB
-_WRITE_BUFFER = 64 * 1024  # wait for the client to read beyond this much
-_LINGER_SECONDS, _LINGER_BYTES = 1.0, 1024 * 1024  # after a refusal, before closing
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-
-
-class _Drop(Exception):
-    """End this client's connection; ``str()`` says why (logged at info)."""
 
 
 class PeerRestoringMiddleware:
@@ -123,7 +105,7 @@ class TlsFront:
         self.idle_timeout = min(config.idle_timeout, self.read_timeout)
         self.limit = config.connection_limit  # loopback connections to waitress at once
         self._backends = 0
-        self._idle: dict[_Connection, None] = {}  # keep-alive clients holding one, oldest first
+        self._idle: dict[Connection, None] = {}  # keep-alive clients holding one, oldest first
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -175,7 +157,7 @@ class TlsFront:
 
         def accepted() -> asyncio.StreamReaderProtocol:
             # Called at accept, before the handshake: the head deadline counts from here.
-            reader = asyncio.StreamReader(limit=_PIPE_CHUNK, loop=loop)
+            reader = asyncio.StreamReader(limit=PIPE_CHUNK, loop=loop)
             at = loop.time()
             return asyncio.StreamReaderProtocol(
                 reader, lambda r, w: self._handle_client(r, w, at), loop=loop
@@ -280,10 +262,10 @@ class TlsFront:
         task = asyncio.current_task()
         self._conn_tasks.add(task)
         task.add_done_callback(self._conn_tasks.discard)
-        conn = _Connection(self, reader, writer, accepted)
+        conn = Connection(self, reader, writer, accepted)
         try:
             await conn.serve()
-        except _Drop as why:
+        except Drop as why:
             log.info("TLS front: dropped %s: %s", conn.peer[0], why)
         except asyncio.TimeoutError:
             log.info("TLS front: dropped %s: %s", conn.peer[0], conn.waiting_for)
@@ -294,303 +276,3 @@ class TlsFront:
                 log.info("TLS front: closed an idle connection of %s for a new one", conn.peer[0])
         finally:
             await conn.close(0 if self._stopping else 2.0)
-
-    @staticmethod
-    async def _close_writer(writer: asyncio.StreamWriter | None, timeout: float) -> None:
-        """Close gracefully (TLS close_notify, flush); abort if that takes too long or on stop()."""
-        if writer is None:
-            return
-        try:
-            if timeout <= 0:
-                raise asyncio.TimeoutError
-            writer.close()
-            await asyncio.wait_for(writer.wait_closed(), timeout)
-        except (Exception, asyncio.CancelledError):
-            try:
-                writer.transport.abort()
-            except Exception:  # pragma: no cover
-                pass
-
-
-class _Connection:
-    """One TLS client: its requests, one at a time, relayed to its connection to waitress."""
-
-    def __init__(
-        self,
-        front: TlsFront,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        accepted: float,
-    ):
-        self.front = front
-        self.reader = reader
-        self.writer = writer
-        self.peer = writer.get_extra_info("peername") or ("", 0)
-        self.task = asyncio.current_task()
-        self.loop = asyncio.get_running_loop()
-        self.start = accepted  # of the current request (accept for the first one)
-        self.buf = bytearray()  # bytes from the client not passed on yet
-        self.backend_reader: asyncio.StreamReader | None = None
-        self.backend_writer: asyncio.StreamWriter | None = None
-        self.key: tuple[str, str] | None = None
-        self.evicted = False
-        self.waiting_for = "a request head within head_timeout"
-
-    # -- the request cycle --------------------------------------------------
-
-    async def serve(self) -> None:
-        front = self.front
-        while True:
-            head = await self._read_head()
-            if head is None:
-                return
-            try:
-                request = parse_request_head(head)
-            except FramingError as exc:
-                await self._refuse("-", "-", Verdict(400, str(exc), 0), None)
-                return
-            verdict = self._verdict(request)
-            if verdict.status:
-                await self._refuse(
-                    request.method, request.path, verdict, request.headers.get("request-id")
-                )
-                return
-            if not await self._pass_on(request, verdict):
-                return
-            if not await self._relay_answer(request.method) or request.close:
-                return
-            # Keep-alive: the next request's first byte within idle_timeout.
-            if not self.buf:
-                self.waiting_for = "no next request within idle_timeout"
-                front._idle[self] = None
-                try:
-                    if not await self._fill(self.loop.time() + front.idle_timeout):
-                        return
-                finally:
-                    front._idle.pop(self, None)
-            self.start = self.loop.time()
-            self.waiting_for = "a request head within head_timeout"
-
-    def _verdict(self, request: RequestHead) -> Verdict:
-        gate = self.front.gate
-        if gate is None or request.length == 0:
-            return Verdict(0, "", self.front.max_body, True)
-        return gate.check(request.method, request.path, request.length, request.headers.get)
-
-    async def _read_head(self) -> bytes | None:
-        """The next request head (leading blank lines dropped, as waitress does); None on EOF."""
-        deadline = self.start + self.front.head_timeout
-        searched = 0
-        while True:
-            if self.buf[:1].isspace():
-                kept = self.buf.lstrip()
-                del self.buf[: len(self.buf) - len(kept)]
-                searched = 0
-            end = self.buf.find(b"\r\n\r\n", max(0, searched - 3))
-            if end >= 0:
-                head = bytes(self.buf[: end + 4])
-                del self.buf[: end + 4]
-                return head
-            if len(self.buf) >= MAX_HEAD_BYTES:
-                await self._refuse("-", "-", Verdict(400, "request head too large", 0), None)
-                return None
-            searched = len(self.buf)
-            if not await self._fill(deadline):
-                return None
-
-    async def _fill(self, deadline: float) -> bool:
-        """More bytes from the client into ``buf``; False on EOF, TimeoutError at *deadline*."""
-        data = await asyncio.wait_for(
-            self.reader.read(_PIPE_CHUNK), max(0.0, deadline - self.loop.time())
-        )
-        if not data:
-            return False
-        self.buf += data
-        return True
-
-    async def _pass_on(self, request: RequestHead, verdict: Verdict) -> bool:
-        """Send the request to waitress: a small body once whole, a large one as it comes."""
-        self.waiting_for = "a whole request within request_timeout"
-        if request.length == 0:
-            await self._to_backend(request.raw)
-            return True
-        if request.expect_continue:
-            self.writer.write(_CONTINUE)
-        if not verdict.large:
-            held = bytearray(request.raw)
-            outcome = await self._read_body(request, verdict, held.extend)
-            if outcome:
-                await self._to_backend(held)
-            return outcome
-        await self._to_backend(request.raw)
-        return await self._read_body(request, verdict, self.backend_writer.write)
-
-    async def _read_body(
-        self, request: RequestHead, verdict: Verdict, out: Callable[[bytes], Any]
-    ) -> bool:
-        """Pass the body to *out* as it arrives; False when the connection must end."""
-        base = self.start + self.front.request_timeout
-        per_byte = 1 / _ADMIN_BYTES_PER_SECOND if verdict.large else 0.0
-        received = 0
-        remaining = request.length
-        chunked = Chunked() if remaining is None else None
-        while True:
-            if self.buf:
-                if chunked is None:
-                    take = min(remaining, len(self.buf))
-                    remaining -= take
-                else:
-                    take = chunked.scan(self.buf)  # FramingError: the connection ends
-                    if chunked.size > verdict.limit:
-                        if verdict.large:
-                            raise _Drop(f"chunked body over {verdict.limit} bytes")
-                        reason = f"chunked body over max_small_body_bytes ({verdict.limit})"
-                        await self._refuse(
-                            request.method,
-                            request.path,
-                            Verdict(413, reason, verdict.limit),
-                            request.headers.get("request-id"),
-                        )
-                        return False
-                if take:
-                    out(bytes(self.buf[:take]))
-                    del self.buf[:take]
-                    received += take
-                    if verdict.large:
-                        await self._drain(self.backend_writer, base + received * per_byte)
-            if (remaining == 0) if chunked is None else chunked.done:
-                return True
-            if not await self._fill(base + received * per_byte):
-                return False
-
-    # -- waitress -------------------------------------------------------------
-
-    async def _to_backend(self, data: bytes | bytearray) -> None:
-        writer = self.backend_writer
-        if writer is None or writer.transport.is_closing() or self.backend_reader.at_eof():
-            await self._open_backend()
-            writer = self.backend_writer
-        writer.write(data)
-
-    async def _open_backend(self) -> None:
-        self._drop_backend()
-        front = self.front
-        await front.acquire()
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection("127.0.0.1", front.backend_port, limit=_PIPE_CHUNK),
-                _BACKEND_CONNECT_TIMEOUT,
-            )
-        except (OSError, asyncio.TimeoutError) as exc:
-            front.release()
-            log.warning(
-                "TLS front: cannot reach waitress on 127.0.0.1:%s: %r", front.backend_port, exc
-            )
-            raise _Drop("waitress unreachable") from None
-        except BaseException:
-            front.release()
-            raise
-        self.backend_reader, self.backend_writer = reader, writer
-        local = writer.get_extra_info("sockname")
-        self.key = (local[0], str(local[1]))
-        front.peers[self.key] = (self.peer[0], self.peer[1])
-
-    def _drop_backend(self) -> None:
-        """Close the connection to waitress at once (between requests, or on the way out)."""
-        writer = self.backend_writer
-        if writer is None:
-            return
-        self.backend_reader = self.backend_writer = None
-        if self.key is not None and self.front.peers.get(self.key) == (self.peer[0], self.peer[1]):
-            del self.front.peers[self.key]
-        self.key = None
-        try:
-            writer.transport.abort()
-        except Exception:  # pragma: no cover
-            pass
-        self.front.release()
-
-    def evict(self) -> None:
-        """Called by another client that needs room: this one is idle, close it."""
-        self.front._idle.pop(self, None)
-        self.evicted = True
-        self._drop_backend()
-        if self.task is not None:
-            self.task.cancel()
-
-    async def _relay_answer(self, method: str) -> bool:
-        """Pass waitress's answer to the client; True when the connection may be kept."""
-        reader = self.backend_reader
-        self.waiting_for = "the client to read its answer within channel_timeout"
-        while True:
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-                return False  # waitress closed (it answers every request it can parse)
-            try:
-                answer = parse_response_head(head, method)
-            except FramingError:  # pragma: no cover - waitress's own output
-                return False
-            await self._to_client(head)
-            if not 100 <= answer.status < 200:
-                break
-        if answer.chunked:
-            chunked, pending = Chunked(), bytearray()
-            while not chunked.done:
-                data = await reader.read(_PIPE_CHUNK)
-                if not data:
-                    return False
-                pending += data
-                take = chunked.scan(pending)
-                await self._to_client(bytes(pending[:take]))
-                del pending[:take]
-            return not pending and not answer.close
-        remaining = answer.length
-        while answer.until_close or remaining:
-            data = await reader.read(
-                _PIPE_CHUNK if answer.until_close else min(remaining, _PIPE_CHUNK)
-            )
-            if not data:
-                return False
-            if not answer.until_close:
-                remaining -= len(data)
-            await self._to_client(data)
-        return not answer.close
-
-    # -- the client -----------------------------------------------------------
-
-    async def _to_client(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self._drain(self.writer, self.loop.time() + self.front.read_timeout)
-
-    async def _drain(self, writer: asyncio.StreamWriter, deadline: float) -> None:
-        transport = writer.transport
-        if transport.is_closing():
-            raise ConnectionResetError("connection closed")
-        if transport.get_write_buffer_size() > _WRITE_BUFFER:
-            await asyncio.wait_for(writer.drain(), max(0.0, deadline - self.loop.time()))
-
-    async def _refuse(
-        self, method: str, path: str, verdict: Verdict, client_request_id: str | None
-    ) -> None:
-        """Answer from the head alone, log one line, and close (after a short linger)."""
-        request_id = request_id_for(client_request_id)
-        log_refusal(method, path, verdict, "by the TLS front, body not read", request_id)
-        self.writer.write(refusal_bytes(verdict.status, request_id))
-        self.waiting_for = "the client to read a refusal"
-        await self._drain(self.writer, self.loop.time() + self.front.read_timeout)
-        # Closing with unread bytes from the client could reset the connection before the
-        # client reads the answer: read (and drop) what comes for a moment first.
-        deadline, dropped = self.loop.time() + _LINGER_SECONDS, 0
-        self.buf.clear()
-        try:
-            while dropped < _LINGER_BYTES and await self._fill(deadline):
-                dropped += len(self.buf)
-                self.buf.clear()
-        except (asyncio.TimeoutError, OSError, ssl.SSLError):
-            pass
-
-    async def close(self, timeout: float) -> None:
-        self.front._idle.pop(self, None)
-        self._drop_backend()
-        await TlsFront._close_writer(self.writer, timeout)
