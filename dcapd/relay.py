@@ -85,6 +85,12 @@ class Connection:
         self.key: tuple[str, str] | None = None
         self.evicted = False
         self.waiting_for = "a request head within head_timeout"
+        # One timer per deadline (cheaper than asyncio.wait_for on every read): it cancels
+        # this task, and _fill turns that cancellation into a TimeoutError.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._expired = False
+        self.backend_buf = bytearray()  # bytes from waitress not passed on yet
 
     # -- the request cycle --------------------------------------------------
 
@@ -92,6 +98,7 @@ class Connection:
         front = self.front
         while True:
             head = await self._read_head()
+            self._disarm()
             if head is None:
                 return
             try:
@@ -105,7 +112,9 @@ class Connection:
                     request.method, request.path, verdict, request.headers.get("request-id")
                 )
                 return
-            if not await self._pass_on(request, verdict):
+            passed = await self._pass_on(request, verdict)
+            self._disarm()
+            if not passed:
                 return
             if not await self._relay_answer(request.method) or request.close:
                 return
@@ -118,6 +127,7 @@ class Connection:
                         return
                 finally:
                     front._idle.pop(self, None)
+                    self._disarm()
             self.start = self.loop.time()
             self.waiting_for = "a request head within head_timeout"
 
@@ -150,13 +160,34 @@ class Connection:
 
     async def _fill(self, deadline: float) -> bool:
         """More bytes from the client into ``buf``; False on EOF, TimeoutError at *deadline*."""
-        data = await asyncio.wait_for(
-            self.reader.read(PIPE_CHUNK), max(0.0, deadline - self.loop.time())
-        )
+        if self._timer is None or self._timer_at != deadline:
+            self._disarm()
+            self._timer = self.loop.call_at(deadline, self._expire)
+            self._timer_at = deadline
+        try:
+            data = await self.reader.read(PIPE_CHUNK)
+        except asyncio.CancelledError:
+            if not self._expired:
+                raise
+            self._expired = False
+            uncancel = getattr(self.task, "uncancel", None)  # Python >= 3.11
+            if uncancel is not None:
+                uncancel()
+            raise asyncio.TimeoutError from None
         if not data:
             return False
         self.buf += data
         return True
+
+    def _expire(self) -> None:
+        self._timer = None
+        self._expired = True
+        self.task.cancel()
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     async def _pass_on(self, request: RequestHead, verdict: Verdict) -> bool:
         """Send the request to waitress: a small body once whole, a large one as it comes."""
@@ -241,6 +272,7 @@ class Connection:
             front.release()
             raise
         self.backend_reader, self.backend_writer = reader, writer
+        self.backend_buf.clear()
         local = writer.get_extra_info("sockname")
         self.key = (local[0], str(local[1]))
         front.peers[self.key] = (self.peer[0], self.peer[1])
@@ -269,43 +301,56 @@ class Connection:
             self.task.cancel()
 
     async def _relay_answer(self, method: str) -> bool:
-        """Pass waitress's answer to the client; True when the connection may be kept."""
-        reader = self.backend_reader
+        """Pass waitress's answer to the client; True when the connection may be kept.
+
+        The head and whatever body has arrived with it go to the client in one write."""
+        reader, buf, out = self.backend_reader, self.backend_buf, bytearray()
         self.waiting_for = "the client to read its answer within channel_timeout"
-        while True:
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-                return False  # waitress closed (it answers every request it can parse)
+        searched = 0
+        while True:  # the head, after any interim (1xx) answers
+            end = buf.find(b"\r\n\r\n", max(0, searched - 3))
+            if end < 0:
+                if len(buf) > PIPE_CHUNK:  # pragma: no cover - waitress's own output
+                    return False
+                searched = len(buf)
+                data = await reader.read(PIPE_CHUNK)
+                if not data:
+                    return False  # waitress closed (it answers every request it can parse)
+                buf += data
+                continue
+            head = bytes(buf[: end + 4])
+            del buf[: end + 4]
+            searched = 0
             try:
                 answer = parse_response_head(head, method)
             except FramingError:  # pragma: no cover - waitress's own output
                 return False
-            await self._to_client(head)
+            out += head
             if not 100 <= answer.status < 200:
                 break
-        if answer.chunked:
-            chunked, pending = Chunked(), bytearray()
-            while not chunked.done:
-                data = await reader.read(PIPE_CHUNK)
-                if not data:
-                    return False
-                pending += data
-                take = chunked.scan(pending)
-                await self._to_client(bytes(pending[:take]))
-                del pending[:take]
-            return not pending and not answer.close
-        remaining = answer.length
-        while answer.until_close or remaining:
-            data = await reader.read(
-                PIPE_CHUNK if answer.until_close else min(remaining, PIPE_CHUNK)
-            )
+        chunked = Chunked() if answer.chunked else None
+        remaining = answer.length or 0
+        while True:
+            if buf:
+                if chunked is not None:
+                    take = chunked.scan(buf)
+                elif answer.until_close:
+                    take = len(buf)
+                else:
+                    take = min(remaining, len(buf))
+                    remaining -= take
+                out += buf[:take]
+                del buf[:take]
+            if out:
+                await self._to_client(bytes(out))
+                out.clear()
+            if chunked.done if chunked is not None else not answer.until_close and not remaining:
+                # Requests go one at a time: nothing may follow the answer.
+                return not buf and not answer.close
+            data = await reader.read(PIPE_CHUNK)
             if not data:
                 return False
-            if not answer.until_close:
-                remaining -= len(data)
-            await self._to_client(data)
-        return not answer.close
+            buf += data
 
     # -- the client -----------------------------------------------------------
 
@@ -339,8 +384,11 @@ class Connection:
                 self.buf.clear()
         except (asyncio.TimeoutError, OSError, ssl.SSLError):
             pass
+        finally:
+            self._disarm()
 
     async def close(self, timeout: float) -> None:
+        self._disarm()
         self.front._idle.pop(self, None)
         self._drop_backend()
         await close_writer(self.writer, timeout)
