@@ -89,7 +89,7 @@ class Connection:
         # this task, and _fill turns that cancellation into a TimeoutError.
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
-        self._expired = False
+        self.expired = False
         self.backend_buf = bytearray()  # bytes from waitress not passed on yet
 
     # -- the request cycle --------------------------------------------------
@@ -167,9 +167,9 @@ class Connection:
         try:
             data = await self.reader.read(PIPE_CHUNK)
         except asyncio.CancelledError:
-            if not self._expired:
+            if not self.expired:
                 raise
-            self._expired = False
+            self.expired = False
             uncancel = getattr(self.task, "uncancel", None)  # Python >= 3.11
             if uncancel is not None:
                 uncancel()
@@ -181,7 +181,7 @@ class Connection:
 
     def _expire(self) -> None:
         self._timer = None
-        self._expired = True
+        self.expired = True
         self.task.cancel()
 
     def _disarm(self) -> None:
@@ -200,6 +200,7 @@ class Connection:
         if not verdict.large:
             held = bytearray(request.raw)
             outcome = await self._read_body(request, verdict, held.extend)
+            self._disarm()  # the request is whole: waiting for waitress is not its fault
             if outcome:
                 await self._to_backend(held)
             return outcome
@@ -221,7 +222,18 @@ class Connection:
                     take = min(remaining, len(self.buf))
                     remaining -= take
                 else:
-                    take = chunked.scan(self.buf)  # FramingError: the connection ends
+                    try:
+                        take = chunked.scan(self.buf)
+                    except FramingError as exc:
+                        if verdict.large:  # part of it is with waitress already
+                            raise Drop(f"malformed chunked body: {exc}") from None
+                        await self._refuse(
+                            request.method,
+                            request.path,
+                            Verdict(400, f"malformed chunked body: {exc}", verdict.limit),
+                            request.headers.get("request-id"),
+                        )
+                        return False
                     if chunked.size > verdict.limit:
                         if verdict.large:
                             raise Drop(f"chunked body over {verdict.limit} bytes")
@@ -333,7 +345,10 @@ class Connection:
         while True:
             if buf:
                 if chunked is not None:
-                    take = chunked.scan(buf)
+                    try:
+                        take = chunked.scan(buf)
+                    except FramingError:  # pragma: no cover - waitress's own output
+                        return False
                 elif answer.until_close:
                     take = len(buf)
                 else:

@@ -271,8 +271,10 @@ class TlsFront:
             log.info("TLS front: dropped %s: %s", conn.peer[0], conn.waiting_for)
         except (OSError, ssl.SSLError, EOFError, asyncio.IncompleteReadError) as exc:
             log.debug("TLS front: connection ended: %r", exc)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # evicted, a deadline passed (not in a read), or stop()
             if conn.evicted:
                 log.info("TLS front: closed an idle connection of %s for a new one", conn.peer[0])
+            elif conn.expired:
+                log.info("TLS front: dropped %s: %s", conn.peer[0], conn.waiting_for)
         finally:
             await conn.close(0 if self._stopping else 2.0)

