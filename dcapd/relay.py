@@ -84,6 +84,7 @@ class Connection:
         self.backend_writer: asyncio.StreamWriter | None = None
         self.key: tuple[str, str] | None = None
         self.evicted = False
+        self.idle = False  # waiting for the next request's first byte
         self.waiting_for = "a request head within head_timeout"
         # One timer per deadline (cheaper than asyncio.wait_for on every read): it cancels
         # this task, and _fill turns that cancellation into a TimeoutError.
@@ -118,15 +119,18 @@ class Connection:
                 return
             if not await self._relay_answer(request.method) or request.close:
                 return
+            # Nothing in flight: until its next request is whole, this connection's link to
+            # waitress may go to a client that needs one (front.acquire).
+            front._idle[self] = None
             # Keep-alive: the next request's first byte within idle_timeout.
             if not self.buf:
                 self.waiting_for = "no next request within idle_timeout"
-                front._idle[self] = None
+                self.idle = True
                 try:
                     if not await self._fill(self.loop.time() + front.idle_timeout):
                         return
                 finally:
-                    front._idle.pop(self, None)
+                    self.idle = False
                     self._disarm()
             self.start = self.loop.time()
             self.waiting_for = "a request head within head_timeout"
@@ -259,6 +263,7 @@ class Connection:
     # -- waitress -------------------------------------------------------------
 
     async def _to_backend(self, data: bytes | bytearray) -> None:
+        self.front._idle.pop(self, None)  # a request in flight: its link stays
         writer = self.backend_writer
         if writer is None or writer.transport.is_closing() or self.backend_reader.at_eof():
             await self._open_backend()
@@ -305,11 +310,13 @@ class Connection:
         self.front.release()
 
     def evict(self) -> None:
-        """Called by another client that needs room: this one is idle, close it."""
+        """Called by a client that needs a link to waitress: this one has nothing in flight.
+        An idle keep-alive client is closed; one still sending its next request keeps its
+        connection and gets a new link once that request is whole."""
         self.front._idle.pop(self, None)
-        self.evicted = True
         self._drop_backend()
-        if self.task is not None:
+        if self.idle:
+            self.evicted = True
             self.task.cancel()
 
     async def _relay_answer(self, method: str) -> bool:

@@ -19,8 +19,9 @@ with a request in flight or just answered:
   large admin body streams.
 * **Connections to waitress**: opened when a request is whole (lazily, one per client,
   reused while the client keeps its connection alive), at most ``connection_limit`` at
-  once; when they are all taken, the client idle the longest is closed to make room, and
-  otherwise the request waits for one to free.
+  once. When they are all taken, the one that has been without a request in flight the
+  longest is taken over (its client, when idle, is closed; when still sending its next
+  request, it gets a new one once that request is whole); otherwise the request waits.
 
 Requests on one connection are served one at a time (a pipelined request waits in the
 buffer until the previous answer has been relayed). A map from each loopback connection's
@@ -105,7 +106,8 @@ class TlsFront:
         self.idle_timeout = min(config.idle_timeout, self.read_timeout)
         self.limit = config.connection_limit  # loopback connections to waitress at once
         self._backends = 0
-        self._idle: dict[Connection, None] = {}  # keep-alive clients holding one, oldest first
+        # Clients holding a link to waitress with no request in flight, oldest first.
+        self._idle: dict[Connection, None] = {}
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None

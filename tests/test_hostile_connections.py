@@ -353,6 +353,17 @@ def test_idle_keep_alive_connection_is_closed_after_idle_timeout(make_config):
         assert not server._peers, "its connection to waitress went with it"
 
 
+def healthz(sock: socket.socket, request: bytes = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"):
+    """Send (the rest of) a /healthz request on a kept-alive connection; its whole answer."""
+    sock.sendall(request)
+    sock.settimeout(5)
+    data = b""
+    deadline = time.monotonic() + 5
+    while not data.endswith(b'{"status":"ok"}') and time.monotonic() < deadline:
+        data += sock.recv(65536)
+    return data
+
+
 def test_idle_clients_make_room_when_the_connection_limit_is_reached(make_config):
     with serving(make_config, connection_limit=4, idle_timeout=30) as (server, session):
         session.close()
@@ -360,15 +371,25 @@ def test_idle_clients_make_room_when_the_connection_limit_is_reached(make_config
         try:
             for _ in range(4):
                 sock = tls_socket(server.port)
-                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-                sock.settimeout(5)
-                assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+                assert healthz(sock).startswith(b"HTTP/1.1 200")
                 idle.append(sock)
             assert len(server._peers) == 4, "each holds its connection to waitress"
             status, elapsed, _ = timed_get(server.url, "/healthz")
             assert status == 200 and elapsed < 1.0, elapsed
             assert closed_within(idle[0], 2) is not None, "the oldest idle client made room"
             assert len(server._peers) <= 4
+            # A kept-alive client still sending its next request loses its connection to
+            # waitress (not its own) to a new client, and gets one back when its request is.
+            for sock in idle[1:]:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            late = tls_socket(server.port)  # takes the free link, then idles
+            idle.append(late)
+            assert healthz(late).startswith(b"HTTP/1.1 200")
+            status, elapsed, _ = timed_get(server.url, "/healthz")
+            assert status == 200 and elapsed < 1.0, elapsed
+            assert closed_within(idle[1], 0.3) is None, "still sending: not closed"
+            for sock in idle[1:4]:
+                assert healthz(sock, b"\r\n").startswith(b"HTTP/1.1 200")
         finally:
             for sock in idle:
                 sock.close()
