@@ -16,6 +16,8 @@ from urllib.parse import unquote, urlsplit
 
 from waitress.adjustments import Adjustments
 
+from .auth import ADMIN_TOKEN_HEADER, USER_TOKEN_HEADER
+
 __all__ = ["FramingError", "RequestHead", "ResponseHead", "Chunked", "parse_request_head"]
 
 #: waitress's own limit on a request head (it answers 431 beyond it).
@@ -33,23 +35,33 @@ class FramingError(ValueError):
 class RequestHead(NamedTuple):
     method: str
     path: str  # decoded, without the query
-    headers: dict[str, str]  # lower-case names; a repeated header joined with ", "
+    headers: dict[str, str]  # WANTED_HEADERS, lower-case; a repeated one joined with ", "
     length: int | None  # body bytes announced; None: chunked
     expect_continue: bool
     close: bool  # the client asks to close after the answer
     raw: bytes  # the head to pass on (without Expect: the front answers 100 itself)
 
 
-def _header_lines(lines: list[bytes]) -> tuple[dict[str, str], list[int]]:
+#: The request headers the front reads (framing, and what dcapd.gate asks for); the others
+#: are checked for form only and passed on as they are.
+WANTED_HEADERS = frozenset(
+    name.encode("latin-1")
+    for name in ("content-length", "transfer-encoding", "expect", "connection", "request-id")
+    + (USER_TOKEN_HEADER, ADMIN_TOKEN_HEADER)
+)
+
+
+def _header_lines(lines: list[bytes], wanted: frozenset[bytes]) -> tuple[dict[str, str], list[int]]:
     headers: dict[str, str] = {}
     expect_at: list[int] = []
     for index, line in enumerate(lines):
         name, sep, value = line.partition(b":")
         if not sep or not name or name[:1] in b" \t" or name[-1:] in b" \t":
             raise FramingError("malformed header line")
-        if b"_" in name:
-            continue  # waitress drops these (no CGI-name clashes)
-        key = name.decode("latin-1").lower()
+        lowered = name.lower()
+        if lowered not in wanted:
+            continue  # not needed here
+        key = lowered.decode("latin-1")
         text = value.strip(b" \t").decode("latin-1")
         if key == "expect":
             expect_at.append(index)
@@ -59,14 +71,15 @@ def _header_lines(lines: list[bytes]) -> tuple[dict[str, str], list[int]]:
 
 def parse_request_head(head: bytes) -> RequestHead:
     """*head*: the bytes up to and including the blank line (leading blank lines removed)."""
-    lines = head[:-4].split(b"\r\n")
-    if b"\n" in head[:-4].replace(b"\r\n", b"") or b"\r" in head[:-4].replace(b"\r\n", b""):
+    crlf = head.count(b"\r\n")
+    if head.count(b"\n") != crlf or head.count(b"\r") != crlf:
         raise FramingError("bare CR or LF")
+    lines = head[:-4].split(b"\r\n")
     parts = lines[0].split(b" ")
     if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0") or not parts[0].isalpha():
         raise FramingError("malformed request line")
     method, target, version = parts[0].decode("latin-1"), parts[1].decode("latin-1"), parts[2]
-    headers, expect_at = _header_lines(lines[1:])
+    headers, expect_at = _header_lines(lines[1:], WANTED_HEADERS)
     if "://" in target.split("?", 1)[0]:
         target = urlsplit(target).path or "/"
     path = unquote(target.split("?", 1)[0], encoding="latin-1")
@@ -102,24 +115,35 @@ class ResponseHead(NamedTuple):
     close: bool
 
 
+def _response_header(lower_head: bytes, name: bytes) -> str | None:
+    start = lower_head.find(b"\r\n" + name + b":")
+    if start < 0:
+        return None
+    start += len(name) + 3
+    return lower_head[start : lower_head.find(b"\r\n", start)].strip(b" \t").decode("latin-1")
+
+
 def parse_response_head(head: bytes, method: str) -> ResponseHead:
-    """An answer's head from waitress: how its body is framed."""
-    lines = head[:-4].split(b"\r\n")
-    parts = lines[0].split(b" ", 2)
+    """An answer's head from waitress (well-formed, one of each header): how its body is
+    framed. Only the three headers that say so are looked at."""
+    status_line = head[: head.find(b"\r\n")]
+    parts = status_line.split(b" ", 2)
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
         raise FramingError("malformed status line")
     status = int(parts[1])
-    headers, _ = _header_lines(lines[1:])
-    tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+    lower = head.lower()
+    connection = _response_header(lower, b"connection") or ""
+    tokens = {t.strip() for t in connection.split(",")}
     close = "close" in tokens or (parts[0] == b"HTTP/1.0" and "keep-alive" not in tokens)
     if method == "HEAD" or 100 <= status < 200 or status in (204, 304):
         return ResponseHead(status, 0, False, False, close)
-    if headers.get("transfer-encoding", "").lower() == "chunked":
+    if _response_header(lower, b"transfer-encoding") == "chunked":
         return ResponseHead(status, None, True, False, close)
-    if "content-length" in headers:
-        if not _DIGITS.fullmatch(headers["content-length"].encode("latin-1")):
+    length = _response_header(lower, b"content-length")
+    if length is not None:
+        if not _DIGITS.fullmatch(length.encode("latin-1")):
             raise FramingError("Content-Length is not a number")
-        return ResponseHead(status, int(headers["content-length"]), False, False, close)
+        return ResponseHead(status, int(length), False, False, close)
     return ResponseHead(status, None, False, True, True)
 
 
