@@ -118,7 +118,7 @@ def refusal_headers(status: int, request_id: str) -> tuple[str, list, bytes]:
         ("Content-Length", str(len(body))),
         (REQUEST_ID_HEADER, request_id),
     ]
-    return error.status, headers, body
+    return str(error.status), headers, body
 
 
 def refusal_bytes(status: int, request_id: str) -> bytes:

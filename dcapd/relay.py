@@ -76,7 +76,9 @@ class Connection:
         self.reader = reader
         self.writer = writer
         self.peer = writer.get_extra_info("peername") or ("", 0)
-        self.task = asyncio.current_task()
+        task = asyncio.current_task()
+        assert task is not None  # built inside the client's handler task
+        self.task: asyncio.Task = task
         self.loop = asyncio.get_running_loop()
         self.start = accepted  # of the current request (accept for the first one)
         self.buf = bytearray()  # bytes from the client not passed on yet
@@ -208,8 +210,8 @@ class Connection:
             if outcome:
                 await self._to_backend(held)
             return outcome
-        await self._to_backend(request.raw)
-        return await self._read_body(request, verdict, self.backend_writer.write)
+        backend = await self._to_backend(request.raw)
+        return await self._read_body(request, verdict, backend.write)
 
     async def _read_body(
         self, request: RequestHead, verdict: Verdict, out: Callable[[bytes], Any]
@@ -218,8 +220,8 @@ class Connection:
         base = self.start + self.front.request_timeout
         per_byte = 1 / _ADMIN_BYTES_PER_SECOND if verdict.large else 0.0
         received = 0
-        remaining = request.length
-        chunked = Chunked() if remaining is None else None
+        remaining = request.length or 0
+        chunked = Chunked() if request.length is None else None
         while True:
             if self.buf:
                 if chunked is None:
@@ -253,7 +255,7 @@ class Connection:
                     out(bytes(self.buf[:take]))
                     del self.buf[:take]
                     received += take
-                    if verdict.large:
+                    if verdict.large and self.backend_writer is not None:
                         await self._drain(self.backend_writer, base + received * per_byte)
             if (remaining == 0) if chunked is None else chunked.done:
                 return True
@@ -262,15 +264,16 @@ class Connection:
 
     # -- waitress -------------------------------------------------------------
 
-    async def _to_backend(self, data: bytes | bytearray) -> None:
+    async def _to_backend(self, data: bytes | bytearray) -> asyncio.StreamWriter:
+        """Write to this client's connection to waitress (opened first when need be)."""
         self.front._idle.pop(self, None)  # a request in flight: its link stays
-        writer = self.backend_writer
-        if writer is None or writer.transport.is_closing() or self.backend_reader.at_eof():
-            await self._open_backend()
-            writer = self.backend_writer
+        reader, writer = self.backend_reader, self.backend_writer
+        if reader is None or writer is None or writer.transport.is_closing() or reader.at_eof():
+            reader, writer = await self._open_backend()
         writer.write(data)
+        return writer
 
-    async def _open_backend(self) -> None:
+    async def _open_backend(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         self._drop_backend()
         front = self.front
         await front.acquire()
@@ -293,6 +296,7 @@ class Connection:
         local = writer.get_extra_info("sockname")
         self.key = (local[0], str(local[1]))
         front.peers[self.key] = (self.peer[0], self.peer[1])
+        return reader, writer
 
     def _drop_backend(self) -> None:
         """Close the connection to waitress at once (between requests, or on the way out)."""
@@ -324,6 +328,8 @@ class Connection:
 
         The head and whatever body has arrived with it go to the client in one write."""
         reader, buf, out = self.backend_reader, self.backend_buf, bytearray()
+        if reader is None:  # pragma: no cover - a request was passed on just before
+            return False
         self.waiting_for = "the client to read its answer within channel_timeout"
         searched = 0
         while True:  # the head, after any interim (1xx) answers

@@ -262,6 +262,7 @@ class TlsFront:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, accepted: float
     ) -> None:
         task = asyncio.current_task()
+        assert task is not None
         self._conn_tasks.add(task)
         task.add_done_callback(self._conn_tasks.discard)
         conn = Connection(self, reader, writer, accepted)
