@@ -88,7 +88,7 @@ def session():
 
 @pytest.fixture
 def https_server():
-    # gate=None: echo_app takes a body on any path (dcapd's body rules: test_hostile_clients.py).
+    # gate=None: echo_app takes a body on any path (dcapd's body rules: test_body_rules.py).
     srv = Server(echo_app, make_config(), gate=None)
     srv.start()
     try:
