@@ -29,15 +29,25 @@ class Auth:
             ADMIN_TOKEN_HEADER: admin_token_sha512.lower(),
         }
 
-    def _require(self, req: falcon.Request, header: str) -> None:
+    def refusal(self, header: str, token: str | None) -> str:
+        """Why *token* (the value of *header*) does not grant its role; ``""`` when it does.
+
+        The one token check: the app's resources and dcapd's TLS front (which decides from
+        the request head, before any body is read) both use it.
+        """
         expected = self._hashes[header]
-        token = req.get_header(header)
         if not expected:
-            raise PccsError(401, f"{header}: no token hash configured, role refused")
+            return f"{header}: no token hash configured, role refused"
         if not token:
-            raise PccsError(401, f"{header}: missing")
+            return f"{header}: missing"
         if not hmac.compare_digest(token_sha512(token), expected):
-            raise PccsError(401, f"{header}: wrong token")
+            return f"{header}: wrong token"
+        return ""
+
+    def _require(self, req: falcon.Request, header: str) -> None:
+        reason = self.refusal(header, req.get_header(header))
+        if reason:
+            raise PccsError(401, reason)
 
     def require_user(self, req: falcon.Request) -> None:
         self._require(req, USER_TOKEN_HEADER)

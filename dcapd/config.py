@@ -231,6 +231,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_body_bytes", "server", "max_body_bytes", "DCAPD_MAX_BODY_BYTES",
             str(512 * 1024 * 1024), _positive(int),
             "largest request body accepted (a 10,000-platform collateral upload fits)"),
+    Setting("max_small_body_bytes", "server", "max_small_body_bytes",
+            "DCAPD_MAX_SMALL_BODY_BYTES", str(1024 * 1024), _positive(int),
+            "largest body accepted without a valid admin token (e.g. POST /platforms)"),
+    Setting("head_timeout", "server", "head_timeout", "DCAPD_HEAD_TIMEOUT", "10",
+            _positive(float), "seconds from accept (or from a keep-alive request's first byte) "
+                              "to the end of the request head (Intel: 10)"),
+    Setting("request_timeout", "server", "request_timeout", "DCAPD_REQUEST_TIMEOUT", "15",
+            _positive(float), "seconds for a whole request, body included, from the same start "
+                              "(Intel: 15; an admin upload gets 1 s more per MiB)"),
+    Setting("idle_timeout", "server", "idle_timeout", "DCAPD_IDLE_TIMEOUT", "5",
+            _positive(float), "seconds a keep-alive connection may wait for its next request"),
     Setting("pcs_url", "upstream", "pcs_url", "DCAPD_PCS_URL", INTEL_PCS_URL, _pcs_url,
             "Intel PCS base URL (or another PCCS); the API version is taken from each request"),
     Setting("api_key", "upstream", "api_key", "INTEL_API_KEY", "", _text,
@@ -330,6 +341,10 @@ class Config:
     metrics_enabled: bool
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     upstream_max_body_bytes: int
+    max_small_body_bytes: int
+    head_timeout: float
+    request_timeout: float
+    idle_timeout: float
 
     @property
     def listen_host(self) -> str:

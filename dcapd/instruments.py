@@ -32,7 +32,9 @@ class UpstreamSession(requests.Session):
         super().__init__()
         self.metrics = metrics
 
-    def request(self, method: str, url: str | bytes, *args: Any, **kwargs: Any) -> Any:
+    def request(
+        self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any
+    ) -> requests.Response:
         text = url.decode() if isinstance(url, bytes) else url
         try:
             reply = super().request(method, url, *args, **kwargs)

@@ -41,6 +41,11 @@ def logged_path(req: falcon.Request) -> str:
     return escape(path)
 
 
+def request_id_for(client_id: str | None) -> str:
+    """The Request-ID of an answer: the client's own when it is a sane one, else a new one."""
+    return client_id if client_id and _CLIENT_REQUEST_ID.fullmatch(client_id) else new_request_id()
+
+
 def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         return ipaddress.ip_address(text.strip().strip("[]"))
@@ -80,8 +85,7 @@ class PccsRequestRules:
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         # Intel meant to echo the client's Request-ID ([ref-bug]: it never does); we do.
-        client_id = req.get_header(REQUEST_ID_HEADER) or ""
-        request_id = client_id if _CLIENT_REQUEST_ID.fullmatch(client_id) else new_request_id()
+        request_id = request_id_for(req.get_header(REQUEST_ID_HEADER))
         req.context.request_id = request_id
         req.context.started = time.perf_counter()
         request_id_var.set(request_id)
@@ -91,7 +95,7 @@ class PccsRequestRules:
         if _V3_PATH.match(req.path):
             req.context.v3 = True
             # Intel 1.27 logs this on every v3 request; the access log line follows it.
-            log.warning("%s %s: %s", req.method, req.path, V3_EOL_WARNING_TEXT)
+            log.warning("%s %s: %s", escape(req.method), logged_path(req), V3_EOL_WARNING_TEXT)
         # Intel: the first of duplicate query parameters wins (falcon keeps the last).
         params = cast("dict[str, Any]", req.params)  # a dict; falcon types it as a Mapping
         for name, value in params.items():

@@ -42,10 +42,10 @@ DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 _WILDCARDS = {"", "*", "0.0.0.0", "::"}
 
 
-def _san_entries(hosts: Iterable[str]) -> list:
+def _san_entries(hosts: Iterable[str]) -> list[x509.GeneralName]:
     """subjectAltName entries for *hosts* (IP literal -> IPAddress, else DNSName), de-duplicated."""
-    entries: list = []
-    seen: set = set()
+    entries: list[x509.GeneralName] = []
+    seen: set[tuple[str, object]] = set()
     for raw in list(DEFAULT_HOSTS) + [h for h in hosts if h is not None]:
         host = str(raw).strip()
         if host.startswith("[") and host.endswith("]"):
@@ -60,12 +60,12 @@ def _san_entries(hosts: Iterable[str]) -> list:
             if not name or key in seen:
                 continue
             try:
-                entry = x509.DNSName(name)
+                entry: x509.GeneralName = x509.DNSName(name)
             except ValueError:  # not a usable DNS name (e.g. non-ASCII): skip it
                 log.warning("not adding %r to the certificate: not a DNS name or IP address", host)
                 continue
         else:
-            key = ("ip", ip)
+            key = ("ip", str(ip))
             if key in seen:
                 continue
             entry = x509.IPAddress(ip)

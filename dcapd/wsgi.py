@@ -14,6 +14,7 @@ import os
 
 from .app import app_for
 from .config import load_config
+from .gate import BodyGate, BodyGateMiddleware
 from .intelconfig import read_intel_config
 from .logs import configure_from
 from .schedule import scheduler_for
@@ -24,6 +25,8 @@ _intel_config = os.environ.get("DCAPD_INTEL_CONFIG")
 _config = load_config(base=read_intel_config(_intel_config)[0] if _intel_config else None)
 configure_from(_config)
 services = build_services(_config)
-application = app_for(services)
+# The body rules of the TLS front (by route and token, decided from the head), as WSGI
+# middleware: the embedding server has read the body by then, but the app never sees it.
+application = BodyGateMiddleware(app_for(services), BodyGate(_config))
 scheduler = scheduler_for(services)
 scheduler.start()

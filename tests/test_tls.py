@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import http.client
@@ -12,7 +13,6 @@ import ssl
 import tempfile
 import threading
 import time
-import types
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from dcapd import tls
+from dcapd.config import load_config
 from dcapd.server import Server, waitress_options
 
 pytestmark = pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
@@ -63,10 +64,10 @@ def parse(text):
     }
 
 
-def make_config(**kw):
-    values = dict(listen_host=LOOPBACK, listen_port=0, tls="auto", cert_file="", key_file="")
-    values.update(kw)
-    return types.SimpleNamespace(**values)
+def make_config(listen_port=0, **kw):
+    """A real Config (defaults from dcapd.config.SETTINGS only), then the given attributes."""
+    base = load_config({"listen": f"{LOOPBACK}:{listen_port}", "tls": "auto"}, environ={})
+    return dataclasses.replace(base, **kw)
 
 
 def client_context():
@@ -87,7 +88,8 @@ def session():
 
 @pytest.fixture
 def https_server():
-    srv = Server(echo_app, make_config())
+    # gate=None: echo_app takes a body on any path (dcapd's body rules: test_body_rules.py).
+    srv = Server(echo_app, make_config(), gate=None)
     srv.start()
     try:
         yield srv
@@ -450,23 +452,28 @@ def test_unusable_certificate_fails_start_and_frees_port(tmp_path):
 
 
 def test_waitress_options_from_config():
-    minimal = types.SimpleNamespace(
-        listen_host=LOOPBACK, listen_port=0, tls="off", cert_file="", key_file=""
-    )
-    opts = waitress_options(minimal)
+    opts = waitress_options(make_config(tls="off"))  # the defaults of dcapd.config.SETTINGS
     assert opts["threads"] == 8
     assert opts["connection_limit"] == 200
-    assert opts["channel_timeout"] == 30
+    # Serving clients itself, waitress closes idle ones after idle_timeout (5 s).
+    assert opts["channel_timeout"] == 5
     assert opts["ident"] == "dcapd"
     assert opts["clear_untrusted_proxy_headers"] is True
     assert "sockets" not in opts
 
-    custom = make_config(threads=3, connection_limit=50, channel_timeout=7, max_body_bytes=1000)
+    custom = make_config(
+        threads=3, connection_limit=50, channel_timeout=7, max_body_bytes=1000, idle_timeout=9
+    )
     opts = waitress_options(custom, sockets=[])
     assert (opts["threads"], opts["connection_limit"], opts["channel_timeout"]) == (3, 50, 7)
     assert opts["max_request_body_size"] == 1001  # waitress refuses >= this
     assert opts["sockets"] == []
     assert opts["cleanup_interval"] <= 7
+    # Behind the TLS front (which enforces the deadlines and holds at most connection_limit
+    # connections to waitress): channel_timeout as configured, room for the front's own.
+    behind = waitress_options(make_config(), behind_front=True)
+    assert behind["channel_timeout"] == 30
+    assert behind["connection_limit"] > 200
     # Every key is one waitress accepts.
     from waitress.adjustments import Adjustments
 

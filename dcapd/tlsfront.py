@@ -1,0 +1,283 @@
+"""dcapd's asyncio TLS front: accepts TLS clients, reads each request head, relays to waitress.
+
+Design (design.md §5, stack.md §1.3-1.4): an asyncio loop in its own thread accepts TLS on
+the public address. The front reads every request head itself, so that waitress only ever
+sees whole requests from clients that are in time, and only holds a connection for a client
+with a request in flight or just answered:
+
+* **Deadlines** (Intel's Node PCCS: headers 10 s, whole request 15 s). The first request
+  head must be whole within ``head_timeout`` of accept (TLS handshake included: a client
+  that connects, or finishes its handshake, and sends nothing is dropped then), and the
+  whole request, body included, within ``request_timeout`` of accept. On a kept-alive
+  connection the next request's first byte must come within ``idle_timeout`` of the last
+  answer, and the same two deadlines count from that byte. A body that a valid admin token
+  allows to be large gets one more second per MiB. An answer must be read within
+  ``channel_timeout`` per write.
+* **Bodies, by role, before reading** (:mod:`dcapd.gate`): from the head, a body that is not
+  welcome is answered ``401``/``413`` with ``Connection: close`` at once, unread. A small
+  body (no admin token) is held by the front until whole, then passed on with its head; a
+  large admin body streams.
+* **Connections to waitress**: opened when a request is whole (lazily, one per client,
+  reused while the client keeps its connection alive), at most ``connection_limit`` at
+  once. When they are all taken, the one that has been without a request in flight the
+  longest is taken over (its client, when idle, is closed; when still sending its next
+  request, it gets a new one once that request is whole); otherwise the request waits.
+
+Requests on one connection are served one at a time (a pipelined request waits in the
+buffer until the previous answer has been relayed). A map from each loopback connection's
+local address to the real peer lets :class:`PeerRestoringMiddleware` restore
+``REMOTE_ADDR``/``REMOTE_PORT`` (and ``wsgi.url_scheme = https``) for the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import socket
+import ssl
+import threading
+from typing import Any, Callable
+
+from waitress.adjustments import Adjustments
+
+from .config import Config
+from .gate import BodyGate
+from .relay import PIPE_CHUNK, Connection, Drop
+
+__all__ = ["TlsFront", "PeerRestoringMiddleware", "BACKLOG"]
+
+log = logging.getLogger("dcapd.server")
+
+Peers = dict[tuple[str, str], tuple[str, int]]
+
+#: The listen backlog: waitress's (1024), for the TLS listener too.
+BACKLOG: int = Adjustments.backlog
+
+_STOP_TIMEOUT = 10.0
+
+
+class PeerRestoringMiddleware:
+    """Give the app the TLS client's address instead of the loopback one.
+
+    *peers* maps ``(backend_local_ip, str(backend_local_port))`` of each front ->
+    waitress connection to the real ``(client_ip, client_port)``.
+    """
+
+    def __init__(
+        self,
+        app: Callable,
+        peers: dict[tuple[str, str], tuple[str, int]],
+        public_port: Callable[[], int],
+    ):
+        self.app = app
+        self.peers = peers
+        self.public_port = public_port
+
+    def __call__(self, environ, start_response):
+        peer = self.peers.get((environ.get("REMOTE_ADDR"), str(environ.get("REMOTE_PORT"))))
+        if peer is not None:
+            environ["REMOTE_ADDR"] = peer[0]
+            environ["REMOTE_PORT"] = str(peer[1])
+            environ["wsgi.url_scheme"] = "https"
+            environ["HTTPS"] = "on"
+            environ["SERVER_PORT"] = str(self.public_port())
+        return self.app(environ, start_response)
+
+
+class TlsFront:
+    """The TLS listener(s) and the relay to waitress, on an asyncio loop in its own thread.
+
+    ``start(ctx, socks)`` serves the already-listening *socks*; ``stop()`` closes every
+    connection at once.  *peers* is filled for :class:`PeerRestoringMiddleware`.  *gate*
+    decides bodies from request heads (None: any body up to ``max_body_bytes``, streamed).
+    """
+
+    def __init__(self, backend_port: int, peers: Peers, config: Config, gate: BodyGate | None):
+        self.backend_port = backend_port
+        self.peers = peers
+        self.gate = gate
+        self.max_body = config.max_body_bytes
+        self.handshake_timeout = config.tls_handshake_timeout
+        self.read_timeout = float(config.channel_timeout)  # a client reading its answer
+        # No deadline is ever longer than a shorter one that also applies.
+        self.request_timeout = config.request_timeout
+        self.head_timeout = min(config.head_timeout, config.request_timeout, self.read_timeout)
+        self.idle_timeout = min(config.idle_timeout, self.read_timeout)
+        self.limit = config.connection_limit  # loopback connections to waitress at once
+        self._backends = 0
+        # Clients holding a link to waitress with no request in flight, oldest first.
+        self.idle: dict[Connection, None] = {}
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._servers: list[Any] = []
+        # asyncio holds tasks only weakly (and open_connection's protocol holds
+        # its reader weakly): once a client's TLS transport is closed nothing
+        # else refers to its handler, which the GC could then destroy while it
+        # still waits for waitress. Strong references, dropped when done.
+        self._conn_tasks: set = set()
+        self._stopping = False
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self, ctx: ssl.SSLContext, socks: list[socket.socket]) -> None:
+        self._stopping = False
+        loop = asyncio.new_event_loop()
+        loop.set_exception_handler(self._loop_exception)
+        self._loop = loop
+        ready = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run_loop, args=(loop, ready), name="dcapd-tls", daemon=True
+        )
+        self._thread.start()
+        ready.wait()
+        fut = asyncio.run_coroutine_threadsafe(self._open(ctx, socks), loop)
+        fut.result(_STOP_TIMEOUT)
+
+    def stop(self) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None:
+            return
+        if thread is not None and thread.is_alive() and not loop.is_closed():
+            try:
+                asyncio.run_coroutine_threadsafe(self._close(), loop).result(_STOP_TIMEOUT + 5)
+            except Exception:  # pragma: no cover
+                log.exception("stopping the TLS front")
+            try:
+                loop.call_soon_threadsafe(loop.stop)
+            except RuntimeError:  # pragma: no cover - loop already closed
+                pass
+            thread.join(_STOP_TIMEOUT)
+            if thread.is_alive():  # pragma: no cover
+                log.warning("TLS front thread did not stop")
+        self._loop = self._thread = None
+        self._conn_tasks.clear()
+
+    async def _open(self, ctx: ssl.SSLContext, socks: list[socket.socket]) -> None:
+        loop = asyncio.get_running_loop()
+
+        def accepted() -> asyncio.StreamReaderProtocol:
+            # Called at accept, before the handshake: the head deadline counts from here.
+            reader = asyncio.StreamReader(limit=PIPE_CHUNK, loop=loop)
+            at = loop.time()
+            return asyncio.StreamReaderProtocol(
+                reader, lambda r, w: self._handle_client(r, w, at), loop=loop
+            )
+
+        for sock in socks:
+            srv = await loop.create_server(
+                accepted,
+                sock=sock,
+                ssl=ctx,
+                ssl_handshake_timeout=min(self.handshake_timeout, self.head_timeout),
+                backlog=BACKLOG,
+            )
+            self._servers.append(srv)
+
+    @staticmethod
+    def _run_loop(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+        asyncio.set_event_loop(loop)
+        loop.call_soon(ready.set)
+        try:
+            loop.run_forever()
+        finally:
+            try:
+                pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
+
+    def _loop_exception(self, loop, context) -> None:
+        exc = context.get("exception")
+        # Handshake failures/timeouts of hostile or broken clients, and handshakes
+        # cancelled by stop(), are routine: keep them out of the error log.
+        if isinstance(
+            exc, (OSError, ssl.SSLError, asyncio.TimeoutError, EOFError, asyncio.CancelledError)
+        ):
+            log.debug("TLS front: %s: %r", context.get("message"), exc)
+        else:
+            loop.default_exception_handler(context)
+
+    async def _close(self) -> None:
+        self._stopping = True
+        # Let connections accepted just now reach their handshake first: on
+        # Python 3.11 a connection whose transport is created after
+        # Server.close() fails an assertion and leaks its socket, and a task
+        # cancelled before its first step would never close its socket either.
+        for _ in range(3):
+            await asyncio.sleep(0)
+        for srv in self._servers:
+            srv.close()
+        for srv in self._servers:
+            abort = getattr(srv, "abort_clients", None)  # Python >= 3.13: also pending handshakes
+            if abort is not None:
+                abort()
+        # Connection handlers, and the loop's own tasks for handshakes still in
+        # progress (cancelling those closes their transports).
+        current = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=_STOP_TIMEOUT)
+        for srv in self._servers:
+            try:
+                await asyncio.wait_for(srv.wait_closed(), 2)
+            except (asyncio.TimeoutError, OSError):  # pragma: no cover
+                pass
+        self._servers = []
+
+    # -- connections to waitress ----------------------------------------------
+
+    async def acquire(self) -> None:
+        """Wait for room for one more connection to waitress, closing idle clients first."""
+        while self._backends >= self.limit:
+            if self.idle:
+                victim = next(iter(self.idle))
+                victim.evict()
+                continue
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+        self._backends += 1
+
+    def release(self) -> None:
+        self._backends -= 1
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+
+    async def _handle_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, accepted: float
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._conn_tasks.add(task)
+        task.add_done_callback(self._conn_tasks.discard)
+        conn = Connection(self, reader, writer, accepted)
+        try:
+            await conn.serve()
+        except Drop as why:
+            log.info("TLS front: dropped %s: %s", conn.peer[0], why)
+        except asyncio.TimeoutError:
+            log.info("TLS front: dropped %s: %s", conn.peer[0], conn.waiting_for)
+        except (OSError, ssl.SSLError, EOFError, asyncio.IncompleteReadError) as exc:
+            log.debug("TLS front: connection ended: %r", exc)
+        except asyncio.CancelledError:  # evicted, a deadline passed (not in a read), or stop()
+            if conn.evicted:
+                log.info("TLS front: closed an idle connection of %s for a new one", conn.peer[0])
+            elif conn.expired:
+                log.info("TLS front: dropped %s: %s", conn.peer[0], conn.waiting_for)
+        finally:
+            await conn.close(0 if self._stopping else 2.0)
