@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .auth import Auth
+from .backends import open_backend
 from .collateral import Collateral
 from .config import Config
 from .integrity import Integrity
@@ -54,7 +55,7 @@ def build_services(
 ) -> Services:
     """Wire dcapd's parts from the configuration; ``store`` and ``upstream`` may be given
     (tests, tools that open their own cache or talk to PCS with their own retry policy)."""
-    store = store if store is not None else Store(config.cache_dir)
+    store = store if store is not None else Store(config.cache_dir, backend=open_backend(config))
     upstream = upstream if upstream is not None else Upstream(config)
     integrity = Integrity.from_file(config.trusted_roots)
     fill_lock_ttl = config.upstream_timeout + _FILL_LOCK_SLACK

@@ -1,4 +1,4 @@
-"""The cache: one diskcache entry per GET response, keyed by canonical strings.
+"""The cache: one entry per GET response, keyed by canonical strings.
 
 This is the only module that knows cache keys (design.md §1). Values are bytes in a small
 envelope (a JSON header line, then the body) so nothing is ever pickled or unpickled
@@ -11,61 +11,32 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import diskcache
-
-# Settings that must be the same for every opener (they persist in the cache directory and
-# the last opener's win), so they are given here and nowhere else.
-CACHE_SETTINGS = dict(
-    eviction_policy="none",
-    cull_limit=0,
-    statistics=0,
-    tag_index=0,
-    size_limit=2**62,
-    sqlite_journal_mode="wal",
-    disk_min_file_size=2**20,
-    # diskcache opens one SQLite connection per thread; its defaults (a 64 MiB memory map and
-    # an 8,192-page cache each) multiplied peak RSS to ~400 MiB at 10,000 platforms. A hit
-    # costs the same without them (measured: scripts/bench.py).
-    sqlite_mmap_size=0,
-    sqlite_cache_size=256,
+from .backends import Backend, StoreUnavailable
+from .backends.disk import (
+    CACHE_SETTINGS,
+    BytesOnlyDisk,
+    DiskBackend,
+    UnsafeCacheValue,
+    open_cache,
 )
 
-
-class UnsafeCacheValue(Exception):
-    """A cache row holds something other than str/bytes: refuse to load it."""
-
-
-class BytesOnlyDisk(diskcache.Disk):
-    """A diskcache Disk that stores only str keys and bytes values and never unpickles."""
-
-    def put(self, key):
-        if not isinstance(key, str):
-            raise TypeError("cache keys must be str")
-        return super().put(key)
-
-    def get(self, key, raw):
-        if not raw:
-            raise UnsafeCacheValue("cache key is not raw str")
-        return super().get(key, raw)
-
-    def store(self, value, read, key=diskcache.core.UNKNOWN):
-        if read or not isinstance(value, bytes):
-            raise TypeError("cache values must be bytes")
-        return super().store(value, read, key=key)
-
-    def fetch(self, mode, filename, value, read):
-        if mode not in (diskcache.core.MODE_RAW, diskcache.core.MODE_BINARY):
-            raise UnsafeCacheValue(f"refusing to load a cache value of mode {mode}")
-        data = super().fetch(mode, filename, value, read)
-        if not isinstance(data, bytes):
-            raise UnsafeCacheValue("cache value is not bytes")
-        return data
+__all__ = [
+    "CACHE_SETTINGS",
+    "Backend",
+    "BytesOnlyDisk",
+    "Entry",
+    "Store",
+    "StoreUnavailable",
+    "UnsafeCacheValue",
+    "lock_owner",
+    "open_cache",
+    "owner_is_gone",
+]
 
 
 class Entry:
@@ -153,24 +124,6 @@ def owner_is_gone(owner: str) -> bool:
     return False
 
 
-def open_cache(directory: str) -> diskcache.Cache:
-    """The one place the cache is opened, with the settings it must always have."""
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    try:
-        os.chmod(directory, 0o700)
-    except OSError:  # e.g. a directory we do not own; diskcache will still work
-        pass
-    for attempt in range(5):
-        try:
-            return diskcache.Cache(directory, disk=BytesOnlyDisk, timeout=60, **CACHE_SETTINGS)
-        except (sqlite3.OperationalError, diskcache.Timeout):
-            # Several processes creating one cache at once can briefly see "database is locked".
-            if attempt == 4:
-                raise
-            time.sleep(0.2 * (attempt + 1))
-    raise AssertionError("unreachable")
-
-
 def _upper(value: str) -> str:
     return value.upper()
 
@@ -178,16 +131,30 @@ def _upper(value: str) -> str:
 class Store:
     """Response entries and write-side records, by canonical string key."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str = "", *, backend: Backend | None = None):
+        """A store on the diskcache ``directory``, or on the given ``backend`` (see
+        :func:`dcapd.backends.open_backend`: a directory or a PostgreSQL database)."""
+        if backend is None:
+            backend = DiskBackend(directory)
         self.directory = directory
-        self.cache = open_cache(directory)
+        self.backend = backend
+
+    @property
+    def cache(self) -> Backend:
+        """The backend (raw bytes by key; tests and benchmarks look at stored bytes)."""
+        return self.backend
+
+    @property
+    def description(self) -> str:
+        """What the cache is, for logs and /readyz (never a password)."""
+        return self.backend.description
 
     def close(self) -> None:
-        self.cache.close()
+        self.backend.close()
 
     def probe(self) -> None:
         """Read the cache once (readiness): raises whatever makes the cache unreadable."""
-        self.cache.get("status/readyz-probe")
+        self.backend.probe()
 
     # --- keys (design.md §1): upper-case hex, update defaults to STANDARD, API version 3|4
 
@@ -294,18 +261,18 @@ class Store:
     # --- access
 
     def get(self, key: str) -> Entry | None:
-        data = self.cache.get(key)
+        data = self.backend.get(key)
         return None if data is None else Entry.from_bytes(data)
 
     def put(self, key: str, entry: Entry) -> None:
-        self.cache.set(key, entry.to_bytes())
+        self.backend.set(key, entry.to_bytes())
 
     def pop(self, key: str) -> Entry | None:
-        data = self.cache.pop(key)
+        data = self.backend.pop(key)
         return None if data is None else Entry.from_bytes(data)
 
     def delete(self, key: str) -> None:
-        self.cache.delete(key)
+        self.backend.delete(key)
 
     def get_json(self, key: str):
         """A write-side record (platform, cert set, raw TCBs): JSON in the body."""
@@ -347,13 +314,11 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """Several writes that must land together (or not at all, on a crash or error)."""
-        with self.cache.transact():
+        with self.backend.transaction():
             yield
 
     def keys(self, prefix: str = "") -> list[str]:
-        return [
-            key for key in self.cache.iterkeys() if isinstance(key, str) and key.startswith(prefix)
-        ]
+        return self.backend.keys(prefix)
 
     @staticmethod
     def parse_key(key: str) -> tuple[str, tuple[str, ...]]:

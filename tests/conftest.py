@@ -72,3 +72,20 @@ def make_client(make_config):
     for app in apps:
         app.services.store.close()
         app.services.upstream.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """The session's private PostgreSQL server (started on first use, stopped at the end);
+    skips without PostgreSQL, fails in CI (tests/postgres.py)."""
+    from tests.postgres import start_server
+
+    server = start_server()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def pg_url(postgres_server):
+    """The URL of a fresh, empty database on the session's PostgreSQL server."""
+    return postgres_server.create_database()
