@@ -18,6 +18,7 @@ import pytest
 
 from dcapd.schedule import CronSchedule, RefreshScheduler
 from tests import pki
+from tests.conftest import BACKENDS
 from tests.fakepcs import PCS_FIXTURES, load_body, load_manifest
 from tests.test_pckcert import CASES, PCKCERT, assert_pck_answer, query, raw_tcb, serve_platform
 from tests.test_platforms import ADMIN, TOKENS
@@ -96,6 +97,7 @@ def test_refresh_replaces_older_entries_and_logs_what_changed(
     assert by_key["tcb/tdx/4/90C06F000000/STANDARD"]["next_update"] == "2026-03-20T10:58:51Z"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "fault",
     [
@@ -264,6 +266,7 @@ def test_bad_cron_schedule(text):
         CronSchedule(text).next_after(dt.datetime(2026, 1, 1))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_lock_lets_one_refresher_at_a_time(fake_pcs, make_client):
     fake = fake_pcs(NEW)
     client = make_client(fake, **TOKENS)
@@ -351,6 +354,7 @@ def put_policy(client, policy, is_default, fmspc="00906ED50000", token=ADMIN):
     )
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_appraisal_policies(make_client):
     client = make_client(cache_mode="OFFLINE", **TOKENS)
     first, second = make_policy([TDQE_CLASS, SGX_CLASS]), make_policy([TDX_CLASS])
