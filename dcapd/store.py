@@ -103,17 +103,31 @@ class Entry:
         return entry
 
 
+def node_id() -> str:
+    """This machine as lock owners name it: the host name, plus the PID namespace where there
+    is one (containers may share a host name, never a PID namespace). Nodes of a fleet on one
+    database differ by it, so a PID is only ever looked up where it was taken."""
+    name = socket.gethostname()
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")  # e.g. "pid:[4026531836]"
+    except (OSError, AttributeError):
+        return name
+    digits = "".join(ch for ch in namespace if ch.isdigit())
+    return f"{name}/{digits}" if digits else name
+
+
 def lock_owner() -> str:
-    """``host:pid:token``: who holds a lock in the cache, so a crashed holder can be seen."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    """``node:pid:token``: who holds a lock in the cache, so a crashed holder can be seen."""
+    return f"{node_id()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def owner_is_gone(owner: str) -> bool:
-    """True when a lock's owner was a process on this host that has ended (a crash or kill
-    leaves its lock behind). Elsewhere, and on Windows, the lock's expiry decides."""
+    """True when a lock's owner was a process on this node that has ended (a crash or kill
+    leaves its lock behind). Another node's lock (a fleet on one database), and on Windows
+    any lock, waits for its expiry: its PID means nothing here."""
     host, _, rest = owner.partition(":")
     pid_text = rest.partition(":")[0]
-    if os.name != "posix" or host != socket.gethostname() or not pid_text.isdigit():
+    if os.name != "posix" or host != node_id() or not pid_text.isdigit():
         return False
     try:
         os.kill(int(pid_text), 0)  # signal 0: existence check only (POSIX)

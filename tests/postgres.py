@@ -121,8 +121,13 @@ class PostgresServer:
 
     def create_database(self) -> str:
         """A fresh, empty database; its URL."""
+        import psycopg
+
         name = "t_" + uuid.uuid4().hex[:16]
-        self.admin_sql(f'CREATE DATABASE "{name}"')
+        try:  # a plain file copy of the (tiny) template is the fastest (PostgreSQL >= 15)
+            self.admin_sql(f'CREATE DATABASE "{name}" STRATEGY FILE_COPY')
+        except psycopg.errors.SyntaxError:
+            self.admin_sql(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
     def cleanup(self) -> None:

@@ -13,7 +13,7 @@ import pytest
 from dcapd.backends import StoreUnavailable
 from dcapd.backends.disk import DiskBackend
 from dcapd.config import ConfigError, load_config
-from dcapd.store import Entry, Store, lock_owner, owner_is_gone
+from dcapd.store import Entry, Store, lock_owner, node_id, owner_is_gone
 from tests.conftest import BACKENDS
 
 
@@ -121,12 +121,14 @@ def test_a_lock_is_held_once_and_expires(stores):
 
 def test_lock_owner_liveness_is_judged_on_its_own_host_only():
     owner = lock_owner()
-    assert owner.startswith(socket.gethostname() + ":")
+    assert owner.startswith(node_id() + ":") and node_id().startswith(socket.gethostname())
     assert not owner_is_gone(owner), "this process runs"
     unused_pid = 2**22 + 12345  # above pid_max's default: no such process here
-    assert owner_is_gone(f"{socket.gethostname()}:{unused_pid}:abc")
-    # The same PID on another node says nothing: that lock waits for its lease.
+    assert owner_is_gone(f"{node_id()}:{unused_pid}:abc")
+    # The same PID on another node (or in another container of this host name) says nothing:
+    # that lock waits for its lease.
     assert not owner_is_gone(f"other-node.example:{unused_pid}:abc")
+    assert not owner_is_gone(f"{socket.gethostname()}/1:{unused_pid}:abc")
 
 
 # --- PostgreSQL only -------------------------------------------------------------------------
