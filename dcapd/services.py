@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .auth import Auth
-from .backends import open_backend
+from .backends import Backend
+from .backends.disk import DiskBackend
+from .backends.postgres import PostgresBackend
 from .collateral import Collateral
 from .config import Config
 from .integrity import Integrity
@@ -26,6 +28,13 @@ from .upstream import Upstream
 _FILL_LOCK_SLACK = 5.0
 # A platform's fill makes up to three upstream calls (pckcerts, then its TCB info and CRL).
 _PLATFORM_FILL_CALLS = 3
+
+
+def open_backend(config: Config) -> Backend:
+    """The cache the configuration names: ``[cache] url`` (PostgreSQL) or ``[cache] dir``."""
+    if config.cache_url:
+        return PostgresBackend(config.cache_url, config.cache_pool_size, config.cache_timeout)
+    return DiskBackend(config.cache_dir)
 
 
 @dataclass(frozen=True)

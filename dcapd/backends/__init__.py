@@ -2,16 +2,14 @@
 
 :class:`dcapd.store.Store` owns the key format and the entry envelope; a backend only keeps
 ``str -> bytes`` and provides the few operations the store needs (design.md §1-2). Two exist:
-a diskcache directory (the default) and a PostgreSQL database shared by several nodes.
+a diskcache directory (the default) and a PostgreSQL database shared by several nodes
+(``dcapd.services.open_backend`` picks one from the configuration).
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from ..config import Config
+from typing import Protocol
 
 
 class StoreUnavailable(Exception):
@@ -49,14 +47,3 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def open_backend(config: Config) -> Backend:
-    """The backend the configuration names: ``[cache] url`` (PostgreSQL) or ``[cache] dir``."""
-    if config.cache_url:
-        from .postgres import PostgresBackend
-
-        return PostgresBackend(config.cache_url, config.cache_pool_size, config.cache_timeout)
-    from .disk import DiskBackend
-
-    return DiskBackend(config.cache_dir)

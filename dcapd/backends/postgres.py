@@ -107,7 +107,7 @@ class PostgresBackend:
             max_size=pool_size,
             kwargs=kwargs,
             configure=self._configure,
-            check=ConnectionPool.check_connection,
+            check=self._check,
             timeout=timeout,
             reconnect_timeout=timeout,
             name="dcapd-cache",
@@ -119,6 +119,21 @@ class PostgresBackend:
             self.ensure_schema()
         except StoreUnavailable as exc:
             log.warning("%s; dcapd answers 503 until it is reachable", exc)
+
+    def _check(self, conn) -> None:
+        """Before each use, without a round trip: read what the server sent meanwhile, so a
+        connection it closed (a restart, an idle timeout) is seen broken and replaced."""
+        from psycopg.pq import ConnStatus, TransactionStatus
+
+        pgconn = conn.pgconn
+        for _ in range(2):  # a termination message, then the end of the stream
+            pgconn.consume_input()  # raises OperationalError once the server has gone
+        if (
+            conn.closed
+            or pgconn.status != ConnStatus.OK
+            or pgconn.transaction_status != TransactionStatus.IDLE
+        ):
+            raise self._psycopg.OperationalError("the connection was closed by the server")
 
     def _configure(self, conn) -> None:
         # Statements are cut after the timeout (a hung query is a 503, never a hang); a
