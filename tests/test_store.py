@@ -218,6 +218,9 @@ def test_the_password_is_masked_and_never_in_errors(postgres_server):
         mask_url("postgresql://dcapd:s3cret@db.example:5432/dcapd?sslmode=verify-full")
         == "postgresql://dcapd:***@db.example:5432/dcapd?sslmode=verify-full"
     )
+    assert mask_url("postgresql://db/dcapd?user=u&password=s3cret&sslmode=require") == (
+        "postgresql://db/dcapd?user=u&password=***&sslmode=require"
+    )
     config = load_config({"cache_url": "postgresql://dcapd:s3cret@db/dcapd"}, environ={})
     assert "s3cret" not in repr(config)
     # Refused credentials: the error names the database but never the password.

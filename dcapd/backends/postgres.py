@@ -56,16 +56,23 @@ class SchemaTooNew(ConfigError):
 
 
 def mask_url(url: str) -> str:
-    """The URL with its password (if any) replaced by ``***``, for logs."""
+    """The URL with its password (in the user part or a ``password=`` parameter) replaced by
+    ``***``, for logs."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "postgresql://***"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    if parts.password is not None:
+        user = parts.username or ""
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{user}:***@{host}")
+    if parts.query:
+        query = "&".join(
+            "password=***" if pair.partition("=")[0].lower() == "password" else pair
+            for pair in parts.query.split("&")
+        )
+        parts = parts._replace(query=query)
+    return urlunsplit(parts)
 
 
 def _like_prefix(prefix: str) -> str:
@@ -99,6 +106,10 @@ class PostgresBackend:
             kwargs["connect_timeout"] = max(2, int(timeout))
         if "application_name" not in params:
             kwargs["application_name"] = "dcapd"
+        if "tcp_user_timeout" not in params:
+            # A database that vanished from the network (no reset, no answer) fails the
+            # request after the timeout instead of after the kernel's retransmissions.
+            kwargs["tcp_user_timeout"] = int(timeout * 1000)
         self._statement_timeout = f"{int(timeout * 1000)}ms"
         self._local = threading.local()
         self.pool = ConnectionPool(
@@ -114,6 +125,7 @@ class PostgresBackend:
             open=False,
         )
         self.pool.open(wait=False)
+        log.info("cache: PostgreSQL at %s", self.url)
         self.schema_ready = False
         try:
             self.ensure_schema()
