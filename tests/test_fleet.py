@@ -221,7 +221,7 @@ def cron_at(moment: float) -> str:
 def test_schedules_firing_together_refresh_once_and_both_serve_the_result(nodes, fake_pcs):
     fake = fake_pcs(NEW)
     older_world(fake)
-    fire_at = time.time() + 10  # nodes start and are warmed before it
+    fire_at = time.time() + 8  # nodes start and are warmed before it
     pair = nodes(2, DCAPD_REFRESH_SCHEDULE=cron_at(fire_at), **upstream_env(fake))
     for path, params in [
         TDX_TCB,

@@ -266,7 +266,7 @@ class PostgresBackend:
             conn.execute("SELECT 1 FROM dcapd_entries WHERE key = 'status/readyz-probe'")
 
     def close(self) -> None:
-        self.pool.close()
+        self.pool.close(timeout=1.0)  # do not wait on connection attempts in flight
 
     def __len__(self) -> int:
         with self._connection() as conn:
