@@ -138,3 +138,57 @@ def test_startup_with_the_database_down_serves_once_it_is_up(postgres_server, pg
     reply = client.simulate_get(QE)
     assert reply.status_code == 200
     assert reply.content == intel_upload()["collaterals"]["qeidentity"].encode()
+
+
+@pytest.fixture
+def password_role(postgres_server):
+    """A role that must give its password (scram-sha-256 from 127.0.0.1), owning its own
+    database and nothing else: the least-privilege setup the README describes."""
+    hba = postgres_server.data / "pg_hba.conf"
+    original = hba.read_text()
+    postgres_server.admin_sql("DROP DATABASE IF EXISTS pwdb")
+    postgres_server.admin_sql("DROP ROLE IF EXISTS pwuser")
+    postgres_server.admin_sql("CREATE ROLE pwuser LOGIN PASSWORD 'pw-from-file'")
+    postgres_server.admin_sql("CREATE DATABASE pwdb OWNER pwuser")
+    postgres_server.admin_sql("REVOKE ALL ON DATABASE pwdb FROM PUBLIC")
+    hba.write_text("host all pwuser 127.0.0.1/32 scram-sha-256\n" + original)
+    postgres_server.admin_sql("SELECT pg_reload_conf()")
+    try:
+        yield f"postgresql://pwuser@127.0.0.1:{postgres_server.port}/pwdb?sslmode=disable"
+    finally:
+        hba.write_text(original)
+        postgres_server.admin_sql("SELECT pg_reload_conf()")
+
+
+def test_the_password_comes_from_pgpassfile_or_pgpassword_and_is_never_logged(
+    password_role, postgres_server, tmp_path, monkeypatch, caplog
+):
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(f"127.0.0.1:{postgres_server.port}:pwdb:pwuser:pw-from-file\n")
+    passfile.chmod(0o600)
+    monkeypatch.setenv("PGPASSFILE", str(passfile))
+    backend = PostgresBackend(password_role, 1, 3.0)
+    try:
+        backend.set("k", b"v")  # the role created the tables in its own database
+        assert backend.get("k") == b"v"
+    finally:
+        backend.close()
+    monkeypatch.setenv("PGPASSFILE", str(tmp_path / "none"))
+    monkeypatch.setenv("PGPASSWORD", "wrong-password")
+    backend = PostgresBackend(password_role, 1, 1.0)
+    try:
+        with pytest.raises(StoreUnavailable) as caught:
+            backend.get("k")
+        assert "PostgreSQL database pwdb on 127.0.0.1" in str(caught.value)
+        assert 'password authentication failed for user "pwuser"' in caplog.text  # the pool's
+    finally:
+        backend.close()
+    monkeypatch.setenv("PGPASSWORD", "pw-from-file")
+    backend = PostgresBackend(password_role, 1, 3.0)
+    try:
+        assert backend.get("k") == b"v"
+    finally:
+        backend.close()
+    assert "pw-from-file" not in caplog.text and "wrong-password" not in caplog.text
