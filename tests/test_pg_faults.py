@@ -182,7 +182,7 @@ def test_the_password_comes_from_pgpassfile_or_pgpassword_and_is_never_logged(
         with pytest.raises(StoreUnavailable) as caught:
             backend.get("k")
         assert "PostgreSQL database pwdb on 127.0.0.1" in str(caught.value)
-        assert 'password authentication failed for user "pwuser"' in caplog.text  # the pool's
+        assert 'password authentication failed for user "pwuser"' in str(caught.value)
     finally:
         backend.close()
     monkeypatch.setenv("PGPASSWORD", "pw-from-file")

@@ -75,6 +75,11 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts)
 
 
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _like_prefix(prefix: str) -> str:
     return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
@@ -112,8 +117,25 @@ class PostgresBackend:
             kwargs["tcp_user_timeout"] = int(timeout * 1000)
         self._statement_timeout = f"{int(timeout * 1000)}ms"
         self._local = threading.local()
+        self.last_connect_error = ""
+        backend = self
+
+        class Connection(psycopg.Connection):
+            """Remembers why connecting failed, for the 503's log line and /readyz."""
+
+            @classmethod
+            def connect(cls, *args, **kwargs):
+                try:
+                    conn = super().connect(*args, **kwargs)
+                except psycopg.OperationalError as exc:
+                    backend.last_connect_error = _first_line(exc)
+                    raise
+                backend.last_connect_error = ""
+                return conn
+
         self.pool = ConnectionPool(
             url,
+            connection_class=Connection,
             min_size=1,
             max_size=pool_size,
             kwargs=kwargs,
@@ -163,9 +185,14 @@ class PostgresBackend:
 
         try:
             yield
-        except (self._psycopg.OperationalError, PoolTimeout) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise StoreUnavailable(f"{self.description} is unavailable: {first}") from None
+        except PoolTimeout as exc:
+            why = _first_line(exc)
+            if self.last_connect_error:
+                why += f" (last: {self.last_connect_error})"
+            raise StoreUnavailable(f"{self.description} is unavailable: {why}") from None
+        except self._psycopg.OperationalError as exc:
+            why = _first_line(exc)
+            raise StoreUnavailable(f"{self.description} is unavailable: {why}") from None
 
     @contextmanager
     def _connection(self) -> Iterator[Any]:
