@@ -221,6 +221,9 @@ def test_the_password_is_masked_and_never_in_errors(postgres_server):
     assert mask_url("postgresql://db/dcapd?user=u&password=s3cret&sslmode=require") == (
         "postgresql://db/dcapd?user=u&password=***&sslmode=require"
     )
+    with pytest.raises(ConfigError) as caught:
+        PostgresBackend("postgresql://dcapd:s3cret@db/dcapd?bogus=1", 1, 1.0)
+    assert "s3cret" not in str(caught.value)
     config = load_config({"cache_url": "postgresql://dcapd:s3cret@db/dcapd"}, environ={})
     assert "s3cret" not in repr(config)
     # Refused credentials: the error names the database but never the password.

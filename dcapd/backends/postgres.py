@@ -99,7 +99,10 @@ class PostgresBackend:
                 "cache_url",
             ) from None
         self._psycopg = psycopg
-        params: dict[str, Any] = conninfo_to_dict(url)
+        try:
+            params: dict[str, Any] = conninfo_to_dict(url)
+        except psycopg.Error:  # never echo it: it may hold a password
+            raise ConfigError(URL_SETTING, "not a valid PostgreSQL URL", "cache_url") from None
         self.url = mask_url(url)
         self.description = (
             f"PostgreSQL database {params.get('dbname') or params.get('user') or '?'} "
