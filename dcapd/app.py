@@ -8,8 +8,15 @@ from typing import Callable
 import falcon
 
 from . import metrics, resources
+from .backends import StoreUnavailable
 from .config import Config, load_config
-from .middleware import PccsRequestRules, handle_http_error, handle_unexpected, serialize_error
+from .middleware import (
+    PccsRequestRules,
+    handle_http_error,
+    handle_store_unavailable,
+    handle_unexpected,
+    serialize_error,
+)
 from .services import Services, build_services
 from .store import Store
 from .upstream import Upstream
@@ -122,6 +129,7 @@ def app_for(services: Services) -> DcapdApp:
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, handle_unexpected)
     app.add_error_handler(falcon.HTTPError, handle_http_error)
+    app.add_error_handler(StoreUnavailable, handle_store_unavailable)
     for path, _tee, version, factory in route_paths():
         app.add_route(path, factory(services, version))
     app.add_route(

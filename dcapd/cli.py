@@ -141,7 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     app = app_for(services)
     log_roles(config)
     log.info(
-        "cache %s in %s mode; upstream %s", config.cache_dir, config.cache_mode, config.pcs_url
+        "cache: %s in %s mode; upstream %s",
+        services.store.description,
+        config.cache_mode,
+        config.pcs_url,
     )
     pin_to_cpus(config.cpu_affinity)
     scheduler = scheduler_for(services)

@@ -188,6 +188,16 @@ def _size(value: str) -> int:
     return number
 
 
+def _database_url(value: str) -> str:
+    value = value.strip()
+    if value and not re.match(r"^postgres(ql)?://[^?#]*/[^/?#]+([?#]|$)", value):
+        raise ValueError(
+            "expected postgresql://user@host:port/dbname (with ?sslmode=... if needed), "
+            "got a URL of another form"  # never echo it: it may hold a password
+        )
+    return value
+
+
 def _text(value: str) -> str:
     return value.strip()
 
@@ -261,6 +271,14 @@ SETTINGS: tuple[Setting, ...] = (
             _non_negative_int, "retries after a network error, 5xx or 429 from upstream"),
     Setting("cache_dir", "cache", "dir", "DCAPD_CACHE_DIR", "", _text,
             "cache directory; empty = the per-user cache folder"),
+    Setting("cache_url", "cache", "url", "DCAPD_CACHE_URL", "", _database_url,
+            "PostgreSQL cache shared by several nodes, postgresql://user@host:port/db"
+            "?sslmode=verify-full; empty = the cache directory (set dir or url, not both)",
+            secret=True),
+    Setting("cache_pool_size", "cache", "pool_size", "DCAPD_CACHE_POOL_SIZE", "10",
+            _positive(int), "PostgreSQL cache: most database connections of this process"),
+    Setting("cache_timeout", "cache", "timeout", "DCAPD_CACHE_TIMEOUT", "3", _positive(float),
+            "PostgreSQL cache: seconds to connect or run one statement before answering 503"),
     Setting("cache_mode", "cache", "mode", "DCAPD_CACHE_MODE", "LAZY",
             _choice(*CACHE_MODES, upper=True), "LAZY, REQ or OFFLINE (as Intel's CachingFillMode)"),
     Setting("not_found_ttl", "cache", "not_found_ttl", "DCAPD_NOT_FOUND_TTL", "300",
@@ -328,6 +346,9 @@ class Config:
     upstream_timeout: float
     upstream_retries: int
     cache_dir: str
+    cache_url: str
+    cache_pool_size: int
+    cache_timeout: float
     cache_mode: str
     not_found_ttl: float
     selected_per_platform: int
@@ -439,7 +460,12 @@ def load_config(
             values[setting.name] = setting.parse(raw)
         except ValueError as exc:
             raise ConfigError(label, str(exc), setting.name) from None
-    if not values["cache_dir"]:
+    if values["cache_url"] and values["cache_dir"]:
+        raise ConfigError(
+            "[cache] dir / DCAPD_CACHE_DIR and [cache] url / DCAPD_CACHE_URL",
+            "both are set: the cache is either a directory or a PostgreSQL database",
+        )
+    if not values["cache_dir"] and not values["cache_url"]:
         values["cache_dir"] = default_cache_dir()
     if bool(values["cert_file"]) != bool(values["key_file"]):
         raise ConfigError("[server] cert_file / key_file", "give both or neither")

@@ -101,9 +101,11 @@ class MeasuredRefresher(Refresher):
             self.metrics.refresh_duration.labels(kind).observe(time.perf_counter() - started)
             self.metrics.refresh_runs.labels(kind, result).inc()
 
-    def refresh_collateral(self, wait: float = 60.0) -> RefreshReport:
+    def refresh_collateral(
+        self, wait: float = 60.0, unless_done_since: float | None = None
+    ) -> RefreshReport:
         with self._measured("collateral"):
-            return super().refresh_collateral(wait)
+            return super().refresh_collateral(wait, unless_done_since)
 
     def refresh_certs(self, fmspcs: set[str] | None = None, wait: float = 60.0) -> RefreshReport:
         with self._measured("certs"):

@@ -95,6 +95,11 @@ def configure_logging(level: str = "info", verbose: bool = False, fmt: str = "te
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else getattr(logging, level.upper()))
     root.propagate = False
+    # psycopg's pool (the PostgreSQL cache) says why it cannot connect: in dcapd's format.
+    database = logging.getLogger("psycopg")
+    database.handlers[:] = [handler]
+    database.setLevel(logging.WARNING)
+    database.propagate = False
 
 
 def configure_from(config: Config) -> None:

@@ -158,6 +158,11 @@ def handle_http_error(req, resp, exc: falcon.HTTPError, params) -> None:
     serialize_error(req, resp, exc)
 
 
+def handle_store_unavailable(req, resp, exc: Exception, params) -> None:
+    """The cache's database cannot be reached: 503 with Intel's text, whatever the route."""
+    handle_http_error(req, resp, PccsError(503, str(exc)), params)
+
+
 def handle_unexpected(req, resp, exc: Exception, params) -> None:
     log.exception(
         "%s %s -> 500: unhandled %s", escape(req.method), logged_path(req), type(exc).__name__

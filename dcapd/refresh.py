@@ -38,6 +38,7 @@ class RefreshReport:
     unchanged: int = 0
     # Entries skipped because they failed: (key, the error), left as they were in the cache.
     failed: list[tuple[str, PccsError]] = field(default_factory=list)
+    skipped: bool = False  # another process had just done it
 
 
 class RefreshIncomplete(PccsError):
@@ -106,9 +107,24 @@ class Refresher:
 
     # --- collateral refresh (§3.2)
 
-    def refresh_collateral(self, wait: float = 60.0) -> RefreshReport:
+    def refresh_collateral(
+        self, wait: float = 60.0, unless_done_since: float | None = None
+    ) -> RefreshReport:
+        """Refresh every cached collateral entry. ``unless_done_since``: skip it when a
+        collateral refresh finished at or after that time (another node of a fleet on one
+        database did the scheduled refresh already: the collateral is fetched once)."""
         self._require_refreshable()
-        return self._locked(self._refresh_collateral, wait)
+
+        def work() -> RefreshReport:
+            if unless_done_since is not None:
+                status = self.store.get_json(self.store.STATUS_KEY) or {}
+                last = status.get("last_collateral_refresh")
+                if isinstance(last, (int, float)) and last >= unless_done_since:
+                    log.info("collateral refresh skipped: done meanwhile by another process")
+                    return RefreshReport("collateral", skipped=True)
+            return self._refresh_collateral()
+
+        return self._locked(work, wait)
 
     def _collateral_sources(
         self,

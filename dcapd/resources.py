@@ -350,7 +350,9 @@ class Ready:
         try:
             self.store.probe()
         except Exception as exc:  # any failure to read the cache means not ready
-            problems.append(f"cache: cannot be read ({type(exc).__name__})")
+            problems.append(
+                f"cache: cannot be read ({type(exc).__name__}): {self.store.description}"
+            )
         success, failure = self.upstream.last_success, self.upstream.last_failure
         if self.mode != "OFFLINE" and failure is not None and (success or 0) < failure:
             warnings.append(

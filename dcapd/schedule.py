@@ -10,6 +10,7 @@ import time
 from datetime import datetime
 from typing import Callable
 
+from .backends import StoreUnavailable
 from .cron import CronSchedule
 from .errors import PccsError
 from .freshness import parse_iso
@@ -39,16 +40,21 @@ class RefreshScheduler:
         margin_seconds: float,
         clock: Callable[[], float] = time.time,
         check_interval: float = 300.0,
+        lock_wait: float = 0.0,
     ):
+        """``lock_wait``: how long to wait for another process's refresh to finish (it may
+        be the very refresh that is due)."""
         self.refresher = refresher
         self.store = store
         self.schedule = schedule
         self.margin = margin_seconds
         self.clock = clock
         self.check_interval = check_interval
+        self.lock_wait = lock_wait
         now = clock()
         self.next_scheduled = self._next_cron(now)
         self.retry_at: float | None = None
+        self.due_since: float | None = None  # when the pending refresh became due
         self.failures = 0
         self.last_early: float = float("-inf")
         self.checked = False  # no tick yet since start
@@ -89,9 +95,15 @@ class RefreshScheduler:
             return None
         if reason not in ("schedule", "retry"):
             self.last_early = now
+        if reason != "retry" or self.due_since is None:
+            self.due_since = self.next_scheduled if reason == "schedule" else now
         try:
-            self.refresher.refresh_collateral(wait=0)
-        except (PccsError, OSError) as exc:
+            # Nodes sharing one database fire together: one refreshes, the others wait for
+            # its lock and then find the refresh done since it was due.
+            report = self.refresher.refresh_collateral(
+                wait=self.lock_wait, unless_done_since=self.due_since
+            )
+        except (PccsError, OSError, StoreUnavailable) as exc:
             self.failures += 1
             delay = min(self.MAX_BACKOFF, 60.0 * 2 ** (self.failures - 1))
             self.retry_at = now + delay
@@ -104,8 +116,11 @@ class RefreshScheduler:
             return False
         self.failures = 0
         self.retry_at = None
+        self.due_since = None
         self.next_scheduled = self._next_cron(now)
-        log.info("scheduled refresh (%s) done", reason)
+        log.info(
+            "scheduled refresh (%s) %s", reason, "done elsewhere" if report.skipped else "done"
+        )
         return True
 
     def start(self) -> None:
@@ -142,4 +157,5 @@ def scheduler_for(services: Services) -> RefreshScheduler:
         services.store,
         CronSchedule(config.refresh_schedule),
         config.refresh_margin_hours * 3600.0,
+        lock_wait=60.0,
     )

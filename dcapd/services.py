@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .auth import Auth
+from .backends import Backend
+from .backends.disk import DiskBackend
+from .backends.postgres import PostgresBackend
 from .collateral import Collateral
 from .config import Config
 from .extra import ExtraCollateral
@@ -28,6 +31,13 @@ from .upstream import Upstream
 _FILL_LOCK_SLACK = 5.0
 # A platform's fill makes up to three upstream calls (pckcerts, then its TCB info and CRL).
 _PLATFORM_FILL_CALLS = 3
+
+
+def open_backend(config: Config) -> Backend:
+    """The cache the configuration names: ``[cache] url`` (PostgreSQL) or ``[cache] dir``."""
+    if config.cache_url:
+        return PostgresBackend(config.cache_url, config.cache_pool_size, config.cache_timeout)
+    return DiskBackend(config.cache_dir)
 
 
 @dataclass(frozen=True)
@@ -59,7 +69,7 @@ def build_services(
 ) -> Services:
     """Wire dcapd's parts from the configuration; ``store`` and ``upstream`` may be given
     (tests, tools that open their own cache or talk to PCS with their own retry policy)."""
-    store = store if store is not None else Store(config.cache_dir)
+    store = store if store is not None else Store(config.cache_dir, backend=open_backend(config))
     metrics = Metrics(config, store) if config.metrics_enabled else None
     measure = Instruments(metrics)  # what counts upstream calls, rejections, waits, refreshes
     upstream = upstream if upstream is not None else Upstream(config, **measure.upstream)

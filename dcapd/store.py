@@ -1,4 +1,4 @@
-"""The cache: one diskcache entry per GET response, keyed by canonical strings.
+"""The cache: one entry per GET response, keyed by canonical strings.
 
 This is the only module that knows cache keys (design.md §1). Values are bytes in a small
 envelope (a JSON header line, then the body) so nothing is ever pickled or unpickled
@@ -11,64 +11,34 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
 
-import diskcache
-
+from .backends import Backend, StoreUnavailable
+from .backends.disk import (
+    CACHE_SETTINGS,
+    BytesOnlyDisk,
+    DiskBackend,
+    UnsafeCacheValue,
+    open_cache,
+)
 from .pcsurls import INTEL_ROOTCA_CRL_URL, canonical_crl_url
 
-# Settings that must be the same for every opener (they persist in the cache directory and
-# the last opener's win), so they are given here and nowhere else.
-CACHE_SETTINGS = dict(
-    eviction_policy="none",
-    cull_limit=0,
-    statistics=0,
-    tag_index=0,
-    size_limit=2**62,
-    sqlite_journal_mode="wal",
-    disk_min_file_size=2**20,
-    # diskcache opens one SQLite connection per thread; its defaults (a 64 MiB memory map and
-    # an 8,192-page cache each) multiplied peak RSS to ~400 MiB at 10,000 platforms. A hit
-    # costs the same without them (measured: scripts/bench.py).
-    sqlite_mmap_size=0,
-    sqlite_cache_size=256,
-)
-
-
-class UnsafeCacheValue(Exception):
-    """A cache row holds something other than str/bytes: refuse to load it."""
-
-
-class BytesOnlyDisk(diskcache.Disk):
-    """A diskcache Disk that stores only str keys and bytes values and never unpickles."""
-
-    def put(self, key):
-        if not isinstance(key, str):
-            raise TypeError("cache keys must be str")
-        return super().put(key)
-
-    def get(self, key, raw):
-        if not raw:
-            raise UnsafeCacheValue("cache key is not raw str")
-        return super().get(key, raw)
-
-    def store(self, value, read, key=diskcache.core.UNKNOWN):
-        if read or not isinstance(value, bytes):
-            raise TypeError("cache values must be bytes")
-        return super().store(value, read, key=key)
-
-    def fetch(self, mode, filename, value, read):
-        if mode not in (diskcache.core.MODE_RAW, diskcache.core.MODE_BINARY):
-            raise UnsafeCacheValue(f"refusing to load a cache value of mode {mode}")
-        data = super().fetch(mode, filename, value, read)
-        if not isinstance(data, bytes):
-            raise UnsafeCacheValue("cache value is not bytes")
-        return data
+__all__ = [
+    "CACHE_SETTINGS",
+    "Backend",
+    "BytesOnlyDisk",
+    "Entry",
+    "Store",
+    "StoreUnavailable",
+    "UnsafeCacheValue",
+    "lock_owner",
+    "open_cache",
+    "owner_is_gone",
+]
 
 
 class Entry:
@@ -135,17 +105,31 @@ class Entry:
         return entry
 
 
+def node_id() -> str:
+    """This machine as lock owners name it: the host name, plus the PID namespace where there
+    is one (containers may share a host name, never a PID namespace). Nodes of a fleet on one
+    database differ by it, so a PID is only ever looked up where it was taken."""
+    name = socket.gethostname()
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")  # e.g. "pid:[4026531836]"
+    except (OSError, AttributeError):
+        return name
+    digits = "".join(ch for ch in namespace if ch.isdigit())
+    return f"{name}/{digits}" if digits else name
+
+
 def lock_owner() -> str:
-    """``host:pid:token``: who holds a lock in the cache, so a crashed holder can be seen."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    """``node:pid:token``: who holds a lock in the cache, so a crashed holder can be seen."""
+    return f"{node_id()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def owner_is_gone(owner: str) -> bool:
-    """True when a lock's owner was a process on this host that has ended (a crash or kill
-    leaves its lock behind). Elsewhere, and on Windows, the lock's expiry decides."""
+    """True when a lock's owner was a process on this node that has ended (a crash or kill
+    leaves its lock behind). Another node's lock (a fleet on one database), and on Windows
+    any lock, waits for its expiry: its PID means nothing here."""
     host, _, rest = owner.partition(":")
     pid_text = rest.partition(":")[0]
-    if os.name != "posix" or host != socket.gethostname() or not pid_text.isdigit():
+    if os.name != "posix" or host != node_id() or not pid_text.isdigit():
         return False
     try:
         os.kill(int(pid_text), 0)  # signal 0: existence check only (POSIX)
@@ -154,24 +138,6 @@ def owner_is_gone(owner: str) -> bool:
     except OSError:  # e.g. EPERM: it exists, under another user
         return False
     return False
-
-
-def open_cache(directory: str) -> diskcache.Cache:
-    """The one place the cache is opened, with the settings it must always have."""
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    try:
-        os.chmod(directory, 0o700)
-    except OSError:  # e.g. a directory we do not own; diskcache will still work
-        pass
-    for attempt in range(5):
-        try:
-            return diskcache.Cache(directory, disk=BytesOnlyDisk, timeout=60, **CACHE_SETTINGS)
-        except (sqlite3.OperationalError, diskcache.Timeout):
-            # Several processes creating one cache at once can briefly see "database is locked".
-            if attempt == 4:
-                raise
-            time.sleep(0.2 * (attempt + 1))
-    raise AssertionError("unreachable")
 
 
 # The fields of each collateral kind's key, in the builders' order (below).
@@ -218,16 +184,30 @@ def _upper(value: str) -> str:
 class Store:
     """Response entries and write-side records, by canonical string key."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str = "", *, backend: Backend | None = None):
+        """A store on the diskcache ``directory``, or on the given ``backend`` (see
+        :func:`dcapd.backends.open_backend`: a directory or a PostgreSQL database)."""
+        if backend is None:
+            backend = DiskBackend(directory)
         self.directory = directory
-        self.cache = open_cache(directory)
+        self.backend = backend
+
+    @property
+    def cache(self) -> Backend:
+        """The backend (raw bytes by key; tests and benchmarks look at stored bytes)."""
+        return self.backend
+
+    @property
+    def description(self) -> str:
+        """What the cache is, for logs and /readyz (never a password)."""
+        return self.backend.description
 
     def close(self) -> None:
-        self.cache.close()
+        self.backend.close()
 
     def probe(self) -> None:
         """Read the cache once (readiness): raises whatever makes the cache unreadable."""
-        self.cache.get("status/readyz-probe")
+        self.backend.probe()
 
     # --- keys (design.md §1): upper-case hex, update defaults to STANDARD, API version 3|4
 
@@ -379,19 +359,19 @@ class Store:
     # --- access
 
     def get(self, key: str) -> Entry | None:
-        data = self.cache.get(key)
+        data = self.backend.get(key)
         return None if data is None else Entry.from_bytes(data)
 
     def put(self, key: str, entry: Entry) -> None:
-        self.cache.set(key, entry.to_bytes())
+        self.backend.set(key, entry.to_bytes())
 
     def pop(self, key: str) -> Entry | None:
-        data = self.cache.pop(key)
+        data = self.backend.pop(key)
         return None if data is None else Entry.from_bytes(data)
 
     def delete(self, key: str) -> bool:
         """Remove one entry; True when it was there (dcapd-admin's delete)."""
-        return bool(self.cache.delete(key))
+        return self.backend.delete(key)
 
     def entries(self, prefix: str = "") -> Iterator[tuple[str, Entry]]:
         """Every entry whose key starts with ``prefix``, in key order (dcapd-admin's list):
@@ -442,13 +422,11 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """Several writes that must land together (or not at all, on a crash or error)."""
-        with self.cache.transact():
+        with self.backend.transaction():
             yield
 
     def keys(self, prefix: str = "") -> list[str]:
-        return [
-            key for key in self.cache.iterkeys() if isinstance(key, str) and key.startswith(prefix)
-        ]
+        return self.backend.keys(prefix)
 
     @staticmethod
     def parse_key(key: str) -> CacheKey:

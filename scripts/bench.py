@@ -7,6 +7,7 @@ One command, from a checkout (``pip install .`` or not)::
     python scripts/bench.py --https --pin    # dcapd on one CPU, the clients on the other(s)
     python scripts/bench.py --https --sweep 10,10000   # flatness: 10 vs 10,000 cached platforms
     python scripts/bench.py --https --profile --profile-server   # where a cache hit's time goes
+    python scripts/bench.py --cache-url postgresql://bench@127.0.0.1/scratch   # vs PostgreSQL
 
 What it does, all on 127.0.0.1, in a temporary directory removed at the end:
 
@@ -161,11 +162,14 @@ def sqlite_settings(cache_dir: Path, args) -> str:
     return text + (" (what-if)" if what_if else "")
 
 
-def bench_config(cache_dir: Path, roots: Path, **overrides):
+def bench_config(cache_dir: Path, roots: Path, cache_url: str = "", **overrides):
+    """The benchmark's configuration; ``cache_url``: a PostgreSQL cache instead of the
+    directory."""
     from dcapd.config import load_config
 
     settings = {
-        "cache_dir": str(cache_dir),
+        "cache_dir": "" if cache_url else str(cache_dir),
+        "cache_url": cache_url,
         "trusted_roots": str(roots),
         "tls": "off",
         "listen": "127.0.0.1:0",
@@ -196,7 +200,12 @@ def call_wsgi(app, target: str):
 
 
 def warm_cache(
-    cache_dir: Path, roots: Path, scenarios: list[str], n_platforms: int, tcbs_per_platform: int
+    cache_dir: Path,
+    roots: Path,
+    scenarios: list[str],
+    n_platforms: int,
+    tcbs_per_platform: int,
+    cache_url: str = "",
 ) -> dict:
     """Fill ``cache_dir``; returns the request spec and the answers the ceiling replays."""
     import logging
@@ -207,7 +216,7 @@ def warm_cache(
 
     logging.getLogger("dcapd").setLevel(logging.ERROR)  # expired fixture certs are logged
     started = time.perf_counter()
-    app = create_app(bench_config(cache_dir, roots, cache_mode="OFFLINE"))
+    app = create_app(bench_config(cache_dir, roots, cache_url, cache_mode="OFFLINE"))
     store, upload = app.services.store, app.services.upload
     try:
         for scenario in scenarios:
@@ -933,7 +942,13 @@ def cold_burst(
 
 
 def app_cost(
-    cache_dir: Path, roots: Path, spec: dict, profile: bool, top: int, metrics: bool = True
+    cache_dir: Path,
+    roots: Path,
+    spec: dict,
+    profile: bool,
+    top: int,
+    metrics: bool = True,
+    cache_url: str = "",
 ) -> list[str]:
     import cProfile
     import io
@@ -945,7 +960,7 @@ def app_cost(
     from dcapd.app import create_app
     from dcapd.logs import configure_from
 
-    config = bench_config(cache_dir, roots, metrics_enabled=metrics)
+    config = bench_config(cache_dir, roots, cache_url, metrics_enabled=metrics)
     configure_from(config)  # the access log costs what it costs in production...
     devnull = open(os.devnull, "w")
     logging.getLogger("dcapd").handlers[0].setStream(devnull)  # ...but is not shown
@@ -989,7 +1004,8 @@ def app_cost(
             hits(kind, n)
             costs[kind] = (time.perf_counter() - t0) / n * 1e6
         lines.append(
-            "app alone (WSGI call in-process, access log on): "
+            f"app alone on {app.services.store.description} (WSGI call in-process, access "
+            "log on): "
             + ", ".join(f"{kind} {us:.0f} us" for kind, us in costs.items())
             + " per cache hit"
         )
@@ -1011,6 +1027,23 @@ def app_cost(
         logging.getLogger("dcapd").handlers[:] = []
         devnull.close()
     return lines
+
+
+def compare_backends(args, workdir: Path, roots: Path, scenarios: list[str], count: int) -> int:
+    """--cache-url: the same warm cache in a directory and in PostgreSQL; hit costs of each."""
+    from dcapd.backends.postgres import mask_url
+
+    print(f"cache hit cost: directory vs {mask_url(args.cache_url)}, {count} platforms", flush=True)
+    results = []
+    for name, cache_url in (("diskcache", ""), ("PostgreSQL", args.cache_url)):
+        cache_dir = workdir / "cache-compare"
+        spec = warm_cache(cache_dir, roots, scenarios, count, args.tcbs_per_platform, cache_url)
+        print(f"{name}: warm cache {spec['entries']} entries in {spec['warm_s']:.1f} s", flush=True)
+        lines = app_cost(cache_dir, roots, spec, False, args.top, cache_url)
+        results.append((name, lines[0]))
+    for name, line in results:
+        print(f"{name:>10}: {line}", flush=True)
+    return 0
 
 
 # ------------------------------------------------------------------------------------------
@@ -1131,6 +1164,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="keep caches and server logs here (default: a temporary directory)",
     )
+    parser.add_argument(
+        "--cache-url",
+        metavar="URL",
+        help="also warm this (empty, scratch) PostgreSQL database and print the cost of a "
+        "cache hit (the WSGI app alone) on the cache directory and on PostgreSQL side by "
+        "side; the load runs are skipped",
+    )
     parser.add_argument("--serve", metavar="SPEC", help=argparse.SUPPRESS)
     return parser
 
@@ -1183,6 +1223,12 @@ def main(argv=None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dcapd-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     roots = write_trusted_roots(workdir / "trusted_roots.pem")
+    if args.cache_url:
+        try:
+            return compare_backends(args, workdir, roots, scenarios, counts[-1])
+        finally:
+            if args.workdir is None:
+                shutil.rmtree(workdir, ignore_errors=True)
     runs = len(protocols) * (len(counts) + 1) * args.repeat + (1 if args.profile_server else 0)
     print(
         f"dcapd bench: {', '.join(p.upper() for p in protocols)}; {args.clients} clients "

@@ -13,10 +13,22 @@ from tests.fakepcs import FakePCS
 
 INTEL_ROOT_CDP = "https://certificates.trustedservices.intel.com/IntelSGXRootCA.der"
 
+# ``@pytest.mark.parametrize("backend", BACKENDS)`` runs a test on both cache backends: the
+# diskcache directory and a fresh database on the session's PostgreSQL server.
+BACKENDS = ["disk", "postgresql"]
+
 
 @pytest.fixture
-def make_config(tmp_path):
-    """A Config built only from the given overrides (never from this machine's DCAPD_* vars)."""
+def backend() -> str:
+    """The cache backend ``make_config`` uses: the directory, unless a test parametrizes
+    ``backend`` with BACKENDS."""
+    return "disk"
+
+
+@pytest.fixture
+def make_config(tmp_path, backend, request):
+    """A Config built only from the given overrides (never from this machine's DCAPD_* vars);
+    its cache is a directory in tmp_path, or a fresh PostgreSQL database (``backend``)."""
 
     roots = tmp_path / "trusted_roots.pem"
     roots.write_bytes(bundled_intel_root_pem() + pki.root_ca().pem.encode())
@@ -30,6 +42,8 @@ def make_config(tmp_path):
             "upstream_retries": 0,
             "upstream_timeout": 5.0,
         }
+        if backend == "postgresql":
+            settings.update(cache_dir="", cache_url=request.getfixturevalue("pg_url"))
         settings.update(overrides)
         return load_config(settings, environ={})
 
@@ -72,3 +86,20 @@ def make_client(make_config):
     for app in apps:
         app.services.store.close()
         app.services.upstream.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """The session's private PostgreSQL server (started on first use, stopped at the end);
+    skips without PostgreSQL, fails in CI (tests/postgres.py)."""
+    from tests.postgres import start_server
+
+    server = start_server()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def pg_url(postgres_server):
+    """The URL of a fresh, empty database on the session's PostgreSQL server."""
+    return postgres_server.create_database()

@@ -79,6 +79,11 @@ def test_each_unusable_setting_is_exit_2_and_one_line(tmp_path, capsys, no_serve
     assert line.startswith("dcapd: [server] cert_file / key_file: ") and "MISMATCH" in line
     line = _refused(capsys, base + ["--config", str(tmp_path / "missing.ini")])
     assert line.startswith("dcapd: --config: cannot read ")
+    line = _refused(capsys, base + ["--cache-url", "postgresql://dcapd:pw@db.example/dcapd"])
+    assert line.startswith(
+        "dcapd: [cache] dir / DCAPD_CACHE_DIR and [cache] url / DCAPD_CACHE_URL: both are set"
+    )
+    assert "pw@" not in line
     assert no_server == []
 
 

@@ -9,7 +9,7 @@ import urllib.parse
 
 import pytest
 
-from tests.conftest import INTEL_ROOT_CDP
+from tests.conftest import BACKENDS, INTEL_ROOT_CDP
 from tests.fakepcs import SCENARIOS, load_body, load_manifest
 
 CHAIN_HEADERS = (
@@ -123,6 +123,7 @@ def test_serves_recorded_bytes_on_miss_and_hit(fake_pcs, make_client, scenario, 
                 assert len(fake.calls) == before, "a cache hit must not call upstream"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_one_upstream_call_per_item_and_none_after_restart(fake_pcs, make_client):
     fake = fake_pcs("2025-05-27_intel-pcs-recording")
     paths = [

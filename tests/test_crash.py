@@ -344,7 +344,10 @@ sys.exit(main([]))
 class Dcapd:
     """``dcapd`` (through the real CLI) on a cache directory, plain HTTP on 127.0.0.1:0."""
 
-    def __init__(self, tmp_path: Path, cache_dir: Path, roots: str, pause: float = 0.0, **env: str):
+    def __init__(
+        self, tmp_path: Path, cache_dir: Path | None, roots: str, pause: float = 0.0, **env: str
+    ):
+        """``cache_dir`` None: the cache is named by ``env`` (DCAPD_CACHE_URL)."""
         self.log = tmp_path / f"dcapd-{time.monotonic_ns()}.log"
         self.marker = tmp_path / f"writes-{time.monotonic_ns()}.txt"
         self.marker.write_bytes(b"")
@@ -356,7 +359,6 @@ class Dcapd:
         environment.update(
             DCAPD_LISTEN="127.0.0.1:0",
             DCAPD_TLS="off",
-            DCAPD_CACHE_DIR=str(cache_dir),
             DCAPD_TRUSTED_ROOTS=roots,
             DCAPD_ADMIN_TOKEN_SHA512=TOKENS["admin_token_sha512"],
             DCAPD_UPSTREAM_RETRIES="0",
@@ -365,8 +367,10 @@ class Dcapd:
             no_proxy="127.0.0.1",
             DCAPD_TEST_MARKER=str(self.marker),
             DCAPD_TEST_PUT_PAUSE=str(pause),
-            **env,
         )
+        environment.update(env)
+        if cache_dir is not None:
+            environment["DCAPD_CACHE_DIR"] = str(cache_dir)
         with open(self.log, "wb") as sink:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", LAUNCHER],

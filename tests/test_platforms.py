@@ -8,6 +8,7 @@ import pytest
 
 from dcapd.auth import token_sha512
 from tests import pki
+from tests.conftest import BACKENDS
 from tests.test_pckcert import CASES, PCKCERT, pckcerts_calls, query, raw_tcb, serve_platform
 
 PLATFORM = pki.default_platform()
@@ -143,6 +144,7 @@ def test_oversized_body_is_413(make_client):
     assert result.status_code == 413
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_offline_registration_queues_and_get_drains(make_client):
     client = make_client(cache_mode="OFFLINE", **TOKENS)
     cpusvn, pcesvn = raw_tcb(*CASES[0][:2])
@@ -188,6 +190,7 @@ def test_registration_with_manifest_ignores_raw_tcb(make_client):
     }
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_lazy_registration_fetches_platform_and_prefetches_collateral(fake_pcs, make_client):
     fake = fake_pcs(SCENARIO)
     serve_platform(fake)

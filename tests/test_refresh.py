@@ -18,6 +18,7 @@ import pytest
 
 from dcapd.schedule import CronSchedule, RefreshScheduler
 from tests import pki
+from tests.conftest import BACKENDS
 from tests.fakepcs import PCS_FIXTURES, load_body, load_manifest
 from tests.test_pckcert import CASES, PCKCERT, assert_pck_answer, query, raw_tcb, serve_platform
 from tests.test_platforms import ADMIN, TOKENS
@@ -104,6 +105,7 @@ FAULTS = [  # (fault, the entry that fails, the status the refresh ends with)
 ]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fault,failing,status", FAULTS)
 def test_failing_entry_is_skipped_left_byte_identical_and_the_rest_refreshed(
     fake_pcs, make_client, fault, failing, status
@@ -304,6 +306,7 @@ def test_bad_cron_schedule(text):
         CronSchedule(text).next_after(dt.datetime(2026, 1, 1))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_lock_lets_one_refresher_at_a_time(fake_pcs, make_client):
     fake = fake_pcs(NEW)
     client = make_client(fake, **TOKENS)
@@ -391,6 +394,7 @@ def put_policy(client, policy, is_default, fmspc="00906ED50000", token=ADMIN):
     )
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_appraisal_policies(make_client):
     client = make_client(cache_mode="OFFLINE", **TOKENS)
     first, second = make_policy([TDQE_CLASS, SGX_CLASS]), make_policy([TDX_CLASS])

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from tests import pki
+from tests.conftest import BACKENDS
 from tests.fakepcs import FIXTURES, PCS_FIXTURES
 from tests.servers import issue_server_cert, running_dcapd
 from tests.test_e2e_dcap_qvl import INDEX, verify_with_dcap_qvl
@@ -41,6 +42,7 @@ def snapshot(store) -> dict[str, bytes]:
     return {key: store.cache.get(key) for key in store.keys()}
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_intel_upload_file_is_served_byte_identical(make_client):
     client = make_client(cache_mode="OFFLINE", **TOKENS)
     upload = intel_upload()
@@ -167,6 +169,7 @@ def test_invalid_upload_is_400_and_leaves_cache_unchanged(make_client, breakage)
     assert snapshot(client.app.services.store) == before
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_failure_inside_the_write_transaction_rolls_everything_back(make_client):
     client = make_client(cache_mode="OFFLINE", **TOKENS)
     lowest = raw_tcb(PLATFORM.pck_certs[-1].components, PLATFORM.pck_certs[-1].pcesvn)

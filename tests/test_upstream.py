@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from dcapd.upstream import Upstream, UpstreamError
+from tests.conftest import BACKENDS
 from tests.fakepcs import load_body
 
 SCENARIO = "2025-05-27_intel-pcs-recording"
@@ -21,6 +22,7 @@ QE = "/sgx/certification/v4/qe/identity"
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fifty_concurrent_misses_make_one_upstream_call(fake_pcs, make_client):
     fake = fake_pcs(SCENARIO)
     fake.fail_with(delay=0.3, paths="/qe/identity")
