@@ -18,6 +18,7 @@ from cryptography import x509
 
 from . import jsonlimits
 from .errors import EVALUATION_NUMBER_GONE, PccsError
+from .freshness import ExpiryWarnings
 from .integrity import Integrity, IntegrityError, tcb_info_mismatch
 from .logs import escape, note_cache_outcome
 from .pcsurls import canonical_crl_url, is_intel_root_crl_url
@@ -262,6 +263,7 @@ class Collateral:
         not_found_ttl: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
         on_flight_wait: Callable[[], None] | None = None,
+        expiry: ExpiryWarnings | None = None,
     ):
         """``fill_lock_ttl``: how long another process's fill lock is honoured (a little more
         than one upstream deadline); ``not_found_ttl``: how long a PCS 404 on a miss is
@@ -272,6 +274,7 @@ class Collateral:
         self.integrity = integrity
         self._flight = SingleFlight(store, fill_lock_ttl, on_flight_wait)
         self.not_found = NotFoundMemory(not_found_ttl, clock)
+        self.expiry = expiry  # warns when collateral past its nextUpdate is served or cached
 
     # --- the one miss path
 
@@ -280,6 +283,8 @@ class Collateral:
         entry = self.store.get(source.key)
         if entry is not None:
             note_cache_outcome("hit")
+            if self.expiry is not None:
+                self.expiry.check(source.key, lambda: entry.meta, "served")
             return entry
         note_cache_outcome("miss")
         if source.retired:  # in every mode (pccs-1.27.md §1)
@@ -302,6 +307,8 @@ class Collateral:
             raise
         self.store.put(source.key, entry)
         log.info("cached %s from upstream", escape(source.key))  # crl/ keys hold a URL
+        if self.expiry is not None:
+            self.expiry.check(source.key, lambda: entry.meta, "cached", fresh=True)
         return entry
 
     # --- sources, one per collateral kind

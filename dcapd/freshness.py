@@ -53,35 +53,50 @@ def annotate(entries: Iterable[dict[str, Any]], now: float, margin: float) -> di
 
 
 class ExpiryWarnings:
-    """Logs one warning per cache key at most every ``interval`` seconds when collateral past
-    its nextUpdate is stored or served: loud enough to be seen, never a flood."""
+    """Logs one warning per cache key and action (cached, uploaded, served) at most every
+    ``interval`` seconds when collateral past its nextUpdate is stored or served: loud
+    enough to be seen, never a flood. A key's verdict is kept for ``recheck`` seconds, so a
+    cache hit costs a dict lookup, not a parse."""
 
     def __init__(
         self,
         logger: logging.Logger,
         interval: float = 3600.0,
         clock: Callable[[], float] = time.time,
+        recheck: float = 60.0,
     ):
         self.logger = logger
         self.interval = interval
+        self.recheck = recheck
         self.clock = clock
-        self._last: dict[str, float] = {}
+        self._verdicts: dict[str, tuple[float, str | None]] = {}  # key -> (when, nextUpdate)
+        self._warned: dict[tuple[str, str], float] = {}  # (action, key) -> when warned
         self._lock = threading.Lock()
 
-    def check(self, key: str, meta: Mapping[str, Any], action: str) -> bool:
-        """Warn if the entry ``meta`` describes is expired; True when it is."""
+    def check(
+        self, key: str, meta: Callable[[], Mapping[str, Any]], action: str, fresh: bool = False
+    ) -> bool:
+        """Warn if the entry whose metadata ``meta()`` gives is expired; True when it is.
+        ``fresh``: the entry was just written (its verdict is not taken from before)."""
         now = self.clock()
-        if state_of(meta.get("next_update"), now, 0.0) != EXPIRED:
+        known = None if fresh else self._verdicts.get(key)
+        if known is not None and now - known[0] < self.recheck:
+            next_update = known[1]
+        else:
+            value = meta().get("next_update")
+            next_update = value if isinstance(value, str) else None
+            self._verdicts[key] = (now, next_update)
+        if state_of(next_update, now, 0.0) != EXPIRED:
             return False
         with self._lock:
-            last = self._last.get(key)
+            last = self._warned.get((action, key))
             if last is not None and now - last < self.interval:
                 return True
-            self._last[key] = now
+            self._warned[(action, key)] = now
         self.logger.warning(
             "%s %s: expired (nextUpdate %s); clients verifying with it may reject quotes",
             action,
             key,
-            meta.get("next_update"),
+            next_update,
         )
         return True

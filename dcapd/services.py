@@ -7,6 +7,7 @@ Each part gets what it needs here, so no part reaches through another for it.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from .auth import Auth
@@ -16,6 +17,7 @@ from .backends.postgres import PostgresBackend
 from .collateral import Collateral
 from .config import Config
 from .extra import ExtraCollateral
+from .freshness import ExpiryWarnings
 from .instruments import Instruments
 from .integrity import Integrity
 from .metrics import Metrics
@@ -76,6 +78,7 @@ def build_services(
     integrity = Integrity.from_file(config.trusted_roots)
     checks = measure.integrity(integrity)  # of upstream data; uploads keep ``integrity``
     fill_lock_ttl = config.upstream_timeout + _FILL_LOCK_SLACK
+    expiry = ExpiryWarnings(logging.getLogger("dcapd.expiry"))
     collateral = Collateral(
         store,
         upstream,
@@ -84,6 +87,7 @@ def build_services(
         fill_lock_ttl,
         not_found_ttl=config.not_found_ttl,
         on_flight_wait=measure.flight_wait,
+        expiry=expiry,
     )
     extra = ExtraCollateral(collateral)
     pck_certs = PckCerts(
@@ -106,7 +110,7 @@ def build_services(
         pck_certs=pck_certs,
         auth=Auth(config.user_token_sha512, config.admin_token_sha512),
         registrations=Registrations(store, pck_certs, collateral, config.cache_mode),
-        upload=CollateralUpload(store, pck_certs, integrity, extra),
+        upload=CollateralUpload(store, pck_certs, integrity, extra, expiry),
         policies=Policies(store),
         refresher=measure.refresher(
             store, collateral, pck_certs, config.cache_mode, upstream.version, extra=extra

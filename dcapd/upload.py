@@ -31,6 +31,7 @@ from .collateral import (
 )
 from .errors import PccsError
 from .extra import UPLOAD_KEY, ExtraCollateral
+from .freshness import ExpiryWarnings
 from .hexstr import ANY_LENGTH, is_hex
 from .integrity import Integrity, IntegrityError, tcb_info_mismatch
 from .pckcerts import PckCerts, RawTcb
@@ -125,12 +126,19 @@ class _CheckedOnly(Exception):
 
 class CollateralUpload:
     def __init__(
-        self, store: Store, pck_certs: PckCerts, integrity: Integrity, extra: ExtraCollateral
+        self,
+        store: Store,
+        pck_certs: PckCerts,
+        integrity: Integrity,
+        extra: ExtraCollateral,
+        expiry: ExpiryWarnings | None = None,
     ):
+        """``expiry``: warns about uploaded collateral already past its nextUpdate."""
         self.store = store
         self.pck_certs = pck_certs
         self.integrity = integrity
         self.extra = extra
+        self.expiry = expiry
 
     @staticmethod
     def _verified(what: str, check: Callable[[], None]) -> None:
@@ -205,6 +213,9 @@ class CollateralUpload:
                     raise _CheckedOnly  # rolls the transaction back
         except _CheckedOnly:
             return
+        if self.expiry is not None:
+            for key, entry in writes.items():
+                self.expiry.check(key, lambda: entry.meta, "uploaded", fresh=True)
         tcb_infos = sum(1 for key in writes if key.startswith("tcb/"))
         log.info(
             "collateral upload (v%d): %d platforms, %d TCB infos, %d other entries",

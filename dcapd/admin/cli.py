@@ -369,14 +369,18 @@ def _logging(verbose: bool) -> Callable[[], None]:
     """Log lines of this run on stderr (records of the thread running the command only, so a
     server in the same process keeps its own logging); returns the function that undoes it.
     dcapd.upstream's lines are left out: they are the server's log of PCS calls, and ``fetch``
-    reports each PCS answer itself, naming the item."""
+    reports each PCS answer itself, naming the item; so are dcapd.expiry's, one per entry:
+    fetch, put and import count the expired items in one line of their own."""
     logger = logging.getLogger("dcapd")
     thread = threading.get_ident()
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(logging.INFO if verbose else logging.WARNING)
     handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
     handler.addFilter(
-        lambda record: record.thread == thread and not record.name.startswith("dcapd.upstream")
+        lambda record: (
+            record.thread == thread
+            and not record.name.startswith(("dcapd.upstream", "dcapd.expiry"))
+        )
     )
     saved_level = logger.level
     logger.addHandler(handler)
