@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .backends import Backend, StoreUnavailable
 from .backends.disk import (
@@ -57,22 +57,22 @@ class Entry:
         body: bytes,
         headers: dict[str, str] | None = None,
         content_type: str = "",
-        meta: dict | None = None,
+        meta: dict[str, Any] | None = None,
     ):
         self.body = body
         self.headers = headers if headers is not None else {}
         self.content_type = content_type
-        self._meta = meta if meta is not None else {}
+        self._meta: dict[str, Any] = meta if meta is not None else {}
         self._meta_raw: bytes | None = None
 
     @property
-    def meta(self) -> dict:
+    def meta(self) -> dict[str, Any]:
         if self._meta_raw is not None:
             self._meta = json.loads(self._meta_raw)
             self._meta_raw = None
         return self._meta
 
-    def __eq__(self, other) -> bool:
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, Entry) and (
             self.body,
             self.headers,
@@ -163,7 +163,7 @@ class CacheKey(NamedTuple):
         names = COLLATERAL_KEY_FIELDS.get(self.kind)
         return names is None or len(self.fields) == len(names)
 
-    def collateral(self) -> dict | None:
+    def collateral(self) -> dict[str, Any] | None:
         """A collateral entry's fields by name, with ``kind`` and the API version as an int
         (for refresh and the status view); None for any other key."""
         if self.kind == "extra":
@@ -171,7 +171,7 @@ class CacheKey(NamedTuple):
         names = COLLATERAL_KEY_FIELDS.get(self.kind)
         if names is None or not self.well_formed or (self.kind == "crl" and not self.fields[0]):
             return None
-        named: dict = {"kind": self.kind, **dict(zip(names, self.fields))}
+        named: dict[str, Any] = {"kind": self.kind, **dict(zip(names, self.fields))}
         if "version" in named:
             named["version"] = int(named["version"])
         return named
@@ -316,7 +316,7 @@ class Store:
         return qeid, pceid
 
     @staticmethod
-    def parse_extra_key(fields: tuple[str, ...]) -> dict | None:
+    def parse_extra_key(fields: tuple[str, ...]) -> dict[str, Any] | None:
         """What an ``extra/`` key says; ``number`` is None for the QAE identity by update."""
         what = fields[0] if fields else ""
         if what == "tcb" and len(fields) == 4 and fields[3].isdigit():
@@ -382,12 +382,12 @@ class Store:
             if entry is not None:
                 yield key, entry
 
-    def get_json(self, key: str):
+    def get_json(self, key: str) -> Any:
         """A write-side record (platform, cert set, raw TCBs): JSON in the body."""
         entry = self.get(key)
         return None if entry is None else json.loads(entry.body)
 
-    def put_json(self, key: str, record) -> None:
+    def put_json(self, key: str, record: Any) -> None:
         self.put(
             key,
             Entry(

@@ -25,7 +25,7 @@ import urllib.parse
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import requests
 import urllib3
@@ -113,7 +113,7 @@ class _Inflater:
                 self._decoder = zlib.decompressobj(zlib.MAX_WBITS | 32)
 
 
-def _set_read_timeout(raw, seconds: float) -> None:
+def _set_read_timeout(raw: Any, seconds: float) -> None:
     """Best effort: the socket under ``raw`` (a urllib3 response) waits at most ``seconds``
     for its next bytes, so one read cannot outlast the deadline."""
     sock = getattr(getattr(raw, "connection", None), "sock", None)
@@ -124,7 +124,7 @@ def _set_read_timeout(raw, seconds: float) -> None:
             pass
 
 
-def read_body(raw, headers: Mapping[str, str], limit: int, deadline: float) -> bytes:
+def read_body(raw: Any, headers: Mapping[str, str], limit: int, deadline: float) -> bytes:
     """The body of a streamed response, decoded; raises :class:`_BodyRefused` past ``limit``
     bytes (decoded) or past ``deadline`` (time.monotonic())."""
     inflater = _Inflater(headers.get("Content-Encoding") or "")
@@ -159,7 +159,7 @@ def read_body(raw, headers: Mapping[str, str], limit: int, deadline: float) -> b
 @dataclass
 class UpstreamResponse:
     status: int
-    headers: CaseInsensitiveDict
+    headers: CaseInsensitiveDict[str]
     body: bytes
     url: str
 
@@ -209,7 +209,7 @@ class RetryPolicy:
                 )
             except (TypeError, ValueError, IndexError):
                 pass
-        delay = min(self.max_delay, self.first_delay * 2**attempt)
+        delay: float = min(self.max_delay, self.first_delay * 2**attempt)
         return delay * (0.5 + random.random() / 2) if self.jitter else delay
 
 
@@ -331,7 +331,7 @@ class Upstream:
         url: str,
         params: Mapping[str, str] | None,
         api_key: bool = False,
-        json_body=None,
+        json_body: Any = None,
     ) -> UpstreamResponse:
         headers = {}
         if api_key or url.startswith(_KEY_ON_EVERY_CALL):
