@@ -252,6 +252,9 @@ SETTINGS: tuple[Setting, ...] = (
                               "(Intel: 15; an admin upload gets 1 s more per MiB)"),
     Setting("idle_timeout", "server", "idle_timeout", "DCAPD_IDLE_TIMEOUT", "5",
             _positive(float), "seconds a keep-alive connection may wait for its next request"),
+    Setting("trusted_proxies", "server", "trusted_proxies", "DCAPD_TRUSTED_PROXIES", "",
+            _networks, "reverse proxies (addresses or networks, comma-separated) whose "
+            "X-Forwarded-For names the client in the log; empty = log the peer address"),
     Setting("pcs_url", "upstream", "pcs_url", "DCAPD_PCS_URL", INTEL_PCS_URL, _pcs_url,
             "Intel PCS base URL (or another PCCS); the API version is taken from each request"),
     Setting("api_key", "upstream", "api_key", "INTEL_API_KEY", "", _text,
@@ -269,6 +272,10 @@ SETTINGS: tuple[Setting, ...] = (
             "overall deadline in seconds for one upstream fetch, retries included"),
     Setting("upstream_retries", "upstream", "retries", "DCAPD_UPSTREAM_RETRIES", "3",
             _non_negative_int, "retries after a network error, 5xx or 429 from upstream"),
+    Setting("upstream_max_body_bytes", "upstream", "max_body_bytes",
+            "DCAPD_UPSTREAM_MAX_BODY_BYTES", "16M", _size,
+            "largest upstream answer accepted, after decompression (K/M/G suffixes); "
+            "a larger one is refused with 502 and not cached"),
     Setting("cache_dir", "cache", "dir", "DCAPD_CACHE_DIR", "", _text,
             "cache directory; empty = the per-user cache folder"),
     Setting("cache_url", "cache", "url", "DCAPD_CACHE_URL", "", _database_url,
@@ -309,13 +316,6 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("metrics_enabled", "metrics", "enabled", "DCAPD_METRICS_ENABLED", "true", _bool,
             "serve Prometheus metrics on GET /metrics (no auth: expose it inside the cluster "
             "only)"),
-    Setting("trusted_proxies", "server", "trusted_proxies", "DCAPD_TRUSTED_PROXIES", "",
-            _networks, "reverse proxies (addresses or networks, comma-separated) whose "
-            "X-Forwarded-For names the client in the log; empty = log the peer address"),
-    Setting("upstream_max_body_bytes", "upstream", "max_body_bytes",
-            "DCAPD_UPSTREAM_MAX_BODY_BYTES", "16M", _size,
-            "largest upstream answer accepted, after decompression (K/M/G suffixes); "
-            "a larger one is refused with 502 and not cached"),
 )
 # fmt: on
 
