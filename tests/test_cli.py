@@ -22,7 +22,7 @@ def no_server(monkeypatch):
     started = []
 
     class NoServer:
-        def __init__(self, app, config):
+        def __init__(self, app, config, lifecycle=None):
             started.append(config)
 
         def serve_forever(self):
