@@ -18,6 +18,7 @@ Pure functions, no I/O.  Every failure raises a :class:`SelectionError` subclass
 from __future__ import annotations
 
 import contextvars
+import functools
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -353,10 +354,14 @@ def parse_memo() -> Iterator[None]:
 
 
 def parse_pck_cert(pem: str | bytes) -> PckCertInfo:
-    """:func:`parse_pck_cert_uncached`, remembered inside :func:`parse_memo`."""
+    """:func:`parse_pck_cert_uncached`, remembered inside :func:`parse_memo`, and else in a
+    small bounded memo of recent certificates: a platform's few PCK certificates are selected
+    from again for every raw TCB it is asked about (the result is immutable)."""
     memo = _memo.get()
-    if memo is None or not isinstance(pem, (str, bytes)):
+    if not isinstance(pem, (str, bytes)):
         return parse_pck_cert_uncached(pem)
+    if memo is None:
+        return _recent_pck_certs(pem)
     found = memo.get(("pck", pem))
     if found is None:
         found = memo[("pck", pem)] = parse_pck_cert_uncached(pem)
@@ -900,3 +905,7 @@ def _sort_into_buckets(levels: Sequence[TcbLevel], cert_tcbs: Sequence[Tcb]) -> 
         )
         bucket.insert(position, index)
     return buckets
+
+
+# Recently parsed PCK certificates (see parse_pck_cert): bounded, a pure function's results.
+_recent_pck_certs = functools.lru_cache(maxsize=1024)(parse_pck_cert_uncached)
