@@ -144,9 +144,7 @@ def app_for(services: Services) -> DcapdApp:
     app.add_route("/healthz", resources.Health())
     app.add_route(
         "/readyz",
-        resources.Ready(
-            services.store, services.upstream, services.config.cache_mode, services.lifecycle
-        ),
+        resources.Ready(services.store, services.upstream, services.config.cache_mode),
     )
     metrics.add_route(app, services.metrics)
     app.services = services

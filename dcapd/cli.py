@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scheduler = scheduler_for(services)
     scheduler.start()
     try:
-        Server(app, config, lifecycle=services.lifecycle).serve_forever()
+        Server(app, config).serve_forever()
     except OSError as exc:
         print(
             f"dcapd: cannot serve on {config.listen_host}:{config.listen_port}: {exc}",

@@ -252,9 +252,6 @@ SETTINGS: tuple[Setting, ...] = (
                               "(Intel: 15; an admin upload gets 1 s more per MiB)"),
     Setting("idle_timeout", "server", "idle_timeout", "DCAPD_IDLE_TIMEOUT", "5",
             _positive(float), "seconds a keep-alive connection may wait for its next request"),
-    Setting("grace_period", "server", "grace_period", "DCAPD_GRACE_PERIOD", "10",
-            _positive(float), "seconds requests in flight may take to finish after SIGTERM or "
-            "Ctrl-C (new connections are refused meanwhile); then they are cut"),
     Setting("trusted_proxies", "server", "trusted_proxies", "DCAPD_TRUSTED_PROXIES", "",
             _networks, "reverse proxies (addresses or networks, comma-separated) whose "
             "X-Forwarded-For names the client in the log; empty = log the peer address"),
@@ -369,7 +366,6 @@ class Config:
     head_timeout: float
     request_timeout: float
     idle_timeout: float
-    grace_period: float
 
     @property
     def listen_host(self) -> str:

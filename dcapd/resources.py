@@ -16,7 +16,6 @@ from .errors import STATUS_TEXTS, PccsError
 from .extra import EXTRA_IDENTITY_KINDS, ExtraCollateral
 from .freshness import annotate
 from .hexstr import is_hex
-from .lifecycle import Lifecycle
 from .pckcerts import PckCerts, RawTcb
 from .pcsurls import is_allowed_crl_url
 from .platforms import Registrations, validate_registration
@@ -341,16 +340,13 @@ class Ready:
     answers still flow), never as not ready. 503 only when the cache cannot be read.
     Never cached, no auth."""
 
-    def __init__(self, store: Store, upstream: Upstream, mode: str, lifecycle: Lifecycle):
+    def __init__(self, store: Store, upstream: Upstream, mode: str):
         self.store = store
         self.upstream = upstream
         self.mode = mode
-        self.lifecycle = lifecycle
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         problems, warnings = [], []
-        if self.lifecycle.draining.is_set():  # a stop signal: let the load balancer move on
-            problems.append("shutting down: finishing the requests in flight")
         try:
             self.store.probe()
         except Exception as exc:  # any failure to read the cache means not ready

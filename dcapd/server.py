@@ -28,7 +28,6 @@ import os
 import signal
 import socket
 import threading
-import time
 from typing import Any, Callable
 
 from waitress import wasyncore
@@ -37,7 +36,6 @@ from waitress.server import BaseWSGIServer, MultiSocketServer, create_server
 from . import tls as _tls
 from .config import Config
 from .gate import BodyGate, BodyGateMiddleware
-from .lifecycle import Lifecycle
 from .tlsfront import BACKLOG, PeerRestoringMiddleware, TlsFront
 
 __all__ = ["Server", "waitress_options", "bind_sockets", "PeerRestoringMiddleware"]
@@ -202,20 +200,12 @@ class Server:
     certificate's SHA-256 fingerprint (HTTPS only).  ``stop()`` is idempotent.
     """
 
-    def __init__(
-        self,
-        app: Callable,
-        config: Config,
-        gate: BodyGate | None | bool = True,
-        lifecycle: Lifecycle | None = None,
-    ):
+    def __init__(self, app: Callable, config: Config, gate: BodyGate | None | bool = True):
         """*gate*: the body rules (:mod:`dcapd.gate`), applied by the TLS front from each
         request head and in front of *app*; ``True`` (default): dcapd's, built from *config*;
-        ``None``: any body up to ``max_body_bytes`` on any path (for other WSGI apps).
-        *lifecycle*: set draining on a stop signal (``/readyz`` reads it)."""
+        ``None``: any body up to ``max_body_bytes`` on any path (for other WSGI apps)."""
         self.app = app
         self.config = config
-        self.lifecycle = lifecycle or Lifecycle()
         self.gate: BodyGate | None = BodyGate(config) if gate is True else gate or None
         self.listen_host: str = config.listen_host
         self.listen_port: int = config.listen_port
@@ -279,9 +269,7 @@ class Server:
             self.start()
         restore = []
         if threading.current_thread() is threading.main_thread():
-            # Ctrl-C, SIGTERM (systemd, Kubernetes, a Windows service wrapper) and Ctrl-Break
-            # all take one path: drain for the grace period, then stop.
-            for name in ("SIGTERM", "SIGINT", "SIGBREAK"):
+            for name in ("SIGTERM", "SIGBREAK"):  # SIGBREAK: Ctrl-Break on Windows
                 signum = getattr(signal, name, None)
                 if signum is None:
                     continue
@@ -293,8 +281,6 @@ class Server:
             # A timed wait keeps Ctrl-C responsive on Windows.
             while not self._stopped.wait(0.5):
                 pass
-            if self._running:
-                self.drain(self.config.grace_period)
         except KeyboardInterrupt:
             log.info("interrupted, shutting down")
         finally:
@@ -304,53 +290,6 @@ class Server:
                 except (OSError, ValueError, RuntimeError):  # pragma: no cover
                     pass
             self.stop()
-
-    def drain(self, grace: float) -> int:
-        """Refuse new connections and give the requests in flight up to ``grace`` seconds to
-        finish; returns how many were still running then (stop() cuts them)."""
-        self.lifecycle.draining.set()
-        if self._front is not None:
-            self._front.stop_accepting()
-        else:
-            self._stop_accepting_waitress()
-        deadline = time.monotonic() + grace
-        running = self._requests_in_flight()
-        while running and time.monotonic() < deadline:
-            time.sleep(0.05)
-            running = self._requests_in_flight()
-        if running:
-            log.warning(
-                "grace period of %gs over: cutting %d request%s still running",
-                grace,
-                running,
-                "" if running == 1 else "s",
-            )
-        else:
-            time.sleep(0.2)  # the TLS front relays the last answers
-            log.info("requests in flight finished; stopping")
-        return running
-
-    def _requests_in_flight(self) -> int:
-        server = self._wserver
-        if server is None:
-            return 0
-        dispatcher = server.task_dispatcher
-        return int(getattr(dispatcher, "active_count", 0)) + len(getattr(dispatcher, "queue", ()))
-
-    def _stop_accepting_waitress(self) -> None:
-        """tls = off: waitress stops accepting (its listening sockets close, in its loop)."""
-        server = self._wserver
-        if server is None:
-            return
-        listeners = [d for d in list(self._wmap.values()) if getattr(d, "accepting", False)]
-
-        def close_listeners() -> None:
-            for listener in listeners:
-                listener.close()
-
-        trigger = getattr(server, "trigger", None)
-        if trigger is not None:
-            trigger.pull_trigger(close_listeners)
 
     def __enter__(self) -> Server:
         return self.start()
@@ -366,11 +305,7 @@ class Server:
     # -- start / stop -------------------------------------------------------
 
     def _on_signal(self, signum, frame) -> None:  # pragma: no cover - exercised manually
-        log.info(
-            "signal %s received: finishing the requests in flight (up to %gs), then stopping",
-            signum,
-            self.config.grace_period,
-        )
+        log.info("signal %s received, shutting down", signum)
         self._stopped.set()
 
     def _start(self) -> None:
@@ -476,11 +411,9 @@ class Server:
         server, thread = self._wserver, self._wthread
         if server is None:
             return
-        # Let running requests finish (up to 5 s) while the loop still sends responses; after
-        # a drain they had the grace period already: the ones left are cut at once.
-        wait = 0 if self.lifecycle.draining.is_set() else 5
+        # Let running requests finish (up to 5 s) while the loop still sends responses.
         try:
-            server.task_dispatcher.shutdown(cancel_pending=True, timeout=wait)
+            server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
         except Exception:  # pragma: no cover
             log.exception("stopping waitress worker threads")
         self._wstop.set()

@@ -8,7 +8,7 @@ Each part gets what it needs here, so no part reaches through another for it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .auth import Auth
 from .backends import Backend
@@ -20,7 +20,6 @@ from .extra import ExtraCollateral
 from .freshness import ExpiryWarnings
 from .instruments import Instruments
 from .integrity import Integrity
-from .lifecycle import Lifecycle
 from .metrics import Metrics
 from .pckcerts import PckCerts
 from .platforms import Registrations
@@ -60,7 +59,6 @@ class Services:
     policies: Policies
     refresher: Refresher
     metrics: Metrics | None = None  # None: [metrics] enabled = false
-    lifecycle: Lifecycle = field(default_factory=Lifecycle)  # draining after a stop signal
 
     def close(self) -> None:
         """Release the cache and the upstream connections (the process is done with them)."""

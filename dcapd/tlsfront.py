@@ -154,21 +154,6 @@ class TlsFront:
         self._loop = self._thread = None
         self._conn_tasks.clear()
 
-    def stop_accepting(self) -> None:
-        """Close the listening sockets (new clients are refused); connections stay."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-
-        async def close_listeners() -> None:
-            for srv in self._servers:
-                srv.close()
-
-        try:
-            asyncio.run_coroutine_threadsafe(close_listeners(), loop).result(_STOP_TIMEOUT)
-        except Exception:  # pragma: no cover
-            log.exception("closing the TLS front's listening sockets")
-
     async def _open(self, ctx: ssl.SSLContext, socks: list[socket.socket]) -> None:
         loop = asyncio.get_running_loop()
 

@@ -22,7 +22,7 @@ def no_server(monkeypatch):
     started = []
 
     class NoServer:
-        def __init__(self, app, config, lifecycle=None):
+        def __init__(self, app, config):
             started.append(config)
 
         def serve_forever(self):

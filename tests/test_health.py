@@ -52,12 +52,3 @@ def test_readyz_is_503_when_the_cache_cannot_be_read(make_client):
 def test_readyz_offline_ignores_upstream(make_client):
     client = make_client(cache_mode="OFFLINE")
     assert client.simulate_get("/readyz").json["status"] == "ready"
-
-
-def test_readyz_is_503_while_draining_after_a_stop_signal(make_client):
-    client = make_client(cache_mode="OFFLINE")
-    client.app.services.lifecycle.draining.set()  # what Server.drain() sets on SIGTERM
-    result = client.simulate_get("/readyz")
-    assert result.status_code == 503 and result.json["status"] == "not ready"
-    assert result.json["problems"] == ["shutting down: finishing the requests in flight"]
-    assert client.simulate_get("/healthz").status_code == 200
