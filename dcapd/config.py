@@ -252,6 +252,9 @@ SETTINGS: tuple[Setting, ...] = (
                               "(Intel: 15; an admin upload gets 1 s more per MiB)"),
     Setting("idle_timeout", "server", "idle_timeout", "DCAPD_IDLE_TIMEOUT", "5",
             _positive(float), "seconds a keep-alive connection may wait for its next request"),
+    Setting("grace_period", "server", "grace_period", "DCAPD_GRACE_PERIOD", "10",
+            _positive(float), "seconds requests in flight at a stop (SIGTERM, Ctrl-C, service "
+                              "stop) may take to finish; later ones are cut"),
     Setting("pcs_url", "upstream", "pcs_url", "DCAPD_PCS_URL", INTEL_PCS_URL, _pcs_url,
             "Intel PCS base URL (or another PCCS); the API version is taken from each request"),
     Setting("api_key", "upstream", "api_key", "INTEL_API_KEY", "", _text,
@@ -366,6 +369,7 @@ class Config:
     head_timeout: float
     request_timeout: float
     idle_timeout: float
+    grace_period: float
 
     @property
     def listen_host(self) -> str:

@@ -127,10 +127,14 @@ class RefreshScheduler:
         self._thread = threading.Thread(target=self._run, name="dcapd-refresh", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop ticking; wait up to *timeout* for a refresh in progress (then it is cut: each
+        refresh is one cache transaction, so the cache keeps its previous data)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=timeout)
+            if self._thread.is_alive():
+                log.info("stop: the refresh in progress is cut; the cache keeps its data")
 
     def _run(self) -> None:
         while not self._stop.wait(self.next_check_in()):
