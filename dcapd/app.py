@@ -144,7 +144,9 @@ def app_for(services: Services) -> DcapdApp:
     app.add_route("/healthz", resources.Health())
     app.add_route(
         "/readyz",
-        resources.Ready(services.store, services.upstream, services.config.cache_mode),
+        resources.Ready(
+            services.store, services.upstream, services.config.cache_mode, services.lifecycle
+        ),
     )
     metrics.add_route(app, services.metrics)
     app.services = services

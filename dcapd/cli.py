@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scheduler = scheduler_for(services)
     scheduler.start()
     try:
-        Server(app, config).serve_forever()
+        Server(app, config, lifecycle=services.lifecycle).serve_forever()
     except OSError as exc:
         print(
             f"dcapd: cannot serve on {config.listen_host}:{config.listen_port}: {exc}",
@@ -158,6 +158,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     finally:
-        scheduler.stop()
+        scheduler.stop(timeout=1.0)  # the grace period was for requests; a refresh is cut
         services.close()
     return 0

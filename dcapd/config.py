@@ -255,6 +255,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("trusted_proxies", "server", "trusted_proxies", "DCAPD_TRUSTED_PROXIES", "",
             _networks, "reverse proxies (addresses or networks, comma-separated) whose "
             "X-Forwarded-For names the client in the log; empty = log the peer address"),
+    Setting("grace_period", "server", "grace_period", "DCAPD_GRACE_PERIOD", "10",
+            _positive(float), "seconds requests in flight at a stop (SIGTERM, Ctrl-C, service "
+                              "stop) may take to finish; later ones are cut"),
     Setting("pcs_url", "upstream", "pcs_url", "DCAPD_PCS_URL", INTEL_PCS_URL, _pcs_url,
             "Intel PCS base URL (or another PCCS); the API version is taken from each request"),
     Setting("api_key", "upstream", "api_key", "INTEL_API_KEY", "", _text,
@@ -366,6 +369,7 @@ class Config:
     head_timeout: float
     request_timeout: float
     idle_timeout: float
+    grace_period: float
 
     @property
     def listen_host(self) -> str:

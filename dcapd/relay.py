@@ -41,6 +41,7 @@ class Front(Protocol):
     backend_port: int
     peers: dict[tuple[str, str], tuple[str, int]]
     idle: dict[Connection, None]  # kept-alive clients whose waitress link may be taken
+    draining: bool  # a stop began: a connection takes no next request
 
     async def acquire(self) -> None: ...
 
@@ -104,6 +105,7 @@ class Connection:
         self.key: tuple[str, str] | None = None
         self.evicted = False
         self.idle = False  # waiting for the next request's first byte
+        self.busy = False  # a request passed on to waitress, its answer not relayed yet
         self.waiting_for = "a request head within head_timeout"
         # One timer per deadline (cheaper than asyncio.wait_for on every read): it cancels
         # this task, and _fill turns that cancellation into a TimeoutError.
@@ -132,11 +134,17 @@ class Connection:
                     request.method, request.path, verdict, request.headers.get("request-id")
                 )
                 return
-            passed = await self._pass_on(request, verdict)
-            self._disarm()
-            if not passed:
-                return
-            if not await self._relay_answer(request.method) or request.close:
+            self.busy = True
+            try:
+                passed = await self._pass_on(request, verdict)
+                self._disarm()
+                if not passed:
+                    return
+                if not await self._relay_answer(request.method) or request.close:
+                    return
+            finally:
+                self.busy = False
+            if front.draining:  # stopping: no next request on this connection
                 return
             # Nothing in flight: until its next request is whole, this connection's link to
             # waitress may go to a client that needs one (front.acquire).

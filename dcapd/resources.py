@@ -16,6 +16,7 @@ from .errors import STATUS_TEXTS, PccsError
 from .extra import EXTRA_IDENTITY_KINDS, ExtraCollateral
 from .freshness import annotate
 from .hexstr import is_hex
+from .lifecycle import Lifecycle
 from .pckcerts import PckCerts, RawTcb
 from .pcsurls import is_allowed_crl_url
 from .platforms import Registrations, validate_registration
@@ -340,10 +341,13 @@ class Ready:
     answers still flow), never as not ready. 503 only when the cache cannot be read.
     Never cached, no auth."""
 
-    def __init__(self, store: Store, upstream: Upstream, mode: str):
+    def __init__(
+        self, store: Store, upstream: Upstream, mode: str, lifecycle: Lifecycle | None = None
+    ):
         self.store = store
         self.upstream = upstream
         self.mode = mode
+        self.lifecycle = lifecycle if lifecycle is not None else Lifecycle()
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         problems, warnings = [], []
@@ -359,7 +363,17 @@ class Ready:
                 f"upstream: the last contact failed at {iso_time(failure)}; "
                 "cached answers are served, uncached ones fail until it answers again"
             )
-        status = "not ready" if problems else "degraded" if warnings else "ready"
+        if self.lifecycle.draining:
+            problems.append("shutting down: requests in flight are finishing")
+        status = (
+            "shutting down"
+            if self.lifecycle.draining
+            else "not ready"
+            if problems
+            else "degraded"
+            if warnings
+            else "ready"
+        )
         resp.status = 503 if problems else 200
         resp.content_type = "application/json"
         resp.cache_control = ["no-store"]

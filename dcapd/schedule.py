@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Callable
 
 from .backends import StoreUnavailable
@@ -60,6 +60,11 @@ class RefreshScheduler:
         self.checked = False  # no tick yet since start
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def next_run_iso(self) -> str:
+        """The next scheduled refresh, ISO 8601 UTC (cron fields are in local time)."""
+        moment = datetime.fromtimestamp(self.next_scheduled, tz=timezone.utc)
+        return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
     def _next_cron(self, now: float) -> float:
         return self.schedule.next_after(datetime.fromtimestamp(now)).timestamp()
@@ -124,13 +129,18 @@ class RefreshScheduler:
         return True
 
     def start(self) -> None:
+        log.info("refresh schedule: next run at %s", self.next_run_iso())
         self._thread = threading.Thread(target=self._run, name="dcapd-refresh", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop ticking; wait up to *timeout* for a refresh in progress (then it is cut: each
+        refresh is one cache transaction, so the cache keeps its previous data)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=timeout)
+            if self._thread.is_alive():
+                log.info("stop: the refresh in progress is cut; the cache keeps its data")
 
     def _run(self) -> None:
         while not self._stop.wait(self.next_check_in()):

@@ -28,14 +28,17 @@ import os
 import signal
 import socket
 import threading
+import time
 from typing import Any, Callable
 
 from waitress import wasyncore
 from waitress.server import BaseWSGIServer, MultiSocketServer, create_server
+from waitress.trigger import trigger
 
 from . import tls as _tls
 from .config import Config
 from .gate import BodyGate, BodyGateMiddleware
+from .lifecycle import Lifecycle
 from .tlsfront import BACKLOG, PeerRestoringMiddleware, TlsFront
 
 __all__ = ["Server", "waitress_options", "bind_sockets", "PeerRestoringMiddleware"]
@@ -200,11 +203,20 @@ class Server:
     certificate's SHA-256 fingerprint (HTTPS only).  ``stop()`` is idempotent.
     """
 
-    def __init__(self, app: Callable, config: Config, gate: BodyGate | None | bool = True):
+    def __init__(
+        self,
+        app: Callable,
+        config: Config,
+        gate: BodyGate | None | bool = True,
+        lifecycle: Lifecycle | None = None,
+    ):
         """*gate*: the body rules (:mod:`dcapd.gate`), applied by the TLS front from each
         request head and in front of *app*; ``True`` (default): dcapd's, built from *config*;
-        ``None``: any body up to ``max_body_bytes`` on any path (for other WSGI apps)."""
+        ``None``: any body up to ``max_body_bytes`` on any path (for other WSGI apps).
+        *lifecycle*: set draining when a stop begins (the app's ``/readyz`` reads it)."""
         self.app = app
+        self.lifecycle = lifecycle if lifecycle is not None else Lifecycle()
+        self.grace_period = float(getattr(config, "grace_period", 10.0))
         self.config = config
         self.gate: BodyGate | None = BodyGate(config) if gate is True else gate or None
         self.listen_host: str = config.listen_host
@@ -269,7 +281,9 @@ class Server:
             self.start()
         restore = []
         if threading.current_thread() is threading.main_thread():
-            for name in ("SIGTERM", "SIGBREAK"):  # SIGBREAK: Ctrl-Break on Windows
+            # One path for all: SIGTERM, Ctrl-C (SIGINT), and on Windows Ctrl-Break and a
+            # service stop (console control events Python delivers as SIGBREAK).
+            for name in ("SIGTERM", "SIGINT", "SIGBREAK"):
                 signum = getattr(signal, name, None)
                 if signum is None:
                     continue
@@ -281,8 +295,9 @@ class Server:
             # A timed wait keeps Ctrl-C responsive on Windows.
             while not self._stopped.wait(0.5):
                 pass
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # pragma: no cover - SIGINT is handled above
             log.info("interrupted, shutting down")
+            self.lifecycle.drain()
         finally:
             for signum, previous in restore:
                 try:
@@ -305,7 +320,12 @@ class Server:
     # -- start / stop -------------------------------------------------------
 
     def _on_signal(self, signum, frame) -> None:  # pragma: no cover - exercised manually
-        log.info("signal %s received, shutting down", signum)
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:  # pragma: no cover
+            name = str(signum)
+        log.info("%s received: shutting down (grace period %g s)", name, self.grace_period)
+        self.lifecycle.drain()
         self._stopped.set()
 
     def _start(self) -> None:
@@ -333,10 +353,14 @@ class Server:
         log.info("dcapd listening on %s", ", ".join(self._fmt_addr(a) for a in self.addresses))
 
     def _shutdown(self) -> None:
+        """Stop accepting, let requests in flight finish within the grace period, close."""
+        self.lifecycle.drain()
+        deadline = time.monotonic() + self.grace_period
+        self._close_listeners()
         if self._front is not None:
-            self._front.stop()
+            self._front.stop(self.grace_period)
             self._front = None
-        self._stop_waitress()
+        self._stop_waitress(max(0.0, deadline - time.monotonic()))
         for sock in self._public_socks:
             try:
                 sock.close()
@@ -397,23 +421,42 @@ class Server:
             log.exception("waitress loop failed")
             self._stopped.set()
 
-    def _wake_waitress(self) -> None:
+    def _close_listeners(self) -> None:
+        """waitress stops accepting: its listening sockets are closed in its loop thread."""
+
+        def close() -> None:
+            for disp in list(self._wmap.values()):
+                if isinstance(disp, BaseWSGIServer):
+                    disp.close()
+
+        if self._wthread is not None and self._wthread.is_alive():
+            self._wake_waitress(close)
+
+    def _wake_waitress(self, thunk: Callable[[], None] | None = None) -> None:
+        """Wake waitress's loop (running *thunk* in its thread first, when given)."""
         for disp in list(self._wmap.values()):
-            pull = getattr(disp, "pull_trigger", None)
-            if pull is not None:
+            if isinstance(disp, trigger):
                 try:
-                    pull()
+                    disp.pull_trigger(thunk)  # type: ignore[arg-type]  # called as thunk()
                 except OSError:  # pragma: no cover
                     pass
                 return
 
-    def _stop_waitress(self) -> None:
+    def _stop_waitress(self, grace: float = 0.0) -> None:
         server, thread = self._wserver, self._wthread
         if server is None:
             return
-        # Let running requests finish (up to 5 s) while the loop still sends responses.
+        # Let running requests finish (within the grace period) while the loop still sends
+        # responses; those still running after it are cut (their threads are daemons).
         try:
-            server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
+            dispatcher = server.task_dispatcher
+            dispatcher.shutdown(cancel_pending=True, timeout=grace)  # type: ignore[arg-type]
+            if dispatcher.threads:
+                log.warning(
+                    "stop: %d request(s) still running after the %g s grace period are cut",
+                    len(dispatcher.threads),
+                    self.grace_period,
+                )
         except Exception:  # pragma: no cover
             log.exception("stopping waitress worker threads")
         self._wstop.set()

@@ -8,7 +8,7 @@ Each part gets what it needs here, so no part reaches through another for it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .auth import Auth
 from .backends import Backend
@@ -20,6 +20,7 @@ from .extra import ExtraCollateral
 from .freshness import ExpiryWarnings
 from .instruments import Instruments
 from .integrity import Integrity
+from .lifecycle import Lifecycle
 from .metrics import Metrics
 from .pckcerts import PckCerts
 from .platforms import Registrations
@@ -28,6 +29,8 @@ from .refresh import Refresher
 from .store import Store
 from .upload import CollateralUpload
 from .upstream import Upstream
+
+log = logging.getLogger("dcapd")
 
 # How much longer than one upstream deadline another process's fill lock is honoured.
 _FILL_LOCK_SLACK = 5.0
@@ -59,9 +62,18 @@ class Services:
     policies: Policies
     refresher: Refresher
     metrics: Metrics | None = None  # None: [metrics] enabled = false
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)  # set draining by the server
 
     def close(self) -> None:
-        """Release the cache and the upstream connections (the process is done with them)."""
+        """Release the cache and the upstream connections (the process is done with them),
+        and first any cache lock still held (a refresh or a fill cut at a stop)."""
+        try:
+            released = self.store.release_locks()
+        except Exception as exc:  # the cache may be what failed: the locks then expire
+            log.warning("could not release cache locks: %s", type(exc).__name__)
+        else:
+            if released:
+                log.info("released %d cache lock(s) held by work cut at the stop", released)
         self.store.close()
         self.upstream.close()
 

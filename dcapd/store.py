@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -191,6 +192,9 @@ class Store:
             backend = DiskBackend(directory)
         self.directory = directory
         self.backend = backend
+        # Cache locks this process holds (name -> owner), released by release_locks().
+        self._held: dict[str, str] = {}
+        self._held_lock = threading.Lock()
 
     @property
     def cache(self) -> Backend:
@@ -410,14 +414,28 @@ class Store:
             ):
                 return False
             self.put_json(key, {"owner": owner, "expires": now + ttl})
-            return True
+        with self._held_lock:
+            self._held[name] = owner
+        return True
 
     def unlock(self, name: str, owner: str) -> None:
+        with self._held_lock:
+            if self._held.get(name) == owner:
+                del self._held[name]
         key = self.lock_key(name)
         with self.transaction():
             held = self.get_json(key)
             if held and held["owner"] == owner:
                 self.delete(key)
+
+    def release_locks(self) -> int:
+        """At a stop: give up every cache lock this process still holds (its work was cut),
+        so other processes need not wait for them to expire. Returns how many."""
+        with self._held_lock:
+            held, self._held = self._held, {}
+        for name, owner in held.items():
+            self.unlock(name, owner)
+        return len(held)
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

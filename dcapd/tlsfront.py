@@ -118,11 +118,13 @@ class TlsFront:
         # still waits for waitress. Strong references, dropped when done.
         self._conn_tasks: set = set()
         self._stopping = False
+        self.draining = False  # a stop began: no new request is started
+        self._conns: dict[asyncio.Task, Connection] = {}
 
     # -- lifecycle ------------------------------------------------------------
 
     def start(self, ctx: ssl.SSLContext, socks: list[socket.socket]) -> None:
-        self._stopping = False
+        self._stopping = self.draining = False
         loop = asyncio.new_event_loop()
         loop.set_exception_handler(self._loop_exception)
         self._loop = loop
@@ -135,13 +137,17 @@ class TlsFront:
         fut = asyncio.run_coroutine_threadsafe(self._open(ctx, socks), loop)
         fut.result(_STOP_TIMEOUT)
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 0.0) -> None:
+        """Stop accepting, let requests in flight finish for up to *grace* seconds (idle
+        clients are closed at once), then close every connection."""
         loop, thread = self._loop, self._thread
         if loop is None:
             return
         if thread is not None and thread.is_alive() and not loop.is_closed():
             try:
-                asyncio.run_coroutine_threadsafe(self._close(), loop).result(_STOP_TIMEOUT + 5)
+                asyncio.run_coroutine_threadsafe(self._close(grace), loop).result(
+                    grace + _STOP_TIMEOUT + 5
+                )
             except Exception:  # pragma: no cover
                 log.exception("stopping the TLS front")
             try:
@@ -203,8 +209,8 @@ class TlsFront:
         else:
             loop.default_exception_handler(context)
 
-    async def _close(self) -> None:
-        self._stopping = True
+    async def _close(self, grace: float = 0.0) -> None:
+        self.draining = True
         # Let connections accepted just now reach their handshake first: on
         # Python 3.11 a connection whose transport is created after
         # Server.close() fails an assertion and leaks its socket, and a task
@@ -213,6 +219,8 @@ class TlsFront:
             await asyncio.sleep(0)
         for srv in self._servers:
             srv.close()
+        await self._drain(grace)
+        self._stopping = True
         for srv in self._servers:
             abort = getattr(srv, "abort_clients", None)  # Python >= 3.13: also pending handshakes
             if abort is not None:
@@ -231,6 +239,28 @@ class TlsFront:
             except (asyncio.TimeoutError, OSError):  # pragma: no cover
                 pass
         self._servers = []
+
+    async def _drain(self, grace: float) -> None:
+        """Until no request is in flight (or *grace* has passed), close clients with none."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while True:
+            busy = 0
+            for task, conn in list(self._conns.items()):
+                if conn.busy:
+                    busy += 1
+                elif not task.done():
+                    task.cancel()
+            if not busy:
+                return
+            if loop.time() >= deadline:
+                log.warning(
+                    "stop: %d request(s) still running after the %g s grace period are cut",
+                    busy,
+                    grace,
+                )
+                return
+            await asyncio.sleep(0.05)
 
     # -- connections to waitress ----------------------------------------------
 
@@ -266,6 +296,7 @@ class TlsFront:
         self._conn_tasks.add(task)
         task.add_done_callback(self._conn_tasks.discard)
         conn = Connection(self, reader, writer, accepted)
+        self._conns[task] = conn
         try:
             await conn.serve()
         except Drop as why:
@@ -280,4 +311,5 @@ class TlsFront:
             elif conn.expired:
                 log.info("TLS front: dropped %s: %s", conn.peer[0], conn.waiting_for)
         finally:
+            self._conns.pop(task, None)
             await conn.close(0 if self._stopping else 2.0)

@@ -22,7 +22,7 @@ def no_server(monkeypatch):
     started = []
 
     class NoServer:
-        def __init__(self, app, config):
+        def __init__(self, app, config, **kwargs):
             started.append(config)
 
         def serve_forever(self):
@@ -38,7 +38,7 @@ class _NoScheduler:
     def start(self):
         pass
 
-    def stop(self):
+    def stop(self, timeout=None):
         pass
 
 

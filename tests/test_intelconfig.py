@@ -242,7 +242,7 @@ def test_dcapd_starts_from_intels_file_and_reports_unknown_keys_once(
     started = []
 
     class NoServer:
-        def __init__(self, app, config):
+        def __init__(self, app, config, **kwargs):
             started.append(config)
 
         def serve_forever(self):

@@ -527,3 +527,15 @@ def test_an_entry_expiring_at_start_is_refreshed_within_seconds_of_the_start(fak
     assert scheduler.last_early == clock.now
     # After that first check the periodic interval applies again.
     assert waits.timeouts[1] == scheduler.next_check_in() == 300.0
+
+
+def test_next_scheduled_run_is_logged_at_start_in_utc(caplog):
+    """A five-field cron schedule (minute first) works; start() logs its next run, ISO UTC."""
+    now = dt.datetime(2026, 11, 27, 3, 0, 0).timestamp()  # local time, as cron reads it
+    scheduler = RefreshScheduler(None, None, CronSchedule("30 5 * * *"), 60.0, clock=lambda: now)
+    expected = dt.datetime(2026, 11, 27, 5, 30).astimezone(dt.timezone.utc)
+    with caplog.at_level(logging.INFO, logger="dcapd"):
+        scheduler.start()
+        scheduler.stop(timeout=5)
+    lines = [r.getMessage() for r in caplog.records if "refresh schedule" in r.getMessage()]
+    assert lines == [f"refresh schedule: next run at {expected:%Y-%m-%dT%H:%M:%S}Z"]
