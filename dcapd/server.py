@@ -340,8 +340,10 @@ class Server:
         if self.tls == "off":
             self._start_waitress(app, self._public_socks)
         else:
+            # The generated certificate is kept in the cache directory (none on PostgreSQL).
+            keep_in = "" if self.config.cache_url else os.path.join(self.config.cache_dir, "tls")
             ctx, self.fingerprint = _tls.server_ssl_context(
-                self.config.cert_file, self.config.key_file, hosts=[self.listen_host]
+                self.config.cert_file, self.config.key_file, [self.listen_host], keep_in
             )
             backend = bind_sockets("127.0.0.1", 0)
             self.backend_port = backend[0].getsockname()[1]

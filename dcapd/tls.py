@@ -216,8 +216,62 @@ def _first_cert_der(cert_file: str) -> bytes:
     return x509.load_der_x509_certificate(data).public_bytes(serialization.Encoding.DER)
 
 
+KEPT_CERT, KEPT_KEY = "dcapd.crt", "dcapd.key"  # in <cache dir>/tls/
+_RENEW_BEFORE = datetime.timedelta(days=30)
+
+
+def kept_certificate(folder: str, hosts: Sequence[str]) -> tuple[bytes, bytes]:
+    """The generated certificate kept in *folder* (its key mode 0600), so its fingerprint
+    survives restarts and clients can trust it (``--ca-file folder/dcapd.crt``); a new one
+    when it is missing, unreadable, about to expire or not for these host names."""
+    cert_path, key_path = os.path.join(folder, KEPT_CERT), os.path.join(folder, KEPT_KEY)
+    try:
+        with open(cert_path, "rb") as handle:
+            cert_pem = handle.read()
+        with open(key_path, "rb") as handle:
+            key_pem = handle.read()
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        key = serialization.load_pem_private_key(key_pem, None)
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        now = datetime.datetime.now(datetime.timezone.utc)
+        usable = (
+            key.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            == cert.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            and cert.not_valid_after_utc - _RENEW_BEFORE > now
+            and set(_san_entries(hosts)) <= set(names)
+        )
+        if usable:
+            return cert_pem, key_pem
+        log.info("the kept TLS certificate in %s is not usable for %s: a new one", folder, hosts)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, x509.ExtensionNotFound) as exc:
+        log.warning("the kept TLS certificate in %s cannot be read (%s): a new one", folder, exc)
+    cert_pem, key_pem = generate_self_signed(hosts)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    _write_private(key_path, key_pem, 0o600)
+    _write_private(cert_path, cert_pem, 0o644)
+    return cert_pem, key_pem
+
+
+def _write_private(path: str, data: bytes, mode: int) -> None:
+    """Write *path* whole (a new file renamed over the old), created with *mode*."""
+    temporary = f"{path}.{os.getpid()}.new"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.chmod(temporary, mode)
+    os.replace(temporary, path)
+
+
 def server_ssl_context(
-    cert_file: str = "", key_file: str = "", hosts: Sequence[str] = ()
+    cert_file: str = "", key_file: str = "", hosts: Sequence[str] = (), keep_in: str = ""
 ) -> tuple[ssl.SSLContext, str]:
     """Return ``(context, sha256_fingerprint)`` for dcapd's HTTPS front.
 
@@ -236,13 +290,14 @@ def server_ssl_context(
         return ctx, fingerprint
     if key_file:
         raise ValueError("key_file is set but cert_file is not")
-    cert_pem, key_pem = generate_self_signed(hosts)
-    how = load_in_memory(ctx, cert_pem, key_pem)
+    if keep_in:
+        cert_pem, key_pem = kept_certificate(keep_in, hosts)
+        ctx.load_cert_chain(os.path.join(keep_in, KEPT_CERT), os.path.join(keep_in, KEPT_KEY))
+        how = f"kept in {keep_in}"
+    else:
+        cert_pem, key_pem = generate_self_signed(hosts)
+        how = f"generated, loaded via {load_in_memory(ctx, cert_pem, key_pem)}"
     del key_pem
     fingerprint = fingerprint_sha256(ssl.PEM_cert_to_DER_cert(cert_pem.decode("ascii")))
-    log.info(
-        "generated a self-signed TLS certificate (EC P-256, loaded via %s), SHA-256 fingerprint %s",
-        how,
-        fingerprint,
-    )
+    log.info("self-signed TLS certificate (EC P-256, %s), SHA-256 fingerprint %s", how, fingerprint)
     return ctx, fingerprint

@@ -10,10 +10,12 @@ import ipaddress
 import os
 import socket
 import ssl
+import stat
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -24,6 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from dcapd import tls
 from dcapd.config import load_config
 from dcapd.server import Server, waitress_options
+from tests.servers import running_dcapd
 
 pytestmark = pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
 
@@ -65,8 +68,11 @@ def parse(text):
 
 
 def make_config(listen_port=0, **kw):
-    """A real Config (defaults from dcapd.config.SETTINGS only), then the given attributes."""
+    """A real Config (defaults from dcapd.config.SETTINGS only), then the given attributes;
+    the cache directory (where the generated certificate is kept) a new temporary one."""
     base = load_config({"listen": f"{LOOPBACK}:{listen_port}", "tls": "auto"}, environ={})
+    if "cache_dir" not in kw:
+        kw["cache_dir"] = tempfile.mkdtemp(prefix="dcapd-test-tls-")
     return dataclasses.replace(base, **kw)
 
 
@@ -241,7 +247,9 @@ def test_generated_key_never_written_in_clear(tmp_path, monkeypatch, force_fallb
 
     monkeypatch.setattr(ssl.SSLContext, "load_cert_chain", spy)
 
-    with Server(echo_app, make_config()) as srv:
+    # Nowhere to keep it (a PostgreSQL cache has no directory): generated and loaded in memory.
+    config = make_config(cache_dir="", cache_url="postgresql://dcapd@127.0.0.1:1/dcapd")
+    with Server(echo_app, config) as srv:
         assert session.get(srv.url + "/k", timeout=5).status_code == 200
 
     assert len(calls) == 1
@@ -486,3 +494,23 @@ def test_bad_tls_mode_rejected():
         Server(echo_app, make_config(tls="maybe"))
     with pytest.raises(ValueError):
         tls.server_ssl_context(key_file="key.pem")
+
+
+def test_the_generated_certificate_is_kept_in_the_cache_and_survives_a_restart(
+    make_config, tmp_path
+):
+    """Issue 18: clients can trust it (--ca-file <cache>/tls/dcapd.crt) across restarts."""
+    config = make_config(tls="auto", listen="127.0.0.1:0")
+    with running_dcapd(config) as first:
+        fingerprint = first.fingerprint
+    kept = Path(config.cache_dir) / "tls"
+    assert stat.S_IMODE((kept / "dcapd.key").stat().st_mode) == 0o600
+    with running_dcapd(config) as again:
+        assert again.fingerprint == fingerprint
+        context = ssl.create_default_context(cafile=str(kept / "dcapd.crt"))
+        with socket.create_connection(("127.0.0.1", again.port), timeout=5) as raw:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls_sock:
+                assert tls_sock.version() in ("TLSv1.2", "TLSv1.3")
+    (kept / "dcapd.key").write_bytes(b"not a key")
+    with running_dcapd(config) as renewed:
+        assert renewed.fingerprint != fingerprint
