@@ -52,10 +52,22 @@ def pin_to_cpus(cpu_list: str) -> None:
     if not cpu_list:
         return
     if not hasattr(os, "sched_setaffinity"):
-        log.warning("cpu_affinity is not supported on this system; ignored")
+        if cpu_list != "auto":
+            log.warning("cpu_affinity is not supported on this system; ignored")
         return
-    os.sched_setaffinity(0, {int(cpu) for cpu in cpu_list.split(",")})
-    log.info("running on CPU(s) %s", cpu_list)
+    if cpu_list == "auto":
+        allowed = sorted(os.sched_getaffinity(0))
+        if len(allowed) <= 1:
+            return
+        cpus = {allowed[0]}
+    else:
+        cpus = {int(cpu) for cpu in cpu_list.split(",")}
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError as exc:
+        log.warning("cpu_affinity %s could not be applied (%s); running on any CPU", cpu_list, exc)
+        return
+    log.info("running on CPU(s) %s", ",".join(map(str, sorted(cpus))))
 
 
 def setting_label(name: str) -> str:

@@ -160,9 +160,11 @@ def _cron(value: str) -> str:
 
 
 def _cpu_list(value: str) -> str:
-    value = value.strip()
-    if value and not re.fullmatch(r"\d+(,\d+)*", value):
-        raise ValueError(f"expected CPU numbers like 0 or 0,1, got {value!r}")
+    value = value.strip().lower()
+    if value in ("auto", "all", ""):
+        return "" if value == "all" else value
+    if not re.fullmatch(r"\d+(,\d+)*", value):
+        raise ValueError(f"expected auto, all or CPU numbers like 0 or 0,1, got {value!r}")
     return value
 
 
@@ -235,9 +237,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tls_handshake_timeout", "server", "tls_handshake_timeout",
             "DCAPD_TLS_HANDSHAKE_TIMEOUT", "10", _positive(float),
             "seconds a client has to finish the TLS handshake"),
-    Setting("cpu_affinity", "server", "cpu_affinity", "DCAPD_CPU_AFFINITY", "", _cpu_list,
-            "Linux: CPUs to run on, e.g. 0 or 0,1; empty = any (one CPU avoids handing the "
-            "GIL between CPUs: faster for one process)"),
+    Setting("cpu_affinity", "server", "cpu_affinity", "DCAPD_CPU_AFFINITY", "auto",
+            _cpu_list,
+            "Linux: CPUs to run on: auto = one CPU of those allowed (keeps the GIL from being "
+            "handed between CPUs: several times less CPU per request), all (or empty) = any, "
+            "or CPU numbers like 0 or 0,1"),
     Setting("max_body_bytes", "server", "max_body_bytes", "DCAPD_MAX_BODY_BYTES",
             str(512 * 1024 * 1024), _positive(int),
             "largest request body accepted (a 10,000-platform collateral upload fits)"),

@@ -365,6 +365,10 @@ def serve_main(spec_file: str) -> int:
         log_level="info" if spec["access_log"] else "warning",
         metrics_enabled=spec.get("metrics", True),
     )
+    if not spec.get("cpus"):  # as shipped: [server] cpu_affinity (default auto), as dcapd does
+        from dcapd.cli import pin_to_cpus
+
+        pin_to_cpus(config.cpu_affinity)
     profiles: list = []
     if spec.get("profile_out"):
         import cProfile

@@ -150,3 +150,44 @@ def test_config_has_one_field_per_setting_and_no_second_copy_of_the_defaults():
     fields = dataclasses.fields(Config)
     assert sorted(f.name for f in fields) == sorted(s.name for s in SETTINGS)
     assert all(f.default is dataclasses.MISSING for f in fields)
+
+
+@pytest.mark.parametrize(
+    ("value", "parsed"),
+    [
+        ("", ""),
+        ("all", ""),
+        ("ALL", ""),
+        ("auto", "auto"),
+        (" Auto ", "auto"),
+        ("0", "0"),
+        ("0,1", "0,1"),
+    ],
+)
+def test_cpu_affinity_values(value, parsed):
+    assert load_config(environ={"DCAPD_CPU_AFFINITY": value}).cpu_affinity == parsed
+
+
+@pytest.mark.parametrize("value", ["any", "0-1", "0,", "one", "-1"])
+def test_cpu_affinity_refuses_anything_else(value):
+    with pytest.raises(ConfigError, match="DCAPD_CPU_AFFINITY|cpu_affinity"):
+        load_config(environ={"DCAPD_CPU_AFFINITY": value})
+
+
+def test_cpu_affinity_defaults_to_one_cpu_chosen_automatically():
+    assert load_config(environ={}).cpu_affinity == "auto"
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity"), reason="Linux only")
+def test_auto_pins_to_one_allowed_cpu():
+    import os
+
+    code = (
+        "import os; from dcapd.cli import pin_to_cpus; pin_to_cpus('auto');"
+        "print(len(os.sched_getaffinity(0)), min(os.sched_getaffinity(0)))"
+    )
+    before = sorted(os.sched_getaffinity(0))
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.split()
+    assert out == ["1", str(before[0])]
