@@ -3,28 +3,17 @@ time, with no server needed (the cache is safe to share with a running dcapd).""
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
 from ..freshness import state_of
 from ..store import COLLATERAL_KEY_FIELDS, Store
-from .common import AdminError, SettingError
+from .common import AdminError
 
 # Kinds whose entries are answers dcapd serves and fetches (or selects) again when they are
 # gone: collateral and PCK certificate answers. Everything else (platforms, certificate
 # sets, the registration queue, appraisal policies, locks) needs --force.
 DELETABLE_KINDS = (*COLLATERAL_KEY_FIELDS, "pckcert")
-
-
-def existing_cache(directory: str) -> Store:
-    """The cache in ``directory``, which must be one already (holding cache.db)."""
-    if not os.path.isfile(os.path.join(directory, "cache.db")):
-        raise SettingError(f"{directory} is not a dcapd cache directory (no cache.db)")
-    try:
-        return Store(directory)
-    except OSError as exc:
-        raise SettingError(f"cache directory {directory}: {exc.strerror or exc}") from None
 
 
 @dataclass

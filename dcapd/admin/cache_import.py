@@ -4,15 +4,16 @@ with no server running, checked exactly as ``PUT /platformcollateral`` checks it
 from __future__ import annotations
 
 import base64
+import os
 import tempfile
 from typing import Any
 
 from ..collateral import CT_CRL, PCK_CERT_CHAIN, BadUpstreamData, crl_meta
-from ..config import ConfigError, load_config
+from ..config import Config, ConfigError, load_config
 from ..errors import PccsError
 from ..integrity import IntegrityError
-from ..services import Services, build_services
-from ..store import Entry, Store
+from ..services import Services, build_services, open_backend
+from ..store import Entry, Store, StoreUnavailable
 from .common import AdminError, SettingError
 from .upload_file import upload_version
 
@@ -20,17 +21,24 @@ from .upload_file import upload_version
 RAW_KINDS = ("reg", "appraisal", "policy")
 
 
-def open_services(cache_dir: str, trusted_roots: str | None, config_file: str | None) -> Services:
-    """dcapd's collaborators for a cache directory, as the server builds them, with an
-    Upstream that is never used (OFFLINE)."""
+def open_services(
+    cache_dir: str, trusted_roots: str | None, config_file: str | None, cache_url: str = ""
+) -> Services:
+    """dcapd's collaborators for a cache directory (or, with ``cache_url``, a PostgreSQL
+    cache), as the server builds them, with an Upstream that is never used (OFFLINE)."""
     try:
         config = load_config(
-            {"cache_dir": cache_dir, "cache_mode": "OFFLINE", "trusted_roots": trusted_roots},
+            {
+                "cache_dir": "" if cache_url else cache_dir,
+                "cache_url": cache_url,
+                "cache_mode": "OFFLINE",
+                "trusted_roots": trusted_roots,
+            },
             ini_path=config_file,
         )
     except ConfigError as exc:
         raise SettingError(str(exc)) from None
-    store = open_store(config.cache_dir)
+    store = open_store(config)
     try:
         return build_services(config, store)
     except (OSError, ValueError) as exc:
@@ -38,10 +46,21 @@ def open_services(cache_dir: str, trusted_roots: str | None, config_file: str | 
         raise SettingError(f"cannot read the trusted roots: {exc}") from None
 
 
-def open_store(directory: str) -> Store:
-    """The cache in ``directory`` (created if need be); SettingError when it cannot be."""
+def open_store(config: Config, must_exist: bool = False) -> Store:
+    """The cache ``config`` names: a directory (created if need be, unless ``must_exist``:
+    then it must hold cache.db already) or a PostgreSQL database; SettingError when it
+    cannot be opened."""
+    directory = config.cache_dir
+    if (
+        not config.cache_url
+        and must_exist
+        and not os.path.isfile(os.path.join(directory, "cache.db"))
+    ):
+        raise SettingError(f"{directory} is not a dcapd cache directory (no cache.db)")
     try:
-        return Store(directory)
+        return Store(directory, backend=open_backend(config))
+    except StoreUnavailable as exc:
+        raise SettingError(str(exc)) from None
     except OSError as exc:
         raise SettingError(f"cache directory {directory}: {exc.strerror or exc}") from None
 

@@ -294,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"dcapd's cache directory (default: ${ENV['cache_dir']}, else the "
         "per-user cache folder dcapd uses)",
     )
+    group.add_argument(
+        "--cache-url",
+        metavar="URL",
+        help=f"dcapd's cache on PostgreSQL instead (postgresql://...; default: "
+        f"${ENV['cache_url']}); not together with --cache-dir",
+    )
 
     imp = commands.add_parser(
         "import",

@@ -13,13 +13,14 @@ import sys
 from typing import Callable
 
 from ..auth import token_sha512
+from ..backends.postgres import mask_url
 from ..config import Config
 from ..hexstr import is_hex
 from ..integrity import Integrity
 from ..pcsurls import INTEL_ROOTCA_CRL_URL
-from .cache_entries import delete_entry, entry_lines, existing_cache, list_entries
+from .cache_entries import delete_entry, entry_lines, list_entries
 from .cache_export import Exporter
-from .cache_import import check_upload, import_upload, open_services
+from .cache_import import check_upload, import_upload, open_services, open_store
 from .common import (
     ENV,
     PROG,
@@ -312,17 +313,29 @@ def cmd_hash_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def cache_dir(args: argparse.Namespace) -> str:
-    """-C, else the variable, else dcapd's per-user cache folder (the setting's resolution)."""
-    return dcapd_config({"cache_dir": ("-C/--cache-dir", args.cache_dir)}).cache_dir
+def cache_location(args: argparse.Namespace) -> Config:
+    """--cache-url (else its variable) or -C (else its variable, else dcapd's per-user cache
+    folder): the settings' own resolution; both at once is refused as the server refuses it."""
+    return dcapd_config(
+        {
+            "cache_dir": ("-C/--cache-dir", args.cache_dir),
+            "cache_url": ("--cache-url", args.cache_url),
+        }
+    )
+
+
+def cache_name(cache: Config) -> str:
+    """The cache as output names it: the directory, or the database (never its password)."""
+    return mask_url(cache.cache_url) if cache.cache_url else cache.cache_dir
 
 
 def cmd_import(args: argparse.Namespace) -> int:
     body = read_json(args.input)
     if not isinstance(body, dict):
         raise AdminError(f"{args.input}: not an upload file (not a JSON object)")
-    directory = cache_dir(args)
-    services = open_services(directory, args.trusted_roots, args.config)
+    cache = cache_location(args)
+    directory = cache_name(cache)
+    services = open_services(cache.cache_dir, args.trusted_roots, args.config, cache.cache_url)
     try:
         counts = import_upload(services, body, args.input)
     finally:
@@ -341,8 +354,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    directory = cache_dir(args)
-    store = existing_cache(directory)
+    store = open_store(cache_location(args), must_exist=True)
     try:
         check_writable(args.output)
         exporter = Exporter(store, INTEL_ROOTCA_CRL_URL)
@@ -373,8 +385,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_entries(args: argparse.Namespace) -> int:
-    directory = cache_dir(args)
-    store = existing_cache(directory)
+    cache = cache_location(args)
+    directory = cache_name(cache)
+    store = open_store(cache, must_exist=True)
     try:
         rows = list_entries(store, args.prefix or "")
     finally:
@@ -386,8 +399,9 @@ def cmd_entries(args: argparse.Namespace) -> int:
 
 
 def cmd_delete_entry(args: argparse.Namespace) -> int:
-    directory = cache_dir(args)
-    store = existing_cache(directory)
+    cache = cache_location(args)
+    directory = cache_name(cache)
+    store = open_store(cache, must_exist=True)
     try:
         row = delete_entry(store, args.key, args.force)
     finally:

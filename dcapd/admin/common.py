@@ -16,7 +16,9 @@ from ..config import SETTINGS, Config, ConfigError, load_config
 PROG = "dcapd-admin"
 USER_AGENT = f"dcapd-admin/{__version__}"
 # dcapd settings the admin takes from the environment, and their variables.
-ENV = {s.name: s.env for s in SETTINGS if s.name in ("api_key", "url_map", "cache_dir")}
+ENV = {
+    s.name: s.env for s in SETTINGS if s.name in ("api_key", "url_map", "cache_dir", "cache_url")
+}
 
 _ERRNO = re.compile(
     r"\[Errno -?\d+\] [^'\")\]]+|Connection refused|Name or service not known|"

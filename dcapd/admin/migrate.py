@@ -54,6 +54,7 @@ from ..config import Config, ConfigError, load_config
 from ..errors import PccsError
 from ..logs import configure_logging as configure_dcapd_logging
 from ..services import Services, build_services
+from ..store import StoreUnavailable
 from ..upload import PCK_CHAINS
 from .migrate_collateral import CollateralRows, empty_document, has_collateral
 from .migrate_platforms import PlatformRows
@@ -222,6 +223,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "DCAPD_CACHE_DIR, the ini file, or the per-user cache folder)",
     )
     parser.add_argument(
+        "--cache-url",
+        metavar="URL",
+        help="dcapd's cache on PostgreSQL instead (postgresql://...; default: "
+        "DCAPD_CACHE_URL or the ini file); not together with --cache-dir",
+    )
+    parser.add_argument(
         "--config", metavar="FILE", help="dcapd ini file (cache directory, trusted roots)"
     )
 
@@ -242,7 +249,8 @@ def import_into_cache(
     up logging from the configuration first."""
     try:
         config = load_config(
-            {"cache_dir": args.cache_dir, "cache_mode": "OFFLINE"}, ini_path=args.config
+            {"cache_dir": args.cache_dir, "cache_url": args.cache_url, "cache_mode": "OFFLINE"},
+            ini_path=args.config,
         )
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
@@ -252,7 +260,11 @@ def import_into_cache(
         return 2
     if configure_logging is not None:
         configure_logging(config)
-    services = build_services(config)
+    try:
+        services = build_services(config)
+    except StoreUnavailable as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
     try:
         summary = import_intel_db(args.path, services)
     except MigrationError as exc:
@@ -260,7 +272,7 @@ def import_into_cache(
         return 1
     finally:
         services.close()
-    print(f"imported into {config.cache_dir}")
+    print(f"imported into {services.store.description if config.cache_url else config.cache_dir}")
     for line in summary.lines():
         print(line)
     return 0
