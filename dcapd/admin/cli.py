@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Callable
 
 from .. import __version__
+from ..backends import StoreUnavailable
 from ..pcsurls import INTEL_PCS_URL
 from .commands import (
     cmd_collect,
@@ -431,7 +432,7 @@ def main(argv: Sequence[str] | None = None, *, sleep: Callable[[float], None] = 
     except SettingError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
-    except AdminError as exc:
+    except (AdminError, StoreUnavailable) as exc:  # the database down: one line, no password
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # a path no check above caught: still one line, naming it
