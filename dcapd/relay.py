@@ -16,6 +16,7 @@ import logging
 import ssl
 from typing import Any, Callable, Protocol
 
+from .direct import DirectAnswers
 from .gate import BodyGate, Verdict, log_refusal, refusal_bytes
 from .httpframe import (
     MAX_HEAD_BYTES,
@@ -30,9 +31,11 @@ from .middleware import request_id_for
 
 class Front(Protocol):
     """What a connection needs of the TLS front that accepted it (dcapd.tlsfront.TlsFront):
-    the body rules, the deadlines, waitress's port and connection slots, the peer table."""
+    the body rules, the deadlines, waitress's port and connection slots, the peer table, and
+    what answers bodiless requests in the front (None: everything goes to waitress)."""
 
     gate: BodyGate | None
+    direct: DirectAnswers | None
     max_body: int
     head_timeout: float
     request_timeout: float
@@ -58,6 +61,8 @@ _ADMIN_BYTES_PER_SECOND = 1024 * 1024  # a large admin body gets 1 s more per Mi
 _WRITE_BUFFER = 64 * 1024  # wait for the client to read beyond this much
 _LINGER_SECONDS, _LINGER_BYTES = 1.0, 1024 * 1024  # after a refusal, before closing
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: Answered in the front (dcapd.direct) when they carry no body: every PCCS collateral request.
+_DIRECT_METHODS = frozenset(("GET", "HEAD"))
 
 
 class Drop(Exception):
@@ -136,19 +141,28 @@ class Connection:
                 return
             self.busy = True
             try:
-                passed = await self._pass_on(request, verdict)
-                self._disarm()
-                if not passed:
-                    return
-                if not await self._relay_answer(request.method) or request.close:
-                    return
+                if (
+                    front.direct is not None
+                    and request.length == 0
+                    and request.method in _DIRECT_METHODS
+                ):
+                    if not await self._answer_here(front.direct, request):
+                        return
+                else:
+                    passed = await self._pass_on(request, verdict)
+                    self._disarm()
+                    if not passed:
+                        return
+                    if not await self._relay_answer(request.method) or request.close:
+                        return
             finally:
                 self.busy = False
             if front.draining:  # stopping: no next request on this connection
                 return
-            # Nothing in flight: until its next request is whole, this connection's link to
-            # waitress may go to a client that needs one (front.acquire).
-            front.idle[self] = None
+            if self.backend_writer is not None:
+                # Nothing in flight: until its next request is whole, this connection's link
+                # to waitress may go to a client that needs one (front.acquire).
+                front.idle[self] = None
             # Keep-alive: the next request's first byte within idle_timeout.
             if not self.buf:
                 self.waiting_for = "no next request within idle_timeout"
@@ -286,6 +300,15 @@ class Connection:
                 return True
             if not await self._fill(base + received * per_byte):
                 return False
+
+    async def _answer_here(self, direct: DirectAnswers, request: RequestHead) -> bool:
+        """Answer a bodiless request in the front (dcapd.direct); True when the connection
+        may be kept (waitress's own rule: HTTP version, ``Connection``, the answer's framing)."""
+        self.waiting_for = "the app's answer"
+        chunks, close = await direct.submit(request.raw, self.peer)
+        self.waiting_for = "the client to read its answer within channel_timeout"
+        await self._to_client(b"".join(chunks))
+        return not close
 
     # -- waitress -------------------------------------------------------------
 

@@ -37,6 +37,7 @@ from waitress.trigger import trigger
 
 from . import tls as _tls
 from .config import Config
+from .direct import DirectAnswers
 from .gate import BodyGate, BodyGateMiddleware
 from .lifecycle import Lifecycle
 from .tlsfront import BACKLOG, PeerRestoringMiddleware, TlsFront
@@ -245,6 +246,7 @@ class Server:
         # TLS front
         self._peers: dict[tuple[str, str], tuple[str, int]] = {}
         self._front: TlsFront | None = None
+        self._direct: DirectAnswers | None = None
 
     # -- public API ---------------------------------------------------------
 
@@ -350,7 +352,11 @@ class Server:
             public_port = self.port
             app = PeerRestoringMiddleware(app, self._peers, lambda: public_port)
             self._start_waitress(app, backend, behind_front=True)
-            self._front = TlsFront(self.backend_port, self._peers, self.config, self.gate)
+            # Bodiless requests are answered in the front, by waitress's own parser and task.
+            self._direct = DirectAnswers(self._wserver, public_port, self.config.threads)
+            self._front = TlsFront(
+                self.backend_port, self._peers, self.config, self.gate, self._direct
+            )
             self._front.start(ctx, self._public_socks)
         log.info("dcapd listening on %s", ", ".join(self._fmt_addr(a) for a in self.addresses))
 
@@ -362,6 +368,9 @@ class Server:
         if self._front is not None:
             self._front.stop(self.grace_period)
             self._front = None
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
         self._stop_waitress(max(0.0, deadline - time.monotonic()))
         for sock in self._public_socks:
             try:

@@ -42,6 +42,7 @@ from typing import Any, Callable
 from waitress.adjustments import Adjustments
 
 from .config import Config
+from .direct import DirectAnswers
 from .gate import BodyGate
 from .relay import PIPE_CHUNK, Connection, Drop
 
@@ -93,8 +94,16 @@ class TlsFront:
     decides bodies from request heads (None: any body up to ``max_body_bytes``, streamed).
     """
 
-    def __init__(self, backend_port: int, peers: Peers, config: Config, gate: BodyGate | None):
+    def __init__(
+        self,
+        backend_port: int,
+        peers: Peers,
+        config: Config,
+        gate: BodyGate | None,
+        direct: DirectAnswers | None = None,
+    ):
         self.backend_port = backend_port
+        self.direct = direct
         self.peers = peers
         self.gate = gate
         self.max_body = config.max_body_bytes
