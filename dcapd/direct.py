@@ -21,6 +21,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from typing import Any
 
 from waitress.parser import HTTPRequestParser
@@ -80,13 +81,15 @@ class DirectAnswers:
     """Answers bodiless requests with waitress's parser and task in a pool of threads.
 
     *waitress_server*: the waitress server (``create_server``'s result) whose application,
-    settings and server name are used; *public_port*: the TLS port, for ``SERVER_PORT``;
-    *threads*: the pool's size (the ``threads`` setting). The threads are daemons, as
-    waitress's are: a call still running when the grace period ends does not hold the exit.
+    settings and server name are used; *public_port*: the public port, for ``SERVER_PORT``;
+    *threads*: the pool's size (the ``threads`` setting); *https*: the clients speak TLS.
+    The threads are daemons, as waitress's are: a call still running when the grace period
+    ends does not hold the exit.
     """
 
-    def __init__(self, waitress_server: Any, public_port: int, threads: int):
+    def __init__(self, waitress_server: Any, public_port: int, threads: int, https: bool):
         self._server = _Server(waitress_server, public_port)
+        self._https = https
         self._calls: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._work, name=f"dcapd-app-{n}", daemon=True)
@@ -132,9 +135,10 @@ class DirectAnswers:
             task: WSGITask | ErrorTask = ErrorTask(channel, request)
         else:
             task = WSGITask(channel, request)
-            environ = task.get_environment()  # kept by the task for execute()
-            environ["wsgi.url_scheme"] = "https"
-            environ["HTTPS"] = "on"
+            if self._https:
+                environ = task.get_environment()  # kept by the task for execute()
+                environ["wsgi.url_scheme"] = "https"
+                environ["HTTPS"] = "on"
         try:
             task.service()
         except Exception:
@@ -154,10 +158,14 @@ class DirectAnswers:
             request.close()
         return channel.out, task.close_on_finish
 
-    def close(self) -> None:
-        """No new calls; calls running go on in their (daemon) threads."""
+    def close(self, timeout: float = 1.0) -> None:
+        """No new calls; wait up to *timeout* seconds for the threads to end (a call still
+        running goes on in its daemon thread)."""
         for _ in self._threads:
             self._calls.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _settle(future: asyncio.Future, outcome: Any, failed: bool) -> None:

@@ -1,12 +1,12 @@
-"""Serving dcapd's WSGI app with waitress, with or without dcapd's own TLS front.
+"""Serving dcapd's WSGI app: dcapd's asyncio front before waitress.
 
-Design (design.md §5, stack.md §1.3-1.4):
-
-* ``tls = off``: waitress serves the app directly on the configured address
-  (behind nginx/IIS/Caddy, the documented choice for big sites).
-* ``tls = auto``: waitress listens on an ephemeral ``127.0.0.1`` port, and the
-  asyncio TLS front (:mod:`dcapd.tlsfront`) accepts TLS on the public address and
-  relays each connection to waitress.
+Design (design.md §5, stack.md §1.3-1.4), the same for ``tls = auto`` and ``tls = off``:
+the asyncio front (:mod:`dcapd.tlsfront`) accepts clients on the public address (TLS, or
+plain HTTP with ``tls = off``, behind nginx/IIS/Caddy), reads every request head itself and
+applies the deadlines and body rules; a request without a body (every PCCS collateral
+``GET``) is answered in the front by waitress's own parser and task in a thread pool
+(:mod:`dcapd.direct`), and a request with a body is relayed to waitress, listening on an
+ephemeral ``127.0.0.1`` port.
 
   Note: the loopback backend port speaks plain HTTP and any local process can
   reach it; requests arriving there directly are seen with their own
@@ -27,6 +27,7 @@ import math
 import os
 import signal
 import socket
+import ssl
 import threading
 import time
 from typing import Any, Callable
@@ -197,7 +198,7 @@ def _raise_fd_limit() -> None:
 
 
 class Server:
-    """dcapd's HTTP(S) server: waitress, plus the asyncio TLS front when ``tls == 'auto'``.
+    """dcapd's HTTP(S) server: the asyncio front (TLS when ``tls == 'auto'``) and waitress.
 
     ``Server(app, config).start()`` returns once listening; ``.port`` and
     ``.url`` then give the bound address; ``.fingerprint`` is the
@@ -339,25 +340,24 @@ class Server:
         self.url = f"{scheme}://{self._url_host()}:{self.port}"
 
         app = self.app if self.gate is None else BodyGateMiddleware(self.app, self.gate)
-        if self.tls == "off":
-            self._start_waitress(app, self._public_socks)
-        else:
+        ctx: ssl.SSLContext | None = None
+        if self.tls == "auto":
             # The generated certificate is kept in the cache directory (none on PostgreSQL).
             keep_in = "" if self.config.cache_url else os.path.join(self.config.cache_dir, "tls")
             ctx, self.fingerprint = _tls.server_ssl_context(
                 self.config.cert_file, self.config.key_file, [self.listen_host], keep_in
             )
-            backend = bind_sockets("127.0.0.1", 0)
-            self.backend_port = backend[0].getsockname()[1]
-            public_port = self.port
-            app = PeerRestoringMiddleware(app, self._peers, lambda: public_port)
-            self._start_waitress(app, backend, behind_front=True)
-            # Bodiless requests are answered in the front, by waitress's own parser and task.
-            self._direct = DirectAnswers(self._wserver, public_port, self.config.threads)
-            self._front = TlsFront(
-                self.backend_port, self._peers, self.config, self.gate, self._direct
-            )
-            self._front.start(ctx, self._public_socks)
+        # The front (TLS or, with tls = off, plain) reads every request head and answers
+        # bodiless requests itself; requests with a body go on to waitress on loopback.
+        backend = bind_sockets("127.0.0.1", 0)
+        self.backend_port = backend[0].getsockname()[1]
+        public_port = self.port
+        https = ctx is not None
+        app = PeerRestoringMiddleware(app, self._peers, lambda: public_port, https)
+        self._start_waitress(app, backend, behind_front=True)
+        self._direct = DirectAnswers(self._wserver, public_port, self.config.threads, https)
+        self._front = TlsFront(self.backend_port, self._peers, self.config, self.gate, self._direct)
+        self._front.start(ctx, self._public_socks)
         log.info("dcapd listening on %s", ", ".join(self._fmt_addr(a) for a in self.addresses))
 
     def _shutdown(self) -> None:
@@ -369,7 +369,7 @@ class Server:
             self._front.stop(self.grace_period)
             self._front = None
         if self._direct is not None:
-            self._direct.close()
+            self._direct.close(max(0.0, deadline - time.monotonic()))
             self._direct = None
         self._stop_waitress(max(0.0, deadline - time.monotonic()))
         for sock in self._public_socks:

@@ -1,9 +1,12 @@
-"""dcapd's asyncio TLS front: accepts TLS clients, reads each request head, relays to waitress.
+"""dcapd's asyncio front: accepts clients, reads each request head, answers or relays it.
 
 Design (design.md §5, stack.md §1.3-1.4): an asyncio loop in its own thread accepts TLS on
-the public address. The front reads every request head itself, so that waitress only ever
-sees whole requests from clients that are in time, and only holds a connection for a client
-with a request in flight or just answered:
+the public address (plain HTTP with ``tls = off``: the same cycle without TLS). The front
+reads every request head itself. A request without a body is answered in the front
+(:mod:`dcapd.direct`: waitress's parser and task, in a thread pool, no loopback hop); one
+with a body is relayed to waitress, so that waitress only ever sees whole requests from
+clients that are in time, and only holds a connection for a client with such a request in
+flight or just answered:
 
 * **Deadlines** (Intel's Node PCCS: headers 10 s, whole request 15 s). The first request
   head must be whole within ``head_timeout`` of accept (TLS handshake included: a client
@@ -70,18 +73,21 @@ class PeerRestoringMiddleware:
         app: Callable,
         peers: dict[tuple[str, str], tuple[str, int]],
         public_port: Callable[[], int],
+        https: bool = True,
     ):
         self.app = app
         self.peers = peers
         self.public_port = public_port
+        self.https = https
 
     def __call__(self, environ, start_response):
         peer = self.peers.get((environ.get("REMOTE_ADDR"), str(environ.get("REMOTE_PORT"))))
         if peer is not None:
             environ["REMOTE_ADDR"] = peer[0]
             environ["REMOTE_PORT"] = str(peer[1])
-            environ["wsgi.url_scheme"] = "https"
-            environ["HTTPS"] = "on"
+            if self.https:
+                environ["wsgi.url_scheme"] = "https"
+                environ["HTTPS"] = "on"
             environ["SERVER_PORT"] = str(self.public_port())
         return self.app(environ, start_response)
 
@@ -132,7 +138,7 @@ class TlsFront:
 
     # -- lifecycle ------------------------------------------------------------
 
-    def start(self, ctx: ssl.SSLContext, socks: list[socket.socket]) -> None:
+    def start(self, ctx: ssl.SSLContext | None, socks: list[socket.socket]) -> None:
         self._stopping = self.draining = False
         loop = asyncio.new_event_loop()
         loop.set_exception_handler(self._loop_exception)
@@ -169,7 +175,7 @@ class TlsFront:
         self._loop = self._thread = None
         self._conn_tasks.clear()
 
-    async def _open(self, ctx: ssl.SSLContext, socks: list[socket.socket]) -> None:
+    async def _open(self, ctx: ssl.SSLContext | None, socks: list[socket.socket]) -> None:
         loop = asyncio.get_running_loop()
 
         def accepted() -> asyncio.StreamReaderProtocol:
@@ -181,13 +187,11 @@ class TlsFront:
             )
 
         for sock in socks:
-            srv = await loop.create_server(
-                accepted,
-                sock=sock,
-                ssl=ctx,
-                ssl_handshake_timeout=min(self.handshake_timeout, self.head_timeout),
-                backlog=BACKLOG,
-            )
+            tls: dict[str, Any] = {}
+            if ctx is not None:  # None: plain HTTP (tls = off), the same cycle without TLS
+                handshake = min(self.handshake_timeout, self.head_timeout)
+                tls = {"ssl": ctx, "ssl_handshake_timeout": handshake}
+            srv = await loop.create_server(accepted, sock=sock, backlog=BACKLOG, **tls)
             self._servers.append(srv)
 
     @staticmethod

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import pytest
 
 from tests.test_platforms import USER as USER_TOKEN
-from tests.test_slow_clients import TCB, client_context, serving, timed_get
+from tests.test_slow_clients import TCB, client_context, closed_within, serving, timed_get
 
 pytestmark = pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
 
@@ -89,20 +89,6 @@ def head_of(answer: bytes) -> tuple[int, dict[str, str], bytes]:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     return int(lines[0].split()[1]), headers, body
-
-
-def closed_within(sock: socket.socket, seconds: float) -> float | None:
-    """Seconds until the server closed *sock* (None: still open after *seconds*)."""
-    started = time.monotonic()
-    sock.settimeout(seconds)
-    try:
-        while True:
-            if not sock.recv(4096):
-                return time.monotonic() - started
-    except (ConnectionResetError, ssl.SSLEOFError, ssl.SSLZeroReturnError, BrokenPipeError):
-        return time.monotonic() - started
-    except (TimeoutError, socket.timeout):
-        return None
 
 
 # -- 1,000 hostile connections ------------------------------------------------------------

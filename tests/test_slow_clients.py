@@ -154,6 +154,20 @@ class Hostile:
                 pass
 
 
+def closed_within(sock: socket.socket, seconds: float) -> float | None:
+    """Seconds until the server closed *sock* (None: still open after *seconds*)."""
+    started = time.monotonic()
+    sock.settimeout(seconds)
+    try:
+        while True:
+            if not sock.recv(4096):
+                return time.monotonic() - started
+    except (ConnectionResetError, ssl.SSLEOFError, ssl.SSLZeroReturnError, BrokenPipeError):
+        return time.monotonic() - started
+    except (TimeoutError, socket.timeout):
+        return None
+
+
 @contextmanager
 def hostile_clients(port: int):
     hostile = Hostile(port)
@@ -236,31 +250,30 @@ def test_slow_sender_slower_than_channel_timeout_is_dropped(make_config):
             assert timed_get(server.url)[0] == 200
 
 
-def test_connection_limit_holds_and_frees_when_idle_clients_time_out(make_config):
-    """waitress serves at most connection_limit connections (its listening socket and wake-up
-    pipe count too); one more waits in the backlog until an idle one is dropped."""
+def test_plain_http_clients_with_unfinished_heads_hold_nothing_of_waitress(make_config):
+    """tls = off goes through the same front: clients that never finish their head take no
+    waitress connection (more of them than connection_limit), a normal request is answered
+    at once, and they are dropped at head_timeout."""
     limit = 5
-    with serving(make_config, tls="off", connection_limit=limit, channel_timeout=2) as (
+    with serving(make_config, tls="off", connection_limit=limit, head_timeout=2) as (
         server,
         session,
     ):
         session.close()  # no keep-alive connection of our own
         idle = []
         try:
-            while True:
+            for _ in range(limit * 2):
                 sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
                 sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # headers never end
                 idle.append(sock)
-                time.sleep(0.2)
-                if len(server._wmap) >= limit or len(idle) > limit:
-                    break
-            assert len(server._wmap) == limit, "waitress accepted up to its limit"
-            started = time.monotonic()
-            status, _, _ = timed_get(server.url, "/healthz")
-            elapsed = time.monotonic() - started
-            assert status == 200
-            assert elapsed > 1.0, "served only once an idle connection was dropped"
-            assert elapsed < 6.0, elapsed
+            opened = time.monotonic()
+            status, elapsed, _ = timed_get(server.url, "/healthz")
+            assert status == 200 and elapsed < 1.0, elapsed
+            assert len(server._wmap) <= 3, "only waitress's listener, its wake-up pipe, ours"
+            for sock in idle:
+                gone = closed_within(sock, 4)
+                assert gone is not None, "dropped at head_timeout"
+            assert 1.0 < time.monotonic() - opened < 4.0
         finally:
             for sock in idle:
                 sock.close()
