@@ -104,6 +104,9 @@ class DcapdApp(falcon.App):
     """falcon.App that keeps its services reachable (for tests and for closing the cache)."""
 
     services: Services
+    #: Answers may be tried in the server's own thread: every place the app can wait calls
+    #: dcapd.inline.may_wait first (dcapd.direct; not with a cache whose reads can wait).
+    answers_inline: bool = False
 
 
 def create_app(
@@ -150,4 +153,5 @@ def app_for(services: Services) -> DcapdApp:
     )
     metrics.add_route(app, services.metrics)
     app.services = services
+    app.answers_inline = not services.store.reads_wait
     return app

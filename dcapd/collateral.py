@@ -19,6 +19,7 @@ from cryptography import x509
 from . import jsonlimits
 from .errors import EVALUATION_NUMBER_GONE, PccsError
 from .freshness import ExpiryWarnings
+from .inline import may_wait
 from .integrity import Integrity, IntegrityError, tcb_info_mismatch
 from .logs import escape, note_cache_outcome
 from .pcsurls import canonical_crl_url, is_intel_root_crl_url
@@ -71,6 +72,7 @@ class SingleFlight:
         self._calls: dict[str, threading.Lock] = {}
 
     def run(self, key: str, lookup: Callable[[], Entry | None], fill: Callable[[], Entry]) -> Entry:
+        may_wait("a fill")  # it may wait for another caller's fill, or fetch
         with self._lock:
             call_lock = self._calls.setdefault(key, threading.Lock())
         with call_lock:

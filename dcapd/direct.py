@@ -28,6 +28,8 @@ from waitress.parser import HTTPRequestParser
 from waitress.task import ErrorTask, WSGITask
 from waitress.utilities import InternalServerError
 
+from .inline import MustWait, inline
+
 __all__ = ["DirectAnswers", "Answer"]
 
 log = logging.getLogger("waitress")  # where waitress logs a failing app: one place to look
@@ -82,14 +84,19 @@ class DirectAnswers:
 
     *waitress_server*: the waitress server (``create_server``'s result) whose application,
     settings and server name are used; *public_port*: the public port, for ``SERVER_PORT``;
-    *threads*: the pool's size (the ``threads`` setting); *https*: the clients speak TLS.
+    *threads*: the pool's size (the ``threads`` setting); *https*: the clients speak TLS;
+    *inline*: try each request in the front's thread first (:meth:`answer_inline`; only
+    where a cache read cannot wait: the cache directory, not PostgreSQL).
     The threads are daemons, as waitress's are: a call still running when the grace period
     ends does not hold the exit.
     """
 
-    def __init__(self, waitress_server: Any, public_port: int, threads: int, https: bool):
+    def __init__(
+        self, waitress_server: Any, public_port: int, threads: int, https: bool, inline: bool
+    ):
         self._server = _Server(waitress_server, public_port)
         self._https = https
+        self.inline = inline
         self._calls: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._work, name=f"dcapd-app-{n}", daemon=True)
@@ -121,6 +128,17 @@ class DirectAnswers:
                 loop.call_soon_threadsafe(_settle, future, outcome, failed)
             except RuntimeError:  # pragma: no cover - the loop closed meanwhile (stop)
                 pass
+
+    def answer_inline(self, head: bytes, peer: tuple[str, int]) -> Answer | None:
+        """The answer computed in this (the front's) thread, or None when the app had to
+        wait for something (:mod:`dcapd.inline`): then ask :meth:`submit`."""
+        if not self.inline:
+            return None
+        try:
+            with inline():
+                return self.answer(head, peer)
+        except MustWait:
+            return None
 
     def answer(self, head: bytes, peer: tuple[str, int]) -> Answer:
         """The whole answer to the request whose head (no body) is *head*, from *peer*."""

@@ -304,8 +304,11 @@ class Connection:
     async def _answer_here(self, direct: DirectAnswers, request: RequestHead) -> bool:
         """Answer a bodiless request in the front (dcapd.direct); True when the connection
         may be kept (waitress's own rule: HTTP version, ``Connection``, the answer's framing)."""
-        self.waiting_for = "the app's answer"
-        chunks, close = await direct.submit(request.raw, self.peer)
+        answer = direct.answer_inline(request.raw, self.peer)  # a hit: no thread hand-off
+        if answer is None:
+            self.waiting_for = "the app's answer"
+            answer = await direct.submit(request.raw, self.peer)
+        chunks, close = answer
         self.waiting_for = "the client to read its answer within channel_timeout"
         await self._to_client(b"".join(chunks))
         return not close

@@ -355,7 +355,10 @@ class Server:
         https = ctx is not None
         app = PeerRestoringMiddleware(app, self._peers, lambda: public_port, https)
         self._start_waitress(app, backend, behind_front=True)
-        self._direct = DirectAnswers(self._wserver, public_port, self.config.threads, https)
+        # Answers are tried in the front's thread first when the app says it can (dcapd's,
+        # on a cache directory: dcapd.inline), never for another WSGI app.
+        inline = bool(getattr(self.app, "answers_inline", False))
+        self._direct = DirectAnswers(self._wserver, public_port, self.config.threads, https, inline)
         self._front = TlsFront(self.backend_port, self._peers, self.config, self.gate, self._direct)
         self._front.start(ctx, self._public_socks)
         log.info("dcapd listening on %s", ", ".join(self._fmt_addr(a) for a in self.addresses))

@@ -26,6 +26,7 @@ from .backends.disk import (
     UnsafeCacheValue,
     open_cache,
 )
+from .inline import may_wait
 from .pcsurls import INTEL_ROOTCA_CRL_URL, canonical_crl_url
 
 __all__ = [
@@ -202,6 +203,11 @@ class Store:
         return self.backend
 
     @property
+    def reads_wait(self) -> bool:
+        """A read can wait on the network (PostgreSQL), not only on local pages."""
+        return not isinstance(self.backend, DiskBackend)
+
+    @property
     def description(self) -> str:
         """What the cache is, for logs and /readyz (never a password)."""
         return self.backend.description
@@ -367,14 +373,17 @@ class Store:
         return None if data is None else Entry.from_bytes(data)
 
     def put(self, key: str, entry: Entry) -> None:
+        may_wait("a cache write")
         self.backend.set(key, entry.to_bytes())
 
     def pop(self, key: str) -> Entry | None:
+        may_wait("a cache write")
         data = self.backend.pop(key)
         return None if data is None else Entry.from_bytes(data)
 
     def delete(self, key: str) -> bool:
         """Remove one entry; True when it was there (dcapd-admin's delete)."""
+        may_wait("a cache write")
         return self.backend.delete(key)
 
     def entries(self, prefix: str = "") -> Iterator[tuple[str, Entry]]:
@@ -440,10 +449,12 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """Several writes that must land together (or not at all, on a crash or error)."""
+        may_wait("a cache transaction")
         with self.backend.transaction():
             yield
 
     def keys(self, prefix: str = "") -> list[str]:
+        may_wait("a scan of the cache")
         return self.backend.keys(prefix)
 
     @staticmethod

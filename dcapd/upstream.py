@@ -33,6 +33,7 @@ from requests.structures import CaseInsensitiveDict
 
 from . import __version__
 from .config import Config
+from .inline import may_wait
 from .logs import escape
 from .pcsurls import canonical_origin, is_allowed_crl_url
 
@@ -333,6 +334,7 @@ class Upstream:
         api_key: bool = False,
         json_body: Any = None,
     ) -> UpstreamResponse:
+        may_wait("a call to PCS")
         headers = {}
         if api_key or url.startswith(_KEY_ON_EVERY_CALL):
             headers[API_KEY_HEADER] = self._api_key()
