@@ -491,7 +491,8 @@ def report(bench: Bench, remote: Remote | None, burst: list) -> None:
                 f"{max(r['hwm_mib'] for r in rs):>10.1f}"
             )
     n = args.workers
-    if n > 1:
+    workers_runs = {k: rs for k, rs in runs.items() if k[0] == f"dcapd w{n}"}
+    if n > 1 and workers_runs:
         print(f"\nworkers: 1 (default) vs {n} (DCAPD_WORKERS={n}), medians:")
         for phase in bench.phases:
             one, many = runs.get(("dcapd", phase, last)), runs.get((f"dcapd w{n}", phase, last))
@@ -507,9 +508,7 @@ def report(bench: Bench, remote: Remote | None, burst: list) -> None:
                 f"{med(many, 'client_cpu_cores'):.2f} of {os.cpu_count()} cores, leaving "
                 f"{os.cpu_count() - med(many, 'client_cpu_cores'):.2f} for the server"
             )
-        procs = max(
-            (r["server_procs"] for k, rs in runs.items() if k[0] != "dcapd" for r in rs), default=0
-        )
+        procs = max(r["server_procs"] for rs in workers_runs.values() for r in rs)
         if procs <= 1:
             print(
                 f"  note: dcapd ran as {procs} process with DCAPD_WORKERS={n}: this dcapd has no "
