@@ -246,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prof.add_argument("--top", type=int, default=15, help="profile lines shown")
     prof.add_argument(
+        "--app-hits",
+        type=int,
+        default=3000,
+        metavar="N",
+        help="cache hits of each kind timed through the WSGI app alone (0: skip)",
+    )
+    prof.add_argument(
         "--cache-url",
         metavar="URL",
         help="warm this (empty, scratch) PostgreSQL database too and print the cost of a cache "
@@ -700,9 +707,12 @@ def main(argv=None) -> int:
                     f"200 {note}".rstrip(),
                     flush=True,
                 )
-        cache_dir, spec = bench.specs[counts[-1]]
-        for line in app_cost(cache_dir, roots, spec, args.profile, args.top, not args.no_metrics):
-            print(line, flush=True)
+        if args.app_hits > 0:
+            cache_dir, spec = bench.specs[counts[-1]]
+            for line in app_cost(
+                cache_dir, roots, spec, args.profile, args.top, not args.no_metrics, n=args.app_hits
+            ):
+                print(line, flush=True)
         report(bench, remote, burst)
     finally:
         if args.workdir is None:

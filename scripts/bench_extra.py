@@ -200,6 +200,7 @@ def app_cost(
     top: int,
     metrics: bool = True,
     cache_url: str = "",
+    n: int = 3000,
 ) -> list[str]:
     import cProfile
     import io
@@ -249,8 +250,7 @@ def app_cost(
 
         costs = {}
         for kind in kinds:
-            hits(kind, 200)  # warm connections, caches
-            n = 3000
+            hits(kind, min(200, n))  # warm connections, caches
             t0 = time.perf_counter()
             hits(kind, n)
             costs[kind] = (time.perf_counter() - t0) / n * 1e6
