@@ -22,7 +22,7 @@ What it does, all on 127.0.0.1 (but --compare-url), in a temporary directory rem
    the answers are the same bytes, only the cache keys differ, which is all a cache hit sees.
 2. Starts dcapd as shipped: the ``python -m dcapd --config FILE`` command of this checkout, on a
    free port, with dcapd's defaults (``cpu_affinity = auto`` included) but for the benchmark's
-   settings (the cache, OFFLINE, the trusted roots, an admin token; ``--set`` adds any).
+   settings (the cache, OFFLINE, the trusted roots; ``--set`` adds any).
 3. Measures, each phase for ``--duration`` seconds after ``--warmup``, with ``--clients``
    clients (threads in ``--client-procs`` processes, unpinned unless ``--pin``):
 
@@ -39,10 +39,12 @@ What it does, all on 127.0.0.1 (but --compare-url), in a temporary directory rem
    Server CPU per request and peak RSS come from ``/proc/<pid>`` of the dcapd process and of
    every process under it (``--workers``), read before and after each measured window, so the
    clients' work is never in them.
-4. ``--workers N``: every dcapd phase again with ``DCAPD_WORKERS=N``; 1 vs N side by side.
-5. ``--compare-url``: the same phases against another PCCS, alternating with a dcapd loaded
-   the same way: both get the same upload (Intel's accepted upload file, its platform under
-   ``--platforms`` QE IDs) through ``PUT /sgx/certification/v4/platformcollateral``.
+4. ``--workers N``: the HTTPS phases again with ``DCAPD_WORKERS=N``; 1 vs N side by side.
+5. ``--compare-url``: the selected HTTPS phases (or the mix) against another PCCS, alternating
+   with dcapd, on requests both can answer: the same upload (Intel's accepted upload file, its
+   platform under ``--platforms`` QE IDs) goes into dcapd's cache through its upload path and
+   to the other PCCS through ``PUT /sgx/certification/v4/platformcollateral`` (with
+   ``--compare-admin-token``; without it, the other must hold that upload already).
 6. Cold burst: ``--burst`` concurrent identical misses against a LAZY dcapd on an empty cache
    (the fake PCS of the tests answering after ``--burst-delay`` s): upstream calls (target 1).
 7. One cache hit through the WSGI app alone (``--profile``: its cProfile).
@@ -63,6 +65,7 @@ from pathlib import Path
 from bench_data import (
     DEFAULT_FIXTURES,
     WEIGHTS,
+    apply_uploads,
     compare_uploads,
     sqlite_settings,
     use_fixtures,
@@ -145,7 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     load = parser.add_argument_group("load")
     load.add_argument("--clients", type=int, default=32, help="concurrent clients (32)")
     load.add_argument(
-        "--client-procs", type=int, default=2, help="processes the clients are spread over (2)"
+        "--client-procs",
+        type=int,
+        default=2,
+        help="processes the clients are spread over (2; 0: threads of this process, for "
+        "quick checks)",
     )
     load.add_argument("--duration", type=float, default=8.0, help="seconds measured per run (8)")
     load.add_argument(
@@ -179,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=1,
-        help="N > 1: every dcapd phase with 1 worker process (default), then with "
-        "DCAPD_WORKERS=N, side by side",
+        help="N > 1: the HTTPS phases with 1 worker process (default), then with "
+        "DCAPD_WORKERS=N ([server] workers), side by side",
     )
     server.add_argument("--threads", type=int, help="[server] threads")
     server.add_argument(
@@ -212,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     other.add_argument(
         "--compare-url",
         metavar="URL",
-        help="its root, e.g. https://127.0.0.1:8081: the selected HTTPS phases run against it "
-        "and a dcapd given the same upload, alternating; prints the ratios",
+        help="its root, e.g. https://127.0.0.1:8081: the selected HTTPS phases (else the mix) "
+        "run against it and dcapd, alternating, on the same upload; prints the ratios",
     )
     other.add_argument(
         "--compare-admin-token",
@@ -387,8 +394,9 @@ class Bench:
             name, self.workdir, cache_dir, self.roots, tls, workers=workers, extra=self.extra
         )
 
-    def dcapd_phases(self, label: str, workers: int | None) -> None:
-        """The selected dcapd phases: one dcapd (HTTPS) per platform count, one over HTTP."""
+    def dcapd_phases(self, label: str, workers: int | None, compare=None) -> None:
+        """The selected dcapd phases: one dcapd (HTTPS) per platform count (then ``compare``
+        with the last one), one over HTTP (with the default workers only)."""
         last = self.counts[-1]
         for count in self.counts:
             todo = [
@@ -396,16 +404,18 @@ class Bench:
                 for p in ("tcb", "pckcert", "mix", "newconn")
                 if p in self.phases and (p in BY_COUNT or count == last)
             ]
-            if not todo:
+            if not todo and not (compare and count == last):
                 continue
             cache_dir, spec = self.specs[count]
             server = self.dcapd(f"https-{count}", cache_dir, True, workers)
             try:
                 for phase in todo:
                     self.measure(server, label, phase, count, spec)
+                if compare and count == last:
+                    compare(server)
             finally:
                 server.stop()
-        if "http" in self.phases:
+        if "http" in self.phases and workers is None:
             cache_dir, spec = self.specs[last]
             server = self.dcapd("http", cache_dir, False, workers)
             try:
@@ -447,39 +457,17 @@ def compare_phases(bench: Bench) -> list[str]:
     return [p for p in ("tcb", "pckcert", "mix", "newconn") if p in bench.phases] or ["mix"]
 
 
-def run_compare(bench: Bench, remote: Remote, attempt: int, state: dict) -> None:
-    """The compare phases against a dcapd given the comparison's upload and against the other
-    PCCS, alternating."""
-    args = bench.args
-    count = bench.counts[-1]
-    if "spec" not in state:
-        bodies, state["spec"] = compare_uploads(count)
-        state["bodies"] = bodies
-        if args.compare_admin_token:
-            print(
-                f"compare: uploading {count} platforms ({len(bodies)} PUTs) to {remote.url}",
-                flush=True,
-            )
-            put_collateral(
-                remote.host,
-                remote.port,
-                remote.tls,
-                args.compare_admin_token,
-                bodies,
-                verify=not args.compare_insecure,
-            )
-    spec = state["spec"]
-    server = bench.dcapd("compare", bench.workdir / "cache-compare", True, None)
-    try:
-        if not state.get("uploaded"):
-            token, bodies = server.admin_token, state["bodies"]
-            put_collateral(server.host, server.port, True, token, bodies, verify=False)
-            state["uploaded"] = True
+def compare_with(bench: Bench, remote: Remote, spec: dict):
+    """The compare phases against the dcapd ``server`` and against the other PCCS, alternating
+    (both hold the comparison's upload)."""
+
+    def run(server) -> None:
+        count = bench.counts[-1]
         for phase in compare_phases(bench):
             bench.measure(server, "dcapd (same upload)", phase, count, spec)
             bench.measure(remote, "other", phase, count, spec)
-    finally:
-        server.stop()
+
+    return run
 
 
 def report(bench: Bench, remote: Remote | None, burst: list) -> None:
@@ -641,8 +629,12 @@ def main(argv=None) -> int:
         bench = Bench(args, workdir, roots, phases, counts)
         print(
             f"dcapd bench: phases {', '.join(phases)}; {args.clients} clients "
-            f"({min(args.client_procs, args.clients)} processes"
-            f"{', pinned to CPUs ' + str(bench.client_cpus) if args.pin else ', unpinned'}); "
+            + (
+                f"({min(args.client_procs, args.clients)} processes"
+                if args.client_procs
+                else "(threads of this process"
+            )
+            + f"{', pinned to CPUs ' + str(bench.client_cpus) if args.pin else ', unpinned'}); "
             f"{args.duration:g} s per run (+{args.warmup:g} s warm-up); dcapd: python -m dcapd"
             f" with its defaults{' + ' + str(bench.extra) if bench.extra else ''}; "
             f"{os.cpu_count()} CPUs; Python {sys.version.split()[0]}",
@@ -660,17 +652,34 @@ def main(argv=None) -> int:
             )
             bench.specs[count] = (cache_dir, spec)
 
-        print(f"\n{HEADER}", flush=True)
         worker_runs: list = [("dcapd", None)]
         if args.workers > 1:
             worker_runs.append((f"dcapd w{args.workers}", args.workers))
-        compare_state: dict = {}
-        for attempt in range(args.repeat):
+        compare = None
+        if remote is not None:
+            bodies, compare_spec = compare_uploads(counts[-1])
+            took = apply_uploads(bench.specs[counts[-1]][0], roots, bodies)
+            print(
+                f"compare: the {counts[-1]}-platform cache also holds the comparison's upload "
+                f"({len(bodies)} bodies, {took:.1f} s)",
+                flush=True,
+            )
+            if args.compare_admin_token:
+                put_collateral(
+                    remote.host,
+                    remote.port,
+                    remote.tls,
+                    args.compare_admin_token,
+                    bodies,
+                    verify=not args.compare_insecure,
+                )
+                print(f"compare: uploaded to {remote.url} (PUT /platformcollateral)", flush=True)
+            compare = compare_with(bench, remote, compare_spec)
+        print(f"\n{HEADER}", flush=True)
+        for _ in range(args.repeat):
             for label, workers in worker_runs:
-                bench.dcapd_phases(label, workers)
+                bench.dcapd_phases(label, workers, compare if workers is None else None)
             bench.ceilings()
-            if remote is not None:
-                run_compare(bench, remote, attempt, compare_state)
 
         if args.profile_server:
             cache_dir, spec = bench.specs[counts[-1]]

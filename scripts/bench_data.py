@@ -29,10 +29,10 @@ WEIGHTS = {"mix": MIX, "tcb": (("tcb", 1.0),), "pckcert": (("pckcert", 1.0),)}
 # ------------------------------------------------------------------------------------------
 
 
-def qeids(n_platforms: int, base_qeid: str) -> list[str]:
-    """QE IDs of the cached platforms: the test platform's, then generated ones."""
+def qeids(n_platforms: int, base_qeid: str, salt: str = "dcapd-bench") -> list[str]:
+    """QE IDs of the cached platforms: the uploaded platform's, then generated ones."""
     return [base_qeid] + [
-        hashlib.sha256(b"dcapd-bench-%d" % i).hexdigest()[:32].upper()
+        hashlib.sha256(b"%s-%d" % (salt.encode(), i)).hexdigest()[:32].upper()
         for i in range(1, n_platforms)
     ]
 
@@ -49,7 +49,7 @@ class Mix:
 
     def __init__(self, spec: dict, seed: int, weights=MIX):
         self.rng = random.Random(seed)
-        self.qeids = qeids(spec["platforms"], spec["base_qeid"])
+        self.qeids = qeids(spec["platforms"], spec["base_qeid"], spec.get("salt", "dcapd-bench"))
         self.raw_tcbs = [tuple(raw) for raw in spec["raw_tcbs"]]
         self.pceid, self.enc_ppid = spec["pceid"], spec["enc_ppid"]
         self.targets = {"tcb": spec["tcb_targets"], "identity": spec["identity_targets"]}
@@ -306,8 +306,8 @@ def compare_uploads(n_platforms: int, batch: int = 250) -> tuple[list[dict], dic
     base = intel_upload()
     platform = base["platforms"][0]
     pck = base["collaterals"]["pck_certs"][0]
-    base_qeid = platform["qe_id"].upper()
-    ids = qeids(n_platforms, base_qeid)
+    base_qeid, salt = platform["qe_id"].upper(), "dcapd-bench-compare"
+    ids = qeids(n_platforms, base_qeid, salt)  # not the QE IDs of the bench's own platforms
     bodies = []
     for start in range(0, n_platforms, batch):
         body = copy.deepcopy(base)  # each batch whole: accepted alone, as Intel's was
@@ -334,6 +334,7 @@ def compare_uploads(n_platforms: int, batch: int = 250) -> tuple[list[dict], dic
     spec = {
         "platforms": n_platforms,
         "base_qeid": base_qeid,
+        "salt": salt,
         "raw_tcbs": [(platform["cpu_svn"].upper(), platform["pce_svn"].upper())],
         "pceid": platform["pce_id"],
         # QCNL sends one; a cached answer does not depend on it (the test platform's).
@@ -348,3 +349,22 @@ def _test_enc_ppid() -> str:
     from tests import pki
 
     return pki.default_platform().encrypted_ppid
+
+
+def apply_uploads(cache_dir: Path, roots: Path, bodies: list[dict]) -> float:
+    """Load upload bodies into a cache through dcapd's own upload path (``CollateralUpload``,
+    what PUT /platformcollateral runs); returns the seconds it took."""
+    import logging
+
+    from dcapd.app import create_app
+
+    logging.getLogger("dcapd").setLevel(logging.ERROR)  # expired fixture data is logged
+    started = time.perf_counter()
+    app = create_app(bench_config(cache_dir, roots, cache_mode="OFFLINE"))
+    try:
+        for body in bodies:
+            app.services.upload.apply(4, body)
+    finally:
+        app.services.store.close()
+        app.services.upstream.close()
+    return time.perf_counter() - started

@@ -17,6 +17,8 @@ import ssl
 import threading
 import time
 from array import array
+from types import SimpleNamespace
+from typing import Any
 
 from bench_data import Mix
 from bench_servers import tree_pids, tree_stats, unverified_context
@@ -271,8 +273,12 @@ def run_load(server, spec: dict, args, weights: tuple, mode: str, client_cpus: l
     """Drive ``server`` (``host``, ``port``, ``tls``, ``pid``) with ``args.clients`` clients for
     ``args.duration`` seconds after ``args.warmup``; the figures of that window."""
     import multiprocessing
+    import queue
 
-    ctx = multiprocessing.get_context("spawn")
+    ctx: Any = multiprocessing.get_context("spawn")
+    in_process = args.client_procs == 0  # quick checks: no process to spawn
+    if in_process:  # threads of this process (their CPU: this whole process's)
+        ctx = SimpleNamespace(Queue=queue.Queue, Event=threading.Event, Process=threading.Thread)
     procs = max(1, min(args.client_procs, args.clients))
     shares = [args.clients // procs + (1 if i < args.clients % procs else 0) for i in range(procs)]
     ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
@@ -308,7 +314,7 @@ def run_load(server, spec: dict, args, weights: tuple, mode: str, client_cpus: l
         for _ in workers:
             ready.get(timeout=120)
         server_pids = set(tree_pids(server.pid)) if server.pid and os.path.isdir("/proc") else set()
-        ours = {os.getpid()} | server_pids | {worker.pid for worker in workers}
+        ours = {os.getpid()} | server_pids | {getattr(w, "pid", 0) for w in workers}
         go.set()
         started = time.perf_counter()
         time.sleep(args.warmup)
@@ -327,7 +333,7 @@ def run_load(server, spec: dict, args, weights: tuple, mode: str, client_cpus: l
     finally:
         for worker in workers:
             worker.join(10)
-            if worker.is_alive():
+            if worker.is_alive() and not in_process:
                 worker.terminate()
     failed = [o["failed"] for o in outcomes if o["failed"]]
     if failed:

@@ -15,11 +15,9 @@ of every process under it (worker processes), so the clients' work is never in t
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
-import secrets
 import signal
 import socket
 import ssl
@@ -242,7 +240,7 @@ class _Logged:
 class DcapdCommand(_Logged):
     """``python -m dcapd --config FILE`` on a free port, from this checkout, with dcapd's
     defaults but for the benchmark's settings (:data:`DCAPD_SETTINGS`, the cache, the
-    trusted roots, an admin token for the comparison's upload) and ``extra`` (``[section]
+    trusted roots) and ``extra`` (``[section]
     key``: value). The environment's own ``DCAPD_*`` variables are not passed on (they would
     override the file); ``workers`` sets ``DCAPD_WORKERS``."""
 
@@ -260,16 +258,12 @@ class DcapdCommand(_Logged):
     ):
         self.name, self.tls = name, tls
         self.port = free_port()
-        self.admin_token = secrets.token_hex(16)
         sections: dict[str, dict[str, str]] = {
             section: dict(values) for section, values in DCAPD_SETTINGS.items()
         }
         sections["server"].update(listen=f"127.0.0.1:{self.port}", tls="auto" if tls else "off")
         sections["cache"]["dir"] = str(cache_dir)
         sections["upstream"]["trusted_roots"] = str(roots)
-        sections["auth"] = {
-            "admin_token_sha512": hashlib.sha512(self.admin_token.encode()).hexdigest()
-        }
         for (section, key), value in (extra or {}).items():
             sections.setdefault(section, {})[key] = value
         ini = workdir / f"dcapd-{name}.ini"
