@@ -3,7 +3,7 @@
 
 One command, from a checkout (``pip install .`` or not)::
 
-    python scripts/bench.py                      # every phase below, ~80 s on 2 cores
+    python scripts/bench.py                      # every phase below, ~70 s on 2 cores
     python scripts/bench.py --repeat 3           # ranges over 3 runs of each (for README)
     python scripts/bench.py --phases tcb,newconn # only some phases
     python scripts/bench.py --sweep 10,10000     # flatness: 10 vs 10,000 cached platforms
@@ -107,14 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
         "cache hits: HTTPS keep-alive per path and mixed, a new TLS connection per request, "
         "plain HTTP vs bare waitress; prints issue 15's targets with the figures.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="phases: tcb, pckcert, mix (HTTPS keep-alive: /tcb only, /pckcert only, "
-        "70%% /pckcert + 20%% /tcb + 10%% /qe/identity); newconn (HTTPS /tcb, one TLS "
-        "connection per request, resumption offered); http (the mix over plain HTTP: dcapd "
-        "with tls = off, then bare waitress serving the same bytes); ceiling (the mix, the "
-        "same bytes behind dcapd's TLS front; not in the default set).\n\n"
-        "CPU/req = server CPU time (all its processes) per request; srvCPU, cliCPU, other = "
-        "cores used by the server, the load generator, every other process; busy = whole "
-        "machine; peakMiB = largest VmHWM of the server's processes; procs = server processes.",
+        epilog="""phases:
+  tcb, pckcert, mix  HTTPS keep-alive: /tcb only, /pckcert only, and the mix
+                     (70% /pckcert, 20% /tcb, 10% /qe/identity)
+  newconn            HTTPS /tcb, a new TLS connection per request (resumption offered)
+  http               the mix over plain HTTP: dcapd with tls = off, then bare waitress
+                     serving the same bytes
+  ceiling            the mix, the same bytes behind dcapd's TLS front (not by default)
+
+columns:
+  CPU/req            server CPU time (all its processes) per request
+  srvCPU, cliCPU     cores used by the server and by the load generator
+  other, busy        cores used by every other process; the whole machine's use
+  peakMiB, procs     largest VmHWM of the server's processes; their number""",
     )
     what = parser.add_argument_group("what to measure")
     what.add_argument(
@@ -520,15 +525,22 @@ def report(bench: Bench, remote: Remote | None, burst: list) -> None:
                 cpu = (
                     f"; CPU/req {ours_cpu:.3f} vs {theirs_cpu:.3f} ms (other/dcapd "
                     f"{theirs_cpu / ours_cpu:.2f})"
-                    f"; peak RSS {max(r['hwm_mib'] for r in ours):.0f} vs "
-                    f"{max(r['hwm_mib'] for r in theirs):.0f} MiB"
                 )
             print(
                 f"  {phase:<8} req/s dcapd {med(ours, 'rps'):.0f} vs other "
                 f"{med(theirs, 'rps'):.0f}: ratio dcapd/other "
                 f"{med(ours, 'rps') / med(theirs, 'rps'):.2f}" + cpu
             )
-        if not remote.pid:
+        if remote.pid:
+            peak = {
+                who: max(r["hwm_mib"] for k, rs in runs.items() if k[0] == who for r in rs)
+                for who in ("dcapd (same upload)", "other")
+            }
+            print(
+                f"  peak RSS over each process's life (VmHWM, largest process): dcapd "
+                f"{peak['dcapd (same upload)']:.0f} MiB, other {peak['other']:.0f} MiB"
+            )
+        else:
             print("  (server CPU and peak RSS of the other: give --compare-pid)")
 
     print(
