@@ -147,3 +147,17 @@ def test_without_intels_certificate_files_a_certificate_is_generated(
     assert cli.main(argv + ["--cache-dir", str(tmp_path / "cache")]) == 0
     (config,) = no_server
     assert (config.cache_mode, config.cert_file, config.key_file) == ("OFFLINE", "", "")
+
+
+def test_workers_where_unsupported_serve_in_one_process_and_say_so(
+    tmp_path, monkeypatch, no_server, capsys
+):
+    argv = ["--listen", "127.0.0.1:0", "--cache-dir", str(tmp_path), "--workers", "3"]
+    assert _refused(capsys, argv[:-1] + ["0"]) == (
+        "dcapd: [server] workers / DCAPD_WORKERS: must be > 0, got '0'"
+    )
+    monkeypatch.setattr("dcapd.cli.unsupported_reason", lambda: "Windows has no SO_REUSEPORT")
+    assert cli.main(argv) == 0
+    assert [config.workers for config in no_server] == [1]
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "workers =" in line]
+    assert line.endswith("workers = 3: Windows has no SO_REUSEPORT; serving with one process")

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from dcapd.cli import check_tls_files
 from dcapd.schedule import RefreshScheduler
+from dcapd.supervisor import WorkerRole, as_worker, shared_certificate
 from tests.conftest import INTEL_ROOT_CDP
 
 pytestmark = pytest.mark.skipif(
@@ -220,3 +222,26 @@ def test_two_workers_refresh_once_between_them(tmp_path, fake_pcs, make_client, 
         assert len(calls) == len({repr(call) for call in calls}), "an entry fetched twice"
     finally:
         dcapd.close()
+
+
+def test_on_postgresql_the_generated_certificate_is_shared_in_memory(make_config):
+    config = make_config(tls="auto", cache_dir="", cache_url="postgresql://dcapd@127.0.0.1:9/dcapd")
+    path, fd = shared_certificate(config)
+    try:
+        assert fd is not None and path == f"/proc/self/fd/{fd}"
+        worker = as_worker(config, WorkerRole(0, 4711, path))
+        assert (worker.cert_file, worker.key_file, worker.listen) == (
+            path,
+            path,
+            ("127.0.0.1", 4711),
+        )
+        check_tls_files(worker)  # a certificate and its key, usable by the TLS front
+        # What a worker started with this fd inherited reads under the same name.
+        script = f"import sys; sys.stdout.write(open({path!r}).read())"
+        seen = subprocess.run(
+            [sys.executable, "-c", script], pass_fds=(fd,), capture_output=True, check=True
+        ).stdout
+        assert seen == Path(path).read_bytes() and b"PRIVATE KEY" in seen
+    finally:
+        if fd is not None:
+            os.close(fd)
