@@ -419,8 +419,14 @@ def read_ini(path: str) -> dict[str, str]:
 
 
 # Variables dcapd reads beside the settings' own (DCAPD_CONFIG names the ini file; the
-# supervisor tells each worker process its number and port with the last two).
-OTHER_VARIABLES = ("DCAPD_CONFIG", "DCAPD_INTEL_CONFIG", "DCAPD_WORKER_INDEX", "DCAPD_WORKER_PORT")
+# supervisor tells each worker process its number, port and shared certificate with the rest).
+OTHER_VARIABLES = (
+    "DCAPD_CONFIG",
+    "DCAPD_INTEL_CONFIG",
+    "DCAPD_WORKER_INDEX",
+    "DCAPD_WORKER_PORT",
+    "DCAPD_WORKER_TLS_FILE",
+)
 
 
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:

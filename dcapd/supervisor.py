@@ -86,7 +86,7 @@ class WorkerRole:
 def worker_role(environ: Mapping[str, str] | None = None) -> WorkerRole | None:
     """This process's role when a supervisor started it, else None."""
     environ = os.environ if environ is None else environ
-    if INDEX_VARIABLE not in environ:
+    if INDEX_VARIABLE not in environ or PORT_VARIABLE not in environ:
         return None
     return WorkerRole(
         int(environ[INDEX_VARIABLE]), int(environ[PORT_VARIABLE]), environ.get(TLS_VARIABLE, "")
