@@ -300,24 +300,36 @@ class Supervisor:
                     log.info("worker %d restarted (pid %d)", slot.index, slot.process.pid)
 
     def _stop_workers(self) -> None:
-        running = [s.process for s in self.slots if s.process is not None]
+        running = [(s.index, s.process) for s in self.slots if s.process is not None]
         log.info(
             "%s received: stopping %d worker(s) (grace period %g s)",
             self._signal_name,
             len(running),
             self.config.grace_period,
         )
-        for process in running:
+        for _, process in running:
             try:
                 process.send_signal(signal.SIGTERM)
             except OSError:  # pragma: no cover - already gone
                 pass
         deadline = time.monotonic() + self.config.grace_period + STOP_MARGIN
-        for process in running:
+        for index, process in running:
             try:
-                process.wait(max(0.0, deadline - time.monotonic()))
+                code = process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("worker pid %d did not stop in time: killed", process.pid)
+                log.warning(
+                    "worker %d (pid %d) still running %g s after SIGTERM: killed",
+                    index,
+                    process.pid,
+                    self.config.grace_period + STOP_MARGIN,
+                )
                 process.kill()
-                process.wait()
+                code = process.wait()
+            if code != 0:  # e.g. stopped while still starting
+                log.info(
+                    "worker %d (pid %d) exited with %s",
+                    index,
+                    process.pid,
+                    _describe_exit(code),
+                )
         log.info("all workers stopped")
