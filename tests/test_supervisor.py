@@ -136,14 +136,23 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_two_workers_serve_one_port_a_killed_one_is_replaced_and_sigterm_stops_all(
-    tmp_path, make_config
+def test_two_workers_answer_refresh_once_a_killed_one_is_replaced_sigterm_stops_all(
+    tmp_path, fake_pcs, make_client, make_config
 ):
-    roots = make_config().trusted_roots
+    """One run of the command for all of it (each start costs three Python processes)."""
+    fake = fake_pcs(SCENARIO)
+    # A cache holding collateral past its nextUpdate: a scheduler refreshes at its start.
+    client = make_client(fake)
+    tcb = client.simulate_get("/sgx/certification/v4/tcb", params={"fmspc": "00906ED50000"})
+    assert tcb.status_code == 200
+    assert client.simulate_get("/sgx/certification/v4/qe/identity").status_code == 200
+    fake.reset_calls()
     dcapd = Supervised(
-        tmp_path, ["--workers", "2"], DCAPD_TLS="auto", DCAPD_CACHE_MODE="OFFLINE",
-        DCAPD_TRUSTED_ROOTS=roots,
+        tmp_path, ["--workers", "2"], DCAPD_TLS="auto", DCAPD_CACHE_MODE="LAZY",
+        DCAPD_TRUSTED_ROOTS=make_config().trusted_roots, DCAPD_PCS_URL=fake.pcs_url,
+        DCAPD_URL_MAP=fake.url_map, DCAPD_ROOTCA_CRL_URL=INTEL_ROOT_CDP,
     )  # fmt: skip
+    listening = time.monotonic()
     try:
         allowed = sorted(os.sched_getaffinity(0))
         if len(allowed) > 1:  # cpu_affinity = auto: each worker on its own CPU
@@ -151,8 +160,7 @@ def test_two_workers_serve_one_port_a_killed_one_is_replaced_and_sigterm_stops_a
                 {allowed[0]},
                 {allowed[1]},
             ]
-        kept = (tmp_path / "cache" / "tls" / "dcapd.crt").read_text()
-        kept_der = ssl.PEM_cert_to_DER_cert(kept)
+        kept_der = ssl.PEM_cert_to_DER_cert((tmp_path / "cache" / "tls" / "dcapd.crt").read_text())
 
         def serve_until_seen(pids: list[int], wanted: set[int]) -> None:
             served: set[int | None] = set()
@@ -166,6 +174,16 @@ def test_two_workers_serve_one_port_a_killed_one_is_replaced_and_sigterm_stops_a
             assert served - {None} <= set(pids) and wanted <= served, (served, pids)
 
         serve_until_seen(dcapd.pids, set(dcapd.pids))
+
+        # One refresh between the two workers, each of whose schedulers would be due.
+        done = re.compile(r"scheduled refresh \(.*\) (done elsewhere|done)\n")
+        dcapd.wait_for(done)
+        # Long enough for every worker's scheduler to have made its check at start.
+        time.sleep(max(0.0, listening + RefreshScheduler.STARTUP_DELAY + 0.5 - time.monotonic()))
+        assert [m.group(1) for m in done.finditer(dcapd.text())] == ["done"]
+        calls = [(c.path, sorted(c.query.items())) for c in fake.calls]
+        assert fake.count("/sgx/certification/v4/tcb") == 1
+        assert len(calls) == len({repr(call) for call in calls}), "an entry fetched twice"
 
         killed = dcapd.pids[1]
         os.kill(killed, signal.SIGKILL)
@@ -189,37 +207,6 @@ def test_two_workers_serve_one_port_a_killed_one_is_replaced_and_sigterm_stops_a
         assert "SIGTERM received: stopping 2 worker(s)" in text
         assert text.count("SIGTERM received: shutting down") == 2
         assert "all workers stopped" in text and "Traceback" not in text
-    finally:
-        dcapd.close()
-
-
-def test_two_workers_refresh_once_between_them(tmp_path, fake_pcs, make_client, make_config):
-    fake = fake_pcs(SCENARIO)
-    # A cache holding collateral past its nextUpdate: each scheduler refreshes at its start.
-    client = make_client(fake)
-    assert (
-        client.simulate_get(
-            "/sgx/certification/v4/tcb", params={"fmspc": "00906ED50000"}
-        ).status_code
-        == 200
-    )
-    assert client.simulate_get("/sgx/certification/v4/qe/identity").status_code == 200
-    fake.reset_calls()
-    dcapd = Supervised(
-        tmp_path, [], DCAPD_WORKERS="2", DCAPD_TLS="off", DCAPD_CACHE_MODE="LAZY",
-        DCAPD_TRUSTED_ROOTS=make_config().trusted_roots, DCAPD_PCS_URL=fake.pcs_url,
-        DCAPD_URL_MAP=fake.url_map, DCAPD_ROOTCA_CRL_URL=INTEL_ROOT_CDP,
-    )  # fmt: skip
-    try:
-        listening = time.monotonic()
-        done = re.compile(r"scheduled refresh \(.*\) (done elsewhere|done)\n")
-        dcapd.wait_for(done)
-        # Long enough for every worker's scheduler to have made its check at start.
-        time.sleep(max(0.0, listening + RefreshScheduler.STARTUP_DELAY + 1.0 - time.monotonic()))
-        assert [m.group(1) for m in done.finditer(dcapd.text())] == ["done"]
-        calls = [(c.path, sorted(c.query.items())) for c in fake.calls]
-        assert fake.count("/sgx/certification/v4/tcb") == 1
-        assert len(calls) == len({repr(call) for call in calls}), "an entry fetched twice"
     finally:
         dcapd.close()
 
