@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import ssl
@@ -16,7 +17,17 @@ from .intelconfig import intel_tls_files, read_intel_config, report_intel_config
 from .logs import configure_from
 from .schedule import scheduler_for
 from .server import Server
-from .services import build_services
+from .services import Services, build_services
+from .supervisor import (
+    Supervisor,
+    WorkerRole,
+    as_worker,
+    die_with_parent,
+    ignore_second_stop_signal,
+    unsupported_reason,
+    worker_cpu,
+    worker_role,
+)
 
 log = logging.getLogger("dcapd")
 
@@ -47,10 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def pin_to_cpus(cpu_list: str) -> None:
-    """Run on the given CPUs only (Linux): one CPU keeps the GIL from moving between CPUs."""
+def pin_to_cpus(cpu_list: str, worker: int | None = None) -> None:
+    """Run on the given CPUs only (Linux): one CPU keeps the GIL from moving between CPUs.
+    A *worker* process (``[server] workers``) runs on its own one of them."""
     if not cpu_list:
         return
+    if worker is not None:
+        cpu = worker_cpu(cpu_list, worker)
+        if cpu is not None:
+            cpu_list = str(cpu)
     if not hasattr(os, "sched_setaffinity"):
         if cpu_list != "auto":
             log.warning("cpu_affinity is not supported on this system; ignored")
@@ -67,7 +83,8 @@ def pin_to_cpus(cpu_list: str) -> None:
     except OSError as exc:
         log.warning("cpu_affinity %s could not be applied (%s); running on any CPU", cpu_list, exc)
         return
-    log.info("running on CPU(s) %s", ",".join(map(str, sorted(cpus))))
+    who = "running" if worker is None else f"worker {worker} (pid {os.getpid()}) running"
+    log.info("%s on CPU(s) %s", who, ",".join(map(str, sorted(cpus))))
 
 
 def setting_label(name: str) -> str:
@@ -118,6 +135,7 @@ def log_roles(config: Config) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     overrides = {s.name: getattr(args, s.name) for s in SETTINGS}
     intel_config = args.intel_config or os.environ.get("DCAPD_INTEL_CONFIG")
@@ -132,10 +150,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dcapd: {exc}", file=sys.stderr)
         return 2
     configure_from(config)
-    for line in unknown_variables():
-        log.warning("%s", line)
-    if intel_config:
-        report_intel_config(intel_config, intel_values, intel_unknown)
+    role = worker_role()
+    if role is None:  # a worker's supervisor said all this already
+        for line in unknown_variables():
+            log.warning("%s", line)
+        if intel_config:
+            report_intel_config(intel_config, intel_values, intel_unknown)
+    else:
+        config = as_worker(config, role)
     try:
         check_tls_files(config)
         services = build_services(config)
@@ -150,19 +172,52 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    app = app_for(services)
-    log_roles(config)
-    log.info(
-        "cache: %s in %s mode; upstream %s",
-        services.store.description,
-        config.cache_mode,
-        config.pcs_url,
-    )
-    pin_to_cpus(config.cpu_affinity)
-    scheduler = scheduler_for(services)
-    scheduler.start()
+    if role is None:
+        log_roles(config)
+        log.info(
+            "cache: %s in %s mode; upstream %s",
+            services.store.description,
+            config.cache_mode,
+            config.pcs_url,
+        )
+        if config.workers > 1:
+            reason = unsupported_reason()
+            if reason is None:
+                services.close()  # checked and opened once (a migration runs here): the
+                return supervise(config, argv)  # workers open their own
+            log.warning("workers = %d: %s; serving with one process", config.workers, reason)
+            config = dataclasses.replace(config, workers=1)
+    return serve(config, services, role)
+
+
+def supervise(config: Config, argv: Sequence[str]) -> int:
+    """Become the supervisor of ``config.workers`` worker processes (dcapd.supervisor)."""
     try:
-        Server(app, config, lifecycle=services.lifecycle).serve_forever()
+        return Supervisor(config, argv, config.workers).run()
+    except OSError as exc:
+        print(
+            f"dcapd: cannot serve on {config.listen_host}:{config.listen_port}: {exc}",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def serve(config: Config, services: Services, role: WorkerRole | None) -> int:
+    """Serve in this process (alone, or as the worker *role*) until a stop signal."""
+    app = app_for(services)
+    if role is not None:
+        die_with_parent(role)
+    pin_to_cpus(config.cpu_affinity, None if role is None else role.index)
+    # One refresh schedule between workers: worker 0's (why: dcapd.supervisor).
+    scheduler = scheduler_for(services) if role is None or role.index == 0 else None
+    if scheduler is not None:
+        scheduler.start()
+    server = Server(app, config, lifecycle=services.lifecycle, reuse_port=role is not None)
+    try:
+        if role is not None:
+            server.start()
+            ignore_second_stop_signal()
+        server.serve_forever()
     except OSError as exc:
         print(
             f"dcapd: cannot serve on {config.listen_host}:{config.listen_port}: {exc}",
@@ -170,6 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     finally:
-        scheduler.stop(timeout=1.0)  # the grace period was for requests; a refresh is cut
+        if scheduler is not None:
+            scheduler.stop(timeout=1.0)  # the grace period was for requests; a refresh is cut
         services.close()
     return 0

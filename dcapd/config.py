@@ -242,6 +242,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Linux: CPUs to run on: auto = one CPU of those allowed (keeps the GIL from being "
             "handed between CPUs: several times less CPU per request), all (or empty) = any, "
             "or CPU numbers like 0 or 0,1"),
+    Setting("workers", "server", "workers", "DCAPD_WORKERS", "1", _positive(int),
+            "Linux: processes serving the one port and cache, each on its own CPU, supervised "
+            "by the dcapd process (restarted if one dies); elsewhere always 1"),
     Setting("max_body_bytes", "server", "max_body_bytes", "DCAPD_MAX_BODY_BYTES",
             str(512 * 1024 * 1024), _positive(int),
             "largest request body accepted (a 10,000-platform collateral upload fits)"),
@@ -350,6 +353,7 @@ class Config:
     url_map: dict[str, str] = field(hash=False)
     max_body_bytes: int
     cpu_affinity: str
+    workers: int
     upstream_timeout: float
     upstream_retries: int
     cache_dir: str
@@ -414,8 +418,15 @@ def read_ini(path: str) -> dict[str, str]:
     return values
 
 
-# Variables dcapd reads beside the settings' own (DCAPD_CONFIG names the ini file).
-OTHER_VARIABLES = ("DCAPD_CONFIG", "DCAPD_INTEL_CONFIG")
+# Variables dcapd reads beside the settings' own (DCAPD_CONFIG names the ini file; the
+# supervisor tells each worker process its number, port and shared certificate with the rest).
+OTHER_VARIABLES = (
+    "DCAPD_CONFIG",
+    "DCAPD_INTEL_CONFIG",
+    "DCAPD_WORKER_INDEX",
+    "DCAPD_WORKER_PORT",
+    "DCAPD_WORKER_TLS_FILE",
+)
 
 
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:

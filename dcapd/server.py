@@ -112,7 +112,14 @@ def _strip_brackets(host: str) -> str:
     return host
 
 
-def bind_sockets(host: str, port: int, backlog: int = BACKLOG) -> list[socket.socket]:
+def bind_sockets(
+    host: str,
+    port: int,
+    backlog: int = BACKLOG,
+    *,
+    reuse_port: bool = False,
+    listen: bool = True,
+) -> list[socket.socket]:
     """Bind and listen on every address *host* resolves to, all on the same port.
 
     ``''`` or ``'*'`` means every interface.  With ``port == 0`` the first
@@ -120,13 +127,17 @@ def bind_sockets(host: str, port: int, backlog: int = BACKLOG) -> list[socket.so
     v6-only so ``localhost`` can be bound as both ``127.0.0.1`` and ``::1``.
     Addresses the host cannot bind at all (e.g. ``::1`` with IPv6 disabled)
     are skipped when another one worked.
+
+    *reuse_port* (Linux worker processes, :mod:`dcapd.supervisor`): ``SO_REUSEPORT``, so
+    several processes listen on the one port and the kernel spreads connections over them.
+    *listen* false: bound only, to reserve the port (such a socket gets no connections).
     """
     name: str | None = _strip_brackets(host)
     if name in ("", "*"):
         name = None
     for attempt in range(5):
         try:
-            return _bind_once(name, int(port), backlog)
+            return _bind_once(name, int(port), backlog, reuse_port, listen)
         except OSError as exc:
             if port == 0 and exc.errno == errno.EADDRINUSE and attempt < 4:
                 continue  # the ephemeral port was free on one family only: try another
@@ -134,7 +145,9 @@ def bind_sockets(host: str, port: int, backlog: int = BACKLOG) -> list[socket.so
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _bind_once(name: str | None, port: int, backlog: int) -> list[socket.socket]:
+def _bind_once(
+    name: str | None, port: int, backlog: int, reuse_port: bool = False, listen: bool = True
+) -> list[socket.socket]:
     infos = socket.getaddrinfo(
         name, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
     )
@@ -158,10 +171,13 @@ def _bind_once(name: str | None, port: int, backlog: int) -> list[socket.socket]
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
                 else:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 if family == getattr(socket, "AF_INET6", None) and hasattr(socket, "IPPROTO_IPV6"):
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind(addr)
-                sock.listen(backlog)
+                if listen:
+                    sock.listen(backlog)
             except OSError as exc:
                 sock.close()
                 if exc.errno == errno.EADDRINUSE:
@@ -211,11 +227,14 @@ class Server:
         config: Config,
         gate: BodyGate | None | bool = True,
         lifecycle: Lifecycle | None = None,
+        reuse_port: bool = False,
     ):
         """*gate*: the body rules (:mod:`dcapd.gate`), applied by the TLS front from each
         request head and in front of *app*; ``True`` (default): dcapd's, built from *config*;
         ``None``: any body up to ``max_body_bytes`` on any path (for other WSGI apps).
-        *lifecycle*: set draining when a stop begins (the app's ``/readyz`` reads it)."""
+        *lifecycle*: set draining when a stop begins (the app's ``/readyz`` reads it).
+        *reuse_port*: the public address is bound with ``SO_REUSEPORT`` (one of several
+        worker processes on one port, Linux)."""
         self.app = app
         self.lifecycle = lifecycle if lifecycle is not None else Lifecycle()
         self.grace_period = float(getattr(config, "grace_period", 10.0))
@@ -226,6 +245,7 @@ class Server:
         if config.tls not in ("auto", "off"):
             raise ValueError(f"tls must be 'auto' or 'off', not {config.tls!r}")
         self.tls = config.tls
+        self.reuse_port = reuse_port
         if not config.tls_handshake_timeout > 0:
             raise ValueError("tls_handshake_timeout must be > 0")
         self.port: int | None = None
@@ -333,7 +353,9 @@ class Server:
 
     def _start(self) -> None:
         _raise_fd_limit()
-        self._public_socks = bind_sockets(self.listen_host, self.listen_port)
+        self._public_socks = bind_sockets(
+            self.listen_host, self.listen_port, reuse_port=self.reuse_port
+        )
         self.addresses = [tuple(s.getsockname()[:2]) for s in self._public_socks]
         self.port = self.addresses[0][1]
         scheme = "http" if self.tls == "off" else "https"

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 
 import pytest
 
 from dcapd import cli
+from dcapd.supervisor import unsupported_reason
 
 
 @pytest.fixture
@@ -147,3 +149,33 @@ def test_without_intels_certificate_files_a_certificate_is_generated(
     assert cli.main(argv + ["--cache-dir", str(tmp_path / "cache")]) == 0
     (config,) = no_server
     assert (config.cache_mode, config.cert_file, config.key_file) == ("OFFLINE", "", "")
+
+
+def test_workers_where_unsupported_serve_in_one_process_and_say_so(
+    tmp_path, monkeypatch, no_server, capsys
+):
+    argv = ["--listen", "127.0.0.1:0", "--cache-dir", str(tmp_path), "--workers", "3"]
+    assert _refused(capsys, argv[:-1] + ["0"]) == (
+        "dcapd: [server] workers / DCAPD_WORKERS: must be > 0, got '0'"
+    )
+    monkeypatch.setattr("dcapd.cli.unsupported_reason", lambda: "Windows has no SO_REUSEPORT")
+    assert cli.main(argv) == 0
+    assert [config.workers for config in no_server] == [1]
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "workers =" in line]
+    assert line.endswith("workers = 3: Windows has no SO_REUSEPORT; serving with one process")
+
+
+@pytest.mark.skipif(unsupported_reason() is not None, reason="worker processes need Linux")
+def test_workers_on_a_port_another_program_serves_on_is_exit_1_and_one_line(
+    tmp_path, no_server, capsys
+):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["--listen", f"127.0.0.1:{port}", "--cache-dir", str(tmp_path), "--workers", "2"]
+        assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"dcapd: cannot serve on 127.0.0.1:{port}: ")
+    assert "Address already in use" in err[-1] and "Traceback" not in "".join(err)
+    assert "supervisor:" not in "".join(err) and no_server == []
