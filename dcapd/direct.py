@@ -29,6 +29,7 @@ from waitress.task import ErrorTask, WSGITask
 from waitress.utilities import InternalServerError
 
 from .inline import MustWait, inline
+from .quickwsgi import QuickWsgi
 
 __all__ = ["DirectAnswers", "Answer"]
 
@@ -95,6 +96,9 @@ class DirectAnswers:
         self, waitress_server: Any, public_port: int, threads: int, https: bool, inline: bool
     ):
         self._server = _Server(waitress_server, public_port)
+        self._quick = QuickWsgi(
+            waitress_server.application, waitress_server.adj, public_port, https
+        )
         self._https = https
         self.inline = inline
         self._calls: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
@@ -142,6 +146,14 @@ class DirectAnswers:
 
     def answer(self, head: bytes, peer: tuple[str, int]) -> Answer:
         """The whole answer to the request whose head (no body) is *head*, from *peer*."""
+        environ = self._quick.environ(head, peer)
+        if environ is not None:  # a plain request: waitress's steps without its objects
+            try:
+                return self._quick.call(environ)
+            except Exception:
+                log.exception("Exception while serving %s", environ["PATH_INFO"])
+                version = environ["SERVER_PROTOCOL"][5:]
+                return self._internal_error(version, environ.get("HTTP_CONNECTION"))
         server = self._server
         # Any: waitress's type stubs expect its own channel and parser classes here.
         channel: Any = _Channel(server, peer)
@@ -164,16 +176,21 @@ class DirectAnswers:
             log.exception("Exception while serving %s", request.path)
             if task.wrote_header:
                 return channel.out, True
-            error: Any = HTTPRequestParser(server.adj)
-            error.error = InternalServerError(_UNEXPECTED)
-            error.version = request.version
-            if "CONNECTION" in request.headers:
-                error.headers["CONNECTION"] = request.headers["CONNECTION"]
-            channel.out = []
-            task = ErrorTask(channel, error)
-            task.service()
+            return self._internal_error(request.version, request.headers.get("CONNECTION"))
         finally:
             request.close()
+        return channel.out, task.close_on_finish
+
+    def _internal_error(self, version: str, connection: str | None) -> Answer:
+        """waitress's 500 for an app that failed before its answer's head went out."""
+        channel: Any = _Channel(self._server, ("", 0))
+        error: Any = HTTPRequestParser(self._server.adj)
+        error.error = InternalServerError(_UNEXPECTED)
+        error.version = version
+        if connection is not None:
+            error.headers["CONNECTION"] = connection
+        task = ErrorTask(channel, error)
+        task.service()
         return channel.out, task.close_on_finish
 
     def close(self, timeout: float = 1.0) -> None:
