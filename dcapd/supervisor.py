@@ -57,7 +57,7 @@ from typing import Any, Optional
 
 from . import tls as _tls
 from .config import Config
-from .server import bind_sockets
+from .sockets import bind_sockets
 
 log = logging.getLogger("dcapd.supervisor")
 

@@ -42,12 +42,11 @@ import ssl
 import threading
 from typing import Any, Callable
 
-from waitress.adjustments import Adjustments
-
 from .config import Config
 from .direct import DirectAnswers
 from .gate import BodyGate
 from .relay import PIPE_CHUNK, Connection, Drop
+from .sockets import BACKLOG
 
 __all__ = ["TlsFront", "PeerRestoringMiddleware", "BACKLOG"]
 
@@ -55,8 +54,6 @@ log = logging.getLogger("dcapd.server")
 
 Peers = dict[tuple[str, str], tuple[str, int]]
 
-#: The listen backlog: waitress's (1024), for the TLS listener too.
-BACKLOG: int = Adjustments.backlog
 
 _STOP_TIMEOUT = 10.0
 
