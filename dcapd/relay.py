@@ -51,7 +51,7 @@ class Front(Protocol):
     def release(self) -> None: ...
 
 
-__all__ = ["Connection", "Drop", "close_writer", "PIPE_CHUNK"]
+__all__ = ["Connection", "Drop", "close_writer", "forget_traceback", "PIPE_CHUNK"]
 
 log = logging.getLogger("dcapd.server")
 
@@ -78,11 +78,26 @@ async def close_writer(writer: asyncio.StreamWriter | None, timeout: float) -> N
             raise asyncio.TimeoutError
         writer.close()
         await asyncio.wait_for(writer.wait_closed(), timeout)
-    except (Exception, asyncio.CancelledError):
+    except (Exception, asyncio.CancelledError) as exc:
+        forget_traceback(exc)
         try:
             writer.transport.abort()
         except Exception:  # pragma: no cover
             pass
+
+
+def forget_traceback(exc: BaseException | None) -> None:
+    """Drop what a connection's ended exception keeps alive.
+
+    asyncio keeps the exception that ended a connection (a client resetting it, say) in the
+    connection's futures, and its traceback keeps the frames that refer back to them: a cycle
+    that only Python's full garbage collection frees, holding each connection's 256 KiB TLS
+    read buffer until then. With clients that reset after their answer, that was 0.25 MiB per
+    request for seconds (peak RSS 270 MiB at 350 new connections a second); without the
+    traceback, reference counting frees the connection when it ends."""
+    while exc is not None:
+        exc.__traceback__ = None
+        exc = exc.__context__
 
 
 class Connection:
@@ -471,3 +486,4 @@ class Connection:
         self.front.idle.pop(self, None)
         self._drop_backend()
         await close_writer(self.writer, timeout)
+        forget_traceback(self.reader.exception())

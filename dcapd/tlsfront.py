@@ -45,7 +45,7 @@ from typing import Any, Callable
 from .config import Config
 from .direct import DirectAnswers
 from .gate import BodyGate
-from .relay import PIPE_CHUNK, Connection, Drop
+from .relay import PIPE_CHUNK, Connection, Drop, forget_traceback
 from .sockets import BACKLOG
 
 __all__ = ["TlsFront", "PeerRestoringMiddleware", "BACKLOG"]
@@ -315,6 +315,7 @@ class TlsFront:
             log.info("TLS front: dropped %s: %s", conn.peer[0], conn.waiting_for)
         except (OSError, ssl.SSLError, EOFError, asyncio.IncompleteReadError) as exc:
             log.debug("TLS front: connection ended: %r", exc)
+            forget_traceback(exc)
         except asyncio.CancelledError:  # evicted, a deadline passed (not in a read), or stop()
             if conn.evicted:
                 log.info("TLS front: closed an idle connection of %s for a new one", conn.peer[0])

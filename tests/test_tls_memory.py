@@ -1,0 +1,57 @@
+"""A connection that ends badly frees its memory when it ends (dcapd.relay.forget_traceback).
+
+asyncio keeps the exception that ended a connection in the connection's futures, and the
+exception's traceback refers back to them: without care, every client that resets its
+connection after its answer leaves a cycle holding the connection's 256 KiB TLS read buffer
+until Python's full garbage collection runs (peak RSS 270 MiB at 350 such clients a second).
+"""
+
+from __future__ import annotations
+
+import asyncio.sslproto
+import gc
+import socket
+import struct
+import time
+
+from tests.servers import running_dcapd
+from tests.test_slow_clients import client_context
+
+CLIENTS = 40
+
+
+def reset_after_answer(port: int) -> None:
+    """One GET on a new TLS connection, its answer read, then a TCP reset (SO_LINGER 0)."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock = client_context().wrap_socket(raw)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    assert data.startswith(b"HTTP/1.1 200"), data[:100]
+    sock.close()
+
+
+def live_tls_protocols() -> int:
+    return sum(isinstance(o, asyncio.sslproto.SSLProtocol) for o in gc.get_objects())
+
+
+def test_connections_reset_by_their_clients_are_freed_without_the_garbage_collector(
+    make_config,
+):
+    with running_dcapd(make_config(tls="auto")) as server:
+        gc.collect()
+        gc.disable()  # only reference counting may free them
+        try:
+            before = live_tls_protocols()
+            for _ in range(CLIENTS):
+                reset_after_answer(server.port)
+            deadline = time.monotonic() + 5
+            while server._front._conns and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not server._front._conns, "every connection ended"
+            left = live_tls_protocols() - before
+            assert left <= 2, f"{left} of {CLIENTS} ended TLS connections still in memory"
+        finally:
+            gc.enable()
