@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -78,17 +79,66 @@ def open_cache(directory: str) -> diskcache.Cache:
     raise AssertionError("unreachable")
 
 
+# diskcache.Cache.get's own lookup (a str key is stored raw), run on the shared reader.
+_SELECT = (
+    "SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
+    " AND (expire_time IS NULL OR expire_time > ?)"
+)
+# Page cache of the one connection that serves reads outside transactions (4 MiB): the B-tree
+# pages every hit walks stay in it whatever thread asks, where diskcache's per-thread
+# connections each kept their own copy (8 waitress threads: 8 x 256 pages).
+READER_CACHE_PAGES = 1024
+
+
 class DiskBackend:
     """A diskcache directory: ``transact()`` holds SQLite's writer lock, which serialises
-    transactions of every process on the directory."""
+    transactions of every process on the directory.
+
+    Reads outside a transaction (every cache hit) go to one shared read-only connection
+    instead of diskcache's connection of the calling thread: one page cache for all threads,
+    and a hit skips diskcache's per-call bookkeeping. Each read is its own SQLite read
+    transaction, so it sees every commit of any process, as before. Reads inside a
+    transaction of the calling thread keep diskcache's connection, so they see that
+    transaction's own writes."""
 
     def __init__(self, directory: str):
         self.directory = directory
         self.description = f"cache directory {directory}"
         self.cache = open_cache(directory)
+        self._reader: sqlite3.Connection | None = None
+        self._reader_pid = 0
+        self._reader_lock = threading.Lock()
+
+    def _open_reader(self) -> sqlite3.Connection:
+        """The shared reader (again in a child process: a connection never crosses a fork)."""
+        reader = sqlite3.connect(
+            os.path.join(self.directory, diskcache.core.DBNAME),
+            timeout=60,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        reader.execute(f"PRAGMA cache_size = {READER_CACHE_PAGES}")
+        reader.execute("PRAGMA mmap_size = 0")
+        reader.execute("PRAGMA query_only = 1")
+        self._reader, self._reader_pid = reader, os.getpid()
+        return reader
 
     def get(self, key: str) -> bytes | None:
-        return self.cache.get(key)
+        cache = self.cache
+        if cache._txn_id == threading.get_ident() or not isinstance(key, str):
+            return cache.get(key)  # inside this thread's transaction: see its own writes
+        with self._reader_lock:
+            reader = self._reader
+            if reader is None or self._reader_pid != os.getpid():
+                reader = self._open_reader()
+            rows = reader.execute(_SELECT, (key, time.time())).fetchall()
+        if not rows:
+            return None
+        ((mode, filename, value),) = rows
+        try:
+            return cache._disk.fetch(mode, filename, value, False)
+        except OSError:  # a file-backed value deleted meanwhile, as diskcache.get
+            return None
 
     def set(self, key: str, value: bytes) -> None:
         self.cache.set(key, value)
@@ -113,6 +163,10 @@ class DiskBackend:
         self.cache.get("status/readyz-probe")
 
     def close(self) -> None:
+        with self._reader_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
         self.cache.close()
 
     def __len__(self) -> int:
