@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import time
 
 from .config import Config
 
@@ -65,7 +66,33 @@ class RequestIdFilter(logging.Filter):
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
 
-class JsonFormatter(logging.Formatter):
+class SecondsMemo(logging.Formatter):
+    """A Formatter whose ``formatTime`` formats the date once per second, not once per line:
+    ``localtime`` and ``strftime`` were a tenth of an access line's cost. Same text."""
+
+    _memo: tuple[int, str | None, str] = (-1, None, "")  # (second, datefmt, its text)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        memo = self._memo  # one tuple, replaced whole: safe for concurrent threads
+        if memo[0] == second and memo[1] == datefmt:
+            text = memo[2]
+        else:
+            text = time.strftime(datefmt or self.default_time_format, self.converter(second))
+            self._memo = (second, datefmt, text)
+        if datefmt or not self.default_msec_format:
+            return text
+        return self.default_msec_format % (text, record.msecs)
+
+
+class TextFormatter(SecondsMemo):
+    """TEXT_FORMAT, the default."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+
+class JsonFormatter(SecondsMemo):
     def format(self, record: logging.LogRecord) -> str:
         document = {
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
@@ -90,7 +117,7 @@ def configure_logging(level: str = "info", verbose: bool = False, fmt: str = "te
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger("dcapd")
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else getattr(logging, level.upper()))
