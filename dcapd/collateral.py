@@ -282,12 +282,19 @@ class Collateral:
 
     def cached_or_fetched(self, source: Source, fill: bool | None = None) -> Entry:
         """The cached entry; on a miss fetch it when ``fill`` (default: in LAZY mode only)."""
-        entry = self.store.get(source.key)
+        entry = self._served(source.key)
+        return entry if entry is not None else self._missed(source, fill)
+
+    def _served(self, key: str) -> Entry | None:
+        """The cached entry under ``key``, noted as a hit (and warned about if expired)."""
+        entry = self.store.get(key)
         if entry is not None:
             note_cache_outcome("hit")
             if self.expiry is not None:
-                self.expiry.check(source.key, lambda: entry.meta, "served")
-            return entry
+                self.expiry.check(key, lambda: entry.meta, "served")
+        return entry
+
+    def _missed(self, source: Source, fill: bool | None) -> Entry:
         note_cache_outcome("miss")
         if source.retired:  # in every mode (pccs-1.27.md §1)
             raise PccsError(410, f"{source.key} is not cached; PCS API v3 is retired")
@@ -397,18 +404,28 @@ class Collateral:
 
     # --- the routes' questions
 
+    # A hit looks up the key first: its Source (a dataclass and two closures) is only built
+    # for a miss.
+
     def pck_crl(self, version: int, ca: str, fill: bool | None = None) -> Entry:
-        return self.cached_or_fetched(self.pck_crl_source(version, ca), fill)
+        entry = self._served(self.store.pckcrl_key(ca))
+        return entry if entry is not None else self._missed(self.pck_crl_source(version, ca), fill)
 
     def tcb_info(
         self, tee: str, version: int, fmspc: str, update: str, fill: bool | None = None
     ) -> Entry:
-        return self.cached_or_fetched(self.tcb_info_source(tee, version, fmspc, update), fill)
+        entry = self._served(self.store.tcb_key(tee, version, fmspc, update))
+        if entry is not None:
+            return entry
+        return self._missed(self.tcb_info_source(tee, version, fmspc, update), fill)
 
     def enclave_identity(
         self, kind: str, version: int, update: str, fill: bool | None = None
     ) -> Entry:
-        return self.cached_or_fetched(self.enclave_identity_source(kind, version, update), fill)
+        entry = self._served(self.store.identity_key(kind, version, update))
+        if entry is not None:
+            return entry
+        return self._missed(self.enclave_identity_source(kind, version, update), fill)
 
     def root_ca_crl(self, fill: bool | None = None) -> Entry:
         return self.cached_or_fetched(self.root_ca_crl_source(), fill)

@@ -69,7 +69,8 @@ class ExpiryWarnings:
         self.interval = interval
         self.recheck = recheck
         self.clock = clock
-        self._verdicts: dict[str, tuple[float, str | None]] = {}  # key -> (when, nextUpdate)
+        # key -> (when checked, nextUpdate, nextUpdate as an epoch)
+        self._verdicts: dict[str, tuple[float, str | None, float | None]] = {}
         self._warned: dict[tuple[str, str], float] = {}  # (action, key) -> when warned
         self._lock = threading.Lock()
 
@@ -81,12 +82,13 @@ class ExpiryWarnings:
         now = self.clock()
         known = None if fresh else self._verdicts.get(key)
         if known is not None and now - known[0] < self.recheck:
-            next_update = known[1]
+            next_update, when = known[1], known[2]
         else:
             value = meta().get("next_update")
             next_update = value if isinstance(value, str) else None
-            self._verdicts[key] = (now, next_update)
-        if state_of(next_update, now, 0.0) != EXPIRED:
+            when = parse_iso(next_update)  # parsed once per recheck, not on every hit
+            self._verdicts[key] = (now, next_update, when)
+        if when is None or when > now:  # state_of(next_update, now, 0.0) != EXPIRED
             return False
         with self._lock:
             last = self._warned.get((action, key))

@@ -18,6 +18,7 @@ from .logs import cache_outcome_var, escape, new_request_id, request_id_var
 log = logging.getLogger("dcapd.http")
 
 REQUEST_ID_HEADER = "Request-ID"
+_REQUEST_ID_ENV = "HTTP_REQUEST_ID"  # where WSGI puts it
 _V3_PATH = re.compile(r"/[^/]*/certification/v3(?:/|$)")
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -84,16 +85,19 @@ class PccsRequestRules:
         self.trusted_proxies = tuple(trusted_proxies)
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        context = req.context
         # Intel meant to echo the client's Request-ID ([ref-bug]: it never does); we do.
-        request_id = request_id_for(req.get_header(REQUEST_ID_HEADER))
-        req.context.request_id = request_id
-        req.context.started = time.perf_counter()
+        # (req.get_header(REQUEST_ID_HEADER), without its KeyError when there is none)
+        request_id = request_id_for(req.env.get(_REQUEST_ID_ENV))
+        context.request_id = request_id
+        context.started = time.perf_counter()
         request_id_var.set(request_id)
         cache_outcome_var.set("-")
         # Express matches paths case-insensitively (trailing slash: req_options).
-        req.path = req.path.lower()
-        if _V3_PATH.match(req.path):
-            req.context.v3 = True
+        path = req.path.lower()
+        req.path = path
+        context.v3 = v3 = _V3_PATH.match(path) is not None
+        if v3:
             # Intel 1.27 logs this on every v3 request; the access log line follows it.
             log.warning("%s %s: %s", escape(req.method), logged_path(req), V3_EOL_WARNING_TEXT)
         # Intel: the first of duplicate query parameters wins (falcon keeps the last).
@@ -105,12 +109,16 @@ class PccsRequestRules:
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool
     ) -> None:
+        context = req.context
         # Here, not in process_request: this runs for every answer, errors included.
-        resp.set_header(REQUEST_ID_HEADER, req.context.get("request_id") or new_request_id())
-        if req.context.get("v3") or _V3_PATH.match(req.path.lower()):
+        resp.set_header(REQUEST_ID_HEADER, context.get("request_id") or new_request_id())
+        v3 = context.get("v3")
+        if v3 is None:  # process_request did not get that far
+            v3 = _V3_PATH.match(req.path.lower()) is not None
+        if v3:
             resp.set_header("Warning", V3_EOL_WARNING)  # pccs-1.27.md §1
         # The query may carry an encrypted PPID: log the path only.
-        started = req.context.get("started")
+        started = context.get("started")
         duration_ms = (time.perf_counter() - started) * 1000 if started else 0.0
         if log.isEnabledFor(logging.INFO):
             client = client_address(req.env, self.trusted_proxies)

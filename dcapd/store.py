@@ -102,7 +102,12 @@ class Entry:
         head, _, rest = data.partition(b"\n\n")
         meta_raw, _, body = rest.partition(b"\n")
         content_type, *lines = head.decode("utf-8").split("\n")
-        entry = cls(body, dict(line.split(": ", 1) for line in lines), content_type)
+        # As __init__ would, without its defaults (a cache hit builds one per request).
+        entry = cls.__new__(cls)
+        entry.body = body
+        entry.headers = dict([line.split(": ", 1) for line in lines])
+        entry.content_type = content_type
+        entry._meta = {}
         entry._meta_raw = meta_raw
         return entry
 

@@ -86,6 +86,36 @@ def test_transactions_are_all_or_nothing_and_nest(stores):
     assert store.get("a") == store.get("b") == Entry(b"new")
 
 
+def test_reads_see_each_commit_at_once_and_never_an_uncommitted_write(stores):
+    """A hit reads what was last committed by anyone (another node, another thread): never
+    a copy kept from before, never another thread's transaction in progress."""
+    reader, writer = stores(), stores()
+    key = "pckcert/AA/BB/CC/DD"
+    assert reader.get(key) is None
+    for n in range(3):
+        writer.put(key, Entry(b"v%d" % n))
+        assert reader.get(key) == Entry(b"v%d" % n)
+    in_transaction, go_on = threading.Event(), threading.Event()
+
+    def write_in_a_transaction() -> None:
+        with writer.transaction():
+            writer.put(key, Entry(b"new"))
+            assert writer.get(key) == Entry(b"new")  # its own write, in its transaction
+            in_transaction.set()
+            go_on.wait(10)
+
+    thread = threading.Thread(target=write_in_a_transaction)
+    thread.start()
+    try:
+        assert in_transaction.wait(10)
+        assert reader.get(key) == Entry(b"v2")
+        assert writer.get(key) == Entry(b"v2")  # another thread of the same opener
+    finally:
+        go_on.set()
+        thread.join()
+    assert reader.get(key) == writer.get(key) == Entry(b"new")
+
+
 def test_transactions_of_two_openers_run_one_at_a_time(stores):
     """Read-modify-write in a transaction is never interleaved, whichever node runs it."""
     nodes = [stores(), stores()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -78,17 +79,67 @@ def open_cache(directory: str) -> diskcache.Cache:
     raise AssertionError("unreachable")
 
 
+# diskcache.Cache.get's own lookup (a str key is stored raw), run on an idle reader.
+_SELECT = (
+    "SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
+    " AND (expire_time IS NULL OR expire_time > ?)"
+)
+
+
 class DiskBackend:
     """A diskcache directory: ``transact()`` holds SQLite's writer lock, which serialises
-    transactions of every process on the directory."""
+    transactions of every process on the directory.
+
+    Reads outside a transaction (every cache hit) skip diskcache's per-call bookkeeping and
+    its connection per thread: they take an idle read-only connection from a stack (last in,
+    first out, so most hits land on the same connection and its page cache) and open one
+    more when none is idle, so there are only as many as reads ever ran at once, and no
+    thread ever waits for one (a lock waited for while SQLite runs without the GIL made hits
+    queue behind each other). Each read is its own SQLite read transaction: it sees every
+    commit of any process, as before. Reads inside a transaction of the calling thread keep
+    diskcache's connection, so they see that transaction's own writes."""
 
     def __init__(self, directory: str):
         self.directory = directory
         self.description = f"cache directory {directory}"
         self.cache = open_cache(directory)
+        self._idle: list[sqlite3.Connection] = []  # append/pop: atomic, nothing to wait on
+        self._pid = os.getpid()
+
+    def _open_reader(self) -> sqlite3.Connection:
+        reader = sqlite3.connect(
+            os.path.join(self.directory, diskcache.core.DBNAME),
+            timeout=60,
+            isolation_level=None,
+            check_same_thread=False,  # used by one thread at a time, whichever
+        )
+        reader.execute(f"PRAGMA cache_size = {CACHE_SETTINGS['sqlite_cache_size']}")
+        reader.execute(f"PRAGMA mmap_size = {CACHE_SETTINGS['sqlite_mmap_size']}")
+        reader.execute("PRAGMA query_only = 1")
+        return reader
 
     def get(self, key: str) -> bytes | None:
-        return self.cache.get(key)
+        cache = self.cache
+        if cache._txn_id == threading.get_ident() or not isinstance(key, str):
+            return cache.get(key)  # inside this thread's transaction: see its own writes
+        if self._pid != os.getpid():  # a forked child never uses its parent's connections
+            self._idle, self._pid = [], os.getpid()
+        idle = self._idle
+        try:
+            reader = idle.pop()
+        except IndexError:
+            reader = self._open_reader()
+        try:
+            rows = reader.execute(_SELECT, (key, time.time())).fetchall()
+        finally:
+            idle.append(reader)
+        if not rows:
+            return None
+        ((mode, filename, value),) = rows
+        try:
+            return cache._disk.fetch(mode, filename, value, False)
+        except OSError:  # a file-backed value deleted meanwhile, as diskcache.get
+            return None
 
     def set(self, key: str, value: bytes) -> None:
         self.cache.set(key, value)
@@ -113,6 +164,9 @@ class DiskBackend:
         self.cache.get("status/readyz-probe")
 
     def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for reader in idle:
+            reader.close()
         self.cache.close()
 
     def __len__(self) -> int:
