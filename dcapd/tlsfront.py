@@ -89,6 +89,22 @@ class PeerRestoringMiddleware:
         return self.app(environ, start_response)
 
 
+#: The plaintext read buffer of each TLS connection: a TLS record holds at most 16 KiB.
+TLS_READ_BUFFER = 32 * 1024
+
+
+def _small_tls_read_buffers() -> None:
+    """asyncio (Python 3.11+) gives every TLS connection a 256 KiB read buffer, zeroed when the
+    connection is made: 0.25 MiB of memory per open connection, and page faults and zeroing on
+    every new one (a client that connects per request, as QCNL does). The buffer only ever
+    holds one read of decrypted bytes, so 32 KiB (two full TLS records) loses nothing.
+    ``SSLProtocol.max_size`` is the class attribute asyncio sizes it from (set for the
+    process: the front is its only asyncio TLS user)."""
+    protocol = getattr(getattr(asyncio, "sslproto", None), "SSLProtocol", None)
+    if protocol is not None and getattr(protocol, "max_size", 0) > TLS_READ_BUFFER:
+        protocol.max_size = TLS_READ_BUFFER
+
+
 class TlsFront:
     """The TLS listener(s) and the relay to waitress, on an asyncio loop in its own thread.
 
@@ -137,6 +153,7 @@ class TlsFront:
 
     def start(self, ctx: ssl.SSLContext | None, socks: list[socket.socket]) -> None:
         self._stopping = self.draining = False
+        _small_tls_read_buffers()
         loop = asyncio.new_event_loop()
         loop.set_exception_handler(self._loop_exception)
         self._loop = loop

@@ -12,6 +12,7 @@ import asyncio.sslproto
 import gc
 import socket
 import struct
+import threading
 import time
 
 from tests.servers import running_dcapd
@@ -55,3 +56,38 @@ def test_connections_reset_by_their_clients_are_freed_without_the_garbage_collec
             assert left <= 2, f"{left} of {CLIENTS} ended TLS connections still in memory"
         finally:
             gc.enable()
+
+
+def test_many_clients_each_with_a_new_connection_per_request_are_answered_promptly(make_config):
+    """What QCNL does, from 16 clients at once for two seconds, with the front's small TLS
+    read buffers (dcapd.tlsfront.TLS_READ_BUFFER): every answer whole, none held up."""
+    with running_dcapd(make_config(tls="auto")) as server:
+        latencies: list[float] = []
+        failures: list[str] = []
+
+        def client() -> None:
+            context, session = client_context(), None
+            until = time.monotonic() + 2.0
+            while time.monotonic() < until:
+                started = time.monotonic()
+                try:
+                    raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+                    sock = context.wrap_socket(raw, session=session)
+                    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    data = b""
+                    while chunk := sock.recv(65536):
+                        data += chunk
+                    session = sock.session
+                    sock.close()
+                    assert data.startswith(b"HTTP/1.1 200") and data.endswith(b'{"status":"ok"}')
+                    latencies.append(time.monotonic() - started)
+                except (OSError, AssertionError) as exc:
+                    failures.append(repr(exc))
+
+        threads = [threading.Thread(target=client) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert not failures, failures[:3]
+        assert len(latencies) >= 50 and max(latencies) < 2.5, (len(latencies), max(latencies))
