@@ -229,7 +229,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("key_file", "server", "key_file", "DCAPD_KEY_FILE", "", _text,
             "PEM private key for cert_file"),
     Setting("threads", "server", "threads", "DCAPD_THREADS", "8", _positive(int),
-            "waitress worker threads"),
+            "threads for requests that wait (a LAZY miss, a write): the front's pool, and "
+            "waitress's for requests with a body"),
     Setting("connection_limit", "server", "connection_limit", "DCAPD_CONNECTION_LIMIT", "200",
             _positive(int), "most client connections served at once"),
     Setting("channel_timeout", "server", "channel_timeout", "DCAPD_CHANNEL_TIMEOUT", "30",
