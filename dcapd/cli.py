@@ -75,7 +75,9 @@ def pin_to_cpus(cpu_list: str, worker: int | None = None) -> None:
         allowed = sorted(os.sched_getaffinity(0))
         if len(allowed) <= 1:
             return
-        cpus = {allowed[0]}
+        # By process ID, not always the first: several dcapd processes on one host (separate
+        # instances, a test run) then spread over the CPUs instead of sharing one.
+        cpus = {allowed[os.getpid() % len(allowed)]}
     else:
         cpus = {int(cpu) for cpu in cpu_list.split(",")}
     try:
