@@ -34,6 +34,7 @@ Outcome = tuple[list[bytes], bool]
 _NO_BODY_STATUS = ("1", "204", "304")
 # A bytes pattern (waitress's type stubs say str).
 _HEADER_LINE = cast("re.Pattern[bytes]", HEADER_FIELD_RE)
+_MEMO_NAMES = 512  # header names remembered capitalised (an app uses a handful)
 _RENAMED = {"CONTENT_LENGTH": "CONTENT_LENGTH", "CONTENT_TYPE": "CONTENT_TYPE"}
 
 
@@ -68,6 +69,7 @@ class QuickWsgi:
         if https:
             self.fixed["HTTPS"] = "on"
         self.simple = not adj.url_prefix  # a prefix to strip: leave it to waitress
+        self._capitalized: dict[str, str] = {}  # header names as the app gives them
         self._date_second = -1
         self._date = ""
 
@@ -188,8 +190,15 @@ class QuickWsgi:
         headers: list[tuple[str, str]] = []
         length_header = date_header = server_header = None
         close = False
+        capitalized = self._capitalized
         for name, value in state["headers"]:
-            name = "-".join([part.capitalize() for part in name.split("-")])
+            try:
+                name = capitalized[name]
+            except KeyError:  # as waitress writes it: each part capitalised (kept: few names)
+                written = "-".join([part.capitalize() for part in name.split("-")])
+                if len(capitalized) < _MEMO_NAMES:
+                    capitalized[name] = written
+                name = written
             if name == "Content-Length":
                 if not has_body:
                     continue  # pragma: no cover - as waitress
