@@ -288,16 +288,29 @@ def test_a_node_killed_during_an_upload_leaves_the_old_data(tmp_path, roots, pg_
     PostgreSQL variant of tests/test_crash.py's kill rounds), and no lock behind."""
     env = {"DCAPD_CACHE_URL": pg_url, "DCAPD_CACHE_MODE": "OFFLINE"}
     path = "/sgx/certification/v4/platformcollateral"
+    # The node to be killed starts alongside the first (one process start less to wait for):
+    # it writes nothing until its own upload below.
+    started: dict = {}
+    starting = threading.Thread(
+        target=lambda: started.setdefault(
+            "killed", Dcapd(tmp_path, None, roots, pause=0.002, **env)
+        )
+    )
+    starting.start()
     first = Dcapd(tmp_path, None, roots, **env)
+    starting.join(60)
+    assert "killed" in started, "the second node did not start"
+    killed = started["killed"]
     outcome = first.send("PUT", path, json.dumps(intel_upload()).encode())
     outcome["thread"].join(120)
-    assert outcome.get("status") == 200, first.log.read_text()[-2000:]
     first.stop()
+    if outcome.get("status") != 200:
+        killed.stop()
+    assert outcome.get("status") == 200, first.log.read_text()[-2000:]
     store = Store(backend=PostgresBackend(pg_url, 2, 5.0))
     try:
         before = {key: store.cache.get(key) for key in store.keys()}
         assert len(before) > 10
-        killed = Dcapd(tmp_path, None, roots, pause=0.002, **env)
         outcome = killed.send("PUT", path, world("B")["upload"])
         deadline = time.monotonic() + 60
         while killed.writes() < 100:
@@ -315,4 +328,5 @@ def test_a_node_killed_during_an_upload_leaves_the_old_data(tmp_path, roots, pg_
         finally:
             again.stop()
     finally:
+        killed.stop()  # (already killed, unless a step above failed)
         store.close()

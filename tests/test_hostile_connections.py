@@ -64,9 +64,16 @@ def first_bytes_after(sock: socket.socket, started: float, timeout: float = 3.0)
 
 
 def read_answer(sock: socket.socket, timeout: float = 3.0) -> bytes:
-    """Everything the server sends until it closes (bounded by *timeout*)."""
+    """Everything the server sends until it closes (bounded by *timeout*).
+
+    Once a whole answer is in (its head and Content-Length bytes), the client is done
+    sending, as a real one would be: it half-closes TCP (the TLS session stays readable), so
+    that a server lingering after a refusal for the client's unread bytes closes at once
+    instead of after its linger (1 s each). Anything the server sends after the answer is
+    still read, until it closes."""
     sock.settimeout(timeout)
     data = b""
+    half_closed = False
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -78,7 +85,24 @@ def read_answer(sock: socket.socket, timeout: float = 3.0) -> bytes:
         if not chunk:
             break
         data += chunk
+        if not half_closed and _answer_complete(data):
+            half_closed = True
+            try:  # TCP only: SSLSocket.shutdown would drop the TLS session
+                socket.socket.shutdown(sock, socket.SHUT_WR)
+            except OSError:
+                pass
     return data
+
+
+def _answer_complete(data: bytes) -> bool:
+    head, found, body = data.partition(b"\r\n\r\n")
+    if not found:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            return len(body) >= int(value.strip())
+    return False
 
 
 def head_of(answer: bytes) -> tuple[int, dict[str, str], bytes]:

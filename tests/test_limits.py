@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import os
 import socket
 import ssl
@@ -162,11 +163,24 @@ def test_forged_lines_in_the_path_are_logged_escaped_on_one_line(tmp_path):
 
 
 def gzip_bomb(inflated: int) -> bytes:
-    """``inflated`` zero bytes, gzip-compressed by streaming (never held uncompressed)."""
-    compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
-    block = bytes(MiB)
-    parts = [compressor.compress(block) for _ in range(inflated // MiB)]
-    return b"".join(parts) + compressor.flush()
+    """``inflated`` zero bytes (a whole number of MiB), gzip-compressed without being held
+    uncompressed. A block of up to 16 MiB is compressed once and ends with a full flush, which
+    resets the compressor: every further block compresses to those same bytes, so they are
+    repeated rather than recomputed (500 MiB: ~0.3 s instead of 2.9 s, the CRC being most of
+    it; 511 KB, about what compressing it all at once gives)."""
+    block = bytes(math.gcd(inflated, 16 * MiB))
+    blocks = inflated // len(block) if inflated else 0
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)  # raw deflate: header/trailer below
+    first = compressor.compress(block) + compressor.flush(zlib.Z_FULL_FLUSH)
+    repeated = compressor.compress(block) + compressor.flush(zlib.Z_FULL_FLUSH)
+    tail = compressor.flush()  # the final (empty) block
+    crc = 0
+    for _ in range(blocks):
+        crc = zlib.crc32(block, crc)
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # gzip, deflate, no name, no mtime
+    trailer = crc.to_bytes(4, "little") + (inflated % 2**32).to_bytes(4, "little")
+    body = first + repeated * (blocks - 1) if blocks else b""
+    return header + body + tail + trailer
 
 
 def test_upstream_bombs_oversized_and_dripped_bodies_are_502_fast_small_and_uncached(

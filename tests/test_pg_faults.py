@@ -74,7 +74,7 @@ def test_database_down_is_503_and_comes_back_without_a_restart(
 
 def test_a_url_asking_for_tls_never_falls_back_to_plaintext(postgres_server, pg_url):
     """The session server speaks no TLS: sslmode=require refuses it (libpq)."""
-    backend = PostgresBackend(pg_url + "?sslmode=require", 1, 1.0)
+    backend = PostgresBackend(pg_url + "?sslmode=require", 1, 0.5)
     try:
         with pytest.raises(StoreUnavailable):
             backend.get("k")
@@ -117,7 +117,7 @@ def test_verify_full_with_sslrootcert_connects_and_checks_the_server(
         good.close()
     (tmp_path / "other").mkdir()
     other_ca = issue_server_cert(tmp_path / "other")[0]  # a CA that did not sign the server
-    wrong = PostgresBackend(f"{pg_url}?sslmode=verify-full&sslrootcert={other_ca}", 1, 1.0)
+    wrong = PostgresBackend(f"{pg_url}?sslmode=verify-full&sslrootcert={other_ca}", 1, 0.5)
     try:
         with pytest.raises(StoreUnavailable):
             wrong.get("k")
@@ -177,7 +177,7 @@ def test_the_password_comes_from_pgpassfile_or_pgpassword_and_is_never_logged(
         backend.close()
     monkeypatch.setenv("PGPASSFILE", str(tmp_path / "none"))
     monkeypatch.setenv("PGPASSWORD", "wrong-password")
-    backend = PostgresBackend(password_role, 1, 1.0)
+    backend = PostgresBackend(password_role, 1, 0.5)
     try:
         with pytest.raises(StoreUnavailable) as caught:
             backend.get("k")

@@ -119,9 +119,15 @@ class Hostile:
 
         def trickle():
             for byte in request:
-                if self.stop.wait(interval):
-                    return
                 try:
+                    # Between bytes, watch for the server hanging up (every 50 ms), so that a
+                    # drop is seen when it happens rather than at the next byte's turn.
+                    pause_ends = time.monotonic() + interval
+                    while (left := pause_ends - time.monotonic()) > 0:
+                        if self.stop.wait(min(0.05, left)):
+                            return
+                        if hung_up():
+                            raise ConnectionResetError
                     if hung_up():
                         raise ConnectionResetError
                     sock.send(bytes([byte]))
@@ -245,7 +251,7 @@ def test_slow_sender_slower_than_channel_timeout_is_dropped(make_config):
             hostile.slowloris("slow", interval=2.0)
             deadline = time.monotonic() + 8
             while "slow" not in hostile.dropped and time.monotonic() < deadline:
-                time.sleep(0.2)
+                time.sleep(0.02)
             assert "slow" in hostile.dropped, "the server never hung up"
             assert timed_get(server.url)[0] == 200
 
@@ -285,7 +291,7 @@ def test_one_byte_a_second_slowloris_is_eventually_dropped(make_config):
             hostile.slowloris("slowloris", interval=0.5)
             deadline = time.monotonic() + 4
             while "slowloris" not in hostile.dropped and time.monotonic() < deadline:
-                time.sleep(0.2)
+                time.sleep(0.02)
             assert "slowloris" in hostile.dropped
 
 
@@ -304,5 +310,5 @@ def test_a_client_that_never_reads_is_dropped_after_channel_timeout(make_config)
             assert me in held(), "the front holds it"
             deadline = time.monotonic() + 5
             while me in held() and time.monotonic() < deadline:
-                time.sleep(0.2)
+                time.sleep(0.02)
             assert me not in held(), "the front still holds the connection"

@@ -258,7 +258,7 @@ def test_the_password_is_masked_and_never_in_errors(postgres_server):
     assert "s3cret" not in repr(config)
     # Refused credentials: the error names the database but never the password.
     url = f"postgresql://nobody:s3cret@127.0.0.1:{postgres_server.port}/postgres?sslmode=disable"
-    backend = PostgresBackend(url, 1, 1.0)  # starts: the database may come later
+    backend = PostgresBackend(url, 1, 0.5)  # starts: the database may come later
     try:
         with pytest.raises(StoreUnavailable) as caught:
             backend.get("k")

@@ -11,7 +11,7 @@ from tests import pki
 from tests.conftest import BACKENDS
 from tests.fakepcs import FIXTURES, PCS_FIXTURES
 from tests.servers import issue_server_cert, running_dcapd
-from tests.test_e2e_dcap_qvl import INDEX, verify_with_dcap_qvl
+from tests.test_e2e_dcap_qvl import INDEX, Verifier
 from tests.test_pckcert import CASES, PCKCERT, assert_pck_answer, query, raw_tcb
 from tests.test_platforms import ADMIN, TOKENS, read_platforms, register, registration
 from tests.uploads import (
@@ -239,13 +239,27 @@ def test_fmspc_matching_is_case_insensitive(make_client):
     assert put(client, upload).status_code == 200
 
 
+@pytest.fixture(scope="module")
+def server_cert(tmp_path_factory):
+    """One test CA and server certificate for the module's HTTPS servers (ca, cert, key)."""
+    return issue_server_cert(tmp_path_factory.mktemp("upload-cert"))
+
+
+@pytest.fixture(scope="module")
+def qvl(server_cert, tmp_path_factory):
+    """dcap-qvl in one child process for the module (tests/test_e2e_dcap_qvl.py)."""
+    verifier = Verifier(server_cert[0], tmp_path_factory.mktemp("upload-qvl") / "stderr.log")
+    yield verifier
+    verifier.close()
+
+
 @pytest.mark.parametrize(
     "scenario", [s for s in INDEX["scenarios"] if s["quotes"]], ids=lambda s: s["name"]
 )
-def test_offline_end_to_end_with_no_upstream(tmp_path, fake_pcs, make_config, scenario):
+def test_offline_end_to_end_with_no_upstream(fake_pcs, make_config, scenario, server_cert, qvl):
     """An OFFLINE dcapd fed only by uploads verifies every fixture quote through dcap-qvl,
     and serves /pckcert for the uploaded test platform; upstream sees no request at all."""
-    ca_file, cert_file, key_file = issue_server_cert(tmp_path)
+    ca_file, cert_file, key_file = server_cert
     fake = fake_pcs(scenario["name"])  # listening, so any attempt would be recorded
     config = make_config(
         tls="auto",
@@ -275,9 +289,7 @@ def test_offline_end_to_end_with_no_upstream(tmp_path, fake_pcs, make_config, sc
                 )
                 assert reply.status_code == 200, reply.text
             for quote in scenario["quotes"]:
-                got = verify_with_dcap_qvl(
-                    base, FIXTURES / quote["file"], scenario["verify_at_unix"], ca_file
-                )
+                got = qvl.verify(base, FIXTURES / quote["file"], scenario["verify_at_unix"])
                 assert got == quote["expected_dcap_qvl_0_7_0"], quote["file"]
             reply = session.get(
                 base + PCKCERT,

@@ -49,10 +49,10 @@ import json, sys, threading
 from falcon import testing
 from dcapd.app import create_app
 from dcapd.config import load_config
-settings, start_at = json.loads(sys.argv[1]), float(sys.argv[2])
+settings = json.loads(sys.argv[1])
 client = testing.TestClient(create_app(load_config(settings, environ={})))
-import time
-time.sleep(max(0, start_at - time.time()))
+print("ready", flush=True)
+sys.stdin.readline()  # the go, sent once every process is ready
 statuses = []
 def ask():
     statuses.append(client.simulate_get("/sgx/certification/v4/qe/identity").status_code)
@@ -73,16 +73,23 @@ def test_burst_across_processes_on_one_cache_makes_one_call(fake_pcs, make_confi
         "trusted_roots": config.trusted_roots,
         "upstream_retries": 0,
     }
-    start_at = time.time() + 2.0  # both processes start their burst together
     processes = [
         subprocess.Popen(
-            [sys.executable, "-c", BURST_SCRIPT, json.dumps(settings), str(start_at)],
+            [sys.executable, "-c", BURST_SCRIPT, json.dumps(settings)],
             cwd=str(REPO),
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
         for _ in range(3)
     ]
+    # The processes start their bursts together: each says when it is ready, then all are
+    # told to go at once (rather than at a fixed time far enough ahead for a slow start).
+    for process in processes:
+        assert process.stdout.readline() == "ready\n"
+    for process in processes:
+        process.stdin.write("go\n")
+        process.stdin.flush()
     outputs = [p.communicate(timeout=60)[0] for p in processes]
     assert all(p.returncode == 0 for p in processes)
     assert [json.loads(o) for o in outputs] == [[200] * 10] * 3

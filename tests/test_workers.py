@@ -139,7 +139,11 @@ def test_two_gunicorn_workers_share_one_cache(tmp_path, fake_pcs, make_config):
             timeout=60,
         )
         assert reply.status_code == 200, reply.text
-        time.sleep(1.0)
+        # The load goes on after the upload: until 50 more requests (or 1 s, as before).
+        after_upload = counts["requests"] + 50
+        deadline = time.monotonic() + 1.0
+        while counts["requests"] < after_upload and time.monotonic() < deadline:
+            time.sleep(0.02)
         stop.set()
         for thread in threads:
             thread.join()
