@@ -195,10 +195,10 @@ class QuickWsgi:
             try:
                 name = capitalized[name]
             except KeyError:  # as waitress writes it: each part capitalised (kept: few names)
-                written = "-".join([part.capitalize() for part in name.split("-")])
+                spelled = "-".join([part.capitalize() for part in name.split("-")])
                 if len(capitalized) < _MEMO_NAMES:
-                    capitalized[name] = written
-                name = written
+                    capitalized[name] = spelled
+                name = spelled
             if name == "Content-Length":
                 if not has_body:
                     continue  # pragma: no cover - as waitress
