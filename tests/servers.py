@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +18,16 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from dcapd.app import create_app
 from dcapd.config import Config
 from dcapd.server import Server
+
+
+def dcapd_environment(**settings: str) -> dict[str, str]:
+    """The environment for a ``dcapd`` subprocess: this one's without any ``DCAPD_`` setting or
+    Intel API key (the developer's own must not leak into a test), plus *settings*."""
+    environment = {
+        k: v for k, v in os.environ.items() if not k.startswith("DCAPD_") and k != "INTEL_API_KEY"
+    }
+    environment.update(settings)
+    return environment
 
 
 def _name(common_name: str) -> x509.Name:

@@ -48,6 +48,7 @@ from dcapd.config import load_config
 from dcapd.store import CACHE_SETTINGS, BytesOnlyDisk, Store
 from tests import pki
 from tests.conftest import INTEL_ROOT_CDP
+from tests.servers import dcapd_environment
 from tests.test_pckcert import CASES, raw_tcb
 from tests.test_platforms import ADMIN, TOKENS
 from tests.test_ssrf import stop_process, wait_listening
@@ -351,12 +352,7 @@ class Dcapd:
         self.log = tmp_path / f"dcapd-{time.monotonic_ns()}.log"
         self.marker = tmp_path / f"writes-{time.monotonic_ns()}.txt"
         self.marker.write_bytes(b"")
-        environment = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith("DCAPD_") and k != "INTEL_API_KEY"
-        }
-        environment.update(
+        environment = dcapd_environment(
             DCAPD_LISTEN="127.0.0.1:0",
             DCAPD_TLS="off",
             DCAPD_TRUSTED_ROOTS=roots,

@@ -24,6 +24,7 @@ import urllib3
 from falcon import testing
 
 from dcapd.app import create_app
+from tests.servers import dcapd_environment
 from tests.test_platforms import TOKENS
 from tests.test_ssrf import wait_listening
 
@@ -37,12 +38,7 @@ class Running:
     """``python -m dcapd`` on 127.0.0.1:0 with the fake PCS upstream."""
 
     def __init__(self, tmp_path: Path, fake, roots: str, tls: str, grace: float):
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith("DCAPD_") and k != "INTEL_API_KEY"
-        }
-        env.update(
+        env = dcapd_environment(
             DCAPD_LISTEN="127.0.0.1:0",
             DCAPD_TLS=tls,
             DCAPD_GRACE_PERIOD=str(grace),

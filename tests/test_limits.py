@@ -7,7 +7,6 @@ import base64
 import json
 import logging
 import math
-import os
 import socket
 import ssl
 import subprocess
@@ -28,6 +27,7 @@ from dcapd.middleware import client_address
 from dcapd.upstream import Upstream, UpstreamError
 from tests import pki
 from tests.conftest import upstream_settings
+from tests.servers import dcapd_environment
 from tests.test_pckcert import PCKCERT, query
 from tests.test_platforms import ADMIN, TOKENS, USER
 from tests.test_refresh import SGX_CLASS, make_policy
@@ -52,10 +52,7 @@ def start_dcapd(tmp_path: Path, **env: str) -> tuple[subprocess.Popen, Path, str
     log_file = tmp_path / f"dcapd-{time.monotonic_ns()}.log"
     roots = tmp_path / "roots.pem"
     roots.write_text(pki.root_ca().pem)
-    environment = {
-        k: v for k, v in os.environ.items() if not k.startswith("DCAPD_") and k != "INTEL_API_KEY"
-    }
-    environment.update(
+    environment = dcapd_environment(
         DCAPD_LISTEN="127.0.0.1:0",
         DCAPD_TLS="off",
         DCAPD_CACHE_DIR=str(tmp_path / "cache"),

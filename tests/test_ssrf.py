@@ -26,6 +26,7 @@ from dcapd.app import STATUS_PATH, route_paths
 from dcapd.pcsurls import is_allowed_crl_url
 from tests import pki
 from tests.conftest import INTEL_ROOT_CDP
+from tests.servers import dcapd_environment
 from tests.test_pckcert import CASES, PCKCERT, query, raw_tcb, serve_platform
 from tests.test_platforms import (
     ADMIN,
@@ -485,10 +486,7 @@ def test_running_dcapd_log_at_debug_never_holds_secrets(tmp_path, fake_pcs, make
     """The real process with DCAPD_VERBOSE: everything it writes, through the whole flow."""
     fake = flow_fake(fake_pcs)
     roots = Path(make_config().trusted_roots)
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith("DCAPD_") and k != "INTEL_API_KEY"
-    }
-    env.update(
+    env = dcapd_environment(
         DCAPD_LISTEN="127.0.0.1:0",
         DCAPD_TLS="off",
         DCAPD_VERBOSE="1",

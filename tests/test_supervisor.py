@@ -24,6 +24,7 @@ from dcapd.cli import check_tls_files
 from dcapd.schedule import RefreshScheduler
 from dcapd.supervisor import WorkerRole, as_worker, shared_certificate
 from tests.conftest import INTEL_ROOT_CDP
+from tests.servers import dcapd_environment
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="worker processes need Linux's SO_REUSEPORT"
@@ -37,12 +38,7 @@ class Supervised:
     """``python -m dcapd`` with two workers on 127.0.0.1:0; its log in a file."""
 
     def __init__(self, tmp_path: Path, args: list[str], **env: str):
-        environment = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith("DCAPD_") and k != "INTEL_API_KEY"
-        }
-        environment.update(
+        environment = dcapd_environment(
             DCAPD_LISTEN="127.0.0.1:0",
             DCAPD_CACHE_DIR=str(tmp_path / "cache"),
             DCAPD_GRACE_PERIOD="2",
