@@ -1,15 +1,17 @@
-"""Answering a request without a body in the TLS front, without the loopback hop to waitress.
+"""Answering a request without a body in the front, without the loopback hop to waitress.
 
-Relaying every request to waitress over a loopback connection costs each cache hit two more
+Relaying every request to waitress over a loopback connection cost each cache hit two more
 socket reads and writes, waitress's own event-loop pass and two thread hand-offs (about
 0.4 ms of CPU a request on a 2-vCPU VM). A request the front has read whole from its head
-(``GET`` or ``HEAD``, no body) is instead parsed and answered by waitress's own request
-parser and WSGI task, run in a small thread pool, with a stand-in for waitress's channel
-that collects the answer's bytes. The bytes are then exactly waitress's: the same request
-checks (a request waitress refuses gets waitress's 4xx), the same environ (the same WSGI
-application, proxy-header cleaning included), the same response head (header case, order,
-``Server``, ``Date``, ``Content-Length`` or chunked, ``Connection``) and the same 500 when
-the app fails. Requests with a body still go to waitress, which streams them.
+(``GET`` or ``HEAD``, no body) is answered here instead: first in the front's own thread
+(:meth:`DirectAnswers.answer_inline`, for an app that says it may be: :mod:`dcapd.inline`),
+else in a small pool of daemon threads (:meth:`DirectAnswers.submit`). The bytes are
+waitress's: a plain request goes through :mod:`dcapd.quickwsgi` (waitress's steps without its
+objects), any other through waitress's own request parser and WSGI task with a stand-in for
+its channel that collects the answer. Either way: the same request checks (a request
+waitress refuses gets waitress's 4xx), the same environ (the same WSGI application,
+proxy-header cleaning included), the same response head and the same 500 when the app fails.
+Requests with a body still go to waitress, which streams them.
 
 Uses ``waitress.parser.HTTPRequestParser`` and ``waitress.task.WSGITask``/``ErrorTask``
 (waitress 3), the classes waitress itself serves every request with.
@@ -29,13 +31,11 @@ from waitress.task import ErrorTask, WSGITask
 from waitress.utilities import InternalServerError
 
 from .inline import MustWait, inline
-from .quickwsgi import QuickWsgi
+from .quickwsgi import Answer, QuickWsgi
 
 __all__ = ["DirectAnswers", "Answer"]
 
 log = logging.getLogger("waitress")  # where waitress logs a failing app: one place to look
-
-Answer = tuple[list[bytes], bool]  # the answer's bytes, and whether to close afterwards
 
 _UNEXPECTED = "The server encountered an unexpected internal server error"
 

@@ -26,10 +26,10 @@ from waitress.rfc7230 import HEADER_FIELD_RE  # the header lines waitress accept
 from waitress.task import hop_by_hop
 from waitress.utilities import build_http_date
 
-__all__ = ["QuickWsgi", "Outcome"]
+__all__ = ["QuickWsgi", "Answer"]
 
-#: (bytes to send, close the connection afterwards)
-Outcome = tuple[list[bytes], bool]
+#: An answer: the bytes to send, and whether to close the connection afterwards.
+Answer = tuple[list[bytes], bool]
 
 _NO_BODY_STATUS = ("1", "204", "304")
 # A bytes pattern (waitress's type stubs say str).
@@ -128,7 +128,7 @@ class QuickWsgi:
         env["wsgi.input"] = BytesIO()
         return env
 
-    def call(self, env: dict[str, Any]) -> Outcome:
+    def call(self, env: dict[str, Any]) -> Answer:
         """The app's answer to *env* as waitress's task writes it. An exception from the app
         (or a broken WSGI rule) propagates: the caller answers 500 as waitress does."""
         state: dict[str, Any] = {}
@@ -181,7 +181,7 @@ class QuickWsgi:
 
     def _answer(
         self, env: dict[str, Any], state: dict[str, Any], chunks: list[bytes], started: float
-    ) -> Outcome:
+    ) -> Answer:
         status: str = state["status"]
         length: int | None = state["length"]
         has_body = not status.startswith(_NO_BODY_STATUS)
