@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import math
 import os
 import signal
 import socket
@@ -58,7 +57,7 @@ logging.getLogger("waitress").addHandler(logging.NullHandler())
 
 
 def waitress_options(
-    config: Config, *, sockets: list[socket.socket] | None = None, behind_front: bool = False
+    config: Config, *, sockets: list[socket.socket] | None = None
 ) -> dict[str, Any]:
     """All waitress arguments, built in one place from *config*.
 
@@ -67,19 +66,12 @@ def waitress_options(
     ``dcapd.config.SETTINGS`` only); *sockets*, when given, are pre-bound listening sockets
     for ``waitress.create_server``.
 
-    Serving clients directly (``tls = off``), waitress also closes a connection idle for
-    ``idle_timeout`` (its ``channel_timeout`` counts any silence, so it cannot tell a head or
-    request deadline from it). *behind_front*: the TLS front holds at most
-    ``connection_limit`` connections to waitress and enforces the deadlines itself; waitress
-    gets room for those plus its own listening socket and wake-up pipe and a few local
-    clients.
+    waitress only ever serves dcapd's front (TLS or plain), which enforces the deadlines itself
+    and holds at most ``connection_limit`` connections to waitress; waitress gets room for those
+    plus its own listening socket and wake-up pipe and a few local clients.
     """
-    connection_limit = config.connection_limit
+    connection_limit = config.connection_limit + _BACKEND_HEADROOM
     channel_timeout = config.channel_timeout
-    if behind_front:
-        connection_limit += _BACKEND_HEADROOM
-    else:
-        channel_timeout = min(channel_timeout, max(1, math.ceil(config.idle_timeout)))
     opts: dict[str, Any] = {
         "threads": config.threads,
         "connection_limit": connection_limit,
@@ -269,7 +261,7 @@ class Server:
         public_port = self.port
         https = ctx is not None
         app = PeerRestoringMiddleware(app, self._peers, lambda: public_port, https)
-        self._start_waitress(app, backend, behind_front=True)
+        self._start_waitress(app, backend)
         # Answers are tried in the front's thread first when the app says it can (dcapd's,
         # on a cache directory: dcapd.inline), never for another WSGI app.
         inline = bool(getattr(self.app, "answers_inline", False))
@@ -318,9 +310,7 @@ class Server:
 
     # -- waitress -----------------------------------------------------------
 
-    def _start_waitress(
-        self, app: Callable, socks: list[socket.socket], behind_front: bool = False
-    ) -> None:
+    def _start_waitress(self, app: Callable, socks: list[socket.socket]) -> None:
         self._wmap = {}
         self._wstop.clear()
         # create_server registers every listening socket in our own map; the
@@ -328,7 +318,7 @@ class Server:
         self._wserver = create_server(
             app,
             map=self._wmap,
-            **waitress_options(self.config, sockets=socks, behind_front=behind_front),
+            **waitress_options(self.config, sockets=socks),
         )
         self._wthread = threading.Thread(
             target=self._run_waitress, name="dcapd-waitress", daemon=True
