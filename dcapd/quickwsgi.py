@@ -108,9 +108,7 @@ class QuickWsgi:
             key = name.upper().replace(b"-", b"_").decode("latin-1")
             key = _RENAMED.get(key) or "HTTP_" + key
             text = value.strip(b" \t").decode("latin-1")
-            if key in env:
-                if not key.startswith("HTTP_") and key not in _RENAMED:
-                    return None  # a header named like a fixed key: waitress keeps the fixed
+            if key in env:  # repeated: joined, as waitress does
                 env[key] += ", " + text
             else:
                 env[key] = text
@@ -134,13 +132,9 @@ class QuickWsgi:
         state: dict[str, Any] = {}
 
         def start_response(status, headers, exc_info=None):
-            if exc_info:
-                try:
-                    if "head" in state:  # pragma: no cover - falcon never does this
-                        raise exc_info[1]
-                finally:
-                    exc_info = None
-            elif "status" in state:
+            # With exc_info the app replaces its headers (no head has gone out before the app
+            # returns); without, a second call is an error, as in waitress.
+            if not exc_info and "status" in state:
                 raise AssertionError("start_response called a second time")
             if not isinstance(status, str) or "\n" in status or "\r" in status:
                 raise _Failed("bad status")
