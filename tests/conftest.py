@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from falcon import testing
 
@@ -9,7 +11,9 @@ from dcapd.app import create_app
 from dcapd.config import load_config
 from dcapd.integrity import bundled_intel_root_pem
 from tests import pki
+from tests.dcapqvl import Verifier
 from tests.fakepcs import FakePCS
+from tests.servers import issue_server_cert
 
 INTEL_ROOT_CDP = "https://certificates.trustedservices.intel.com/IntelSGXRootCA.der"
 
@@ -103,3 +107,17 @@ def postgres_server():
 def pg_url(postgres_server):
     """The URL of a fresh, empty database on the session's PostgreSQL server."""
     return postgres_server.create_database()
+
+
+@pytest.fixture(scope="module")
+def server_cert(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """One test CA and server certificate for a module's HTTPS servers (ca, cert, key)."""
+    return issue_server_cert(tmp_path_factory.mktemp("server-cert"))
+
+
+@pytest.fixture(scope="module")
+def qvl(server_cert, tmp_path_factory):
+    """dcap-qvl in one child process for a module, trusting ``server_cert``'s CA."""
+    verifier = Verifier(server_cert[0], tmp_path_factory.mktemp("qvl") / "stderr.log")
+    yield verifier
+    verifier.close()

@@ -10,8 +10,8 @@ import pytest
 from tests import pki
 from tests.conftest import BACKENDS
 from tests.fakepcs import FIXTURES, PCS_FIXTURES
-from tests.servers import issue_server_cert, running_dcapd
-from tests.test_e2e_dcap_qvl import INDEX, Verifier
+from tests.servers import running_dcapd
+from tests.test_e2e_dcap_qvl import INDEX
 from tests.test_pckcert import CASES, PCKCERT, assert_pck_answer, query, raw_tcb
 from tests.test_platforms import ADMIN, TOKENS, read_platforms, register, registration
 from tests.uploads import (
@@ -237,20 +237,6 @@ def test_fmspc_matching_is_case_insensitive(make_client):
     upload = intel_upload()
     upload["collaterals"]["tcbinfos"][0]["fmspc"] = "00606A000000"
     assert put(client, upload).status_code == 200
-
-
-@pytest.fixture(scope="module")
-def server_cert(tmp_path_factory):
-    """One test CA and server certificate for the module's HTTPS servers (ca, cert, key)."""
-    return issue_server_cert(tmp_path_factory.mktemp("upload-cert"))
-
-
-@pytest.fixture(scope="module")
-def qvl(server_cert, tmp_path_factory):
-    """dcap-qvl in one child process for the module (tests/test_e2e_dcap_qvl.py)."""
-    verifier = Verifier(server_cert[0], tmp_path_factory.mktemp("upload-qvl") / "stderr.log")
-    yield verifier
-    verifier.close()
 
 
 @pytest.mark.parametrize(
