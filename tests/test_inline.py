@@ -61,15 +61,15 @@ def test_a_slow_fill_holds_up_no_hit_and_each_request_is_logged_once(tmp_path, f
             session.verify = False
             session.trust_env = False
             assert session.get(dcapd.url + QE, timeout=10).status_code == 200  # filled
-            fake.fail_with(delay=2.0, paths="/pckcrl")
+            fake.fail_with(delay=3.0, paths="/pckcrl")
             slow = dcapd.get(SLOW)
             wait_for(lambda: fake.count("/pckcrl") >= 1, 10, "the fill never started")
-            for _ in range(5):  # meanwhile, hits (a new connection each) are answered at once
-                started = time.monotonic()
+            for _ in range(5):  # meanwhile, hits (a new connection each) are answered
                 reply = requests.get(dcapd.url + QE, timeout=10, verify=False)
                 assert reply.status_code == 200
-                assert time.monotonic() - started < 1.0
-            assert "finished" not in slow, "the fill was still waiting on PCS"
+            # All five answered while the fill still waited on PCS: none was held up by it.
+            # (No clock bound per hit: that is the bench's business, and flaky under load.)
+            assert "finished" not in slow, "the hits waited for the fill"
         slow["thread"].join(10)
         assert slow.get("status") == 200, slow
         assert fake.count("/pckcrl") == 1, "one call: the fill, not one per attempt"
