@@ -60,7 +60,8 @@ def test_connections_reset_by_their_clients_are_freed_without_the_garbage_collec
 
 def test_many_clients_each_with_a_new_connection_per_request_are_answered_promptly(make_config):
     """What QCNL does, from 16 clients at once for two seconds, with the front's small TLS
-    read buffers (dcapd.tlsfront.TLS_READ_BUFFER): every answer whole, none held up."""
+    read buffers (dcapd.tlsfront.TLS_READ_BUFFER): every answer whole, none held up for seconds
+    (a stall seen once was 6 - 10 s; the bound is for that, not a speed target)."""
     with running_dcapd(make_config(tls="auto")) as server:
         latencies: list[float] = []
         failures: list[str] = []
@@ -90,4 +91,4 @@ def test_many_clients_each_with_a_new_connection_per_request_are_answered_prompt
         for thread in threads:
             thread.join(30)
         assert not failures, failures[:3]
-        assert len(latencies) >= 50 and max(latencies) < 2.5, (len(latencies), max(latencies))
+        assert len(latencies) >= 50 and max(latencies) < 4.0, (len(latencies), max(latencies))
