@@ -77,6 +77,8 @@ async def close_writer(writer: asyncio.StreamWriter | None, timeout: float) -> N
         if timeout <= 0:
             raise asyncio.TimeoutError
         writer.close()
+        if getattr(writer.transport, "closed", False):
+            return  # dcapd.transport, nothing left to send: its socket is closed already
         await asyncio.wait_for(writer.wait_closed(), timeout)
     except (Exception, asyncio.CancelledError) as exc:
         forget_traceback(exc)

@@ -141,6 +141,12 @@ def _new_context() -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= getattr(ssl, "OP_NO_COMPRESSION", 0)
     ctx.options |= getattr(ssl, "OP_CIPHER_SERVER_PREFERENCE", 0)
+    # A client that half-closes TCP after its request (or just goes away) ends the
+    # connection; OpenSSL 3, reading the socket itself (dcapd.transport), would otherwise
+    # answer that EOF with a fatal decode_error alert, which the client, still reading its
+    # answer, gets instead of the end of it. Requests are framed by their heads, so a
+    # missing close_notify truncates nothing.
+    ctx.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
     try:
         ctx.set_alpn_protocols(["http/1.1"])
     except (NotImplementedError, AttributeError):  # pragma: no cover - very old OpenSSL

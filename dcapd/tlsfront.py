@@ -1,7 +1,8 @@
 """dcapd's asyncio front: accepts clients, reads each request head, answers or relays it.
 
 Design (design.md §5, stack.md §1.3-1.4): an asyncio loop in its own thread accepts TLS on
-the public address (plain HTTP with ``tls = off``: the same cycle without TLS). The front
+the public address (plain HTTP with ``tls = off``: the same cycle without TLS), on
+connections of its own (:mod:`dcapd.transport`: OpenSSL reads and writes the socket). The front
 reads every request head itself. A request without a body is answered in the front
 (:mod:`dcapd.direct`: waitress's parser and task, in a thread pool, no loopback hop); one
 with a body is relayed to waitress, so that waitress only ever sees whole requests from
@@ -40,6 +41,7 @@ import logging
 import socket
 import ssl
 import threading
+from asyncio.selector_events import BaseSelectorEventLoop
 from typing import Any, Callable
 
 from .config import Config
@@ -47,6 +49,7 @@ from .direct import DirectAnswers
 from .gate import BodyGate
 from .relay import PIPE_CHUNK, Connection, Drop, forget_traceback
 from .sockets import BACKLOG
+from .transport import Listener
 
 __all__ = ["TlsFront", "PeerRestoringMiddleware", "BACKLOG"]
 
@@ -94,10 +97,12 @@ TLS_READ_BUFFER = 32 * 1024
 
 
 def _small_tls_read_buffers() -> None:
-    """asyncio (Python 3.11+) gives every TLS connection a 256 KiB read buffer, zeroed when the
-    connection is made: 0.25 MiB of memory per open connection, and page faults and zeroing on
-    every new one (a client that connects per request, as QCNL does). The buffer only ever
-    holds one read of decrypted bytes, so 32 KiB (two full TLS records) loses nothing.
+    """For Windows' proactor loop, where asyncio's TLS transport serves (dcapd.transport needs
+    readiness callbacks). asyncio (Python 3.11+) gives every TLS connection a 256 KiB read
+    buffer, zeroed when the connection is made: 0.25 MiB of memory per open connection, and
+    page faults and zeroing on every new one (a client that connects per request, as QCNL
+    does). The buffer only ever holds one read of decrypted bytes, so 32 KiB (two full TLS
+    records) loses nothing.
     ``SSLProtocol.max_size`` is the class attribute asyncio sizes it from (set for the
     process: the front is its only asyncio TLS user)."""
     protocol = getattr(getattr(asyncio, "sslproto", None), "SSLProtocol", None)
@@ -200,10 +205,17 @@ class TlsFront:
                 reader, lambda r, w: self._handle_client(r, w, at), loop=loop
             )
 
+        handshake = min(self.handshake_timeout, self.head_timeout)
         for sock in socks:
-            tls: dict[str, Any] = {}
+            if isinstance(loop, BaseSelectorEventLoop):
+                # OpenSSL reads and writes the socket itself (dcapd.transport): a third less
+                # CPU per new TLS connection than asyncio's TLS transport.
+                listener = Listener(loop, sock, ctx, accepted, handshake, BACKLOG)
+                listener.start()
+                self._servers.append(listener)
+                continue
+            tls: dict[str, Any] = {}  # Windows' proactor loop: asyncio's own transports
             if ctx is not None:  # None: plain HTTP (tls = off), the same cycle without TLS
-                handshake = min(self.handshake_timeout, self.head_timeout)
                 tls = {"ssl": ctx, "ssl_handshake_timeout": handshake}
             srv = await loop.create_server(accepted, sock=sock, backlog=BACKLOG, **tls)
             self._servers.append(srv)
