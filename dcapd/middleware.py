@@ -13,9 +13,10 @@ from typing import Any, Union, cast
 import falcon
 
 from .errors import STATUS_TEXTS, V3_EOL_WARNING, V3_EOL_WARNING_TEXT, PccsError
-from .logs import cache_outcome_var, escape, new_request_id, request_id_var
+from .logs import AccessLine, cache_outcome_var, escape, new_request_id, request_id_var
 
 log = logging.getLogger("dcapd.http")
+access_line = AccessLine(log)  # the line every answer gets
 
 REQUEST_ID_HEADER = "Request-ID"
 _REQUEST_ID_ENV = "HTTP_REQUEST_ID"  # where WSGI puts it
@@ -122,15 +123,17 @@ class PccsRequestRules:
         duration_ms = (time.perf_counter() - started) * 1000 if started else 0.0
         if log.isEnabledFor(logging.INFO):
             client = client_address(req.env, self.trusted_proxies)
-            log.info(
+            access_line(
                 "%s %s %s %.1fms cache=%s client=%s",
-                escape(req.method),
-                logged_path(req),
-                resp.status_code,
-                duration_ms,
-                cache_outcome_var.get(),
+                (
+                    escape(req.method),
+                    logged_path(req),
+                    resp.status_code,
+                    duration_ms,
+                    cache_outcome_var.get(),
+                    client,
+                ),
                 client,
-                extra={"client": client},
             )
 
 
