@@ -70,6 +70,7 @@ class QuickWsgi:
             self.fixed["HTTPS"] = "on"
         self.simple = not adj.url_prefix  # a prefix to strip: leave it to waitress
         self._capitalized: dict[str, str] = {}  # header names as the app gives them
+        self._keys: dict[bytes, str] = {}  # request header names: their environ keys
         self._date_second = -1
         self._date = ""
 
@@ -96,6 +97,7 @@ class QuickWsgi:
             return None
         path, _, query = target.partition(b"?")
         env = dict(self.fixed)
+        keys = self._keys
         for line in lines[1:]:
             if not line or line[:1] in b" \t":
                 return None  # an empty or folded line: waitress's own handling
@@ -103,10 +105,13 @@ class QuickWsgi:
             if match is None:
                 return None  # waitress answers 400
             name, value = match.group("name", "value")
-            if b"_" in name:
+            key = keys.get(name)
+            if key is None:
+                key = _environ_key(name)
+                if len(keys) < _MEMO_NAMES:
+                    keys[name] = key
+            if not key:
                 continue  # waitress drops these (a dash and an underscore must not clash)
-            key = name.upper().replace(b"-", b"_").decode("latin-1")
-            key = _RENAMED.get(key) or "HTTP_" + key
             text = value.strip(b" \t").decode("latin-1")
             if key in env:  # repeated: joined, as waitress does
                 env[key] += ", " + text
@@ -264,6 +269,15 @@ class QuickWsgi:
         if second != self._date_second:
             self._date, self._date_second = build_http_date(second), second
         return self._date
+
+
+def _environ_key(name: bytes) -> str:
+    """The environ key waitress gives a request header ("" for one it drops: a name with an
+    underscore, so that a dash and an underscore never clash)."""
+    if b"_" in name:
+        return ""
+    key = name.upper().replace(b"-", b"_").decode("latin-1")
+    return _RENAMED.get(key) or "HTTP_" + key
 
 
 def _name(header: tuple[str, str]) -> str:
