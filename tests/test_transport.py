@@ -1,0 +1,131 @@
+"""dcapd.transport on its own: the front's connections, TLS or plain, over real sockets.
+
+The front's tests (slow clients, hostile connections, body rules) run everything through it;
+these pin down the transport contract they rely on: a large answer to a client that reads
+slowly is held back (pause_writing), resumed, delivered whole and in order, then closed with
+TLS's close_notify; and a listener that runs out of file descriptors stops accepting for a
+moment and takes the waiting connection when it can.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import resource
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Callable
+
+from dcapd import tls as dcapd_tls
+from dcapd.transport import Listener
+from tests.test_slow_clients import client_context
+
+ANSWER = bytes(range(256)) * (16 * 1024)  # 4 MiB, every byte position telling
+
+
+class Recorder(asyncio.Protocol):
+    """Writes *answer* when the connection is made (after the first byte read, with
+    *after_request*), closes, and notes what the transport told it."""
+
+    def __init__(self, answer: bytes, events: list[str], after_request: bool = False):
+        self.answer = answer
+        self.events = events
+        self.after_request = after_request
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.events.append("made")
+        if not self.after_request:
+            self.respond()
+
+    def data_received(self, data: bytes) -> None:
+        if self.after_request:
+            self.respond()
+
+    def respond(self) -> None:
+        self.transport.write(self.answer)
+        self.transport.close()
+
+    def pause_writing(self) -> None:
+        self.events.append("pause")
+
+    def resume_writing(self) -> None:
+        self.events.append("resume")
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.events.append(f"lost {exc!r}")
+
+
+@contextmanager
+def listening(
+    ctx: ssl.SSLContext | None, factory: Callable[[], asyncio.BaseProtocol]
+) -> Iterator[tuple[int, Listener]]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    sock = socket.create_server(("127.0.0.1", 0))
+    listener = Listener(loop, sock, ctx, factory, handshake_timeout=5.0, backlog=16)
+    loop.call_soon_threadsafe(listener.start)
+    try:
+        yield sock.getsockname()[1], listener
+    finally:
+        loop.call_soon_threadsafe(listener.abort_clients)
+        loop.call_soon_threadsafe(listener.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+def test_a_large_answer_to_a_slow_reader_is_held_back_then_delivered_whole_and_closed(tmp_path):
+    ctx, _ = dcapd_tls.server_ssl_context("", "", ["127.0.0.1"], str(tmp_path))
+    events: list[str] = []
+    with listening(ctx, lambda: Recorder(ANSWER, events)) as (port, _):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        with client_context().wrap_socket(raw) as client:
+            time.sleep(0.5)  # not reading: the socket's buffers fill, the rest waits
+            assert events == ["made", "pause"], events
+            received = bytearray()
+            while chunk := client.recv(65536):  # b"" only after the server's close_notify
+                received += chunk
+        assert bytes(received) == ANSWER
+        deadline = time.monotonic() + 5
+        while len(events) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert events == ["made", "pause", "resume", "lost None"], events
+
+
+def test_out_of_file_descriptors_the_listener_waits_and_then_accepts():
+    events: list[str] = []
+    said: list[str] = []
+    noted = logging.Handler()
+    noted.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("dcapd.server")
+    logger.addHandler(noted)
+    with listening(None, lambda: Recorder(b"ok", events, after_request=True)) as (port, _):
+        client = socket.socket()
+        client.settimeout(10)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        lowest_free = os.dup(0)
+        os.close(lowest_free)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # no fd left
+        try:
+            client.connect(("127.0.0.1", port))  # queued: accept() fails with EMFILE
+            deadline = time.monotonic() + 5
+            while not said and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            logger.removeHandler(noted)
+        assert said and said[0].startswith("front: cannot accept connections for now"), said
+        assert events == [], "nothing accepted while out of descriptors"
+        started = time.monotonic()
+        client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        assert client.recv(16) == b"ok"  # accepted once the retry came (1 s)
+        assert time.monotonic() - started < 3
+        client.close()
