@@ -205,7 +205,7 @@ class SocketTransport(asyncio.Transport):
             self._writes_paused = False
             self._protocol.resume_writing()
         if self._closing:
-            self._close_now(None)
+            self._close_now(None, graceful=True)
 
     def _check_high_water(self) -> None:
         if not self._writes_paused and self.get_write_buffer_size() > self._high:
@@ -243,16 +243,19 @@ class SocketTransport(asyncio.Transport):
         self._closing = True
         self._remove_reader()
         if self._sending is None and not self._out:
-            self._close_now(None)
+            self._close_now(None, graceful=True)
 
     def abort(self) -> None:
+        """Close at once: what was not sent is dropped, and no close_notify says otherwise."""
         self._close_now(None)
 
     def _fatal(self, exc: BaseException) -> None:
         log.debug("TLS front: connection ended: %r", exc)
         self._close_now(exc)
 
-    def _close_now(self, exc: BaseException | None) -> None:
+    def _close_now(self, exc: BaseException | None, graceful: bool = False) -> None:
+        """Close the socket; *graceful* (everything written has gone): TLS's close_notify
+        first, so that the client can tell the end from a cut."""
         if self._closed:
             return
         self._closing = self._closed = True
@@ -262,7 +265,7 @@ class SocketTransport(asyncio.Transport):
         self._remove_reader()
         self._remove_writer()
         sock = self._sock
-        if self._tls and self.connected and exc is None:
+        if graceful and self._tls and self.connected:
             try:
                 sock.unwrap()  # the close_notify alert; the peer's is not waited for
             except (OSError, ValueError):

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Callable
 
+import pytest
+
 from dcapd import tls as dcapd_tls
 from dcapd.transport import Listener
 from tests.test_slow_clients import client_context
@@ -30,12 +32,16 @@ ANSWER = bytes(range(256)) * (16 * 1024)  # 4 MiB, every byte position telling
 
 class Recorder(asyncio.Protocol):
     """Writes *answer* when the connection is made (after the first byte read, with
-    *after_request*), closes, and notes what the transport told it."""
+    *after_request*), closes (or, with *abort*, aborts), and notes what the transport told
+    it."""
 
-    def __init__(self, answer: bytes, events: list[str], after_request: bool = False):
+    def __init__(
+        self, answer: bytes, events: list[str], after_request: bool = False, abort: bool = False
+    ):
         self.answer = answer
         self.events = events
         self.after_request = after_request
+        self.abort = abort
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -49,7 +55,10 @@ class Recorder(asyncio.Protocol):
 
     def respond(self) -> None:
         self.transport.write(self.answer)
-        self.transport.close()
+        if self.abort:
+            self.transport.abort()
+        else:
+            self.transport.close()
 
     def pause_writing(self) -> None:
         self.events.append("pause")
@@ -87,7 +96,7 @@ def test_a_large_answer_to_a_slow_reader_is_held_back_then_delivered_whole_and_c
     with listening(ctx, lambda: Recorder(ANSWER, events)) as (port, _):
         raw = socket.create_connection(("127.0.0.1", port), timeout=10)
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        with client_context().wrap_socket(raw) as client:
+        with client_context().wrap_socket(raw, suppress_ragged_eofs=False) as client:
             time.sleep(0.5)  # not reading: the socket's buffers fill, the rest waits
             assert events == ["made", "pause"], events
             received = bytearray()
@@ -98,6 +107,21 @@ def test_a_large_answer_to_a_slow_reader_is_held_back_then_delivered_whole_and_c
         while len(events) < 4 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert events == ["made", "pause", "resume", "lost None"], events
+
+
+def test_an_aborted_connection_ends_without_close_notify(tmp_path):
+    """abort() closes without TLS's close_notify, even when everything written has gone:
+    the client sees a cut, not an end (close() sends it: the test above)."""
+    ctx, _ = dcapd_tls.server_ssl_context("", "", ["127.0.0.1"], str(tmp_path))
+    events: list[str] = []
+    with listening(ctx, lambda: Recorder(b"partial", events, abort=True)) as (port, _):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        with client_context().wrap_socket(raw, suppress_ragged_eofs=False) as client:
+            received = bytearray()
+            with pytest.raises((ssl.SSLEOFError, ConnectionResetError)):
+                while chunk := client.recv(65536):
+                    received += chunk
+        assert bytes(received) == b"partial"
 
 
 def test_out_of_file_descriptors_the_listener_waits_and_then_accepts():
