@@ -14,8 +14,6 @@ in a pool thread, where the same calls go ahead.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 __all__ = ["MustWait", "inline", "may_wait"]
 
@@ -32,13 +30,16 @@ class _Flag(threading.local):
 _inline = _Flag()  # per thread: only the front's thread ever sets it
 
 
-@contextmanager
-def inline() -> Iterator[None]:
-    """In this block, on this thread, :func:`may_wait` raises :class:`MustWait`."""
-    _inline.on = True
-    try:
-        yield
-    finally:
+class inline:
+    """``with inline():`` in this block, on this thread, :func:`may_wait` raises
+    :class:`MustWait`. (A class, not a generator: it is entered for every hit.)"""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        _inline.on = True
+
+    def __exit__(self, *exc_info: object) -> None:
         _inline.on = False
 
 
