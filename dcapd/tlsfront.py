@@ -208,8 +208,8 @@ class TlsFront:
         handshake = min(self.handshake_timeout, self.head_timeout)
         for sock in socks:
             if isinstance(loop, BaseSelectorEventLoop):
-                # OpenSSL reads and writes the socket itself (dcapd.transport): a third less
-                # CPU per new TLS connection than asyncio's TLS transport.
+                # OpenSSL reads and writes the socket itself (dcapd.transport): 0.1 - 0.2 ms
+                # less CPU per new TLS connection than on asyncio's TLS transport.
                 listener = Listener(loop, sock, ctx, accepted, handshake, BACKLOG)
                 listener.start()
                 self._servers.append(listener)

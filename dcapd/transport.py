@@ -111,7 +111,7 @@ class SocketTransport(asyncio.Transport):
             self._timer = None
         self.connected = True
         self._protocol.connection_made(self)
-        if not self._closing:
+        if not self._closing and not self._paused:
             self._add_reader(self._read_ready)
             self._read_ready()  # bytes that came with the handshake's last flight
 
