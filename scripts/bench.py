@@ -166,8 +166,10 @@ columns:
     load.add_argument(
         "--repeat",
         type=int,
-        default=1,
-        help="run everything this many times (servers restarted, alternating): ranges",
+        default=None,
+        help="run everything this many times (servers restarted, alternating): ranges, and "
+        "medians for the targets (default 1; 3 with --sweep, whose 10%% bound one run on a "
+        "shared machine cannot show)",
     )
     load.add_argument(
         "--rate",
@@ -624,6 +626,8 @@ def main(argv=None) -> int:
         return serve_main(args.serve)
     phases = parse_phases(args)
     counts = [int(c) for c in args.sweep.split(",")] if args.sweep else [args.platforms]
+    if args.repeat is None:  # single runs vary by about 15%: flatness needs medians
+        args.repeat = 3 if len(counts) > 1 else 1
     if any(c < 1 for c in counts) or args.clients < 1 or args.duration <= 0 or args.repeat < 1:
         raise SystemExit("bench: platforms, clients, duration and repeat must be positive")
     fixtures = args.fixtures.resolve()
