@@ -23,6 +23,7 @@ from .pcsurls import INTEL_PCS_URL, INTEL_ROOTCA_CRL_URL, canonical_origin
 
 CACHE_MODES = ("LAZY", "REQ", "OFFLINE")
 TLS_MODES = ("auto", "off")
+EVENT_LOOPS = ("auto", "asyncio", "uvloop")
 
 
 class ConfigError(ValueError):
@@ -243,6 +244,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Linux: CPUs to run on: auto = one CPU of those allowed (keeps the GIL from being "
             "handed between CPUs: several times less CPU per request), all (or empty) = any, "
             "or CPU numbers like 0 or 0,1"),
+    Setting("event_loop", "server", "event_loop", "DCAPD_EVENT_LOOP", "auto",
+            _choice(*EVENT_LOOPS),
+            "the front's event loop: auto = uvloop where installed (it is, with dcapd, "
+            "but on Windows: about 0.1 ms less CPU per new TLS connection), else asyncio's own"),
     Setting("workers", "server", "workers", "DCAPD_WORKERS", "1", _positive(int),
             "Linux: processes serving the one port and cache, each on its own CPU, supervised "
             "by the dcapd process (restarted if one dies); elsewhere always 1"),
@@ -354,6 +359,7 @@ class Config:
     url_map: dict[str, str] = field(hash=False)
     max_body_bytes: int
     cpu_affinity: str
+    event_loop: str
     workers: int
     upstream_timeout: float
     upstream_retries: int

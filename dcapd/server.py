@@ -268,7 +268,11 @@ class Server:
         self._direct = DirectAnswers(self._wserver, public_port, self.config.threads, https, inline)
         self._front = TlsFront(self.backend_port, self._peers, self.config, self.gate, self._direct)
         self._front.start(ctx, self._public_socks)
-        log.info("dcapd listening on %s", ", ".join(self._fmt_addr(a) for a in self.addresses))
+        log.info(
+            "dcapd listening on %s (event loop: %s)",
+            ", ".join(self._fmt_addr(a) for a in self.addresses),
+            self._front.loop_name,
+        )
 
     def _shutdown(self) -> None:
         """Stop accepting, let requests in flight finish within the grace period, close."""

@@ -41,11 +41,11 @@ import logging
 import socket
 import ssl
 import threading
-from asyncio.selector_events import BaseSelectorEventLoop
 from typing import Any, Callable
 
 from .config import Config
 from .direct import DirectAnswers
+from .eventloop import has_readiness_callbacks, new_front_loop
 from .gate import BodyGate
 from .relay import PIPE_CHUNK, Connection, Drop, forget_traceback
 from .sockets import BACKLOG
@@ -138,6 +138,8 @@ class TlsFront:
         self.head_timeout = min(config.head_timeout, config.request_timeout, self.read_timeout)
         self.idle_timeout = min(config.idle_timeout, self.read_timeout)
         self.limit = config.connection_limit  # loopback connections to waitress at once
+        self.event_loop = config.event_loop
+        self.loop_name = ""
         self._backends = 0
         # Clients holding a link to waitress with no request in flight, oldest first.
         self.idle: dict[Connection, None] = {}
@@ -159,7 +161,8 @@ class TlsFront:
     def start(self, ctx: ssl.SSLContext | None, socks: list[socket.socket]) -> None:
         self._stopping = self.draining = False
         _small_tls_read_buffers()
-        loop = asyncio.new_event_loop()
+        loop = new_front_loop(self.event_loop)
+        self.loop_name = type(loop).__module__.split(".")[0]  # uvloop or asyncio
         loop.set_exception_handler(self._loop_exception)
         self._loop = loop
         ready = threading.Event()
@@ -207,7 +210,7 @@ class TlsFront:
 
         handshake = min(self.handshake_timeout, self.head_timeout)
         for sock in socks:
-            if isinstance(loop, BaseSelectorEventLoop):
+            if has_readiness_callbacks(loop):
                 # OpenSSL reads and writes the socket itself (dcapd.transport): 0.1 - 0.2 ms
                 # less CPU per new TLS connection than on asyncio's TLS transport.
                 listener = Listener(loop, sock, ctx, accepted, handshake, BACKLOG)

@@ -89,6 +89,19 @@ def test_each_unusable_setting_is_exit_2_and_one_line(tmp_path, capsys, no_serve
     assert no_server == []
 
 
+def test_event_loop_uvloop_where_it_is_not_installed_is_exit_2(
+    tmp_path, capsys, no_server, monkeypatch
+):
+    monkeypatch.setattr("dcapd.cli.UVLOOP_INSTALLED", False)
+    base = ["--listen", "127.0.0.1:0", "--cache-dir", str(tmp_path / "cache")]
+    line = _refused(capsys, base + ["--event-loop", "uvloop"])
+    assert line == "dcapd: [server] event_loop / DCAPD_EVENT_LOOP: uvloop is not installed"
+    line = _refused(capsys, base + ["--event-loop", "trio"])
+    assert line.startswith("dcapd: [server] event_loop / DCAPD_EVENT_LOOP: must be one of ")
+    assert cli.main(base + ["--event-loop", "asyncio"]) == 0
+    assert [config.event_loop for config in no_server] == ["asyncio"]
+
+
 def test_a_usable_certificate_pair_is_served(tmp_path, capsys, no_server, monkeypatch):
     cert, key = _pem_pair(tmp_path, "one")
     argv = ["--listen", "127.0.0.1:0", "--cache-dir", str(tmp_path / "cache")]

@@ -7,6 +7,7 @@ import datetime
 import hashlib
 import http.client
 import ipaddress
+import logging
 import os
 import socket
 import ssl
@@ -25,6 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from dcapd import tls
 from dcapd.config import load_config
+from dcapd.eventloop import UVLOOP_INSTALLED
 from dcapd.server import Server, waitress_options
 from tests.servers import running_dcapd
 
@@ -295,6 +297,26 @@ def test_tls_off_serves_plain_http(session):
         assert r.status_code == 200
         info = parse(r.text)
         assert (info["addr"], info["scheme"], info["path"]) == (LOOPBACK, "http", "/plain")
+
+
+@pytest.mark.parametrize("choice", ["asyncio", "auto"])
+def test_each_event_loop_serves_keep_alive_and_bodies(choice, session, caplog):
+    """``[server] event_loop``: asyncio's selector loop and uvloop (auto, where installed) both
+    run the front's own transport, and the start line says which one runs."""
+    expected = "asyncio" if choice == "asyncio" or not UVLOOP_INSTALLED else "uvloop"
+    caplog.set_level(logging.INFO, logger="dcapd")
+    with Server(echo_app, make_config(event_loop=choice), gate=None) as srv:
+        ports = set()
+        for _ in range(3):  # one connection, kept alive
+            r = session.get(srv.url + "/again", timeout=5)
+            assert r.status_code == 200
+            ports.add(parse(r.text)["port"])
+        assert len(ports) == 1
+        body = os.urandom(300_000)  # relayed to waitress over several reads and writes
+        r = session.post(srv.url + "/upload", data=body, timeout=10)
+        assert r.status_code == 200 and parse(r.text)["size"] == len(body)
+    started = [m for m in caplog.messages if m.startswith("dcapd listening on")]
+    assert started and started[-1].endswith(f"(event loop: {expected})"), started
 
 
 def _timed_get(url):
