@@ -2,11 +2,11 @@
 
 A QCNL client opens a new TLS connection for every request, and for each one the front runs
 a few loop iterations, a task, its futures and timers. On uvloop (libuv, in compiled code)
-that costs 0.07-0.1 ms less CPU per connection than on asyncio's selector loop: 0.98-0.99
-against 1.05-1.10 ms a new connection (scripts/bench.py, 2-vCPU VM, alternating runs). The
-front's own transport (:mod:`dcapd.transport`) needs only the loop's readiness callbacks
-(``add_reader``/``add_writer``), which both loops have; Windows' proactor loop has none, and
-keeps asyncio's transports.
+that costs about 0.1 ms less CPU per connection than on asyncio's selector loop: 0.98-1.11
+against 0.99-1.38 ms a new connection, lower in each of five alternating pairs of runs
+(scripts/bench.py, 2-vCPU VM). The front's own transport (:mod:`dcapd.transport`) needs only
+the loop's readiness callbacks (``add_reader``/``add_writer``), which both loops have;
+Windows' proactor loop has none, and keeps asyncio's transports.
 """
 
 from __future__ import annotations
