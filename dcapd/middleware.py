@@ -55,6 +55,31 @@ def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None
         return None
 
 
+#: The headers a proxy sets about the client (waitress's list): believed from trusted proxies only.
+PROXY_HEADERS = (
+    "HTTP_FORWARDED",
+    "HTTP_X_FORWARDED_FOR",
+    "HTTP_X_FORWARDED_HOST",
+    "HTTP_X_FORWARDED_PROTO",
+    "HTTP_X_FORWARDED_PORT",
+    "HTTP_X_FORWARDED_BY",
+)
+
+
+def is_trusted_proxy(address: str, trusted: Iterable[_Network]) -> bool:
+    ip = _parse_ip(address)
+    return ip is not None and any(ip in network for network in trusted)
+
+
+def clear_untrusted_proxy_headers(env: dict[str, Any], trusted: tuple[_Network, ...]) -> None:
+    """Remove the proxy headers of a request whose peer (REMOTE_ADDR) is not one of
+    *trusted*: a client cannot name another address, host or scheme for itself."""
+    present = [name for name in PROXY_HEADERS if name in env]
+    if present and not (trusted and is_trusted_proxy(str(env.get("REMOTE_ADDR")), trusted)):
+        for name in present:
+            del env[name]
+
+
 def client_address(env: Mapping[str, Any], trusted: Iterable[_Network] = ()) -> str:
     """The client's address for the log: the peer (REMOTE_ADDR, which the TLS front sets to
     the TLS client's), or, when the peer is a trusted proxy, the right-most address of
@@ -65,15 +90,11 @@ def client_address(env: Mapping[str, Any], trusted: Iterable[_Network] = ()) -> 
     if not trusted or not forwarded:
         return escape(peer)
 
-    def is_trusted(address: str) -> bool:
-        ip = _parse_ip(address)
-        return ip is not None and any(ip in network for network in trusted)
-
-    if not is_trusted(peer):
+    if not is_trusted_proxy(peer, trusted):
         return escape(peer)
     hops = [hop.strip() for hop in str(forwarded).split(",") if hop.strip()]
     for hop in reversed(hops):
-        if not is_trusted(hop):
+        if not is_trusted_proxy(hop, trusted):
             ip = _parse_ip(hop)
             return str(ip) if ip is not None else escape(hop[:64])
     return escape(hops[0] if hops else peer)

@@ -79,7 +79,10 @@ def waitress_options(
         # Idle channels are only reaped at each cleanup pass (default every 30 s).
         "cleanup_interval": max(1, min(30, channel_timeout // 2)),
         "ident": "dcapd",
-        "clear_untrusted_proxy_headers": True,
+        # dcapd clears them itself (PeerRestoringMiddleware) but from [server] trusted_proxies:
+        # waitress's own rule trusts no proxy here and would drop X-Forwarded-For before the
+        # access log could name the client behind a trusted proxy.
+        "clear_untrusted_proxy_headers": False,
         "log_untrusted_proxy_headers": False,
         "expose_tracebacks": False,
         # waitress refuses a body of max_request_body_size bytes or more; dcapd's limit is the
@@ -260,7 +263,9 @@ class Server:
         self.backend_port = backend[0].getsockname()[1]
         public_port = self.port
         https = ctx is not None
-        app = PeerRestoringMiddleware(app, self._peers, lambda: public_port, https)
+        app = PeerRestoringMiddleware(
+            app, self._peers, lambda: public_port, https, self.config.trusted_proxies
+        )
         self._start_waitress(app, backend)
         # Answers are tried in the front's thread first when the app says it can (dcapd's,
         # on a cache directory: dcapd.inline), never for another WSGI app.

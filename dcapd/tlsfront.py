@@ -47,6 +47,7 @@ from .config import Config
 from .direct import DirectAnswers
 from .eventloop import has_readiness_callbacks, new_front_loop
 from .gate import BodyGate
+from .middleware import clear_untrusted_proxy_headers
 from .relay import PIPE_CHUNK, Connection, Drop, forget_traceback
 from .sockets import BACKLOG
 from .transport import Listener
@@ -62,7 +63,8 @@ _STOP_TIMEOUT = 10.0
 
 
 class PeerRestoringMiddleware:
-    """Give the app the TLS client's address instead of the loopback one.
+    """Give the app the TLS client's address instead of the loopback one, and proxy headers
+    (X-Forwarded-For and the like) only from *trusted_proxies* (``[server] trusted_proxies``).
 
     *peers* maps ``(backend_local_ip, str(backend_local_port))`` of each front ->
     waitress connection to the real ``(client_ip, client_port)``.
@@ -74,11 +76,13 @@ class PeerRestoringMiddleware:
         peers: dict[tuple[str, str], tuple[str, int]],
         public_port: Callable[[], int],
         https: bool = True,
+        trusted_proxies: tuple[Any, ...] = (),
     ):
         self.app = app
         self.peers = peers
         self.public_port = public_port
         self.https = https
+        self.trusted_proxies = trusted_proxies
 
     def __call__(self, environ, start_response):
         peer = self.peers.get((environ.get("REMOTE_ADDR"), str(environ.get("REMOTE_PORT"))))
@@ -89,6 +93,7 @@ class PeerRestoringMiddleware:
                 environ["wsgi.url_scheme"] = "https"
                 environ["HTTPS"] = "on"
             environ["SERVER_PORT"] = str(self.public_port())
+        clear_untrusted_proxy_headers(environ, self.trusted_proxies)
         return self.app(environ, start_response)
 
 

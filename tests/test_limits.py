@@ -27,7 +27,7 @@ from dcapd.middleware import client_address
 from dcapd.upstream import Upstream, UpstreamError
 from tests import pki
 from tests.conftest import upstream_settings
-from tests.servers import dcapd_environment
+from tests.servers import dcapd_environment, running_dcapd
 from tests.test_pckcert import PCKCERT, query
 from tests.test_platforms import ADMIN, TOKENS, USER
 from tests.test_refresh import SGX_CLASS, make_policy
@@ -108,6 +108,20 @@ def test_client_address_believes_x_forwarded_for_only_from_trusted_proxies():
     forged = {"REMOTE_ADDR": "10.0.0.1", "HTTP_X_FORWARDED_FOR": "x\r\nGET / 200"}
     assert client_address(forged, proxies) == "x\\x0d\\x0aGET / 200"
     assert client_address({}, proxies) == "-"
+
+
+def test_behind_a_trusted_proxy_the_access_log_names_the_client(make_config, caplog):
+    """dcapd's own server (as behind nginx in deploy/compose.yaml): X-Forwarded-For from a
+    trusted proxy reaches the access log; from any other peer the peer is logged."""
+    caplog.set_level(logging.INFO, logger="dcapd")
+    forwarded = {"X-Forwarded-For": "198.51.100.7, 203.0.113.9"}
+    for proxies, expected in (("127.0.0.1", "203.0.113.9"), ("10.0.0.1", "127.0.0.1")):
+        caplog.clear()
+        with running_dcapd(make_config(trusted_proxies=proxies)) as server:
+            url = f"http://127.0.0.1:{server.port}/healthz"
+            assert requests.get(url, headers=forwarded, timeout=5).status_code == 200
+        (line,) = [m for m in caplog.messages if m.startswith("GET /healthz 200")]
+        assert line.endswith(f"client={expected}"), (proxies, line)
 
 
 def test_json_log_has_the_client_as_its_own_field(make_client, caplog):

@@ -299,6 +299,22 @@ def test_tls_off_serves_plain_http(session):
         assert (info["addr"], info["scheme"], info["path"]) == (LOOPBACK, "http", "/plain")
 
 
+@pytest.mark.parametrize("tls_mode", ["auto", "off"])
+def test_proxy_headers_reach_the_app_from_trusted_proxies_only(tls_mode, session):
+    """``[server] trusted_proxies``: a request from one keeps its X-Forwarded-* headers (the
+    access log names the client from them); from any other peer they are removed."""
+    forged = {"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "http"}
+    trusting = make_config(tls=tls_mode, trusted_proxies=load_config(
+        {"trusted_proxies": "127.0.0.0/8"}, environ={}).trusted_proxies)  # fmt: skip
+    for config, expected in ((trusting, "203.0.113.9"), (make_config(tls=tls_mode), "-")):
+        with Server(echo_app, config, gate=None) as srv:
+            # Answered by the front (dcapd.direct), then relayed to waitress.
+            for method, body in (("GET", None), ("POST", b"x" * 10)):
+                r = session.request(method, srv.url + "/who", headers=forged, data=body)
+                assert r.status_code == 200
+                assert parse(r.text)["xff"] == expected, (method, config.trusted_proxies)
+
+
 @pytest.mark.parametrize("choice", ["asyncio", "auto"])
 def test_each_event_loop_serves_keep_alive_and_bodies(choice, session, caplog):
     """``[server] event_loop``: asyncio's selector loop and uvloop (auto, where installed) both
@@ -489,7 +505,8 @@ def test_waitress_options_from_config():
     assert opts["connection_limit"] > 200
     assert opts["channel_timeout"] == 30
     assert opts["ident"] == "dcapd"
-    assert opts["clear_untrusted_proxy_headers"] is True
+    # dcapd clears proxy headers itself, but from trusted proxies (PeerRestoringMiddleware).
+    assert opts["clear_untrusted_proxy_headers"] is False and not opts.get("trusted_proxy")
     assert "sockets" not in opts
 
     custom = make_config(
