@@ -67,6 +67,7 @@ PROXY_HEADERS = (
 
 
 def is_trusted_proxy(address: str, trusted: Iterable[_Network]) -> bool:
+    """*address* is in one of *trusted* (``[server] trusted_proxies``); not an IP: never."""
     ip = _parse_ip(address)
     return ip is not None and any(ip in network for network in trusted)
 
