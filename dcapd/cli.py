@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from . import __version__
 from .app import app_for
 from .config import SETTINGS, Config, ConfigError, load_config, unknown_variables
-from .eventloop import UVLOOP_INSTALLED
+from .eventloop import unavailable
 from .intelconfig import intel_tls_files, read_intel_config, report_intel_config
 from .logs import configure_from
 from .schedule import scheduler_for
@@ -163,8 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = as_worker(config, role)
     try:
         check_tls_files(config)
-        if config.event_loop == "uvloop" and not UVLOOP_INSTALLED:
-            raise ConfigError(setting_label("event_loop"), "uvloop is not installed")
+        event_loop_problem = unavailable(config.event_loop)
+        if event_loop_problem:
+            raise ConfigError(setting_label("event_loop"), event_loop_problem)
         services = build_services(config)
     except ConfigError as exc:
         print(f"dcapd: {exc}", file=sys.stderr)

@@ -19,17 +19,21 @@ try:  # a dependency where it has wheels (not Windows): setup.cfg
 except ImportError:  # pragma: no cover - Windows, or a build without it
     uvloop = None  # type: ignore[assignment]
 
-__all__ = ["UVLOOP_INSTALLED", "new_front_loop", "has_readiness_callbacks"]
+__all__ = ["unavailable", "new_front_loop", "has_readiness_callbacks"]
 
-UVLOOP_INSTALLED = uvloop is not None
+
+def unavailable(choice: str) -> str | None:
+    """Why ``[server] event_loop = choice`` cannot run here (None: it can)."""
+    return "uvloop is not installed" if choice == "uvloop" and uvloop is None else None
 
 
 def new_front_loop(choice: str) -> asyncio.AbstractEventLoop:
     """A new loop as ``[server] event_loop`` says: auto = uvloop if installed, else asyncio's
-    default (the selector loop; Windows: the proactor loop). (The CLI refuses ``uvloop``
-    where it is not installed.)"""
-    if choice == "uvloop" and uvloop is None:
-        raise RuntimeError("event_loop = uvloop: uvloop is not installed")
+    default (the selector loop; Windows: the proactor loop). The CLI refuses a choice that
+    is :func:`unavailable` before this runs."""
+    reason = unavailable(choice)
+    if reason:
+        raise RuntimeError(f"event_loop = {choice}: {reason}")
     if choice != "asyncio" and uvloop is not None:
         return uvloop.new_event_loop()
     return asyncio.new_event_loop()

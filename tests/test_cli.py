@@ -92,7 +92,7 @@ def test_each_unusable_setting_is_exit_2_and_one_line(tmp_path, capsys, no_serve
 def test_event_loop_uvloop_where_it_is_not_installed_is_exit_2(
     tmp_path, capsys, no_server, monkeypatch
 ):
-    monkeypatch.setattr("dcapd.cli.UVLOOP_INSTALLED", False)
+    monkeypatch.setattr("dcapd.eventloop.uvloop", None)
     base = ["--listen", "127.0.0.1:0", "--cache-dir", str(tmp_path / "cache")]
     line = _refused(capsys, base + ["--event-loop", "uvloop"])
     assert line == "dcapd: [server] event_loop / DCAPD_EVENT_LOOP: uvloop is not installed"

@@ -26,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from dcapd import tls
 from dcapd.config import load_config
-from dcapd.eventloop import UVLOOP_INSTALLED
+from dcapd.eventloop import unavailable
 from dcapd.server import Server, waitress_options
 from tests.servers import running_dcapd
 
@@ -319,7 +319,7 @@ def test_proxy_headers_reach_the_app_from_trusted_proxies_only(tls_mode, session
 def test_each_event_loop_serves_keep_alive_and_bodies(choice, session, caplog):
     """``[server] event_loop``: asyncio's selector loop and uvloop (auto, where installed) both
     run the front's own transport, and the start line says which one runs."""
-    expected = "asyncio" if choice == "asyncio" or not UVLOOP_INSTALLED else "uvloop"
+    expected = "asyncio" if choice == "asyncio" or unavailable("uvloop") else "uvloop"
     caplog.set_level(logging.INFO, logger="dcapd")
     with Server(echo_app, make_config(event_loop=choice), gate=None) as srv:
         ports = set()
