@@ -17,6 +17,13 @@ import ssl
 from typing import Any, Callable, Protocol
 
 from .direct import DirectAnswers
+from .frontrules import (
+    DIRECT_METHODS,
+    WAITING_HEAD,
+    WAITING_IDLE,
+    WRITE_BUFFER,
+    forget_traceback,
+)
 from .gate import BodyGate, Verdict, log_refusal, refusal_bytes
 from .httpframe import (
     MAX_HEAD_BYTES,
@@ -51,18 +58,15 @@ class Front(Protocol):
     def release(self) -> None: ...
 
 
-__all__ = ["Connection", "Drop", "close_writer", "forget_traceback", "PIPE_CHUNK"]
+__all__ = ["Connection", "Drop", "close_writer", "PIPE_CHUNK"]
 
 log = logging.getLogger("dcapd.server")
 
 PIPE_CHUNK = 256 * 1024
 _BACKEND_CONNECT_TIMEOUT = 10.0
 _ADMIN_BYTES_PER_SECOND = 1024 * 1024  # a large admin body gets 1 s more per MiB
-_WRITE_BUFFER = 64 * 1024  # wait for the client to read beyond this much
 _LINGER_SECONDS, _LINGER_BYTES = 1.0, 1024 * 1024  # after a refusal, before closing
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-#: Answered in the front (dcapd.direct) when they carry no body: every PCCS collateral request.
-_DIRECT_METHODS = frozenset(("GET", "HEAD"))
 
 
 class Drop(Exception):
@@ -86,21 +90,6 @@ async def close_writer(writer: asyncio.StreamWriter | None, timeout: float) -> N
             writer.transport.abort()
         except Exception:  # pragma: no cover
             pass
-
-
-def forget_traceback(exc: BaseException | None) -> None:
-    """Drop what a connection's ended exception keeps alive.
-
-    asyncio keeps the exception that ended a connection (a client resetting it, say) in the
-    connection's futures, and its traceback keeps the frames that refer back to them: a cycle
-    that only Python's full garbage collection frees, holding each connection's objects until
-    then (with asyncio's TLS transport, a 256 KiB read buffer each: with clients that reset
-    after their answer, 0.25 MiB per request for seconds, peak RSS 270 MiB at 350 new
-    connections a second); without the traceback, reference counting frees the connection
-    when it ends."""
-    while exc is not None:
-        exc.__traceback__ = None
-        exc = exc.__context__
 
 
 class Connection:
@@ -129,7 +118,7 @@ class Connection:
         self.evicted = False
         self.idle = False  # waiting for the next request's first byte
         self.busy = False  # a request passed on to waitress, its answer not relayed yet
-        self.waiting_for = "a request head within head_timeout"
+        self.waiting_for = WAITING_HEAD
         # One timer per deadline (cheaper than asyncio.wait_for on every read): it cancels
         # this task, and _fill turns that cancellation into a TimeoutError.
         self._timer: asyncio.TimerHandle | None = None
@@ -139,8 +128,18 @@ class Connection:
 
     # -- the request cycle --------------------------------------------------
 
-    async def serve(self) -> None:
+    async def serve(self, answer: tuple[bytes, bool] | None = None) -> None:
+        """The requests, one at a time. *answer*: (the bytes, close after them) of a request
+        :mod:`dcapd.quickconn` read and had answered already: sent first."""
         front = self.front
+        if answer is not None:
+            self.busy = True
+            try:
+                await self._send(*answer)
+            finally:
+                self.busy = False
+            if answer[1] or front.draining or not await self._next_request():
+                return
         while True:
             head = await self._read_head()
             self._disarm()
@@ -162,7 +161,7 @@ class Connection:
                 if (
                     front.direct is not None
                     and request.length == 0
-                    and request.method in _DIRECT_METHODS
+                    and request.method in DIRECT_METHODS
                 ):
                     if not await self._answer_here(front.direct, request):
                         return
@@ -181,18 +180,23 @@ class Connection:
                 # Nothing in flight: until its next request is whole, this connection's link
                 # to waitress may go to a client that needs one (front.acquire).
                 front.idle[self] = None
-            # Keep-alive: the next request's first byte within idle_timeout.
-            if not self.buf:
-                self.waiting_for = "no next request within idle_timeout"
-                self.idle = True
-                try:
-                    if not await self._fill(self.loop.time() + front.idle_timeout):
-                        return
-                finally:
-                    self.idle = False
-                    self._disarm()
-            self.start = self.loop.time()
-            self.waiting_for = "a request head within head_timeout"
+            if not await self._next_request():
+                return
+
+    async def _next_request(self) -> bool:
+        """Keep-alive: the next request's first byte within idle_timeout; False on EOF."""
+        if not self.buf:
+            self.waiting_for = WAITING_IDLE
+            self.idle = True
+            try:
+                if not await self._fill(self.loop.time() + self.front.idle_timeout):
+                    return False
+            finally:
+                self.idle = False
+                self._disarm()
+        self.start = self.loop.time()
+        self.waiting_for = WAITING_HEAD
+        return True
 
     def _verdict(self, request: RequestHead) -> Verdict:
         gate = self.front.gate
@@ -327,8 +331,11 @@ class Connection:
             self.waiting_for = "the app's answer"
             answer = await direct.submit(request.raw, self.peer)
         chunks, close = answer
+        return await self._send(b"".join(chunks), close)
+
+    async def _send(self, data: bytes, close: bool) -> bool:
         self.waiting_for = "the client to read its answer within channel_timeout"
-        await self._to_client(b"".join(chunks))
+        await self._to_client(data)
         return not close
 
     # -- waitress -------------------------------------------------------------
@@ -459,7 +466,7 @@ class Connection:
         transport = writer.transport
         if transport.is_closing():
             raise ConnectionResetError("connection closed")
-        if transport.get_write_buffer_size() > _WRITE_BUFFER:
+        if transport.get_write_buffer_size() > WRITE_BUFFER:
             await asyncio.wait_for(writer.drain(), max(0.0, deadline - self.loop.time()))
 
     async def _refuse(

@@ -12,6 +12,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,11 +48,21 @@ def _other_pccs(tmp_path: Path) -> tuple[subprocess.Popen, int]:
         stdout=subprocess.DEVNULL,
         stderr=open(tmp_path / "other.log", "wb"),
     )
+    deadline = time.monotonic() + 60
+    while True:  # listening (a loaded machine can take seconds to start it)
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError((tmp_path / "other.log").read_text()) from None
+            time.sleep(0.05)
     return proc, port
 
 
 def test_bench_runs_every_kind_of_phase_and_prints_the_targets(tmp_path):
-    other, port = _other_pccs(tmp_path)  # starts while the benchmark warms its cache
+    other, port = _other_pccs(tmp_path)
     try:
         result = subprocess.run(
             [

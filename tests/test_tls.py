@@ -331,6 +331,9 @@ def test_each_event_loop_serves_keep_alive_and_bodies(choice, session, caplog):
         body = os.urandom(300_000)  # relayed to waitress over several reads and writes
         r = session.post(srv.url + "/upload", data=body, timeout=10)
         assert r.status_code == 200 and parse(r.text)["size"] == len(body)
+        # The same connection: after answers from callbacks (dcapd.quickconn), the relay's.
+        assert parse(r.text)["port"] in ports
+        assert session.get(srv.url + "/after", timeout=5).status_code == 200
     started = [m for m in caplog.messages if m.startswith("dcapd listening on")]
     assert started and started[-1].endswith(f"(event loop: {expected})"), started
 

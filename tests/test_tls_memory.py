@@ -1,4 +1,4 @@
-"""A connection that ends badly frees its memory when it ends (dcapd.relay.forget_traceback).
+"""A connection that ends badly frees its memory when it ends (dcapd.frontrules.forget_traceback).
 
 asyncio keeps the exception that ended a connection in the connection's futures, and the
 exception's traceback refers back to them: without care, every client that resets its
