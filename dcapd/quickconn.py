@@ -90,9 +90,12 @@ class QuickConnection(asyncio.Protocol):
         """Close gracefully (what was written goes first); abort after CLOSE_GRACE."""
         transport = self.transport
         self._forget()
-        if transport is None:
-            return
-        transport.close()
+        if transport is not None:
+            transport.close()
+            self._close_later()
+
+    def _close_later(self) -> None:
+        transport = self.transport
         if not getattr(transport, "closed", False):  # the client has not read it all yet
             self.loop.call_later(CLOSE_GRACE, transport.abort)
 
@@ -129,10 +132,12 @@ class QuickConnection(asyncio.Protocol):
             if len(data) > WRITE_BUFFER:
                 self._hand_over((data, close))  # the relay waits for the client to read it
                 return
-            self.transport.write(data)
             if close:
-                self.close()
+                self.transport.write_last(data)
+                self._forget()
+                self._close_later()
                 return
+            self.transport.write(data)
             if not buf:
                 self.idle = True
                 self._expect(self.loop.time() + front.idle_timeout, WAITING_IDLE)

@@ -36,12 +36,18 @@ class Recorder(asyncio.Protocol):
     it."""
 
     def __init__(
-        self, answer: bytes, events: list[str], after_request: bool = False, abort: bool = False
+        self,
+        answer: bytes,
+        events: list[str],
+        after_request: bool = False,
+        abort: bool = False,
+        last: bool = False,
     ):
         self.answer = answer
         self.events = events
         self.after_request = after_request
         self.abort = abort
+        self.last = last  # write_last(), noting whether the socket is corked then
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -54,6 +60,12 @@ class Recorder(asyncio.Protocol):
             self.respond()
 
     def respond(self) -> None:
+        if self.last:
+            self.transport.write_last(self.answer)
+            sock = self.transport.get_extra_info("socket")  # None once closed
+            cork = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) if sock else "closed"
+            self.events.append(f"corked {cork}")
+            return
         self.transport.write(self.answer)
         if self.abort:
             self.transport.abort()
@@ -111,6 +123,32 @@ def test_a_large_answer_to_a_slow_reader_is_held_back_then_delivered_whole_and_c
         while len(events) < 4 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert events == ["made", "pause", "resume", "lost None"], events
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_CORK"), reason="Linux's TCP_CORK")
+@pytest.mark.parametrize("tls", [True, False])
+def test_a_last_answer_is_corked_with_its_close_and_delivered_whole(tmp_path, tls):
+    """write_last(): the answer, TLS's close_notify and the FIN leave together (TCP_CORK
+    until the socket closes; here it cannot close yet, the client not reading)."""
+    ctx = dcapd_tls.server_ssl_context("", "", ["127.0.0.1"], str(tmp_path))[0] if tls else None
+    events: list[str] = []
+    with listening(ctx, lambda: Recorder(ANSWER, events, after_request=True, last=True)) as (
+        port,
+        _,
+    ):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        client = client_context().wrap_socket(raw, suppress_ragged_eofs=False) if tls else raw
+        with client:
+            client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            deadline = time.monotonic() + 5
+            while len(events) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert events == ["made", "pause", "corked 1"], events  # 4 MiB: not all sent
+            received = bytearray()
+            while chunk := client.recv(65536):  # TLS: b"" only after the close_notify
+                received += chunk
+        assert bytes(received) == ANSWER
 
 
 def test_an_aborted_connection_ends_without_close_notify(tmp_path):
