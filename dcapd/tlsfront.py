@@ -204,6 +204,7 @@ class TlsFront:
                 log.warning("TLS front thread did not stop")
         self._loop = self._thread = None
         self._conn_tasks.clear()
+        self.quick.clear()
 
     async def _open(self, ctx: ssl.SSLContext | None, socks: list[socket.socket]) -> None:
         loop = asyncio.get_running_loop()
