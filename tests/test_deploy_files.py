@@ -385,3 +385,16 @@ def test_a_setting_renamed_in_dcapd_is_found(facts, tmp_path, monkeypatch, renam
     monkeypatch.setattr(config_module, "SETTINGS", settings)  # load_config reads it too
     changed = dataclasses.replace(facts, settings=settings)
     assert all_findings(changed, real_files(), tmp_path) != []
+
+
+def test_the_compose_nodes_trust_nginx_and_only_nginx_for_the_client_address():
+    """nginx sets X-Forwarded-For; the nodes keep it only from nginx's fixed address (else
+    every access line names nginx, or any container could name any client)."""
+    compose = yaml.safe_load((REPO / "deploy/compose.yaml").read_text())
+    nginx_ip = compose["services"]["nginx"]["networks"]["pccs"]["ipv4_address"]
+    assert "X-Forwarded-For $remote_addr" in (REPO / "deploy/nginx.conf").read_text()
+    for node in ("dcapd-1", "dcapd-2"):
+        environment = compose["services"][node]["environment"]
+        trusted = load_config({}, environ=environment).trusted_proxies
+        assert [str(n) for n in trusted] == [f"{nginx_ip}/32"], node
+        assert compose["services"][node]["networks"] == ["pccs"]
