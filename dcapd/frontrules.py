@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 
+from .httpframe import RequestHead
+
 __all__ = [
     "CLOSE_GRACE",
-    "DIRECT_METHODS",
     "WAITING_HEAD",
     "WAITING_IDLE",
     "WRITE_BUFFER",
+    "answered_in_front",
     "forget_traceback",
     "log_dropped",
 ]
@@ -18,13 +20,18 @@ __all__ = [
 log = logging.getLogger("dcapd.server")
 
 #: Answered in the front (dcapd.direct) when they carry no body: every PCCS collateral request.
-DIRECT_METHODS = frozenset(("GET", "HEAD"))
+_DIRECT_METHODS = frozenset(("GET", "HEAD"))
 WRITE_BUFFER = 64 * 1024  # wait for the client to read beyond this much
 CLOSE_GRACE = 2.0  # for the last bytes to go before a connection is cut
 
 #: What a connection is waiting for when a deadline drops it (logged).
 WAITING_HEAD = "a request head within head_timeout"
 WAITING_IDLE = "no next request within idle_timeout"
+
+
+def answered_in_front(request: RequestHead) -> bool:
+    """A bodiless GET or HEAD: the front answers it (dcapd.direct), waitress never sees it."""
+    return request.length == 0 and request.method in _DIRECT_METHODS
 
 
 def log_dropped(peer: tuple[str, int], why: str) -> None:

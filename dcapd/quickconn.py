@@ -25,10 +25,10 @@ from typing import Any, Protocol
 from .direct import Answer, DirectAnswers
 from .frontrules import (
     CLOSE_GRACE,
-    DIRECT_METHODS,
     WAITING_HEAD,
     WAITING_IDLE,
     WRITE_BUFFER,
+    answered_in_front,
     log_dropped,
 )
 from .httpframe import MAX_HEAD_BYTES, FramingError, parse_request_head
@@ -86,17 +86,18 @@ class QuickConnection(asyncio.Protocol):
         self._forget()
         self.transport = None
 
-    def close(self) -> None:
-        """Close gracefully (what was written goes first); abort after CLOSE_GRACE."""
+    def close(self, last: bytes = b"") -> None:
+        """Close gracefully after *last* (written with its close: one segment) and what was
+        written before; abort if the client has not read it all within CLOSE_GRACE."""
         transport = self.transport
         self._forget()
-        if transport is not None:
+        if transport is None:
+            return
+        if last:
+            transport.write_last(last)
+        else:
             transport.close()
-            self._close_later()
-
-    def _close_later(self) -> None:
-        transport = self.transport
-        if not getattr(transport, "closed", False):  # the client has not read it all yet
+        if not getattr(transport, "closed", False):
             self.loop.call_later(CLOSE_GRACE, transport.abort)
 
     # -- requests -------------------------------------------------------------
@@ -118,7 +119,7 @@ class QuickConnection(asyncio.Protocol):
             except FramingError:
                 self._hand_over(None)  # the relay refuses it
                 return
-            if request.length != 0 or request.method not in DIRECT_METHODS:
+            if not answered_in_front(request):
                 self._hand_over(None)
                 return
             answer: Answer | None = direct.answer_inline(request.raw, self.peer)
@@ -133,9 +134,7 @@ class QuickConnection(asyncio.Protocol):
                 self._hand_over((data, close))  # the relay waits for the client to read it
                 return
             if close:
-                self.transport.write_last(data)
-                self._forget()
-                self._close_later()
+                self.close(data)
                 return
             self.transport.write(data)
             if not buf:

@@ -18,10 +18,10 @@ from typing import Any, Callable, Protocol
 
 from .direct import DirectAnswers
 from .frontrules import (
-    DIRECT_METHODS,
     WAITING_HEAD,
     WAITING_IDLE,
     WRITE_BUFFER,
+    answered_in_front,
     forget_traceback,
 )
 from .gate import BodyGate, Verdict, log_refusal, refusal_bytes
@@ -158,11 +158,7 @@ class Connection:
                 return
             self.busy = True
             try:
-                if (
-                    front.direct is not None
-                    and request.length == 0
-                    and request.method in DIRECT_METHODS
-                ):
+                if front.direct is not None and answered_in_front(request):
                     if not await self._answer_here(front.direct, request):
                         return
                 else:
