@@ -35,7 +35,8 @@ def answered_in_front(request: RequestHead) -> bool:
 
 
 def log_dropped(peer: tuple[str, int], why: str) -> None:
-    """The one line a client dropped at a deadline gets (info: routine on the internet)."""
+    """The one line a client dropped by the front gets, *why* saying for what (a deadline,
+    a broken body): info, as such clients are routine on the internet."""
     log.info("TLS front: dropped %s: %s", peer[0], why)
 
 

@@ -377,7 +377,7 @@ class TlsFront:
         try:
             await conn.serve(answer)
         except Drop as why:
-            log.info("TLS front: dropped %s: %s", conn.peer[0], why)
+            log_dropped(conn.peer, str(why))
         except asyncio.TimeoutError:
             log_dropped(conn.peer, conn.waiting_for)
         except (OSError, ssl.SSLError, EOFError, asyncio.IncompleteReadError) as exc:

@@ -52,7 +52,7 @@ class SocketTransport(asyncio.Transport):
         protocol: asyncio.BaseProtocol,
         read_buffer: bytearray,
         on_done: Callable[[SocketTransport], None],
-        tcp: bool = True,
+        tcp: bool,
     ):
         super().__init__()
         self._info: dict[str, Any] = {"peername": peer}

@@ -211,13 +211,15 @@ def test_a_head_deadline_counts_from_accept_and_from_the_next_request_s_first_by
     assert transport.closed
 
 
-def test_eof_and_a_client_that_does_not_read_before_close(loop):
+def test_eof_and_a_client_that_does_not_read_before_close(loop, monkeypatch):
+    monkeypatch.setattr("dcapd.quickconn.CLOSE_GRACE", 0.1)
     front, transport = Front(Direct(([b"one"], True))), Transport(unsent_after_write=3)
     conn = connect(loop, front, transport)
     conn.data_received(GET)
     assert transport.closing and not transport.closed  # what was written goes first...
-    loop.call_later(2.5, loop.stop)
-    loop.run_forever()
+    loop.run_until_complete(asyncio.sleep(0.05))
+    assert not transport.aborted
+    loop.run_until_complete(asyncio.sleep(0.2))
     assert transport.aborted  # ...within CLOSE_GRACE
     front, transport = Front(Direct()), Transport()
     conn = connect(loop, front, transport)
